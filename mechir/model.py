@@ -1,0 +1,312 @@
+"""A BERT cross-encoder as a TransformerLens ``HookedEncoder`` with a hooked relevance head.
+
+This is the only module that knows TransformerLens internals (config fields, parameter names, the
+``HookedEncoder`` class); moving off TransformerLens 3.x touches this file alone.
+
+The relevance computation, with the hook point of every step::
+
+    hook_full_embed -> blocks.{l}.* -> blocks.{L-1}.hook_normalized_resid_post
+    -> pooler.hook_pooler_out      tanh(h_CLS W_p + b_p)
+    -> classifier.hook_logits      pooled W_c + b_c              [batch, num_labels]
+    -> hook_score                  one relevance score per pair  [batch]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import einops
+import torch
+import torch.nn as nn
+from jaxtyping import Float, Int
+from torch import Tensor
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from transformer_lens.components import BertBlock, BertEmbed, BertPooler
+    from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.HookedEncoder import HookedEncoder
+    from transformer_lens.HookedRootModule import HookedRootModule
+    from transformer_lens.utilities import TypedModuleList
+
+from mechir.parts import CrossEncoderBatch, encode
+
+ScoreType = Literal["logit", "log_prob", "prob"]
+ReturnType = Literal["score", "logits", "pooled", "resid", None]
+HookFn = Callable[..., Any]
+Hooks = list[tuple[str | Callable[[str], bool], HookFn]]
+#: Hooks for :meth:`HookedCrossEncoder.score`: a list, or a function building one per sub-batch.
+HooksArg = Hooks | Callable[[CrossEncoderBatch], Hooks] | None
+
+SCORE_TYPES: tuple[str, ...] = ("logit", "log_prob", "prob")
+
+
+class CrossEncoderClassifier(nn.Module):
+    """Linear classification head on the pooled [CLS] vector: ``logits = pooled @ W + b``."""
+
+    def __init__(self, cfg: HookedTransformerConfig, num_labels: int):
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(cfg.d_model, num_labels, dtype=cfg.dtype))
+        self.b = nn.Parameter(torch.zeros(num_labels, dtype=cfg.dtype))
+        self.hook_logits = HookPoint()
+
+    def forward(self, pooled: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch n_labels"]:
+        return self.hook_logits(nn.functional.linear(pooled, self.W.T, self.b))
+
+
+class HookedCrossEncoder(HookedEncoder):
+    """TransformerLens ``HookedEncoder`` whose forward pass returns cross-encoder relevance scores.
+
+    The masked-language-model and next-sentence heads of ``HookedEncoder`` are not built (a
+    cross-encoder has none); the pooler and a classifier with hook points are.
+
+    Args:
+        cfg: the encoder configuration (see :func:`hooked_config_from_hf`).
+        num_labels: 1 (score = the logit) or >= 2 (MonoBERT: 2).
+        tokenizer: the model's Hugging Face tokenizer, used by :meth:`encode`.
+        relevant_label: the class whose logit is the relevance score when ``num_labels >= 2``.
+        score_type: ``"logit"`` (default), ``"log_prob"`` (log-softmax of the relevant class;
+            log-sigmoid for one label) or ``"prob"`` (softmax / sigmoid probability).
+    """
+
+    def __init__(
+        self,
+        cfg: HookedTransformerConfig,
+        num_labels: int,
+        tokenizer: Any = None,
+        *,
+        relevant_label: int = 1,
+        score_type: ScoreType = "logit",
+        move_to_device: bool = True,
+    ):
+        # HookedEncoder.__init__ would build the (unused, vocabulary-sized) MLM/NSP heads and warn
+        # about its deprecation; we build only what a cross-encoder has.
+        HookedRootModule.__init__(self)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if num_labels > 1 and not 0 <= relevant_label < num_labels:
+            raise ValueError(
+                f"relevant_label {relevant_label} out of range for {num_labels} labels"
+            )
+        self.num_labels = num_labels
+        self.relevant_label = relevant_label if num_labels > 1 else 0
+        self.score_type = score_type
+        self.embed = BertEmbed(cfg)
+        self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
+        self.pooler = BertPooler(cfg)
+        self.classifier = CrossEncoderClassifier(cfg, num_labels)
+        self.hook_full_embed = HookPoint()
+        self.hook_score = HookPoint()
+        if move_to_device and cfg.device is not None:
+            nn.Module.to(self, cfg.device)
+        self.setup()
+
+    @property
+    def score_type(self) -> ScoreType:
+        return self._score_type
+
+    @score_type.setter
+    def score_type(self, value: ScoreType) -> None:
+        if value not in SCORE_TYPES:
+            raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
+        self._score_type = value
+
+    # ------------------------------------------------------------------ forward
+    def scores_from_logits(
+        self, logits: Float[Tensor, "batch n_labels"]
+    ) -> Float[Tensor, " batch"]:
+        """Relevance score from classifier logits, according to :attr:`score_type`."""
+        if self.num_labels == 1:
+            x = logits[:, 0]
+            if self.score_type == "logit":
+                return x
+            return nn.functional.logsigmoid(x) if self.score_type == "log_prob" else x.sigmoid()
+        if self.score_type == "logit":
+            return logits[:, self.relevant_label]
+        log_probs = logits.log_softmax(-1)[:, self.relevant_label]
+        return log_probs if self.score_type == "log_prob" else log_probs.exp()
+
+    def forward(  # type: ignore[override]
+        self,
+        input: CrossEncoderBatch | Int[Tensor, "batch pos"],
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        *,
+        return_type: ReturnType = "score",
+    ) -> Tensor | None:
+        """Run the cross-encoder.
+
+        Args:
+            input: a :class:`CrossEncoderBatch`, or token ids (then pass ``token_type_ids`` and,
+                for padded batches, ``attention_mask``).
+            return_type: ``"score"`` ``[batch]`` (default), ``"logits"`` ``[batch, num_labels]``,
+                ``"pooled"`` ``[batch, d_model]``, ``"resid"`` (final hidden states
+                ``[batch, pos, d_model]``) or None.
+        """
+        if isinstance(input, CrossEncoderBatch):
+            tokens, token_type_ids, attention_mask = (
+                input.input_ids,
+                input.token_type_ids,
+                input.attention_mask,
+            )
+        else:
+            tokens = input
+        device = self.cfg.device
+        tokens = tokens.to(device)
+        token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
+        resid = self.encoder_output(tokens, token_type_ids, attention_mask)
+        if return_type == "resid":
+            return resid
+        pooled = self.pooler(resid)
+        if return_type == "pooled":
+            return pooled
+        logits = self.classifier(pooled)
+        if return_type == "logits":
+            return logits
+        score = self.hook_score(self.scores_from_logits(logits))
+        return score if return_type == "score" else None
+
+    # ------------------------------------------------------------------ user API
+    def encode(
+        self,
+        queries: str | Sequence[str],
+        documents: str | Sequence[str],
+        *,
+        max_length: int | None = None,
+    ) -> CrossEncoderBatch:
+        """Tokenize pairs with this model's tokenizer (see :func:`mechir.encode`).
+
+        ``max_length`` defaults to the model's maximum number of positions.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass one to load_cross_encoder")
+        return encode(self.tokenizer, queries, documents, max_length=max_length or self.cfg.n_ctx)
+
+    def score(
+        self,
+        batch: CrossEncoderBatch,
+        *,
+        batch_size: int | None = None,
+        hooks: HooksArg = None,
+    ) -> Float[Tensor, " batch"]:
+        """Relevance scores of a batch, without gradients, returned as float32 **on the CPU**.
+
+        Hooks already active (``with model.hooks(...)``) apply. ``hooks`` adds more for this call:
+        a list, or a function ``sub_batch -> list`` called for every sub-batch of ``batch_size``
+        pairs. Batch-dependent hooks (built from a batch's parts) must be given as such a function
+        when ``batch_size`` splits the batch, because each sub-batch has its own shape.
+        """
+        out = []
+        with torch.no_grad():
+            for chunk in batch.chunks(batch_size):
+                fwd = hooks(chunk) if callable(hooks) else (hooks or [])
+                with self.hooks(fwd_hooks=fwd):
+                    out.append(self(chunk).float().cpu())
+        return torch.cat(out)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.cfg.d_mlp
+
+    def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
+        return super().to(device_or_dtype, print_details=print_details)
+
+
+# ---------------------------------------------------------------------- conversion from HF
+def hooked_config_from_hf(
+    hf_config: Any, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> HookedTransformerConfig:
+    """TransformerLens config for a Hugging Face ``BertConfig`` (built locally, no hub look-up)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    act = hf_config.hidden_act
+    if act not in ("gelu", "relu", "silu", "gelu_new"):
+        raise ValueError(f"unsupported activation {act!r} in the BERT config")
+    return HookedTransformerConfig(
+        d_model=hf_config.hidden_size,
+        d_head=hf_config.hidden_size // hf_config.num_attention_heads,
+        n_heads=hf_config.num_attention_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=hf_config.max_position_embeddings,
+        eps=hf_config.layer_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=act,
+        attention_dir="bidirectional",
+        original_architecture="BertForSequenceClassification",
+        device=str(device),
+        dtype=dtype,
+    )
+
+
+def state_dict_from_hf(hf_model: Any, n_heads: int) -> dict[str, Tensor]:
+    """Map a ``BertForSequenceClassification`` state dict to :class:`HookedCrossEncoder` names."""
+    bert = hf_model.bert
+    emb = bert.embeddings
+    sd: dict[str, Tensor] = {
+        "embed.embed.W_E": emb.word_embeddings.weight,
+        "embed.pos_embed.W_pos": emb.position_embeddings.weight,
+        "embed.token_type_embed.W_token_type": emb.token_type_embeddings.weight,
+        "embed.ln.w": emb.LayerNorm.weight,
+        "embed.ln.b": emb.LayerNorm.bias,
+    }
+    split_in = "(h d) m -> h m d"
+    for i, layer in enumerate(bert.encoder.layer):
+        att = layer.attention
+        for name, lin in (("Q", att.self.query), ("K", att.self.key), ("V", att.self.value)):
+            sd[f"blocks.{i}.attn.W_{name}"] = einops.rearrange(lin.weight, split_in, h=n_heads)
+            sd[f"blocks.{i}.attn.b_{name}"] = einops.rearrange(lin.bias, "(h d) -> h d", h=n_heads)
+        sd[f"blocks.{i}.attn.W_O"] = einops.rearrange(
+            att.output.dense.weight, "m (h d) -> h d m", h=n_heads
+        )
+        sd[f"blocks.{i}.attn.b_O"] = att.output.dense.bias
+        sd[f"blocks.{i}.ln1.w"] = att.output.LayerNorm.weight
+        sd[f"blocks.{i}.ln1.b"] = att.output.LayerNorm.bias
+        sd[f"blocks.{i}.mlp.W_in"] = layer.intermediate.dense.weight.T
+        sd[f"blocks.{i}.mlp.b_in"] = layer.intermediate.dense.bias
+        sd[f"blocks.{i}.mlp.W_out"] = layer.output.dense.weight.T
+        sd[f"blocks.{i}.mlp.b_out"] = layer.output.dense.bias
+        sd[f"blocks.{i}.ln2.w"] = layer.output.LayerNorm.weight
+        sd[f"blocks.{i}.ln2.b"] = layer.output.LayerNorm.bias
+    sd["pooler.W"] = bert.pooler.dense.weight.T
+    sd["pooler.b"] = bert.pooler.dense.bias
+    sd["classifier.W"] = hf_model.classifier.weight.T
+    sd["classifier.b"] = hf_model.classifier.bias
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def hooked_cross_encoder_from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    relevant_label: int = 1,
+    score_type: ScoreType = "logit",
+) -> HookedCrossEncoder:
+    """Convert an in-memory ``BertForSequenceClassification`` (already validated) to mechir."""
+    cfg = hooked_config_from_hf(hf_model.config, device=device, dtype=dtype)
+    model = HookedCrossEncoder(
+        cfg,
+        hf_model.config.num_labels,
+        tokenizer,
+        relevant_label=relevant_label,
+        score_type=score_type,
+        move_to_device=False,
+    )
+    state = {k: v.to(dtype) for k, v in state_dict_from_hf(hf_model, cfg.n_heads).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Only TL's non-parameter buffers (e.g. attention masks) may be missing.
+    missing = [m for m in missing if not m.endswith(("IGNORE", "mask"))]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"weight conversion mismatch: missing {missing}, unexpected {unexpected}"
+        )
+    nn.Module.to(model, cfg.device)
+    return model.eval()

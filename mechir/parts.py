@@ -1,0 +1,241 @@
+"""Input parts of a cross-encoder input and the batch that carries them.
+
+A cross-encoder reads ``[CLS] query [SEP] document [SEP]``. Every token belongs to exactly one
+:class:`Part`; the segmentation is computed once, when the batch is built, and stored as integer
+part ids ``[batch, pos]`` so that hooks never need to re-tokenize.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+
+class Part(enum.IntEnum):
+    """The five parts of ``[CLS] query [SEP] document [SEP]``, plus padding."""
+
+    CLS = 0
+    QUERY = 1
+    SEP1 = 2
+    DOCUMENT = 3
+    SEP2 = 4
+    PAD = 5
+
+
+#: The five real parts, in input order (padding excluded).
+PARTS: tuple[Part, ...] = (Part.CLS, Part.QUERY, Part.SEP1, Part.DOCUMENT, Part.SEP2)
+
+_PART_NAMES = {p.name.lower(): p for p in Part}
+_PART_NAMES.update({"q": Part.QUERY, "d": Part.DOCUMENT, "doc": Part.DOCUMENT})
+
+PartLike = Part | str | int
+
+
+def parse_part(part: PartLike) -> Part:
+    """Turn a :class:`Part`, its integer value or its (case-insensitive) name into a :class:`Part`.
+
+    >>> parse_part("Query")
+    <Part.QUERY: 1>
+    """
+    if isinstance(part, Part):
+        return part
+    if isinstance(part, str):
+        key = part.strip().lower()
+        if key in _PART_NAMES:
+            return _PART_NAMES[key]
+        valid = ", ".join(repr(p.name.lower()) for p in Part)
+        raise ValueError(f"unknown part name {part!r}: valid names are {valid}")
+    if isinstance(part, int) and not isinstance(part, bool) and part in Part._value2member_map_:
+        return Part(part)
+    raise ValueError(f"cannot interpret {part!r} as a part: use Part.*, an int 0-5 or a name")
+
+
+def parse_parts(parts: PartLike | Iterable[PartLike]) -> tuple[Part, ...]:
+    """Normalise one part or an iterable of parts into a de-duplicated tuple (input order kept)."""
+    if isinstance(parts, (Part, str, int)):
+        parts = [parts]
+    out: list[Part] = []
+    for p in parts:
+        q = parse_part(p)
+        if q not in out:
+            out.append(q)
+    if not out:
+        raise ValueError("empty part selection: name at least one part")
+    return tuple(out)
+
+
+@dataclass
+class CrossEncoderBatch:
+    """A right-padded batch of ``[CLS] query [SEP] document [SEP]`` inputs with per-token parts.
+
+    Attributes:
+        input_ids: token ids.
+        token_type_ids: 0 for CLS, query and the first SEP; 1 for the document and the last SEP.
+        attention_mask: 1 for real tokens, 0 for padding.
+        parts: the :class:`Part` of every token (``Part.PAD`` on padding).
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    token_type_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    parts: Int[Tensor, "batch pos"]
+
+    def __post_init__(self) -> None:
+        shapes = {f.name: tuple(getattr(self, f.name).shape) for f in fields(self)}
+        if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
+            raise ValueError(f"all batch tensors must share one [batch, pos] shape, got {shapes}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        """Number of real (non-padding) tokens of each example."""
+        return self.attention_mask.sum(-1)
+
+    def mask(self, parts: PartLike | Iterable[PartLike]) -> Bool[Tensor, "batch pos"]:
+        """Boolean mask of the tokens that belong to any of ``parts``."""
+        ids = torch.tensor([int(p) for p in parse_parts(parts)], device=self.device)
+        return torch.isin(self.parts, ids)
+
+    @property
+    def part_masks(self) -> Bool[Tensor, "batch 5 pos"]:
+        """One boolean mask per real part, stacked in :data:`PARTS` order."""
+        return torch.stack([self.parts == int(p) for p in PARTS], dim=1)
+
+    def to(self, device: torch.device | str) -> CrossEncoderBatch:
+        return CrossEncoderBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, index: Any) -> CrossEncoderBatch:
+        """Select examples (int, slice, index list or tensor); padding is trimmed to the longest."""
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        selected = {f.name: getattr(self, f.name)[index] for f in fields(self)}
+        width = (
+            int(selected["attention_mask"].sum(-1).max().item()) if len(selected["parts"]) else 0
+        )
+        return CrossEncoderBatch(**{k: v[:, :width] for k, v in selected.items()})
+
+    def chunks(self, size: int | None) -> Iterable[CrossEncoderBatch]:
+        """Consecutive sub-batches of at most ``size`` examples (all at once when ``size`` is None)."""
+        if size is None or size >= len(self):
+            yield self
+            return
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}")
+        for start in range(0, len(self), size):
+            yield self[start : start + size]
+
+
+def cross_encoder_batch_from_tokens(
+    query_ids: Sequence[Sequence[int]],
+    document_ids: Sequence[Sequence[int]],
+    *,
+    cls_token_id: int,
+    sep_token_id: int,
+    pad_token_id: int,
+    max_length: int = 512,
+) -> CrossEncoderBatch:
+    """Build a batch from already-tokenized queries and documents (no special tokens in them).
+
+    Each example becomes ``[CLS] q [SEP] d [SEP]``; only the document is truncated, so that the
+    example fits ``max_length``. The special tokens are never dropped.
+
+    Raises:
+        ValueError: lists of different lengths, an empty query or document, or a query so long
+            that not even one document token fits; the message names the pair index.
+    """
+    if len(query_ids) != len(document_ids):
+        raise ValueError(
+            f"got {len(query_ids)} queries but {len(document_ids)} documents: pass one document "
+            "per query (repeat the query for several documents)"
+        )
+    if len(query_ids) == 0:
+        raise ValueError("empty batch: pass at least one (query, document) pair")
+    rows: list[tuple[list[int], list[int]]] = []
+    for i, (q, d) in enumerate(zip(query_ids, document_ids)):
+        q, d = list(q), list(d)
+        if not q:
+            raise ValueError(f"pair {i}: the query is empty")
+        if not d:
+            raise ValueError(f"pair {i}: the document is empty")
+        room = max_length - 3 - len(q)
+        if room < 1:
+            raise ValueError(
+                f"pair {i}: the query has {len(q)} tokens, which leaves no room for the document "
+                f"within max_length={max_length} (query + document + 3 special tokens); "
+                "raise max_length or shorten the query"
+            )
+        rows.append((q, d[:room]))
+    width = max(len(q) + len(d) + 3 for q, d in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    token_type_ids = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    parts = torch.full((n, width), int(Part.PAD), dtype=torch.long)
+    for i, (q, d) in enumerate(rows):
+        lq, ld = len(q), len(d)
+        ids = [cls_token_id, *q, sep_token_id, *d, sep_token_id]
+        length = len(ids)
+        input_ids[i, :length] = torch.tensor(ids)
+        token_type_ids[i, lq + 2 : length] = 1
+        attention_mask[i, :length] = 1
+        parts[i, 0] = int(Part.CLS)
+        parts[i, 1 : 1 + lq] = int(Part.QUERY)
+        parts[i, 1 + lq] = int(Part.SEP1)
+        parts[i, 2 + lq : 2 + lq + ld] = int(Part.DOCUMENT)
+        parts[i, length - 1] = int(Part.SEP2)
+    return CrossEncoderBatch(input_ids, token_type_ids, attention_mask, parts)
+
+
+def encode(
+    tokenizer: Any,
+    queries: str | Sequence[str],
+    documents: str | Sequence[str],
+    *,
+    max_length: int = 512,
+) -> CrossEncoderBatch:
+    """Tokenize (query, document) pairs into a :class:`CrossEncoderBatch`.
+
+    Equivalent to ``tokenizer(queries, documents, truncation="only_second", padding=True,
+    max_length=max_length)`` for BERT WordPiece tokenizers (query and document are tokenized
+    separately, then joined), with the part of every token recorded.
+
+    Raises:
+        ValueError: an empty or whitespace-only query/document, lists of different lengths, or a
+            query that leaves no room for the document; the message names the pair index.
+    """
+    if isinstance(queries, str):
+        queries = [queries]
+    if isinstance(documents, str):
+        documents = [documents]
+    if len(queries) != len(documents):
+        raise ValueError(
+            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
+            "query (repeat the query for several documents)"
+        )
+    for i, (q, d) in enumerate(zip(queries, documents)):
+        for what, text in (("query", q), ("document", d)):
+            if not isinstance(text, str):
+                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
+            if not text.strip():
+                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
+    tok = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
+    return cross_encoder_batch_from_tokens(
+        tok(queries),
+        tok(documents),
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_length=max_length,
+    )
