@@ -42,9 +42,17 @@ def _check_config(config: Any, source: str) -> None:
         )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
 def _load_tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
+    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{source}: no usable tokenizer found (none of {TOKENIZER_FILES} in the directory). "
+            "A cross-encoder directory needs its tokenizer files; or pass tokenizer=..."
+        )
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:

@@ -127,7 +127,7 @@ class CrossEncoderBatch:
         return CrossEncoderBatch(**{k: v[:, :width] for k, v in selected.items()})
 
     def chunks(self, size: int | None) -> Iterable[CrossEncoderBatch]:
-        """Consecutive sub-batches of at most ``size`` examples (all at once when ``size`` is None)."""
+        """Consecutive sub-batches of at most ``size`` examples (the whole batch for None)."""
         if size is None or size >= len(self):
             yield self
             return

@@ -48,7 +48,9 @@ def parse_head(head: HeadLike) -> Head:
         try:
             layer, h = (int(x) for x in head.split("/"))
         except ValueError:
-            raise ValueError(f"head label {head!r} is not of the form 'layer/head', e.g. '15/13'")
+            raise ValueError(
+                f"head label {head!r} is not of the form 'layer/head', e.g. '15/13'"
+            ) from None
         return layer, h
     layer, h = head
     return int(layer), int(head[1])

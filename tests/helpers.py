@@ -48,6 +48,7 @@ def tiny_bert_config(
     d_mlp: int | None = None,
     vocab_size: int = 64,
     max_positions: int = 64,
+    initializer_range: float = 0.3,
 ) -> BertConfig:
     return BertConfig(
         vocab_size=vocab_size,
@@ -57,7 +58,7 @@ def tiny_bert_config(
         intermediate_size=d_mlp or 4 * d_model,
         max_position_embeddings=max_positions,
         num_labels=num_labels,
-        initializer_range=0.3,
+        initializer_range=initializer_range,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         architectures=["BertForSequenceClassification"],
@@ -78,13 +79,15 @@ def tiny_hf_model(seed: int = 0, **config_kwargs) -> BertForSequenceClassificati
     return model.eval()
 
 
-def tiny_cross_encoder(tmp_dir: Path, seed: int = 0, **config_kwargs):
+def tiny_cross_encoder(
+    tmp_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs
+):
     """``(hooked_model, hf_model, tokenizer)`` for a tiny random BERT cross-encoder on CPU."""
     from mechir import load_cross_encoder
 
     tok = tiny_tokenizer(tmp_dir)
-    hf = tiny_hf_model(seed, **config_kwargs)
-    return load_cross_encoder(hf, tokenizer=tok, device="cpu"), hf, tok
+    hf = tiny_hf_model(seed, **config_kwargs).to(dtype)
+    return load_cross_encoder(hf, tokenizer=tok, device="cpu", dtype=dtype), hf, tok
 
 
 QUERIES = ["what cat runs", "how big is the blue fish", "who eats", "red car road"]

@@ -1,0 +1,148 @@
+"""Reranking with (optionally hooked) cross-encoders and evaluation with ir_measures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechir.data import Pair, Qrels, Run
+from mechir.model import HookedCrossEncoder, HooksArg
+
+
+def score_pairs(
+    model: HookedCrossEncoder,
+    pairs: Sequence[Pair],
+    *,
+    hooks: HooksArg = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> torch.Tensor:
+    """Scores of ``pairs`` (in input order, float32 on the CPU).
+
+    Pairs are tokenized in blocks and scored in length-sorted sub-batches of ``batch_size`` (less
+    padding, same scores). ``hooks`` is a list, or a function ``sub_batch -> list`` for hooks that
+    depend on the batch's parts (e.g. ``lambda b: direction_ablation(b, ...)``).
+    """
+    from tqdm.auto import tqdm
+
+    scores = torch.empty(len(pairs), dtype=torch.float32)
+    block = max(batch_size * 16, 256)
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress) as bar:
+        for start in range(0, len(pairs), block):
+            chunk = pairs[start : start + block]
+            batch = model.encode(
+                [p.query for p in chunk], [p.document for p in chunk], max_length=max_length
+            )
+            order = torch.argsort(batch.lengths, descending=True, stable=True)
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                scores[start + idx] = model.score(batch[idx], hooks=hooks)
+                bar.update(len(idx))
+    return scores
+
+
+def rerank(
+    model: HookedCrossEncoder,
+    pairs: Sequence[Pair],
+    *,
+    hooks: HooksArg = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> Run:
+    """Score every candidate pair and return the run ``{qid: {docid: score}}``."""
+    scores = score_pairs(
+        model,
+        pairs,
+        hooks=hooks,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        desc="reranking",
+    )
+    run: Run = {}
+    for p, s in zip(pairs, scores.tolist()):
+        run.setdefault(p.qid, {})[p.docid] = s
+    return run
+
+
+@dataclass
+class Evaluation:
+    """Mean values (``aggregate``) and per-query values (tidy: qid, measure, value)."""
+
+    aggregate: dict[str, float]
+    per_query: pd.DataFrame
+
+    def values(self, measure: str = "nDCG@10") -> dict[str, float]:
+        """Per-query values of one measure as ``{qid: value}``."""
+        rows = self.per_query[self.per_query["measure"] == measure]
+        return dict(zip(rows["qid"], rows["value"]))
+
+
+def evaluate(run: Run, qrels: Qrels, measures: Iterable[str] = ("nDCG@10",)) -> Evaluation:
+    """Evaluate a run with ir_measures (means over the queries that are in both run and qrels)."""
+    import ir_measures
+
+    parsed = [ir_measures.parse_measure(m) if isinstance(m, str) else m for m in measures]
+    rows = [
+        (m.query_id, str(m.measure), float(m.value))
+        for m in ir_measures.iter_calc(parsed, qrels, run)
+    ]
+    per_query = pd.DataFrame(rows, columns=["qid", "measure", "value"])
+    aggregate = {
+        str(m): float(per_query.loc[per_query.measure == str(m), "value"].mean()) for m in parsed
+    }
+    return Evaluation(aggregate, per_query)
+
+
+@dataclass
+class PairedTest:
+    """Paired t-test of per-query values (b - a); ``n`` common queries."""
+
+    mean_a: float
+    mean_b: float
+    delta: float
+    t: float
+    p: float
+    n: int
+
+
+def paired_ttest(a: Mapping[str, float], b: Mapping[str, float]) -> PairedTest:
+    """Two-sided paired t-test (scipy ``ttest_rel``) over the queries both runs evaluate.
+
+    A zero-variance difference (e.g. identical runs) gives ``t = 0, p = 1``.
+    """
+    from scipy.stats import ttest_rel
+
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        raise ValueError(f"paired test needs >= 2 common queries, got {len(common)}")
+    x = np.array([a[q] for q in common])
+    y = np.array([b[q] for q in common])
+    if np.allclose(x, y, rtol=0, atol=0) or np.std(y - x) == 0:
+        t, p = 0.0, 1.0
+    else:
+        res = ttest_rel(y, x)
+        t, p = float(res.statistic), float(res.pvalue)
+    return PairedTest(float(x.mean()), float(y.mean()), float((y - x).mean()), t, p, len(common))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (same order as the input), for a family of tests.
+
+    ``p_(i)`` sorted ascending is adjusted to ``max_{j <= i} min(1, (m - j) p_(j))``.
+    """
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted

@@ -1,0 +1,134 @@
+"""HookedCrossEncoder vs Hugging Face: hidden states and scores, tiny and shared models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechir import load_cross_encoder
+from tests.helpers import (
+    DOCUMENTS,
+    QUERIES,
+    SHARED_MAX_LENGTH,
+    SHARED_MODEL,
+    requires_shared,
+    tiny_cross_encoder,
+    tiny_hf_model,
+)
+
+ATOL = 1e-5
+
+
+def hf_outputs(hf, batch):
+    with torch.no_grad():
+        out = hf(
+            input_ids=batch.input_ids,
+            token_type_ids=batch.token_type_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+        )
+    return out.logits, out.hidden_states
+
+
+def assert_parity(model, hf, batch, atol=ATOL):
+    logits, hidden = hf_outputs(hf, batch)
+    names = [f"blocks.{i}.hook_normalized_resid_post" for i in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        mine, cache = model.run_with_cache(batch, return_type="logits", names_filter=names)
+    real = batch.attention_mask.bool()
+    for i, name in enumerate(names):  # padding rows are meaningless; compare real tokens
+        torch.testing.assert_close(cache[name][real], hidden[i + 1][real], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(mine, logits, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_labels", [1, 2])
+def test_parity_tiny(tmp_path, num_labels):
+    model, hf, _ = tiny_cross_encoder(tmp_path, num_labels=num_labels)
+    batch = model.encode(QUERIES, DOCUMENTS, max_length=64)
+    assert batch.attention_mask.sum(-1).unique().numel() > 1, "batch must contain padding"
+    assert_parity(model, hf, batch)
+
+
+@pytest.mark.parametrize(
+    "dtype,init,atol", [(torch.float64, 0.3, 1e-10), (torch.float32, 0.05, ATOL)]
+)
+def test_parity_bert_large_shape(tmp_path, dtype, init, atol):
+    """24 layers and 16 heads (BERT-large's layout) at small width: catches shape assumptions.
+    In float64 the two implementations agree to rounding; in float32 with BERT-like weight scales
+    within 1e-5 (large random weights amplify float32 rounding over 24 layers)."""
+    model, hf, _ = tiny_cross_encoder(
+        tmp_path, dtype=dtype, num_labels=2, n_layers=24, n_heads=16, d_model=64, d_mlp=96,
+        initializer_range=init,
+    )
+    assert_parity(model, hf, model.encode(QUERIES, DOCUMENTS, max_length=64), atol=atol)
+
+
+def test_padding_does_not_change_scores(tiny, tiny_batch):
+    model, _, _ = tiny
+    together = model.score(tiny_batch)
+    alone = torch.cat([model.score(tiny_batch[i]) for i in range(len(tiny_batch))])
+    torch.testing.assert_close(together, alone, atol=ATOL, rtol=0)
+
+
+def test_score_types_two_labels(tmp_path):
+    model, hf, _ = tiny_cross_encoder(tmp_path, num_labels=2)
+    batch = model.encode(QUERIES, DOCUMENTS, max_length=64)
+    logits, _ = hf_outputs(hf, batch)
+    torch.testing.assert_close(model.score(batch), logits[:, 1], atol=ATOL, rtol=0)
+    model.score_type = "log_prob"
+    torch.testing.assert_close(model.score(batch), logits.log_softmax(-1)[:, 1], atol=ATOL, rtol=0)
+    model.score_type = "prob"
+    torch.testing.assert_close(model.score(batch), logits.softmax(-1)[:, 1], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="score_type"):
+        model.score_type = "probability"
+
+
+def test_score_head_hook_points(tiny, tiny_batch):
+    model, _, _ = tiny
+    with torch.no_grad():
+        score, cache = model.run_with_cache(tiny_batch)
+    assert cache["pooler.hook_pooler_out"].shape == (len(tiny_batch), model.cfg.d_model)
+    assert cache["classifier.hook_logits"].shape == (len(tiny_batch), 1)
+    torch.testing.assert_close(cache["hook_score"], score)
+    # hooks on the score path apply inside score()
+    zero_pool = [("pooler.hook_pooler_out", lambda x, hook: torch.zeros_like(x))]
+    with model.hooks(fwd_hooks=zero_pool):
+        hooked = model.score(tiny_batch)
+    bias = model.classifier.b.detach()[0]
+    torch.testing.assert_close(hooked, bias.expand(len(tiny_batch)))
+    assert not torch.allclose(model.score(tiny_batch), hooked), "hooks must not leak"
+
+
+def test_score_batch_size_equal_and_on_cpu(tiny, tiny_batch):
+    model, _, _ = tiny
+    full = model.score(tiny_batch)
+    assert full.device.type == "cpu" and full.dtype == torch.float32
+    torch.testing.assert_close(model.score(tiny_batch, batch_size=3), full, atol=ATOL, rtol=0)
+
+
+def test_load_from_local_directory(tmp_path):
+    hf = tiny_hf_model(num_labels=2)
+    from tests.helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path)
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    model = load_cross_encoder(tmp_path / "model", device="cpu")
+    batch = model.encode(QUERIES, DOCUMENTS, max_length=64)
+    assert_parity(model, hf, batch)
+
+
+@pytest.mark.shared
+def test_parity_shared_model():
+    requires_shared()
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_cross_encoder(SHARED_MODEL, device="cpu")
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        SHARED_MODEL, attn_implementation="eager"
+    ).eval()
+    queries = QUERIES + ["0-dimensional biomaterials show inductive properties."]
+    docs = DOCUMENTS + ["Biomaterials " * 400]  # truncated to max_length
+    batch = model.encode(queries, docs, max_length=SHARED_MAX_LENGTH)
+    assert batch.input_ids.shape[1] == SHARED_MAX_LENGTH
+    assert_parity(model, hf, batch)
