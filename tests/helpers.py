@@ -36,7 +36,7 @@ def tiny_tokenizer(tmp_dir: Path) -> BertTokenizerFast:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s", "##ing", "?", ".", ","]
     path = Path(tmp_dir) / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
+    return BertTokenizerFast(vocab=str(path), do_lower_case=True)
 
 
 def tiny_bert_config(

@@ -13,8 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_logits(hf, input_ids, token_type_ids, attention_mask, *, layer_masks=None,
-                     mode="zero", hidden_states=None):
+def reference_logits(
+    hf,
+    input_ids,
+    token_type_ids,
+    attention_mask,
+    *,
+    layer_masks=None,
+    mode="zero",
+    hidden_states=None,
+):
     """Logits ``[batch, num_labels]``; ``layer_masks``: {layer: keep [batch, (heads,) q, k]}."""
     bert = hf.bert
     cfg = hf.config
@@ -22,8 +30,9 @@ def reference_logits(hf, input_ids, token_type_ids, attention_mask, *, layer_mas
     pos = torch.arange(input_ids.shape[1])[None]
     x = emb.word_embeddings(input_ids) + emb.position_embeddings(pos)
     x = x + emb.token_type_embeddings(token_type_ids)
-    x = F.layer_norm(x, (cfg.hidden_size,), emb.LayerNorm.weight, emb.LayerNorm.bias,
-                     cfg.layer_norm_eps)
+    x = F.layer_norm(
+        x, (cfg.hidden_size,), emb.LayerNorm.weight, emb.LayerNorm.bias, cfg.layer_norm_eps
+    )
     h, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     pad = attention_mask[:, None, None, :] == 0
     for i, layer in enumerate(bert.encoder.layer):

@@ -23,7 +23,10 @@ def test_local_collection(tmp_path):
     c = make_collection(tmp_path)
     assert c.query_ids() == ["q1", "q2"]
     assert [(p.qid, p.docid) for p in c.candidates(depth=2)] == [
-        ("q1", "d2"), ("q1", "d1"), ("q2", "d2"), ("q2", "d4")
+        ("q1", "d2"),
+        ("q1", "d1"),
+        ("q2", "d2"),
+        ("q2", "d4"),
     ]
     assert [p.docid for p in c.candidates(source="judged")] == ["d1", "d2", "d2"]
     assert c.relevant("q1") == ["d1"] and c.relevant("q1", min_rel=3) == []

@@ -38,13 +38,16 @@ def test_paired_ttest_and_holm():
 
 def test_rerank_tiny(tiny):
     model, _, _ = tiny
-    pairs = [Pair("q1", f"d{i}", "what cat runs", d) for i, d in
-             enumerate(["the cat runs", "a dog", "blue fish", "red car road the", "cat"])]
+    pairs = [
+        Pair("q1", f"d{i}", "what cat runs", d)
+        for i, d in enumerate(["the cat runs", "a dog", "blue fish", "red car road the", "cat"])
+    ]
     run = rerank(model, pairs, batch_size=2, progress=False)
     direct = model.score(model.encode([p.query for p in pairs], [p.document for p in pairs]))
     assert list(run) == ["q1"]
-    torch.testing.assert_close(torch.tensor([run["q1"][p.docid] for p in pairs]), direct,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([run["q1"][p.docid] for p in pairs]), direct, atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.shared

@@ -17,8 +17,14 @@ from transformers import (
 from mechir import UnsupportedModelError, load_cross_encoder
 from tests.helpers import tiny_hf_model, tiny_tokenizer
 
-SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-             intermediate_size=64, max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 
 
 @pytest.mark.parametrize(
@@ -78,5 +84,8 @@ def test_missing_directory(tmp_path):
 
 def test_no_deprecation_warning(tmp_path, recwarn):
     load_cross_encoder(tiny_hf_model(), tokenizer=tiny_tokenizer(tmp_path), device="cpu")
-    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)
-                and "HookedEncoder" in str(w.message)]
+    assert not [
+        w
+        for w in recwarn
+        if issubclass(w.category, DeprecationWarning) and "HookedEncoder" in str(w.message)
+    ]

@@ -57,7 +57,13 @@ def test_parity_bert_large_shape(tmp_path, dtype, init, atol):
     In float64 the two implementations agree to rounding; in float32 with BERT-like weight scales
     within 1e-5 (large random weights amplify float32 rounding over 24 layers)."""
     model, hf, _ = tiny_cross_encoder(
-        tmp_path, dtype=dtype, num_labels=2, n_layers=24, n_heads=16, d_model=64, d_mlp=96,
+        tmp_path,
+        dtype=dtype,
+        num_labels=2,
+        n_layers=24,
+        n_heads=16,
+        d_model=64,
+        d_mlp=96,
         initializer_range=init,
     )
     assert_parity(model, hf, model.encode(QUERIES, DOCUMENTS, max_length=64), atol=atol)

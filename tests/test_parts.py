@@ -60,8 +60,14 @@ def test_encode_matches_hf_pair_tokenization(tiny):
     model, _, tok = tiny
     for max_length in (64, 12):
         b = model.encode(QUERIES, DOCUMENTS, max_length=max_length)
-        ref = tok(QUERIES, DOCUMENTS, truncation="only_second", max_length=max_length,
-                  padding=True, return_tensors="pt")
+        ref = tok(
+            QUERIES,
+            DOCUMENTS,
+            truncation="only_second",
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         assert torch.equal(b.input_ids, ref["input_ids"])
         assert torch.equal(b.token_type_ids, ref["token_type_ids"])
         assert torch.equal(b.attention_mask, ref["attention_mask"])
