@@ -25,7 +25,7 @@ from torch import Tensor
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    from transformer_lens.components import BertBlock, BertEmbed, BertPooler
+    from transformer_lens.components import BertBlock, BertEmbed, BertPooler, LayerNorm
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.HookedEncoder import HookedEncoder
@@ -42,6 +42,19 @@ Hooks = list[tuple[str | Callable[[str], bool], HookFn]]
 HooksArg = Hooks | Callable[[CrossEncoderBatch], Hooks] | None
 
 SCORE_TYPES: tuple[str, ...] = ("logit", "log_prob", "prob")
+
+
+class HookAwareLayerNorm(LayerNorm):
+    """TransformerLens ``LayerNorm`` that runs PyTorch's fused ``layer_norm`` when neither of its
+    hook points (``hook_scale``, ``hook_normalized``) has a hook, and TransformerLens's exact
+    step-by-step computation (with both hook points) whenever one has. Same parameters, same
+    hook names, same results up to float rounding; about 6 fewer passes over the activations."""
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        hooked = self.hook_scale._forward_hooks or self.hook_normalized._forward_hooks
+        if hooked or self.cfg.dtype not in (torch.float32, torch.float64):
+            return super().forward(x)
+        return nn.functional.layer_norm(x, (self.length,), self.w, self.b, self.eps)
 
 
 class CrossEncoderClassifier(nn.Module):
@@ -98,6 +111,9 @@ class HookedCrossEncoder(HookedEncoder):
         self.score_type = score_type
         self.embed = BertEmbed(cfg)
         self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
+        self.embed.ln = HookAwareLayerNorm(cfg)
+        for block in self.blocks:
+            block.ln1, block.ln2 = HookAwareLayerNorm(cfg), HookAwareLayerNorm(cfg)
         self.pooler = BertPooler(cfg)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_full_embed = HookPoint()

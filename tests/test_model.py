@@ -138,3 +138,20 @@ def test_parity_shared_model():
     batch = model.encode(queries, docs, max_length=SHARED_MAX_LENGTH)
     assert batch.input_ids.shape[1] == SHARED_MAX_LENGTH
     assert_parity(model, hf, batch)
+
+
+def test_layer_norm_fast_path_equals_hooked_path(tiny, tiny_batch):
+    """Hooking a LayerNorm's scale switches to TransformerLens's step-by-step computation; both
+    paths give the same scores, and the hook sees the real scale."""
+    model, _, _ = tiny
+    fast = model.score(tiny_batch)
+    seen = []
+    hooks = [
+        (f"blocks.{i}.ln{j}.hook_scale", lambda x, hook: seen.append(x) or x)
+        for i in range(model.cfg.n_layers)
+        for j in (1, 2)
+    ]
+    hooks.append(("embed.ln.hook_normalized", lambda x, hook: seen.append(x) or x))
+    torch.testing.assert_close(model.score(tiny_batch, hooks=hooks), fast, atol=1e-6, rtol=0)
+    assert len(seen) == 2 * model.cfg.n_layers + 1
+    assert all((x > 0).all() and x.shape[-1] == 1 for x in seen[1:])  # scales, after embed.ln

@@ -1,0 +1,121 @@
+"""Scoring throughput (pairs/s): HookedCrossEncoder without hooks, with a direction-ablation hook,
+and plain Hugging Face ``BertForSequenceClassification`` (eager attention) on the same inputs.
+
+Runs are interleaved (HF, hooked, hooked+ablation, repeated) and medians reported, so that load
+from other processes affects all three alike. Writes ``benchmarks/results/scoring_<device>.json``.
+
+    python benchmarks/bench_scoring.py [--model DIR] [--pairs 256] [--batch-size 32] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODEL = ROOT.parent / "shared" / "models" / "minilm-l6-ce-scifact"
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(SHARED_MODEL))
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=160)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForSequenceClassification
+
+    from mechir import load_cross_encoder
+    from mechir.data import load_collection
+    from mechir.hooks import direction_ablation
+
+    model = load_cross_encoder(args.model, device=args.device)
+    hf = (
+        AutoModelForSequenceClassification.from_pretrained(args.model, attn_implementation="eager")
+        .to(args.device)
+        .eval()
+    )
+    pairs = load_collection(SCIFACT, split="quick").candidates(depth=20)[: args.pairs]
+    batch = model.encode(
+        [p.query for p in pairs], [p.document for p in pairs], max_length=args.max_length
+    )
+    chunks = list(batch.chunks(args.batch_size))
+    ablate = lambda b: direction_ablation(b, directions="query_to_document", model=model)  # noqa: E731
+
+    def run_hf() -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for c in chunks:
+                c = c.to(args.device)
+                out.append(
+                    hf(
+                        input_ids=c.input_ids,
+                        token_type_ids=c.token_type_ids,
+                        attention_mask=c.attention_mask,
+                    )
+                    .logits[:, 0]
+                    .float()
+                    .cpu()
+                )
+        return torch.cat(out)
+
+    def run_hooked(hooks=None) -> torch.Tensor:
+        return torch.cat([model.score(c, hooks=hooks) for c in chunks])
+
+    variants = {
+        "hf_eager": run_hf,
+        "hooked_no_hooks": run_hooked,
+        "hooked_direction_ablation": lambda: run_hooked(ablate),
+    }
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    max_diff = float((run_hooked() - run_hf()).abs().max())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "benchmark": "scoring throughput",
+        "model": str(args.model),
+        "device": args.device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "pairs": len(pairs),
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "repeats": args.repeats,
+        "median_seconds": med,
+        "pairs_per_second": {k: len(pairs) / v for k, v in med.items()},
+        "hooked_over_hf_time": med["hooked_no_hooks"] / med["hf_eager"],
+        "ablation_over_hooked_time": med["hooked_direction_ablation"] / med["hooked_no_hooks"],
+        "target_hooked_over_hf_time": 1.25,
+        "max_abs_score_diff_hooked_vs_hf": max_diff,
+        "gpu": "not available in this environment" if args.device == "cpu" else args.device,
+    }
+    out = ROOT / "benchmarks" / "results" / f"scoring_{args.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
