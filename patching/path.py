@@ -1,0 +1,362 @@
+"""Path patching: how much of the score change flows from a sender head into receiver heads.
+
+For a sender head ``s`` and receiver heads ``R`` reading through channels ``C`` (query, key and/or
+value inputs), in two runs on the corrupted input:
+
+1. Sender ``s``'s output ``z`` is patched from the clean run while every other head's ``z`` (and,
+   with ``freeze_mlps``, every MLP output) is frozen to its corrupted value. The residual stream
+   reaching each receiver layer then carries the sender's signal only along direct paths (through
+   the residual connections and LayerNorms). Record it: ``x_l`` for each receiver layer ``l``.
+2. The receivers' ``C`` inputs (``blocks.{l}.hook_{q,k,v}_input`` of TransformerLens'
+   ``use_split_qkv_input``) are set to ``x_l``; everything else runs normally. Its score is
+   the patched score; the metric is ``(patched - corrupted) / (clean - corrupted)``.
+
+A sender at or after every receiver's layer has no path to them: the score stays the corrupted
+one. :func:`path_patch` batches all senders (one row per (pair, sender));
+:func:`path_patch_reference` runs the two forwards per (pair, sender) with plain hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechir.model import HookedCrossEncoder, Hooks
+from mechir.selection import HeadLike, check_heads, head_label, heads_by_layer, parse_head
+from patching.patch import DEFAULT_MEMORY_BUDGET, rows_per_chunk, run_from_layers
+from patching.perturbations import AlignedPairs
+from patching.results import PatchingResult
+
+Channel = Literal["q", "k", "v"]
+CHANNELS: tuple[str, ...] = ("q", "k", "v")
+
+
+@contextmanager
+def split_qkv_input(model: HookedCrossEncoder) -> Iterator[HookedCrossEncoder]:
+    """Enable ``blocks.{l}.hook_{q,k,v}_input`` (TransformerLens ``use_split_qkv_input``) inside
+    the block; the previous setting is restored on exit."""
+    previous = model.cfg.use_split_qkv_input
+    model.cfg.use_split_qkv_input = True
+    try:
+        yield model
+    finally:
+        model.cfg.use_split_qkv_input = previous
+
+
+def _check_channels(channels: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(channels))
+    bad = [c for c in out if c not in CHANNELS]
+    if bad or not out:
+        raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {channels!r}")
+    return out
+
+
+# ---------------------------------------------------------------------- hook factories
+def _freeze_z_hook(
+    corrupted: Tensor, clean: Tensor | None, head: int | None, act: Tensor, hook: Any
+) -> Tensor:
+    out = corrupted.to(act.dtype).clone()
+    if clean is not None and head is not None:
+        out[:, :, head] = clean[:, :, head].to(act.dtype)
+    return out
+
+
+def _replace_hook(value: Tensor, act: Tensor, hook: Any) -> Tensor:
+    return value.to(act.dtype)
+
+
+def path_freeze_hooks(
+    clean_cache: Mapping[str, Tensor],
+    corrupted_cache: Mapping[str, Tensor],
+    sender: HeadLike,
+    *,
+    n_layers: int,
+    freeze_mlps: bool = False,
+) -> Hooks:
+    """Step 1 of path patching: the sender's ``z`` from the clean run, every other head's ``z``
+    (and every MLP output, with ``freeze_mlps``) frozen to the corrupted run."""
+    s_layer, s_head = parse_head(sender)
+    if not 0 <= s_layer < n_layers:
+        raise ValueError(f"sender layer {s_layer} out of range: model has {n_layers} layers")
+    hooks: Hooks = []
+    for layer in range(n_layers):
+        name = f"blocks.{layer}.attn.hook_z"
+        is_sender = layer == s_layer
+        clean = clean_cache[name] if is_sender else None
+        head = s_head if is_sender else None
+        hooks.append((name, partial(_freeze_z_hook, corrupted_cache[name], clean, head)))
+        if freeze_mlps:
+            mlp = f"blocks.{layer}.hook_mlp_out"
+            hooks.append((mlp, partial(_replace_hook, corrupted_cache[mlp])))
+    return hooks
+
+
+def receiver_input_hooks(
+    values: Mapping[int, Float[Tensor, "batch pos d_model"]],
+    receivers: Iterable[HeadLike],
+    channels: Iterable[Channel] = CHANNELS,
+) -> Hooks:
+    """Step 2 of path patching: set receivers' q/k/v inputs to ``values[layer]``.
+
+    Needs :func:`split_qkv_input` active (the hooks ``blocks.{l}.hook_{c}_input`` have shape
+    ``[batch, pos, n_heads, d_model]``; only the receivers' head slots are replaced).
+    """
+    channels = _check_channels(channels)
+    hooks: Hooks = []
+    for layer, heads in heads_by_layer(parse_head(h) for h in receivers).items():
+        for c in channels:
+            hook = partial(_receiver_hook, values[layer], heads)
+            hooks.append((f"blocks.{layer}.hook_{c}_input", hook))
+    return hooks
+
+
+def _receiver_hook(value: Tensor, heads: list[int], act: Tensor, hook: Any) -> Tensor:
+    mask = torch.zeros(act.shape[2], dtype=torch.bool, device=act.device)
+    mask[heads] = True
+    return torch.where(mask[None, None, :, None], value.to(act.dtype)[:, :, None, :], act)
+
+
+# ---------------------------------------------------------------------- shared set-up
+def _senders(
+    model: HookedCrossEncoder, receivers: list[tuple[int, int]], senders: Iterable[HeadLike] | None
+) -> list[tuple[int, int]]:
+    if senders is not None:
+        return check_heads(model, senders)
+    last = max(layer for layer, _ in receivers)
+    return [(lay, h) for lay in range(last) for h in range(model.cfg.n_heads)]
+
+
+def _result(
+    model: HookedCrossEncoder,
+    pairs: AlignedPairs,
+    senders: list[tuple[int, int]],
+    patched_rows: Tensor,
+    clean: Tensor,
+    corrupted: Tensor,
+    receivers: list[tuple[int, int]],
+    channels: tuple[str, ...],
+) -> PatchingResult:
+    cfg = model.cfg
+    grid = torch.full((len(pairs), cfg.n_layers, cfg.n_heads), float("nan"))
+    for j, (layer, head) in enumerate(senders):
+        grid[:, layer, head] = patched_rows[:, j]
+    labels = ",".join(head_label(*r) for r in receivers)
+    return PatchingResult(
+        target=f"path->{labels}:{''.join(channels)}",
+        dims=("layer", "head"),
+        coords={"layer": list(range(cfg.n_layers)), "head": list(range(cfg.n_heads))},
+        patched=grid,
+        clean=clean,
+        corrupted=corrupted,
+        pair_ids=list(pairs.pair_ids),
+        grades=list(pairs.grades),
+        method="path",
+    )
+
+
+# ---------------------------------------------------------------------- batched
+def path_patch(
+    model: HookedCrossEncoder,
+    pairs: AlignedPairs,
+    receivers: Iterable[HeadLike],
+    *,
+    channels: Iterable[Channel] = CHANNELS,
+    senders: Iterable[HeadLike] | None = None,
+    freeze_mlps: bool = False,
+    batch_size: int | None = None,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+) -> PatchingResult:
+    """Path-patched scores for every sender head -> ``receivers`` (``channels`` inputs).
+
+    Args:
+        receivers: receiver heads (``"l/h"`` or ``(l, h)``).
+        channels: which receiver inputs get the sender's signal: any of ``"q"``, ``"k"``, ``"v"``.
+        senders: sender heads (default: every head before the last receiver layer).
+        freeze_mlps: also freeze MLP outputs in step 1 (default: MLPs recompute, the usual
+            IOI convention; True keeps only residual + LayerNorm paths).
+        batch_size: rows (pair x sender) per forward; default from ``memory_budget``.
+
+    Returns:
+        A :class:`PatchingResult` over a ``(layer, head)`` grid of senders (``method="path"``).
+    """
+    channels = _check_channels(channels)
+    recv = check_heads(model, receivers)
+    send = _senders(model, recv, senders)
+    recv_layers = sorted({layer for layer, _ in recv})
+    stop = recv_layers[-1]
+    n = len(pairs)
+    width = pairs.clean.input_ids.shape[1]
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(
+            f"batch_size must be >= 1 (or None for the memory budget), got {batch_size}"
+        )
+    rows_budget = batch_size or rows_per_chunk(model, width, memory_budget)
+    s_layers = torch.tensor([layer for layer, _ in send])
+    s_heads = torch.tensor([h for _, h in send])
+    patched = torch.empty(n, len(send))
+    clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
+    pairs_per_group = max(1, rows_budget // max(1, len(send)))
+    for g0 in range(0, n, pairs_per_group):
+        group = pairs[g0 : g0 + pairs_per_group]
+        with torch.no_grad():
+            c_score, clean = model.run_with_cache(
+                group.clean, names_filter=lambda name: name.endswith("attn.hook_z")
+            )
+            k_score, corrupted = model.run_with_cache(
+                group.corrupted,
+                names_filter=lambda name: name.endswith(("hook_z", "hook_mlp_out", "resid_pre")),
+            )
+        clean_scores[g0 : g0 + len(group)] = c_score.float().cpu()
+        corrupted_scores[g0 : g0 + len(group)] = k_score.float().cpu()
+        # rows: (pair, sender), sorted by the sender's layer (clamped to the last receiver layer)
+        pair_of_row = torch.arange(len(group)).repeat_interleave(len(send))
+        send_of_row = torch.arange(len(send)).repeat(len(group))
+        starts = s_layers[send_of_row].clamp(max=stop)
+        order = torch.argsort(starts, stable=True)
+        pair_of_row, send_of_row, starts = pair_of_row[order], send_of_row[order], starts[order]
+        for lo in range(0, len(order), rows_budget):
+            sl = slice(lo, lo + rows_budget)
+            p_rows, s_rows, st = pair_of_row[sl], send_of_row[sl], starts[sl]
+            with torch.no_grad():
+                values = _step1(
+                    model, group, clean, corrupted, p_rows, s_layers[s_rows], s_heads[s_rows],
+                    st, recv_layers, freeze_mlps,
+                )  # fmt: skip
+                scores = _step2(model, group, corrupted, p_rows, values, recv, channels)
+            patched[g0 + p_rows.to(torch.long), s_rows] = scores.float().cpu()
+    return _result(model, pairs, send, patched, clean_scores, corrupted_scores, recv, channels)
+
+
+def _step1(
+    model: HookedCrossEncoder,
+    group: AlignedPairs,
+    clean: Mapping[str, Tensor],
+    corrupted: Mapping[str, Tensor],
+    pair_rows: Tensor,
+    sender_layers: Tensor,
+    sender_heads: Tensor,
+    starts: Tensor,
+    receiver_layers: list[int],
+    freeze_mlps: bool,
+) -> dict[int, Tensor]:
+    """Residual stream at each receiver layer with only the senders' direct paths active."""
+    device = model.cfg.device
+    idx = pair_rows.to(device)
+    stop = receiver_layers[-1]
+    values = {
+        layer: corrupted[f"blocks.{layer}.hook_resid_pre"][idx].clone() for layer in receiver_layers
+    }
+    hooks: Hooks = []
+    first = int(starts[0])
+    n_heads = model.cfg.n_heads
+    for layer in range(first, stop):
+        active = int((starts <= layer).sum())
+        z_name = f"blocks.{layer}.attn.hook_z"
+        frozen = corrupted[z_name][idx[:active]]
+        is_sender = (sender_layers[:active] == layer).to(device)
+        heads = torch.arange(n_heads, device=device)[None] == sender_heads[:active, None].to(device)
+        mask = (is_sender[:, None] & heads)[:, None, :, None]
+        source = torch.where(mask, clean[z_name][idx[:active]], frozen)
+        hooks.append((z_name, partial(_replace_hook, source)))
+        if freeze_mlps:
+            mlp = f"blocks.{layer}.hook_mlp_out"
+            hooks.append((mlp, partial(_replace_hook, corrupted[mlp][idx[:active]])))
+
+    def initial(layer: int, rows: Tensor) -> Tensor:
+        return corrupted[f"blocks.{layer}.hook_resid_pre"][idx[rows.to(device)]]
+
+    def record(layer: int, resid: Tensor) -> None:
+        if layer in values:
+            values[layer][: len(resid)] = resid
+
+    mask = group.corrupted.attention_mask[pair_rows]
+    with model.hooks(fwd_hooks=hooks):
+        final = run_from_layers(model, starts, initial, mask, stop_layer=stop, on_layer=record)
+    values[stop][: len(final)] = final
+    return values
+
+
+def _step2(
+    model: HookedCrossEncoder,
+    group: AlignedPairs,
+    corrupted: Mapping[str, Tensor],
+    pair_rows: Tensor,
+    values: dict[int, Tensor],
+    receivers: list[tuple[int, int]],
+    channels: tuple[str, ...],
+) -> Tensor:
+    """Score with the receivers' inputs set to the step-1 residual streams."""
+    device = model.cfg.device
+    idx = pair_rows.to(device)
+    start = min(layer for layer, _ in receivers)
+    starts = torch.full((len(pair_rows),), start)
+
+    def initial(layer: int, rows: Tensor) -> Tensor:
+        return corrupted[f"blocks.{layer}.hook_resid_pre"][idx[rows.to(device)]]
+
+    hooks = receiver_input_hooks(values, receivers, channels)
+    with split_qkv_input(model), model.hooks(fwd_hooks=hooks):
+        return run_from_layers(model, starts, initial, group.corrupted.attention_mask[pair_rows])
+
+
+# ---------------------------------------------------------------------- reference
+def _store_hook(store: dict[int, Tensor], layer: int, act: Tensor, hook: Any) -> None:
+    store[layer] = act.detach().clone()
+
+
+def path_patch_reference(
+    model: HookedCrossEncoder,
+    pairs: AlignedPairs,
+    receivers: Iterable[HeadLike],
+    *,
+    channels: Iterable[Channel] = CHANNELS,
+    senders: Iterable[HeadLike] | None = None,
+    freeze_mlps: bool = False,
+) -> PatchingResult:
+    """The oracle of :func:`path_patch`: two full forwards per (pair, sender), plain hooks."""
+    channels = _check_channels(channels)
+    recv = check_heads(model, receivers)
+    send = _senders(model, recv, senders)
+    recv_layers = sorted({layer for layer, _ in recv})
+    n_layers = model.cfg.n_layers
+    n = len(pairs)
+    patched = torch.empty(n, len(send))
+    clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
+    with torch.no_grad():
+        for i in range(n):
+            pair = pairs[i]
+            c_score, clean = model.run_with_cache(pair.clean)
+            k_score, corrupted = model.run_with_cache(pair.corrupted)
+            clean_scores[i], corrupted_scores[i] = float(c_score[0]), float(k_score[0])
+            for j, sender in enumerate(send):
+                values: dict[int, Tensor] = {}
+                hooks = path_freeze_hooks(
+                    clean, corrupted, sender, n_layers=n_layers, freeze_mlps=freeze_mlps
+                )
+                hooks += [
+                    (f"blocks.{layer}.hook_resid_pre", partial(_store_hook, values, layer))
+                    for layer in recv_layers
+                ]
+                model.run_with_hooks(pair.corrupted, fwd_hooks=hooks)
+                with split_qkv_input(model):
+                    score = model.run_with_hooks(
+                        pair.corrupted, fwd_hooks=receiver_input_hooks(values, recv, channels)
+                    )
+                patched[i, j] = float(score[0])
+    return _result(model, pairs, send, patched, clean_scores, corrupted_scores, recv, channels)
+
+
+__all__ = [
+    "CHANNELS",
+    "path_freeze_hooks",
+    "path_patch",
+    "path_patch_reference",
+    "receiver_input_hooks",
+    "split_qkv_input",
+]

@@ -1,0 +1,73 @@
+"""Fixtures for the patching tests: a tiny model with a working tokenizer, aligned TFC1 pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertTokenizerFast
+
+from mechir import load_cross_encoder
+from patching import AlignedPairs, PairBuilder
+from tests.helpers import DOCUMENTS, QUERIES, tiny_hf_model, tiny_tokenizer
+
+
+def patching_tokenizer(tmp_dir: Path) -> BertTokenizerFast:
+    """``tests.helpers.tiny_tokenizer``, rebuilt with ``vocab=`` when its vocabulary did not load.
+
+    (transformers 5 ignores ``vocab_file=``: the helper's tokenizer then knows only the special
+    tokens and maps every word to [UNK], which hand-made perturbation examples cannot use.)
+    """
+    tok = tiny_tokenizer(tmp_dir)
+    if len(tok) < 10:
+        tok = BertTokenizerFast(vocab=str(Path(tmp_dir) / "vocab.txt"), do_lower_case=True)
+    return tok
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not stall when other processes load the CPU
+    cores); the setting is restored after each module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory) -> BertTokenizerFast:
+    return patching_tokenizer(tmp_path_factory.mktemp("patching_tok"))
+
+
+def make_model(tok: BertTokenizerFast, seed: int = 0, **config):
+    return load_cross_encoder(tiny_hf_model(seed, **config), tokenizer=tok, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def model(tok):
+    """2 layers, 4 heads, d_model 32, one label."""
+    return make_model(tok)
+
+
+@pytest.fixture(scope="session")
+def model3(tok):
+    """3 layers (path patching needs a layer between sender and receiver)."""
+    return make_model(tok, seed=1, n_layers=3)
+
+
+@pytest.fixture(scope="session")
+def pairs(tok) -> AlignedPairs:
+    """TFC1 pairs of the four helper queries/documents (different lengths), grades 0, 1, 0, 2."""
+    builder = PairBuilder(tok, max_length=64, choose="first")
+    built = [
+        builder.tfc1(q, d, pair_id=f"p{i}", grade=g)
+        for i, (q, d, g) in enumerate(zip(QUERIES, DOCUMENTS, [0, 1, 0, 2]))
+    ]
+    return AlignedPairs.from_pairs(built, tok)
+
+
+@pytest.fixture(scope="session")
+def two_pairs(pairs) -> AlignedPairs:
+    """The two shortest pairs (13 and 15 tokens): for the slow one-forward-per-cell oracles."""
+    return pairs[[3, 1]]

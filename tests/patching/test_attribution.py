@@ -1,0 +1,98 @@
+"""Attribution patching: exact where the score is affine in the patched activation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from patching import (
+    attribution_patch,
+    attribution_vs_exact,
+    head_target,
+    neuron_target,
+    patch_sweep,
+    pattern_target,
+    pooled_target,
+    resid_target,
+)
+from tests.patching.conftest import make_model
+
+
+def _affine_ln(ln: nn.Module):
+    return lambda x: (x - x.mean(-1, keepdim=True)) * ln.w + ln.b
+
+
+@pytest.fixture(scope="module")
+def linear_tail(tok):
+    """A tiny model whose score is affine in every activation of its last layer from the head
+    outputs on: the last block's LayerNorms keep their centring but not their (nonlinear) scaling,
+    its MLP activation is the identity, and so is the pooler's tanh. Attention patterns stay
+    softmax, but the last layer's patterns feed only ``z = pattern @ v`` (linear) downstream."""
+    model = make_model(tok, seed=3)
+    last = model.blocks[-1]
+    for ln in (last.ln1, last.ln2):
+        ln.forward = _affine_ln(ln)
+    last.mlp.act_fn = lambda x: x
+    model.pooler.activation = nn.Identity()
+    return model
+
+
+LINEAR_TARGETS = {
+    "z/all": head_target(heads=["1/0", "1/1", "1/2", "1/3"]),
+    "z/position": head_target(by="position", heads=["1/1"]),
+    "z/part": head_target(by="part", heads=["1/2"]),
+    "pattern": pattern_target(heads=["1/3"]),
+    "neurons": neuron_target({1: range(0, 128, 3)}),
+    "attn_out/position": resid_target("attn_out", layers=1),
+    "mlp_out/part": resid_target("mlp_out", by="part", layers=1),
+    "pooled/all": pooled_target(),
+    "pooled/dimension": pooled_target(by="dimension"),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_TARGETS))
+def test_attribution_is_exact_on_a_model_linear_in_the_activation(linear_tail, pairs, name):
+    target = LINEAR_TARGETS[name]
+    exact = patch_sweep(linear_tail, pairs, target)
+    approx = attribution_patch(linear_tail, pairs, target, batch_size=3)
+    assert approx.method == "attribution" and approx.dims == exact.dims
+    assert torch.equal(approx.patched.isnan(), exact.patched.isnan())
+    scale = float(exact.patched.nan_to_num().abs().max())
+    torch.testing.assert_close(
+        approx.patched, exact.patched, atol=1e-5 * max(1.0, scale), rtol=0, equal_nan=True
+    )
+    effect = (exact.patched - exact.corrupted.view(-1, *[1] * (exact.patched.dim() - 1))).abs()
+    assert effect.nan_to_num().max() > 1e-2  # the check is not vacuous
+
+
+def test_attribution_is_only_approximate_through_nonlinearities(model, pairs):
+    target = resid_target("resid_pre")
+    exact = patch_sweep(model, pairs, target)
+    approx = attribution_patch(model, pairs, target)
+    report = attribution_vs_exact(approx, exact)
+    assert report["n_pairs"] == len(pairs)
+    assert report["n_values"] == int((~exact.patched.isnan()).sum())
+    assert -1 <= report["pearson"] <= 1 and -1 <= report["mean_metric_spearman"] <= 1
+    assert report["max_abs_diff"] > 1e-4  # LayerNorm, GELU, softmax, tanh: not linear
+    pooled = attribution_vs_exact(
+        attribution_patch(model, pairs, pooled_target(by="dimension")),
+        patch_sweep(model, pairs, pooled_target(by="dimension")),
+    )
+    assert pooled["pearson"] == pytest.approx(1.0, abs=1e-6)
+    assert pooled["max_abs_diff"] < 1e-5
+
+
+def test_attribution_leaves_parameter_gradients_alone(model, pairs):
+    attribution_patch(model, pairs, head_target())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.is_grad_enabled()  # the default is left as it was
+
+
+def test_attribution_vs_exact_needs_matching_results(model, pairs):
+    a = attribution_patch(model, pairs, head_target())
+    e = patch_sweep(model, pairs, head_target(by="part"))
+    with pytest.raises(ValueError, match="differ in target or grid"):
+        attribution_vs_exact(a, e)
+    with pytest.raises(ValueError, match="batch_size"):
+        attribution_patch(model, pairs, head_target(), batch_size=0)
