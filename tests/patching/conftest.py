@@ -1,8 +1,6 @@
-"""Fixtures for the patching tests: a tiny model with a working tokenizer, aligned TFC1 pairs."""
+"""Fixtures for the patching tests: a tiny model, its tokenizer, aligned TFC1 pairs."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +9,6 @@ from transformers import BertTokenizerFast
 from mechir import load_cross_encoder
 from patching import AlignedPairs, PairBuilder
 from tests.helpers import DOCUMENTS, QUERIES, tiny_hf_model, tiny_tokenizer
-
-
-def patching_tokenizer(tmp_dir: Path) -> BertTokenizerFast:
-    """``tests.helpers.tiny_tokenizer``, rebuilt with ``vocab=`` when its vocabulary did not load.
-
-    (transformers 5 ignores ``vocab_file=``: the helper's tokenizer then knows only the special
-    tokens and maps every word to [UNK], which hand-made perturbation examples cannot use.)
-    """
-    tok = tiny_tokenizer(tmp_dir)
-    if len(tok) < 10:
-        tok = BertTokenizerFast(vocab=str(Path(tmp_dir) / "vocab.txt"), do_lower_case=True)
-    return tok
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,7 +23,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory) -> BertTokenizerFast:
-    return patching_tokenizer(tmp_path_factory.mktemp("patching_tok"))
+    return tiny_tokenizer(tmp_path_factory.mktemp("patching_tok"))
 
 
 def make_model(tok: BertTokenizerFast, seed: int = 0, **config):
