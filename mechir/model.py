@@ -188,6 +188,55 @@ class HookedCrossEncoder(HookedEncoder):
         score = self.hook_score(self.scores_from_logits(logits))
         return score if return_type == "score" else None
 
+    # ------------------------------------------------------------------ block-level API
+    @staticmethod
+    def additive_attention_mask(
+        attention_mask: Int[Tensor, "batch pos"],
+    ) -> Float[Tensor, "batch 1 1 pos"]:
+        """0 on real tokens, -inf on padding keys (what the encoder adds to attention scores)."""
+        return torch.where(attention_mask[:, None, None, :] == 0, -torch.inf, 0.0)
+
+    def run_block(
+        self,
+        layer: int,
+        resid: Float[Tensor, "batch pos d_model"],
+        additive_mask: Float[Tensor, "batch 1 1 pos"],
+        *,
+        cls_only: bool = False,
+    ) -> Float[Tensor, "batch pos_out d_model"]:
+        """Run block ``layer`` (with its hooks) on ``resid``, its input.
+
+        With ``cls_only`` only query position 0 ([CLS], the only one the pooler reads) is
+        computed, keys and values still from every position: ``[batch, 1, d_model]``. It falls
+        back to the full block when a hook sits on the block or split q/k/v inputs are enabled,
+        because such hooks may expect every position.
+        """
+        block = self.blocks[layer]
+        if not (cls_only and self._cls_only_is_safe(layer)):
+            return block(resid, additive_mask)
+        query = resid[:, :1]
+        attn_out = block.hook_attn_out(
+            block.attn(query, resid, resid, additive_attention_mask=additive_mask)
+        )
+        resid_mid = block.hook_resid_mid(query + attn_out)
+        normalized = block.ln1(resid_mid)
+        resid_post = block.hook_resid_post(normalized + block.hook_mlp_out(block.mlp(normalized)))
+        return block.hook_normalized_resid_post(block.ln2(resid_post))
+
+    def _cls_only_is_safe(self, layer: int) -> bool:
+        cfg = self.cfg
+        if cfg.use_split_qkv_input or cfg.use_hook_mlp_in or cfg.use_attn_in:
+            return False
+        return not any(
+            m._forward_hooks or m._forward_pre_hooks for m in self.blocks[layer].modules()
+        )
+
+    def score_from_resid(
+        self, resid: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, " batch"]:
+        """The score head on final hidden states: pooler, classifier, ``hook_score``."""
+        return self.hook_score(self.scores_from_logits(self.classifier(self.pooler(resid))))
+
     # ------------------------------------------------------------------ user API
     def encode(
         self,

@@ -604,11 +604,6 @@ def _row_patch_hook(first: int, mask: Tensor, source: Tensor, act: Tensor, hook:
     return torch.cat([act[:first], patched, act[last:]])
 
 
-def additive_attention_mask(attention_mask: Int[Tensor, "batch pos"]) -> Tensor:
-    """``[batch, 1, 1, pos]``: 0 on real tokens, -inf on padding (TransformerLens' encoder)."""
-    return torch.where(attention_mask[:, None, None, :] == 0, -torch.inf, 0.0)
-
-
 def run_from_layers(
     model: HookedCrossEncoder,
     starts: Int[Tensor, " rows"],
@@ -642,7 +637,7 @@ def run_from_layers(
     starts = starts.cpu()
     if len(starts) > 1 and (starts[1:] < starts[:-1]).any():
         raise ValueError("rows must be sorted by start layer")
-    additive = additive_attention_mask(attention_mask.to(device))
+    additive = model.additive_attention_mask(attention_mask.to(device))
     resid: Tensor | None = None
     first = int(starts[0])
     for layer in range(first, stop + 1):
@@ -655,36 +650,12 @@ def run_from_layers(
         assert resid is not None
         if on_layer is not None:
             on_layer(layer, resid)
-        block = model.blocks[layer]
-        if layer == n_layers - 1 and cls_only_last_layer and _cls_only_is_safe(model):
-            resid = _block_at_cls(block, resid, additive[: len(resid)])
-        else:
-            resid = block(resid, additive[: len(resid)])
+        cls_only = cls_only_last_layer and layer == n_layers - 1
+        resid = model.run_block(layer, resid, additive[: len(resid)], cls_only=cls_only)
     assert resid is not None and len(resid) == len(starts)
     if stop_layer is not None:
         return resid
-    logits = model.classifier(model.pooler(resid))
-    return model.hook_score(model.scores_from_logits(logits))
-
-
-def _cls_only_is_safe(model: HookedCrossEncoder) -> bool:
-    cfg = model.cfg
-    if cfg.use_split_qkv_input or cfg.use_hook_mlp_in or cfg.use_attn_in:
-        return False
-    last = model.blocks[model.cfg.n_layers - 1]
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in last.modules())
-
-
-def _block_at_cls(block: Any, resid: Tensor, additive: Tensor) -> Tensor:
-    """TransformerLens' ``BertBlock.forward`` for query position 0 only: ``[rows, 1, d_model]``."""
-    query = resid[:, :1]
-    attn_out = block.hook_attn_out(
-        block.attn(query, resid, resid, additive_attention_mask=additive)
-    )
-    resid_mid = block.hook_resid_mid(query + attn_out)
-    normalized = block.ln1(resid_mid)
-    resid_post = block.hook_resid_post(normalized + block.hook_mlp_out(block.mlp(normalized)))
-    return block.hook_normalized_resid_post(block.ln2(resid_post))
+    return model.score_from_resid(resid)
 
 
 def _final_name(model: HookedCrossEncoder) -> str:
@@ -867,7 +838,6 @@ __all__ = [
     "PatternTarget",
     "PooledTarget",
     "ResidTarget",
-    "additive_attention_mask",
     "head_patch_hooks",
     "head_target",
     "neuron_patch_hooks",

@@ -155,3 +155,19 @@ def test_layer_norm_fast_path_equals_hooked_path(tiny, tiny_batch):
     torch.testing.assert_close(model.score(tiny_batch, hooks=hooks), fast, atol=1e-6, rtol=0)
     assert len(seen) == 2 * model.cfg.n_layers + 1
     assert all((x > 0).all() and x.shape[-1] == 1 for x in seen[1:])  # scales, after embed.ln
+
+
+def test_block_level_api_equals_forward(tiny, tiny_batch):
+    model, _, _ = tiny
+    with torch.no_grad():
+        resid = model(tiny_batch, return_type="resid")
+        x = model.embed(tiny_batch.input_ids, tiny_batch.token_type_ids)
+        additive = model.additive_attention_mask(tiny_batch.attention_mask)
+        for layer in range(model.cfg.n_layers - 1):
+            x = model.run_block(layer, x, additive)
+        full = model.run_block(model.cfg.n_layers - 1, x, additive)
+        cls = model.run_block(model.cfg.n_layers - 1, x, additive, cls_only=True)
+        torch.testing.assert_close(full, resid)
+        assert cls.shape[1] == 1
+        torch.testing.assert_close(cls[:, 0], resid[:, 0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.score_from_resid(cls), model(tiny_batch))
