@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import BertTokenizerFast
 
 from mechir import cross_encoder_batch_from_tokens, load_cross_encoder
 from mechir import matching as M
@@ -21,9 +19,9 @@ from tests.helpers import (
     SCIFACT,
     SHARED_MAX_LENGTH,
     SHARED_MODEL,
-    WORDS,
     requires_shared,
     tiny_hf_model,
+    tiny_tokenizer,
 )
 
 CONTENT = "cat dog bird fish tree house car road water fire stone light dark red blue green".split()
@@ -33,18 +31,9 @@ FILLER = (
 ).split()
 
 
-def word_tokenizer(tmp_dir: Path) -> BertTokenizerFast:
-    """The tiny WordPiece vocabulary of ``tests.helpers``; passed as ``vocab=`` (transformers 5
-    ignores ``vocab_file=``), so that real words get their own ids."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s", "##ing", "?", ".", ","]
-    path = Path(tmp_dir) / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab=str(path), do_lower_case=True)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return word_tokenizer(tmp_path_factory.mktemp("vocab"))
+    return tiny_tokenizer(tmp_path_factory.mktemp("vocab"))
 
 
 @pytest.fixture(scope="module")
