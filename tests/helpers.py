@@ -66,7 +66,7 @@ def tiny_bert_config(
 
 
 def tiny_hf_model(seed: int = 0, **config_kwargs) -> BertForSequenceClassification:
-    """A random ``BertForSequenceClassification`` (eager attention, eval mode) with large weights."""
+    """A random ``BertForSequenceClassification`` (eager attention, eval mode), large weights."""
     torch.manual_seed(seed)
     model = BertForSequenceClassification(tiny_bert_config(**config_kwargs))
     with torch.no_grad():  # non-trivial LayerNorm and bias parameters, so none of them is idle
