@@ -1,0 +1,184 @@
+"""Streaming means of per-example attributions, so that thousands of pairs never sit in memory.
+
+:class:`StreamingMean` keeps float64 running sums (count, sum, sum of squares) of per-example
+tensors; :class:`GroupedMeans` keeps one per group (e.g. relevant / non-relevant pairs, or one
+per dataset); :func:`mean_neuron_attributions` feeds neuron attributions into them batch by
+batch, together with the completeness of every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechir.attribution.nig import neuron_integrated_gradients
+from mechir.parts import CrossEncoderBatch
+
+
+class StreamingMean:
+    """Mean, standard deviation and count of tensors seen one batch at a time.
+
+    ``update(values)`` adds ``values[b]`` for every ``b``; the result is exactly
+    ``mean = sum_b values[b] / count`` (float64 sums, float32 results).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sum: Tensor | None = None
+        self._sumsq: Tensor | None = None
+
+    def update(self, values: Float[Tensor, "batch ..."]) -> None:
+        """Add every row of ``values`` (its first dimension indexes examples)."""
+        v = values.detach().to("cpu", torch.float64)
+        if v.dim() == 0:
+            raise ValueError("values need a leading example dimension: pass values[None]")
+        if self._sum is not None and v.shape[1:] != self._sum.shape:
+            raise ValueError(
+                f"shape {tuple(v.shape[1:])} differs from the running {tuple(self._sum.shape)}"
+            )
+        s, sq = v.sum(0), (v * v).sum(0)
+        self._sum = s if self._sum is None else self._sum + s
+        self._sumsq = sq if self._sumsq is None else self._sumsq + sq
+        self.count += v.shape[0]
+
+    def merge(self, other: StreamingMean) -> StreamingMean:
+        """Add another accumulator's examples to this one (returns self)."""
+        if other.count:
+            if self._sum is None:
+                self._sum, self._sumsq = other._sum.clone(), other._sumsq.clone()
+            else:
+                self._sum, self._sumsq = self._sum + other._sum, self._sumsq + other._sumsq
+            self.count += other.count
+        return self
+
+    def _check(self) -> None:
+        if self.count == 0:
+            raise ValueError("no values accumulated yet")
+
+    @property
+    def sum(self) -> Tensor:
+        self._check()
+        return self._sum.float()
+
+    @property
+    def mean(self) -> Tensor:
+        self._check()
+        return (self._sum / self.count).float()
+
+    @property
+    def std(self) -> Tensor:
+        """Sample standard deviation (``n - 1``; zero for a single example)."""
+        self._check()
+        if self.count < 2:
+            return torch.zeros_like(self._sum, dtype=torch.float32)
+        mean = self._sum / self.count
+        var = (self._sumsq - self.count * mean * mean) / (self.count - 1)
+        return var.clamp_min(0).sqrt().float()
+
+
+@dataclass
+class GroupedMeans:
+    """One :class:`StreamingMean` per group key (insertion order kept)."""
+
+    groups: dict[Hashable, StreamingMean] = field(default_factory=dict)
+
+    def update(self, values: Float[Tensor, "batch ..."], keys: Sequence[Hashable]) -> None:
+        """Add ``values[b]`` to the group ``keys[b]``."""
+        if len(keys) != values.shape[0]:
+            raise ValueError(f"got {len(keys)} group keys for {values.shape[0]} examples")
+        for key in dict.fromkeys(keys):
+            index = [i for i, k in enumerate(keys) if k == key]
+            self.groups.setdefault(key, StreamingMean()).update(values[index])
+
+    def __getitem__(self, key: Hashable) -> StreamingMean:
+        return self.groups[key]
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.groups
+
+    def keys(self) -> list[Hashable]:
+        return list(self.groups)
+
+    @property
+    def counts(self) -> dict[Hashable, int]:
+        return {k: m.count for k, m in self.groups.items()}
+
+
+@dataclass
+class AttributionMeans:
+    """Mean neuron attributions per group, with the completeness seen along the way.
+
+    Attributes:
+        means: per group, the mean of ``NeuronAttributions.attributions`` over its examples.
+        layers: the model layer of each layer row.
+        completeness: ``|completeness|`` per example (``[layer]``; input path: the embedding's,
+            ``[1]``), accumulated over all groups.
+        settings: the keyword arguments of the attribution calls.
+    """
+
+    means: GroupedMeans
+    layers: list[int]
+    completeness: StreamingMean
+    settings: dict[str, Any]
+
+    def mean(self, group: Hashable) -> Tensor:
+        return self.means[group].mean
+
+    def count(self, group: Hashable) -> int:
+        return self.means[group].count
+
+
+def mean_neuron_attributions(
+    model: Any,
+    batches: Iterable[tuple[CrossEncoderBatch, Sequence[Hashable]] | CrossEncoderBatch],
+    **kwargs: Any,
+) -> AttributionMeans:
+    """Stream :func:`neuron_integrated_gradients` over ``batches`` and average per group.
+
+    ``batches`` yields a :class:`CrossEncoderBatch` (group ``"all"``) or ``(batch, keys)`` with
+    one group key per example (e.g. ``"relevant"`` / ``"non_relevant"``). Keyword arguments go to
+    :func:`neuron_integrated_gradients`; only running sums are kept.
+    """
+    means = GroupedMeans()
+    completeness = StreamingMean()
+    layers: list[int] | None = None
+    for item in batches:
+        batch, keys = item if isinstance(item, tuple) else (item, ["all"] * len(item))
+        result = neuron_integrated_gradients(model, batch, **kwargs)
+        layers = result.layers
+        means.update(result.attributions, list(keys))
+        delta = (
+            result.embedding_completeness[:, None]
+            if result.embedding_completeness is not None
+            else result.completeness
+        )
+        completeness.update(delta.abs())
+    if layers is None:
+        raise ValueError("no batches to attribute")
+    return AttributionMeans(means, layers, completeness, dict(kwargs))
+
+
+def pair_batches(
+    model: Any,
+    pairs: Sequence[Any],
+    *,
+    group_of: Callable[[Any], Hashable] | None = None,
+    batch_size: int = 4,
+    max_length: int | None = None,
+) -> Iterable[tuple[CrossEncoderBatch, list[Hashable]]]:
+    """``(batch, group keys)`` over :class:`mechir.data.Pair` s, encoded lazily ``batch_size`` at a
+    time (for :func:`mean_neuron_attributions`); ``group_of(pair)`` gives the key (default
+    ``"all"``)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = model.encode(
+            [p.query for p in chunk], [p.document for p in chunk], max_length=max_length
+        )
+        yield batch, [group_of(p) if group_of else "all" for p in chunk]
