@@ -1,0 +1,393 @@
+"""What every bundled study shares: command-line options, the output directory with its config
+check, model and collection loading, and the resumable loop over units of work.
+
+A study is run as ``python -m analyses.<study> [options]``. Its output directory (default
+``results/<study>/<run-name>/``) holds:
+
+- ``config.json`` -- the options that determine the results (model, dataset, split, depth,
+  queries, max length, seed and the study's own settings) and, separately, the runtime options
+  of the latest run (device, batch size). Rerunning into a directory whose ``config.json``
+  differs in a result-determining option is an error (:class:`ConfigMismatchError`), never a
+  silent mix;
+- ``results.jsonl`` -- one line per finished unit of work (:class:`~analyses.store.ResultsStore`);
+  units already there are skipped, so the same command resumes an interrupted run;
+- ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analyses.store import ResultsStore, StoreLockedError
+
+DEFAULT_MODEL = "castorini/monobert-large-msmarco"
+DEFAULT_DATASET = "msmarco-passage/trec-dl-2019/judged"
+DEFAULT_RESULTS = Path("results")
+
+#: Options that change how a run executes but not what it computes (not checked on resume).
+RUNTIME_OPTIONS: frozenset[str] = frozenset(
+    {"device", "batch_size", "output", "run_name", "max_units", "progress", "func"}
+)
+
+
+class ConfigMismatchError(ValueError):
+    """The output directory holds results computed with a different configuration."""
+
+
+class UsageError(ValueError):
+    """A study option is invalid (reported as a clean error, without a traceback)."""
+
+
+# ---------------------------------------------------------------------- options
+def study_parser(study: str, description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the options every study shares (its own are added by the study).
+
+    Defaults name the papers' setting: MonoBERT-large on TREC DL 2019 (judged queries), BM25
+    top-100 candidates.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m analyses.{study}",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local cross-encoder directory")
+    g.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help="ir_datasets id or local collection directory (docs.tsv, queries*.tsv, ...)",
+    )
+    g.add_argument("--split", default=None, help="split of a local collection (test, quick, ...)")
+    g.add_argument("--run", default=None, help="first-stage TREC run to take candidates from")
+    g.add_argument("--depth", type=int, default=100, help="candidates per query (first stage)")
+    g.add_argument("--limit-queries", type=int, default=None, help="first N judged queries only")
+    g.add_argument(
+        "--max-length", type=int, default=None, help="tokens per pair (default: the model's)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    r = parser.add_argument_group("execution")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    r.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    r.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="output directory (default: results/<study>/<run-name>/)",
+    )
+    r.add_argument(
+        "--run-name",
+        default=None,
+        help="name of the default output directory (default: from model, dataset and split)",
+    )
+    r.add_argument(
+        "--max-units",
+        type=int,
+        default=None,
+        help="compute at most N new units of work, then stop (rerun to continue)",
+    )
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def slug(text: str) -> str:
+    """A file-name-safe short name: ``"../shared/models/minilm-l6"`` -> ``"minilm-l6"``."""
+    text = str(text).rstrip("/")
+    if Path(text).exists():
+        text = Path(text).resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+def default_run_name(args: argparse.Namespace, *extra: str) -> str:
+    """``<model>__<dataset>[-<split>][__<extra>...]``, e.g. ``monobert-large-msmarco__...``."""
+    dataset = slug(args.dataset) + (f"-{args.split}" if args.split else "")
+    return "__".join([slug(args.model), dataset, *[slug(e) for e in extra if e]])
+
+
+def output_dir(args: argparse.Namespace, study: str, *extra: str) -> Path:
+    """``--output`` or ``results/<study>/<--run-name or default_run_name(args, *extra)>``."""
+    if args.output is not None:
+        return Path(args.output)
+    return DEFAULT_RESULTS / study / (args.run_name or default_run_name(args, *extra))
+
+
+def _normalise(value: Any) -> Any:
+    """Local paths as absolute paths (so ``../x`` and ``/abs/x`` compare equal); JSON types."""
+    if isinstance(value, Path) or (
+        isinstance(value, str) and value and os.path.exists(value) and os.sep in value
+    ):
+        return str(Path(value).resolve())
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def study_config(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The result-determining options of ``args``: everything except runtime options and
+    ``exclude`` (a study's work-list options, whose units are keyed by what they compute)."""
+    skip = RUNTIME_OPTIONS | set(exclude)
+    config = {
+        k: _normalise(v)
+        for k, v in sorted(vars(args).items())
+        if k not in skip and not k.startswith("_")
+    }
+    return json.loads(json.dumps(config))
+
+
+# ---------------------------------------------------------------------- the output directory
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}: {old.get(k, '<absent>')!r} there, {new.get(k, '<absent>')!r} now"
+        for k in keys
+        if old.get(k, "<absent>") != new.get(k, "<absent>")
+    ]
+
+
+def prepare_output(
+    output: Path,
+    study: str,
+    config: dict[str, Any],
+    runtime: dict[str, Any],
+    command: str = "",
+) -> dict[str, Any]:
+    """Create ``output`` and its ``config.json``, or check an existing one matches ``config``.
+
+    Raises:
+        ConfigMismatchError: the directory belongs to another study, was computed with other
+            result-determining options, or holds results without a ``config.json``.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "config.json"
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("study") != study:
+            raise ConfigMismatchError(
+                f"{output} holds results of study {saved.get('study')!r}, not {study!r}; "
+                "use another --output"
+            )
+        diff = _diff(saved.get("config", {}), config)
+        if diff:
+            raise ConfigMismatchError(
+                f"{output} holds results computed with other options ("
+                + "; ".join(diff)
+                + "). Rerun with the same options to resume, or choose another --output or "
+                "--run-name for the new setting."
+            )
+        created = saved.get("created", now)
+    else:
+        if (output / "results.jsonl").exists():
+            raise ConfigMismatchError(
+                f"{output} has results.jsonl but no config.json, so its setting is unknown; "
+                "use another --output"
+            )
+        created = now
+    record = {
+        "study": study,
+        "config": config,
+        "runtime": runtime,
+        "versions": _versions(),
+        "created": created,
+        "updated": now,
+        "command": command,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return record
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("mechir", "torch", "transformer-lens", "transformers", "ir-measures"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def load_config(output: Path) -> dict[str, Any]:
+    """The ``config.json`` record of a study output directory."""
+    return json.loads((Path(output) / "config.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------- a study run
+@dataclass
+class StudyRun:
+    """An opened study output directory: where to write, what was asked, what is done."""
+
+    study: str
+    args: argparse.Namespace
+    output: Path
+    config: dict[str, Any]
+    store: ResultsStore
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> StudyRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_study(
+    study: str,
+    args: argparse.Namespace,
+    *,
+    work_options: Iterable[str] = (),
+    run_name_extra: Sequence[str] = (),
+) -> StudyRun:
+    """Resolve the output directory, check or save its config and open its results store.
+
+    ``work_options`` name the study's options that only choose *which* units to compute (units
+    are keyed by what they compute, so such lists may grow between runs of one directory).
+    """
+    output = output_dir(args, study, *run_name_extra)
+    config = study_config(args, exclude=work_options)
+    runtime = {
+        k: _normalise(v) for k, v in vars(args).items() if k not in config and not k.startswith("_")
+    }
+    runtime = json.loads(json.dumps(runtime, default=str))
+    argv = getattr(args, "_argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", f"analyses.{study}", *map(str, argv)])
+    prepare_output(output, study, config, runtime, command)
+    store = ResultsStore(output / "results.jsonl")
+    if store.dropped_torn_line:
+        print(f"{output}: dropped a torn last line left by an interruption", file=sys.stderr)
+    return StudyRun(study, args, output, config, store)
+
+
+def study_main(
+    run: Callable[[argparse.Namespace], int],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``argv`` (default: the command line) and run the study, turning configuration,
+    lock and input errors into clean exits with a message."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args._argv = argv
+    try:
+        return run(args)
+    except (ConfigMismatchError, StoreLockedError, UsageError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+# ---------------------------------------------------------------------- model and data
+def load_model(args: argparse.Namespace) -> Any:
+    """The cross-encoder named by ``--model`` on ``--device``."""
+    from mechir import load_cross_encoder
+
+    return load_cross_encoder(args.model, device=args.device)
+
+
+def model_shape(args: argparse.Namespace) -> dict[str, int]:
+    """``n_layers``, ``n_heads``, ``d_model``, ``d_mlp`` of ``--model`` from its config alone
+    (no weights loaded), to plan the units before deciding whether the model is needed."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(args.model)
+    return {
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": cfg.num_attention_heads,
+        "d_model": cfg.hidden_size,
+        "d_mlp": cfg.intermediate_size,
+    }
+
+
+def load_data(args: argparse.Namespace) -> Any:
+    """The collection named by ``--dataset`` (``--split``, ``--run``)."""
+    from mechir.data import load_collection
+
+    return load_collection(args.dataset, split=args.split, run=args.run)
+
+
+def candidate_pairs(args: argparse.Namespace, collection: Any) -> list[Any]:
+    """The first ``--limit-queries`` judged queries' top-``--depth`` first-stage candidates.
+
+    Raises:
+        ValueError: no candidates (no first-stage run for these queries).
+    """
+    qids = collection.query_ids(args.limit_queries)
+    pairs = collection.candidates(depth=args.depth, query_ids=qids)
+    if not pairs:
+        raise ValueError(
+            f"{collection.name}: no first-stage candidates for the {len(qids)} selected queries; "
+            "give a run with --run"
+        )
+    return pairs
+
+
+# ---------------------------------------------------------------------- units of work
+@dataclass(frozen=True)
+class Unit:
+    """One resumable unit of work: its stable id (the key in ``results.jsonl``), a short label
+    for progress bars and the study's own description of what to compute."""
+
+    id: str
+    label: str = ""
+    spec: Any = field(default=None, compare=False)
+
+
+def run_units(
+    store: ResultsStore,
+    units: Sequence[Unit],
+    compute: Callable[[Unit], dict[str, Any]],
+    *,
+    desc: str = "units",
+    progress: bool = True,
+    max_units: int | None = None,
+) -> bool:
+    """Compute every unit not yet in ``store`` (in order, de-duplicated by id), storing each as
+    soon as it is done, with a progress bar and ETA. Returns True when all units are stored,
+    False when ``max_units`` new units were computed first."""
+    from tqdm.auto import tqdm
+
+    first: dict[str, Unit] = {}
+    for u in units:
+        first.setdefault(u.id, u)
+    unique = list(first.values())
+    todo = [u for u in unique if u.id not in store]
+    with tqdm(
+        total=len(unique),
+        initial=len(unique) - len(todo),
+        desc=desc,
+        unit="unit",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for n, unit in enumerate(todo):
+            if max_units is not None and n >= max_units:
+                return False
+            bar.set_postfix_str(unit.label or unit.id, refresh=True)
+            store.add(unit.id, compute(unit))
+            bar.update()
+    return True
+
+
+def report_incomplete(run: StudyRun, units: Sequence[Unit]) -> int:
+    """Tell the user a run stopped early (``--max-units``) and how to continue; exit status 0."""
+    ids = {u.id for u in units}
+    done = sum(u in run.store for u in ids)
+    print(
+        f"{run.output}: {done}/{len(ids)} units done; rerun the same command to continue "
+        "(the summary is written when every unit is done)",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,510 @@
+"""Neuron attribution: which FFN neurons carry a cross-encoder's relevance and non-relevance
+decisions, are they shared across datasets, and does removing them hurt ranking more than
+removing random neurons? ("Which Neurons Matter in IR?")
+
+Neuron integrated gradients (:func:`mechir.attribution.neuron_integrated_gradients`, input path
+by default) are averaged over relevant pairs (explaining the relevant class) and over
+non-relevant pairs (explaining the non-relevant class) of one or more datasets. The top ``p`` %
+neurons of all layers are selected per dataset and class
+(:func:`mechir.attribution.top_neurons`), intersected and fused across datasets
+(:func:`~mechir.attribution.intersect`, :func:`~mechir.attribution.fuse_scores`), and validated
+by pruning (:func:`mechir.attribution.pruning_evaluation`): nDCG@10 of the candidates with the
+selected neurons zeroed, against the unpruned model and random neurons with the same per-layer
+counts, for every ``p`` (the pruning curve).
+
+Units of work: one chunk of pairs of one dataset and class (their attribution sums), then one
+pruned selection (with its random controls). Example::
+
+    python -m analyses.neuron_attribution --model ../shared/models/minilm-l6-ce-scifact \\
+        --dataset ../shared/data/scifact --split quick --depth 20 --max-length 160 \\
+        --pairs-per-class 20 --n-steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analyses import plots
+from analyses.common import (
+    StudyRun,
+    Unit,
+    UsageError,
+    candidate_pairs,
+    load_data,
+    load_model,
+    model_shape,
+    open_study,
+    report_incomplete,
+    run_units,
+    slug,
+    study_main,
+    study_parser,
+)
+from analyses.store import decode_array, encode_array
+from analyses.summary import Summary
+from mechir.data import Pair, load_collection
+
+STUDY = "neuron_attribution"
+CLASSES = ("relevant", "non_relevant")
+PRUNE_KINDS = ("relevant", "non_relevant", "fused", "intersection")
+WORK_OPTIONS = ("percents", "prune", "prune_seeds", "sign", "measure", "top")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = study_parser(STUDY, __doc__.split("\n\n")[0])
+    g = p.add_argument_group("attribution")
+    g.add_argument(
+        "--attribution-datasets",
+        nargs="+",
+        default=None,
+        metavar="DATASET[@SPLIT]",
+        help="datasets whose pairs are attributed (default: --dataset with --split)",
+    )
+    g.add_argument("--attribution-queries", type=int, default=None, help="first N queries each")
+    g.add_argument("--pairs-per-class", type=int, default=200, help="pairs per dataset and class")
+    g.add_argument("--per-query", type=int, default=5, help="pairs per query and class (max)")
+    g.add_argument("--min-rel", type=int, default=1, help="relevant = judged at least this")
+    g.add_argument("--relevant-target", default="prob:relevant", help="F for relevant pairs")
+    g.add_argument(
+        "--non-relevant-target", default="prob:non_relevant", help="F for non-relevant pairs"
+    )
+    g.add_argument("--path", choices=["input", "activation"], default="input")
+    g.add_argument("--baseline", default="pad", help="baseline input (pad, pad_query, mask, ...)")
+    g.add_argument("--method", default="riemann_right", help="integration rule")
+    g.add_argument("--n-steps", type=int, default=50)
+    g.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
+    g.add_argument("--max-batch", type=int, default=None, help="rows per NIG forward/backward")
+    s = p.add_argument_group("selection and pruning")
+    s.add_argument(
+        "--percents",
+        type=float,
+        nargs="+",
+        default=[0.005, 0.05, 0.5],
+        help="top p %% of all neurons",
+    )
+    s.add_argument("--sign", choices=["positive", "negative", "absolute"], default="positive")
+    s.add_argument(
+        "--prune",
+        nargs="*",
+        choices=PRUNE_KINDS,
+        default=["relevant"],
+        help="selections to prune: a class of the first dataset, or fused / intersected "
+        "relevant-class selections across datasets",
+    )
+    s.add_argument("--prune-seeds", type=int, default=5, help="random controls per selection")
+    s.add_argument("--measure", default="nDCG@10")
+    s.add_argument("--top", type=int, default=15, help="neurons listed per selection")
+    return p
+
+
+# ---------------------------------------------------------------------- pairs
+def attribution_sources(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """``[(source, split)]`` of the attribution datasets."""
+    if not args.attribution_datasets:
+        return [(args.dataset, args.split)]
+    out = []
+    for item in args.attribution_datasets:
+        source, _, split = item.partition("@")
+        out.append((source, split or None))
+    return out
+
+
+def attribution_pairs(collection: Any, args: argparse.Namespace) -> dict[str, list[Pair]]:
+    """Per class, the pairs to attribute: for each query in order, up to ``--per-query``
+    documents judged >= ``--min-rel`` (relevant) and as many non-relevant ones (judged below,
+    or unjudged first-stage documents), until ``--pairs-per-class`` pairs per class."""
+    out: dict[str, list[Pair]] = {c: [] for c in CLASSES}
+    for qid in collection.query_ids(args.attribution_queries):
+        docs = {
+            "relevant": collection.relevant(qid, args.min_rel)[: args.per_query],
+            "non_relevant": collection.hard_negatives(qid, args.min_rel)[: args.per_query],
+        }
+        for cls in CLASSES:
+            room = args.pairs_per_class - len(out[cls])
+            out[cls] += [collection.pair(qid, d) for d in docs[cls][: max(0, room)]]
+        if all(len(v) >= args.pairs_per_class for v in out.values()):
+            break
+    return out
+
+
+def attribution_units(args: argparse.Namespace) -> tuple[list[Unit], dict[str, dict]]:
+    """One unit per (dataset, class, chunk of ``--unit-pairs`` pairs)."""
+    units, counts = [], {}
+    for d, (source, split) in enumerate(attribution_sources(args)):
+        name = _dataset_name(source, split)
+        collection = load_collection(source, split=split)
+        pairs = attribution_pairs(collection, args)
+        counts[name] = {c: len(v) for c, v in pairs.items()}
+        for cls in CLASSES:
+            ps = pairs[cls]
+            for i in range(0, len(ps), args.unit_pairs):
+                chunk = ps[i : i + args.unit_pairs]
+                units.append(
+                    Unit(
+                        f"nig:{d}:{cls}:{i // args.unit_pairs}",
+                        f"{name} {cls} {i}",
+                        (name, cls, chunk),
+                    )
+                )
+    return units, counts
+
+
+def _dataset_name(source: str, split: str | None) -> str:
+    return slug(source) + (f"-{split}" if split else "")
+
+
+def compute_attributions(model: Any, args: argparse.Namespace, unit: Unit) -> dict[str, Any]:
+    """Attribution sums of one chunk of pairs (exactly mergeable into dataset-class means)."""
+    from mechir.attribution import mean_neuron_attributions, pair_batches
+
+    name, cls, chunk = unit.spec
+    target = args.relevant_target if cls == "relevant" else args.non_relevant_target
+    means = mean_neuron_attributions(
+        model,
+        pair_batches(model, chunk, batch_size=args.batch_size, max_length=args.max_length),
+        path=args.path,
+        target=target,
+        baseline=args.baseline,
+        method=args.method,
+        n_steps=args.n_steps,
+        max_batch=args.max_batch,
+    )
+    acc = means.means["all"]
+    return {
+        "dataset": name,
+        "class": cls,
+        "pairs": [[p.qid, p.docid] for p in chunk],
+        "layers": means.layers,
+        "count": acc.count,
+        "sum": encode_array(acc.sum.numpy()),
+        "completeness_count": means.completeness.count,
+        "completeness_abs_sum": encode_array(means.completeness.sum.numpy()),
+    }
+
+
+def mean_scores(run: StudyRun, units: list[Unit]) -> tuple[dict, dict, list[int]]:
+    """``({(dataset, class): mean [layer, d_mlp]}, {(dataset, class): (count, mean |err|)},
+    layers)`` from the stored chunk sums."""
+    sums: dict[tuple[str, str], np.ndarray] = {}
+    counts: dict[tuple[str, str], int] = {}
+    err: dict[tuple[str, str], list[float]] = {}
+    layers: list[int] = []
+    for u in units:
+        row = run.store.get(u.id)
+        key = (row["dataset"], row["class"])
+        s = decode_array(row["sum"]).astype(np.float64)
+        sums[key] = sums[key] + s if key in sums else s
+        counts[key] = counts.get(key, 0) + row["count"]
+        c = decode_array(row["completeness_abs_sum"]).astype(np.float64)
+        prev = err.get(key, [0.0, 0])
+        err[key] = [prev[0] + float(c.mean()), prev[1] + row["completeness_count"]]
+        layers = row["layers"]
+    means = {k: sums[k] / counts[k] for k in sums}
+    quality = {k: (counts[k], err[k][0] / max(err[k][1], 1)) for k in sums}
+    return means, quality, layers
+
+
+# ---------------------------------------------------------------------- selections
+def selections(
+    means: dict, layers: list[int], n_layers: int, args: argparse.Namespace
+) -> dict[tuple[str, float], Any]:
+    """Every selection of the study: per (dataset, class) and per class fused / intersected
+    across datasets, for every ``p``; keyed ``(name, p)``."""
+    from mechir.attribution import fuse_scores, intersect, top_neurons
+
+    out: dict[tuple[str, float], Any] = {}
+    datasets = list(dict.fromkeys(d for d, _ in means))
+    for p in args.percents:
+        for (dataset, cls), scores in means.items():
+            out[(f"{dataset}:{cls}", p)] = top_neurons(
+                torch.from_numpy(scores).float(),
+                p,
+                sign=args.sign,
+                layers=layers,
+                n_layers=n_layers,
+                label=f"{dataset} {cls} top {p:g}%",
+            )
+        if len(datasets) > 1:
+            for cls in CLASSES:
+                per = [out[(f"{d}:{cls}", p)] for d in datasets if (d, cls) in means]
+                out[(f"intersection:{cls}", p)] = intersect(per, label=f"{cls} ∩ datasets {p:g}%")
+                fused = fuse_scores(
+                    [torch.from_numpy(means[(d, cls)]).float() for d in datasets], normalize=True
+                )
+                out[(f"fused:{cls}", p)] = top_neurons(
+                    fused,
+                    p,
+                    sign=args.sign,
+                    layers=layers,
+                    n_layers=n_layers,
+                    label=f"{cls} fused top {p:g}%",
+                )
+    return out
+
+
+def prune_targets(
+    sels: dict[tuple[str, float], Any], datasets: list[str], args: argparse.Namespace
+) -> list[tuple[str, float]]:
+    """The selection keys to prune, from ``--prune``."""
+    keys = []
+    for kind in args.prune:
+        if kind in CLASSES:
+            name = f"{datasets[0]}:{kind}"
+        elif len(datasets) < 2:
+            raise UsageError(f"--prune {kind} needs two or more --attribution-datasets")
+        else:
+            name = f"{kind}:relevant"
+        keys += [(name, p) for p in args.percents]
+    return keys
+
+
+def compute_pruning(
+    model: Any, pairs: Sequence[Pair], qrels: Any, selection: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    from mechir.attribution import pruning_evaluation
+
+    result = pruning_evaluation(
+        model,
+        pairs,
+        qrels,
+        {selection.label: selection},
+        seeds=[args.seed + i for i in range(args.prune_seeds)],
+        measure=args.measure,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    return {
+        "selection": selection.label,
+        "n_neurons": len(selection),
+        "summary": result.summary.to_dict("list"),
+        "conditions": result.conditions.to_dict("list"),
+        "per_query": result.per_query,
+    }
+
+
+# ---------------------------------------------------------------------- the study
+def run_study(args: argparse.Namespace) -> int:
+    shape = model_shape(args)
+    if args.prune_seeds < 1 or args.unit_pairs < 1 or args.pairs_per_class < 1:
+        raise UsageError("--prune-seeds, --unit-pairs and --pairs-per-class must be >= 1")
+    with open_study(STUDY, args, work_options=WORK_OPTIONS) as run:
+        units, pair_counts = attribution_units(args)
+        if not units:
+            raise UsageError("no pairs to attribute (no judged relevant or non-relevant pairs)")
+        before = len(run.store)
+        state: dict[str, Any] = {}
+
+        def model() -> Any:
+            if "model" not in state:
+                state["model"] = load_model(args)
+            return state["model"]
+
+        if not run_units(
+            run.store,
+            units,
+            lambda u: compute_attributions(model(), args, u),
+            desc=f"{STUDY}: attribution",
+            progress=args.progress,
+            max_units=args.max_units,
+        ):
+            return report_incomplete(run, units)
+        means, quality, layers = mean_scores(run, units)
+        sels = selections(means, layers, shape["n_layers"], args)
+        datasets = list(pair_counts)
+        keys = prune_targets(sels, datasets, args)
+        collection = load_data(args)
+        candidates = candidate_pairs(args, collection)
+        prune_units = [
+            Unit(f"prune:{name}:{p:g}", f"prune {name} {p:g}%", sels[(name, p)]) for name, p in keys
+        ]
+        budget = None if args.max_units is None else args.max_units - (len(run.store) - before)
+        if not run_units(
+            run.store,
+            prune_units,
+            lambda u: compute_pruning(model(), candidates, collection.qrels, u.spec, args),
+            desc=f"{STUDY}: pruning",
+            progress=args.progress,
+            max_units=budget,
+        ):
+            return report_incomplete(run, prune_units)
+        summarize(run, means, quality, layers, sels, pair_counts, keys, prune_units, candidates)
+        print(run.output / "summary.md")
+    return 0
+
+
+# ---------------------------------------------------------------------- summary
+def summarize(
+    run: StudyRun,
+    means: dict,
+    quality: dict,
+    layers: list[int],
+    sels: dict,
+    pair_counts: dict,
+    keys: list,
+    prune_units: list[Unit],
+    candidates: Sequence[Pair],
+) -> Summary:
+    args, out, measure = run.args, run.output, run.args.measure
+    np.savez_compressed(
+        out / "mean_attributions.npz",
+        **{f"{d}__{c}": m.astype(np.float32) for (d, c), m in means.items()},
+        layers=np.asarray(layers),
+    )
+    s = Summary(
+        "Neuron attribution",
+        "Neuron integrated gradients of FFN neurons averaged per dataset and class, top-p% "
+        "selections, and pruning of the selected neurons against random neurons.",
+    )
+    s.heading("Setting")
+    s.facts(
+        {
+            "model": args.model,
+            "attribution pairs": "; ".join(
+                f"{d}: " + ", ".join(f"{c} {n}" for c, n in cs.items())
+                for d, cs in pair_counts.items()
+            ),
+            "targets": f"relevant pairs `{args.relevant_target}`, non-relevant pairs "
+            f"`{args.non_relevant_target}`",
+            "NIG": f"{args.path} path, baseline `{args.baseline}`, {args.method}, "
+            f"{args.n_steps} steps",
+            "selection": f"top p% of all neurons by {args.sign} mean attribution",
+            "pruning candidates": f"{len(candidates)} pairs of {args.dataset}"
+            + (f" ({args.split})" if args.split else ""),
+        }
+    )
+    qrows = [
+        {"dataset": d, "class": c, "pairs": n, "mean |completeness error|": e}
+        for (d, c), (n, e) in quality.items()
+    ]
+    s.table(
+        pd.DataFrame(qrows),
+        "completeness: |F(x) - F(baseline) - integrated gradients|"
+        + (" of the embedding path" if args.path == "input" else " per layer"),
+        ".3g",
+    )
+
+    # selected neurons and their layers
+    frames = []
+    for (name, p), sel in sels.items():
+        t = sel.table.copy()
+        t.insert(0, "selection", name)
+        t.insert(1, "percent", p)
+        frames.append(t)
+    neurons = pd.concat(frames, ignore_index=True)
+    neurons.to_csv(out / "selected_neurons.csv", index=False)
+    s.heading("Selected neurons")
+    p0 = min(args.percents)
+    size = pd.DataFrame(
+        [
+            {
+                "selection": name,
+                "p": p,
+                "neurons": len(sel),
+                **{f"L{layer}": n for layer, n in enumerate(sel.per_layer())},
+            }
+            for (name, p), sel in sels.items()
+        ]
+    )
+    s.table(size, "neurons per layer of every selection", ".3g")
+    first = next(iter(means))
+    top = sels[(f"{first[0]}:{first[1]}", p0)].table.head(args.top)
+    s.table(top, f"top {len(top)} neurons of {first[0]} {first[1]} (p = {p0:g}%)", ".4g")
+    overlap = []
+    for p in args.percents:
+        names = [n for n, q in sels if q == p]
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                ma, mb = sels[(a, p)].mask, sels[(b, p)].mask
+                inter, union = int((ma & mb).sum()), int((ma | mb).sum())
+                overlap.append(
+                    {"p": p, "a": a, "b": b, "shared": inter, "jaccard": inter / max(union, 1)}
+                )
+    if overlap:
+        s.table(pd.DataFrame(overlap), "overlap between selections", {"p": "g", "jaccard": ".3f"})
+    path = plots.line_plot(
+        {
+            f"{name} {p:g}%": (list(range(len(sel.per_layer()))), sel.per_layer())
+            for (name, p), sel in sels.items()
+            if p == max(args.percents) and ":" in name
+        },
+        out / "neurons_per_layer.png",
+        title=f"Selected neurons per layer (p = {max(args.percents):g}%)",
+        xlabel="layer",
+        ylabel="neurons",
+    )
+    s.image(path.name, "selected neurons per layer")
+
+    # pruning curve
+    s.heading("Pruning")
+    summaries = []
+    for (name, p), u in zip(keys, prune_units):
+        row = run.store.get(u.id)
+        t = pd.DataFrame(row["summary"])
+        t.insert(0, "kind", name)
+        t.insert(1, "p", p)
+        summaries.append(t)
+    table = pd.concat(summaries, ignore_index=True)
+    table.to_csv(out / "pruning.csv", index=False)
+    cols = [
+        "kind",
+        "p",
+        "n_neurons",
+        "unpruned",
+        "selected",
+        "random_mean",
+        "random_std",
+        "p_vs_random",
+        "p_vs_unpruned",
+    ]
+    s.paragraph(
+        f"{measure} with the selected neurons zeroed, against {args.prune_seeds} random "
+        "selections with the same number of neurons in every layer (paired t-tests over "
+        "queries: selected vs the random controls' per-query mean, and vs the unpruned model)."
+    )
+    s.table(
+        table[cols],
+        None,
+        {"p": "g", "n_neurons": "d", "p_vs_random": ".3g", "p_vs_unpruned": ".3g"},
+    )
+    series, bands = {}, {}
+    for kind, t in table.groupby("kind", sort=False):
+        t = t.sort_values("p")
+        series[f"{kind} selected"] = (t.p.tolist(), t.selected.tolist())
+        series[f"{kind} random (mean)"] = (t.p.tolist(), t.random_mean.tolist())
+        bands[f"{kind} random min-max"] = (
+            t.p.tolist(),
+            t.random_min.tolist(),
+            t.random_max.tolist(),
+        )
+    path = plots.line_plot(
+        series,
+        out / "pruning_curve.png",
+        title=f"{measure} after pruning the top p% neurons",
+        xlabel="p (% of all FFN neurons)",
+        ylabel=measure,
+        references={"unpruned": float(table.unpruned.iloc[0])},
+        bands=bands,
+        logx=True,
+    )
+    s.image(path.name, f"pruning curve: {measure} vs p")
+    s.paragraph(
+        "Files: `selected_neurons.csv`, `pruning.csv`, `mean_attributions.npz` (mean attribution "
+        "per dataset and class, [layer, neuron]), `results.jsonl`."
+    )
+    s.write(out)
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analyses.neuron_attribution [options]``."""
+    return study_main(run_study, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""A study's summary as a list of blocks (headings, text, tables, images), written both as
+``summary.md`` for people and as ``summary.json`` for :mod:`analyses.report`.
+
+Inline markup in text and table cells: ```code``` and ``**bold**`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+Formats = Mapping[str, str] | str
+
+
+def format_value(value: Any, fmt: str = ".4f") -> str:
+    """A table cell: floats with ``fmt`` (``"-"`` for NaN), other values with ``str``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return format(value, fmt)
+    if hasattr(value, "item") and not isinstance(value, str):  # numpy scalars
+        return format_value(value.item(), fmt)
+    return str(value)
+
+
+def table_cells(frame: pd.DataFrame, formats: Formats = ".4f") -> list[list[str]]:
+    """Formatted cells of ``frame`` (``formats``: one format, or one per column)."""
+    rows = []
+    for record in frame.itertuples(index=False):
+        cells = []
+        for col, value in zip(frame.columns, record):
+            fmt = formats if isinstance(formats, str) else formats.get(col, ".4f")
+            cells.append(format_value(value, fmt))
+        rows.append(cells)
+    return rows
+
+
+def markdown_table(frame: pd.DataFrame, formats: Formats = ".4f") -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` (numeric columns right-aligned)."""
+    header = [str(c) for c in frame.columns]
+    align = [
+        "---:" if pd.api.types.is_numeric_dtype(frame[c]) and frame[c].dtype != bool else "---"
+        for c in frame.columns
+    ]
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in table_cells(frame, formats)]
+    return "\n".join(lines)
+
+
+class Summary:
+    """Blocks of a summary page, rendered to Markdown and saved with a JSON twin.
+
+    Example::
+
+        s = Summary("Direction ablation", subtitle="minilm on scifact")
+        s.table(frame, caption="nDCG@10 per condition")
+        s.image("heatmap.png", "Δ nDCG@10 per direction")
+        s.write(output_dir)
+    """
+
+    def __init__(self, title: str, subtitle: str | None = None):
+        self.title = title
+        self.subtitle = subtitle
+        self.blocks: list[dict[str, Any]] = []
+
+    def heading(self, text: str, level: int = 2) -> Summary:
+        self.blocks.append({"type": "heading", "level": level, "text": text})
+        return self
+
+    def paragraph(self, text: str) -> Summary:
+        self.blocks.append({"type": "paragraph", "text": text})
+        return self
+
+    def bullets(self, items: Sequence[str]) -> Summary:
+        self.blocks.append({"type": "list", "items": list(items)})
+        return self
+
+    def facts(self, facts: Mapping[str, Any]) -> Summary:
+        """A two-column key/value list (the setting of a run)."""
+        return self.bullets([f"**{k}**: {format_value(v)}" for k, v in facts.items()])
+
+    def table(
+        self, frame: pd.DataFrame, caption: str | None = None, formats: Formats = ".4f"
+    ) -> Summary:
+        numeric = [
+            bool(pd.api.types.is_numeric_dtype(frame[c]) and frame[c].dtype != bool)
+            for c in frame.columns
+        ]
+        self.blocks.append(
+            {
+                "type": "table",
+                "caption": caption,
+                "columns": [str(c) for c in frame.columns],
+                "numeric": numeric,
+                "rows": table_cells(frame, formats),
+                "markdown": markdown_table(frame, formats),
+            }
+        )
+        return self
+
+    def image(self, path: str | Path, caption: str | None = None) -> Summary:
+        """An image, by its path relative to the summary's directory."""
+        self.blocks.append({"type": "image", "path": str(path), "caption": caption})
+        return self
+
+    def to_markdown(self) -> str:
+        out = [f"# {self.title}", ""]
+        if self.subtitle:
+            out += [self.subtitle, ""]
+        for b in self.blocks:
+            kind = b["type"]
+            if kind == "heading":
+                out += ["#" * b["level"] + " " + b["text"], ""]
+            elif kind == "paragraph":
+                out += [b["text"], ""]
+            elif kind == "list":
+                out += [f"- {item}" for item in b["items"]] + [""]
+            elif kind == "table":
+                if b["caption"]:
+                    out += [f"*{b['caption']}*", ""]
+                out += [b["markdown"], ""]
+            elif kind == "image":
+                out += [f"![{b['caption'] or ''}]({b['path']})", ""]
+                if b["caption"]:
+                    out += [f"*{b['caption']}*", ""]
+        return "\n".join(out).rstrip() + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "subtitle": self.subtitle, "blocks": self.blocks}
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``summary.md`` and ``summary.json`` into ``directory``; returns the .md path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text(
+            json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        md = d / "summary.md"
+        md.write_text(self.to_markdown(), encoding="utf-8")
+        return md

@@ -1,0 +1,117 @@
+"""The studies' shared pieces: results store, config check, unit loop, floors, summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+import pytest
+
+from analyses.common import (
+    ConfigMismatchError,
+    Unit,
+    default_run_name,
+    prepare_output,
+    run_units,
+    study_config,
+)
+from analyses.floors import random_ranking_floor, worst_ranking_run
+from analyses.store import CorruptStoreError, ResultsStore, StoreLockedError
+from analyses.summary import Summary, markdown_table
+from mechir.data import Pair
+from mechir.evaluation import evaluate
+
+
+def test_store_drops_a_torn_last_line_and_never_duplicates(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with ResultsStore(path) as store:
+        store.add("a", {"x": 1})
+        store.add("b", {"x": [1.5, float("nan")]})
+        with pytest.raises(ValueError, match="already"):
+            store.add("a", {"x": 2})
+    with open(path, "ab") as f:
+        f.write(b'{"unit":"c","x":')  # killed mid-write
+    with ResultsStore(path) as store:
+        assert store.dropped_torn_line and store.units == ["a", "b"] and "c" not in store
+        assert path.read_text().count("\n") == 2  # the torn bytes are cut from the file
+        store.add("c", {"x": 3})
+    with ResultsStore(path) as store:
+        assert store.units == ["a", "b", "c"] and store.get("b")["x"][0] == 1.5
+        assert not store.dropped_torn_line
+
+
+def test_store_refuses_corruption_and_a_second_writer(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"unit":"a"}\nnot json\n{"unit":"b"}\n')
+    with pytest.raises(CorruptStoreError, match="only the last line may be torn"):
+        ResultsStore(path)
+    path.write_text('{"unit":"a"}\n')
+    with ResultsStore(path), pytest.raises(StoreLockedError, match="another process"):
+        ResultsStore(path)
+
+
+def test_run_units_skips_finished_units_and_stops_after_max_units(tmp_path):
+    calls = []
+
+    def compute(unit):
+        calls.append(unit.id)
+        return {"value": unit.spec}
+
+    units = [Unit(str(i), spec=i * i) for i in range(5)] + [Unit("1", spec=-1)]
+    with ResultsStore(tmp_path / "r.jsonl") as store:
+        assert not run_units(store, units, compute, progress=False, max_units=2)
+        assert run_units(store, units, compute, progress=False)
+        assert calls == ["0", "1", "2", "3", "4"] and store.get("4")["value"] == 16
+
+
+def test_config_check(tmp_path):
+    args = argparse.Namespace(
+        model="m", dataset=str(tmp_path), split=None, depth=10, device="cpu", batch_size=4,
+        output=None, run_name=None, max_units=None, progress=True, conditions=["x"],
+    )  # fmt: skip
+    config = study_config(args, exclude=["conditions"])
+    assert config == {"dataset": str(tmp_path.resolve()), "depth": 10, "model": "m", "split": None}
+    prepare_output(tmp_path / "out", "s", config, {"device": "cpu"})
+    prepare_output(tmp_path / "out", "s", config, {"device": "cuda"})  # runtime may change
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["runtime"] == {"device": "cuda"} and saved["config"] == config
+    with pytest.raises(ConfigMismatchError, match="depth: 10 there, 11 now"):
+        prepare_output(tmp_path / "out", "s", {**config, "depth": 11}, {})
+    with pytest.raises(ConfigMismatchError, match="study 's'"):
+        prepare_output(tmp_path / "out", "t", config, {})
+    assert default_run_name(args, "zero") == f"m__{tmp_path.name}__zero"
+
+
+def test_ranking_floors():
+    pairs = [Pair("q", d, "", "") for d in ("a", "b")] + [Pair("r", "c", "", "")]
+    qrels = {"q": {"b": 1}, "r": {"c": 2}}
+    worst = evaluate(worst_ranking_run(pairs, qrels), qrels).values()
+    assert worst == pytest.approx({"q": 1 / 1.5849625, "r": 1.0})
+    floor = random_ranking_floor(pairs, qrels, shuffles=400, seed=1)
+    # q: relevant document first or second with equal chance
+    assert floor.per_query["q"] == pytest.approx((1 + 1 / 1.5849625) / 2, abs=0.03)
+    assert floor.per_query["r"] == 1.0 and floor.min < floor.mean < floor.max
+    again = random_ranking_floor(pairs, qrels, shuffles=400, seed=1)
+    assert again.mean == floor.mean
+
+
+def test_summary_markdown_and_json(tmp_path):
+    frame = pd.DataFrame({"name": ["a|b", "c"], "value": [0.12345, float("nan")], "ok": [1, 2]})
+    assert markdown_table(frame).splitlines()[:3] == [
+        "| name | value | ok |",
+        "| --- | ---: | ---: |",
+        "| a\\|b | 0.1235 | 1 |",
+    ]
+    s = Summary("T", "sub").heading("H").facts({"n": 3}).table(frame, "cap", {"value": ".2f"})
+    s.image("x.png", "an image").write(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("# T\n\nsub\n\n## H\n\n- **n**: 3") and "| c | - | 2 |" in md
+    assert "![an image](x.png)" in md
+    blocks = json.loads((tmp_path / "summary.json").read_text())["blocks"]
+    assert [b["type"] for b in blocks] == ["heading", "list", "table", "image"]
+    assert blocks[2]["rows"][0] == ["a|b", "0.12", "1"] and blocks[2]["numeric"] == [
+        False,
+        True,
+        True,
+    ]
