@@ -85,10 +85,25 @@ class Evaluation:
         return dict(zip(rows["qid"], rows["value"]))
 
 
-def evaluate(run: Run, qrels: Qrels, measures: Iterable[str] = ("nDCG@10",)) -> Evaluation:
-    """Evaluate a run with ir_measures (means over the queries that are in both run and qrels)."""
+def evaluate(
+    run: Run,
+    qrels: Qrels,
+    measures: Iterable[str] = ("nDCG@10",),
+    *,
+    missing: str = "skip",
+) -> Evaluation:
+    """Evaluate a run with ir_measures.
+
+    ``missing="skip"`` (default) averages over the judged queries that the run ranks, so a run
+    over a subset of queries (``--limit-queries``, a resumed run) is judged on that subset;
+    ``missing="zero"`` counts judged queries absent from the run as 0 (``trec_eval -c``).
+    """
     import ir_measures
 
+    if missing not in ("skip", "zero"):
+        raise ValueError(f"missing must be 'skip' or 'zero', got {missing!r}")
+    if missing == "skip":
+        qrels = {q: docs for q, docs in qrels.items() if q in run}
     parsed = [ir_measures.parse_measure(m) if isinstance(m, str) else m for m in measures]
     rows = [
         (m.query_id, str(m.measure), float(m.value))

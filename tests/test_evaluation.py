@@ -24,6 +24,13 @@ def test_ndcg_at_10_by_hand():
     assert ev.values("nDCG@10") == {"q": pytest.approx(dcg / idcg, abs=1e-9)}
 
 
+def test_queries_missing_from_the_run():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1}}
+    run = {"q1": {"a": 1.0, "x": 0.5}}
+    assert evaluate(run, qrels).aggregate["nDCG@10"] == pytest.approx(1.0)
+    assert evaluate(run, qrels, missing="zero").aggregate["nDCG@10"] == pytest.approx(0.5)
+
+
 def test_paired_ttest_and_holm():
     from scipy.stats import ttest_rel
 
