@@ -54,6 +54,7 @@ from analyses.reranking import (
     per_query_values,
     reference_rankings,
     rerank_row,
+    tied_queries,
 )
 from analyses.summary import Summary
 from mechir.hooks import (
@@ -309,6 +310,7 @@ def result_table(run: StudyRun, collection: Any) -> tuple[pd.DataFrame, pd.DataF
                 "first_layer": min(layers),
                 "last_layer": max(layers),
                 "n_layers": len(layers),
+                "tied_queries": tied_queries(rows[unit]["run"]),
                 "unit": unit,
             }
         )
@@ -382,6 +384,16 @@ def summarize(run: StudyRun, collection: Any, pairs: Sequence[Any], n_layers: in
     if len(full):
         s.heading(f"All layers (0-{n_layers - 1})")
         s.table(full[cols], f"{measure} with the directions removed in every layer", FORMATS)
+    tied = table[table.tied_queries > 0] if len(table) else table
+    if len(tied):
+        s.paragraph(
+            f"**Ties**: {len(tied)} condition(s) leave some queries with (near-)constant scores "
+            "over all their candidates (`tied_queries` in `table.csv`; "
+            + ", ".join(f"{r.condition} @ {r.layers}: {r.tied_queries}" for r in tied.itertuples())
+            + f" of {n_queries} queries). Their ranking, and so their {measure}, is decided by "
+            "tie-breaking and floating-point noise rather than by the model; read them against "
+            "the random-order floor."
+        )
     heatmaps = _heatmaps(table, out, n_layers, baseline, measure)
     for path, caption in heatmaps:
         s.image(path.name, caption)

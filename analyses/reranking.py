@@ -44,6 +44,16 @@ def per_query_values(
     return {unit: evaluate(run, qrels, [measure]).values(measure) for unit, run in runs.items()}
 
 
+def tied_queries(run: Run, *, tol: float = 1e-5) -> int:
+    """Queries whose candidates all score within ``tol`` of each other: their ranking, and so
+    their measure, is decided by tie-breaking and floating-point noise, not by the model."""
+    return sum(
+        1
+        for docs in run.values()
+        if len(docs) > 1 and max(docs.values()) - min(docs.values()) < tol
+    )
+
+
 def compare_to_baseline(
     values: Mapping[str, Mapping[str, float]],
     baseline: str,

@@ -25,12 +25,13 @@ input's); with ``x_k = x(b_k)``::
 For ``riemann_right`` (``alpha_k = b_k = k/m``) this is the paper's formula
 ``sum_k [a_i(x_k) - a_i(x_{k-1})] dF/da_i(x_k)``; ``riemann_left`` is captum's
 ``LayerConductance(method="riemann_trapezoid")``. One forward and backward per path point gives
-every layer at once. An FFN layer is not a cut of the network (the residual stream bypasses it),
-so a layer's sum is the part of ``F(x) - F(x')`` that flows through its neurons and is *not*
-expected to equal it; the reported ``completeness`` is that difference per layer. The numerical
-error of the path integral itself is ``embedding_completeness``: ``F(x) - F(x')`` minus the
-integrated gradients of the (interpolated) embedding, ``sum (e - e') * sum_k w_k dF/de(alpha_k)``,
-which vanishes as ``n_steps`` grows.
+every layer at once (``n_steps`` points for ``riemann_right``/``riemann_left``; the other rules
+add their interior cell boundaries, about twice the points). An FFN layer is not a cut of the
+network (the residual stream bypasses it), so a layer's sum is the part of ``F(x) - F(x')`` that
+flows through its neurons and is *not* expected to equal it; the reported ``completeness`` is
+that difference per layer. The numerical error of the path integral itself is
+``embedding_completeness``: ``F(x) - F(x')`` minus the integrated gradients of the interpolated
+embedding, ``sum (e - e') * sum_k w_k dF/de(alpha_k)``, which vanishes as ``n_steps`` grows.
 
 :func:`neuron_integrated_gradients` batches (examples x path points, and layers on the
 activation path) in chunks of ``max_batch`` rows; :func:`neuron_integrated_gradients_reference`
@@ -481,7 +482,7 @@ def _input_path(model: Any, s: _Setup, max_batch: int, ac: Any) -> NeuronAttribu
             out[e] = _aggregate(attr, gb.parts[i, :n_tok].cpu(), s.aggregate, out.shape[-2])
             diff = (emb_x[i, :n_tok] - emb_b[i, :n_tok]).float()
             emb_ig[e] = float((diff * states[i]["emb"]).sum())
-    return _result(s, out, f_x, f_base[:, None].expand(-1, len(s.layers)), emb_ig, model)
+    return _result(s, out, f_x, f_base[:, None].expand(-1, len(s.layers)), emb_ig)
 
 
 def _result(
@@ -490,7 +491,6 @@ def _result(
     f_x: Tensor,
     f_base: Tensor,
     emb_ig: Tensor | None,
-    model: Any,
 ) -> NeuronAttributions:
     totals = out.flatten(2).sum(-1) if out.dim() > 3 else out.sum(-1)
     completeness = f_x[:, None] - f_base - totals
@@ -605,7 +605,7 @@ def _activation_path(model: Any, s: _Setup, max_batch: int, ac: Any) -> NeuronAt
                     grad_sum[lp] += torch.einsum("r,rpd->pd", w[k].to(g.device), g.float())
             attr = torch.stack([(x[0] - b[0]) * g for x, b, g in zip(a_x, a_b, grad_sum)])
             out[e] = _aggregate(attr.cpu(), one.parts[0].cpu(), s.aggregate, out.shape[-2])
-    return _result(s, out, f_x, f_zero, None, model)
+    return _result(s, out, f_x, f_zero, None)
 
 
 # ---------------------------------------------------------------------- naive reference
@@ -668,7 +668,7 @@ def neuron_integrated_gradients_reference(
                     emb_ig[e] = ig
             attr.append(a_i)
         out[e] = _aggregate(torch.stack(attr).cpu(), one.parts[0].cpu(), s.aggregate, out.shape[-2])
-    return _result(s, out, f_x, f_base, emb_ig if s.path == "input" else None, model)
+    return _result(s, out, f_x, f_base, emb_ig if s.path == "input" else None)
 
 
 def _reference_activation_layer(

@@ -115,3 +115,22 @@ def test_summary_markdown_and_json(tmp_path):
         True,
         True,
     ]
+
+
+@pytest.mark.parametrize(
+    "study",
+    ["direction_ablation", "matching_heads", "qk_svd", "neuron_attribution", "patching_tfc1"],
+)
+def test_every_study_has_the_common_options(study, capsys):
+    import importlib
+
+    module = importlib.import_module(f"analyses.{study}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--dataset", "--split", "--depth", "--limit-queries",
+                   "--max-length", "--device", "--batch-size", "--seed", "--output",
+                   "--max-units"):  # fmt: skip
+        assert option in text
+    assert "castorini/monobert-large-msmarco" in text and f"analyses.{study}" in text

@@ -65,6 +65,11 @@ def test_end_to_end_outputs(direction_ablation_run, tiny_model_dir, tiny_collect
     last = table[(table.condition == "query_to_document") & (table.layers == "1")]
     assert last["delta"].item() == 0 and last["p"].item() == 1
     assert table.p_holm.between(0, 1).all() and (table.p_holm >= table.p).all()
+    # [CLS] reading nothing in every layer makes every score the same constant: all 6 queries
+    # are ties, flagged in the table and the summary
+    tied = table.set_index(["condition", "layers"]).tied_queries
+    assert tied[("cls_reads_nothing", "0-1")] == 6 and tied[("query_to_document", "0")] == 0
+    assert "**Ties**" in (out / "summary.md").read_text()
 
     # the baseline is exactly the library's rerank + evaluate
     from mechir import load_cross_encoder
