@@ -300,6 +300,7 @@ def bench_shape(
         "n_steps": n_steps,
         "layers": layers or list(range(n_layers)),
         "method": "riemann_left" if path == "input" else "riemann_right",
+        "repeats": repeats,
         "results": measured,
     }
 
@@ -347,7 +348,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": args.threads,
-        "repeats": args.repeats,
+        "repeats": "per run (runs[].repeats; the fastest of the interleaved runs is reported)",
         "torch": torch.__version__,
         "captum": captum_version or "not installed (comparison skipped)",
         "load_average_before": load_before,
