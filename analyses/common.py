@@ -49,6 +49,16 @@ class UsageError(ValueError):
 
 
 # ---------------------------------------------------------------------- options
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default, except for flags, None and help texts that already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def study_parser(study: str, description: str | None) -> argparse.ArgumentParser:
     """An argument parser with the options every study shares (its own are added by the study).
 
@@ -58,7 +68,7 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
     parser = argparse.ArgumentParser(
         prog=f"python -m analyses.{study}",
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local cross-encoder directory")
