@@ -39,24 +39,31 @@ def shared_setup():
     return load_cross_encoder(SHARED_MODEL, device="cpu"), col
 
 
+def ablated_run(shared_setup, directions, layers):
+    """Rerank the quick set's 1,000 candidates with ``directions`` removed in ``layers``."""
+    from mechir.evaluation import rerank
+    from tests.helpers import SHARED_MAX_LENGTH
+
+    model, col = shared_setup
+    return rerank(
+        model,
+        col.candidates(depth=20),
+        hooks=lambda b: direction_ablation(b, directions=directions, layers=layers),
+        max_length=SHARED_MAX_LENGTH,
+        batch_size=50,
+        progress=False,
+    )
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize(
     "name,directions,layers,expected", REFERENCE, ids=[r[0] for r in REFERENCE]
 )
 def test_reference_ndcg(shared_setup, name, directions, layers, expected):
-    from mechir.evaluation import evaluate, rerank
-    from tests.helpers import SHARED_MAX_LENGTH
+    from mechir.evaluation import evaluate
 
-    model, col = shared_setup
-    hooks = lambda b: direction_ablation(b, directions=directions, layers=layers)  # noqa: E731
-    run = rerank(
-        model,
-        col.candidates(depth=20),
-        hooks=hooks,
-        max_length=SHARED_MAX_LENGTH,
-        batch_size=50,
-        progress=False,
-    )
+    _, col = shared_setup
+    run = ablated_run(shared_setup, directions, layers)
     assert evaluate(run, col.qrels).aggregate["nDCG@10"] == pytest.approx(expected, abs=0.002)
 
 
@@ -65,21 +72,14 @@ def test_cls_reads_nothing_makes_every_score_equal(shared_setup):
     import torch
     from transformers import BertForSequenceClassification
 
-    from mechir.evaluation import evaluate, rerank
+    from mechir.evaluation import evaluate
     from mechir.parts import Part
     from tests.helpers import SHARED_MAX_LENGTH, SHARED_MODEL
     from tests.reference_bert import reference_logits
 
     model, col = shared_setup
     hooks = lambda b: direction_ablation(b, directions="cls_reads_nothing", layers=range(6))  # noqa: E731
-    run = rerank(
-        model,
-        col.candidates(depth=20),
-        hooks=hooks,
-        max_length=SHARED_MAX_LENGTH,
-        batch_size=50,
-        progress=False,
-    )
+    run = ablated_run(shared_setup, "cls_reads_nothing", range(6))
     scores = torch.tensor([s for docs in run.values() for s in docs.values()])
     assert len(scores) == 1000
     assert float(scores.max() - scores.min()) < 1e-5
