@@ -6,8 +6,8 @@ For every condition -- one of the 25 part->part directions between CLS | Query |
 | SEP2, or a named group (all Q->D, all D->Q, no Q<->D interaction, CLS reads nothing, CLS reads
 Q+D, Doc->Doc) -- and every layer range (cumulative ``0..k``, sliding windows, explicit ranges),
 the attention of the attending part's tokens to the attended part's tokens is removed with
-:func:`mechir.hooks.direction_ablation` (mode ``zero``, the paper's, or ``renormalize``), every
-candidate is reranked, and nDCG@10 is compared with the unablated model (paired t-test over
+:func:`mechir.hooks.direction_ablation_hooks` (mode ``zero``, the paper's, or ``renormalize``),
+every candidate is reranked, and nDCG@10 is compared with the unablated model (paired t-test over
 queries, Holm correction over all conditions of the directory) and with the random-ranking and
 worst-ranking floors of the same candidates.
 
@@ -61,7 +61,7 @@ from mechir.hooks import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,
     cumulative_layer_ranges,
-    direction_ablation,
+    direction_ablation_hooks,
     sliding_layer_windows,
 )
 from mechir.parts import PARTS, Part, parse_parts
@@ -240,9 +240,7 @@ def compute_unit(model: Any, pairs: Sequence[Any], args: argparse.Namespace, uni
         return rerank_row(model, pairs, args)
     condition, layers = unit.spec
     directions = condition.directions()
-    hooks = lambda b: direction_ablation(  # noqa: E731
-        b, directions=directions, layers=layers, mode=args.mode, model=model
-    )
+    hooks = direction_ablation_hooks(model, directions=directions, layers=layers, mode=args.mode)
     return {
         "condition": condition.key,
         "layers": list(layers),

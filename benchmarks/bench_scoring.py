@@ -39,7 +39,7 @@ def main() -> None:
 
     from mechir import load_cross_encoder
     from mechir.data import load_collection
-    from mechir.hooks import direction_ablation
+    from mechir.hooks import direction_ablation_hooks
 
     model = load_cross_encoder(args.model, device=args.device)
     hf = (
@@ -52,7 +52,7 @@ def main() -> None:
         [p.query for p in pairs], [p.document for p in pairs], max_length=args.max_length
     )
     chunks = list(batch.chunks(args.batch_size))
-    ablate = lambda b: direction_ablation(b, directions="query_to_document", model=model)  # noqa: E731
+    ablate = direction_ablation_hooks(model, directions="query_to_document")
 
     def run_hf() -> torch.Tensor:
         out = []

@@ -26,8 +26,9 @@ def score_pairs(
     """Scores of ``pairs`` (in input order, float32 on the CPU).
 
     Pairs are tokenized in blocks and scored in length-sorted sub-batches of ``batch_size`` (less
-    padding, same scores). ``hooks`` is a list, or a function ``sub_batch -> list`` for hooks that
-    depend on the batch's parts (e.g. ``lambda b: direction_ablation(b, ...)``).
+    padding, same scores). ``hooks`` is a hook list built once (part-dependent hooks read each
+    sub-batch's parts, e.g. ``direction_ablation_hooks(model, ...)``), or a function
+    ``sub_batch -> list`` for hooks that must be rebuilt per sub-batch.
     """
     from tqdm.auto import tqdm
 

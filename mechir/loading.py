@@ -70,7 +70,7 @@ def load_cross_encoder(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     relevant_label: int = 1,
-    score_type: ScoreType = "logit",
+    score_type: ScoreType | None = None,
 ) -> HookedCrossEncoder:
     """Load a BERT cross-encoder into a :class:`~mechir.model.HookedCrossEncoder`.
 
@@ -82,7 +82,8 @@ def load_cross_encoder(
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         dtype: parameter dtype.
         relevant_label: the relevant class of a multi-label model (MonoBERT: 1).
-        score_type: ``"logit"``, ``"log_prob"`` or ``"prob"`` (see ``HookedCrossEncoder``).
+        score_type: ``"binary_logit"`` (default: the log-odds of relevance), ``"logit"``,
+            ``"log_prob"`` or ``"prob"`` (see ``HookedCrossEncoder``).
 
     Raises:
         UnsupportedModelError: not a BERT sequence-classification checkpoint.

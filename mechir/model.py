@@ -13,8 +13,11 @@ The relevance computation, with the hook point of every step::
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import einops
@@ -25,6 +28,7 @@ from torch import Tensor
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
+    from transformer_lens.ActivationCache import ActivationCache
     from transformer_lens.components import BertBlock, BertEmbed, BertPooler, LayerNorm
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
     from transformer_lens.hook_points import HookPoint
@@ -32,26 +36,34 @@ with warnings.catch_warnings():
     from transformer_lens.HookedRootModule import HookedRootModule
     from transformer_lens.utilities import TypedModuleList
 
-from mechir.parts import CrossEncoderBatch, encode
+from mechir.parts import CrossEncoderBatch, encode, infer_parts
 
-ScoreType = Literal["logit", "log_prob", "prob"]
+ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "pooled", "resid", None]
 HookFn = Callable[..., Any]
 Hooks = list[tuple[str | Callable[[str], bool], HookFn]]
 #: Hooks for :meth:`HookedCrossEncoder.score`: a list, or a function building one per sub-batch.
 HooksArg = Hooks | Callable[[CrossEncoderBatch], Hooks] | None
 
-SCORE_TYPES: tuple[str, ...] = ("logit", "log_prob", "prob")
+SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
+#: The default score: the log-odds of relevance. For one label it is the logit; for two or more it
+#: is ``z_rel - logsumexp(z_other)`` (``z1 - z0`` for MonoBERT), which ranks exactly like the
+#: softmax probability and, for two labels, is linear in the classifier.
+DEFAULT_SCORE_TYPE: ScoreType = "binary_logit"
 
 
 class HookAwareLayerNorm(LayerNorm):
     """TransformerLens ``LayerNorm`` that runs PyTorch's fused ``layer_norm`` when neither of its
-    hook points (``hook_scale``, ``hook_normalized``) has a hook, and TransformerLens's exact
-    step-by-step computation (with both hook points) whenever one has. Same parameters, same
-    hook names, same results up to float rounding; about 6 fewer passes over the activations."""
+    hook points (``hook_scale``, ``hook_normalized``) has a hook, forward or backward, and
+    TransformerLens's exact step-by-step computation (with both hook points) whenever one has.
+    Same parameters, same hook names, same results up to float rounding; about 6 fewer passes
+    over the activations."""
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        hooked = self.hook_scale._forward_hooks or self.hook_normalized._forward_hooks
+        hooked = any(
+            point._forward_hooks or point._backward_hooks or point._backward_pre_hooks
+            for point in (self.hook_scale, self.hook_normalized)
+        )
         if hooked or self.cfg.dtype not in (torch.float32, torch.float64):
             return super().forward(x)
         return nn.functional.layer_norm(x, (self.length,), self.w, self.b, self.eps)
@@ -70,19 +82,86 @@ class CrossEncoderClassifier(nn.Module):
         return self.hook_logits(nn.functional.linear(pooled, self.W.T, self.b))
 
 
+class _RunningInput:
+    """What a forward pass runs on: a batch with parts, or bare ids whose parts are inferred on
+    first use (most forward passes have no part-dependent hook)."""
+
+    __slots__ = ("batch_", "tokens", "token_type_ids", "attention_mask", "tokenizer")
+
+    def __init__(
+        self, batch: CrossEncoderBatch | None = None, tokenizer: Any = None, **ids: Tensor | None
+    ):
+        self.batch_ = batch
+        self.tokenizer = tokenizer
+        if batch is not None:
+            ids = {
+                "tokens": batch.input_ids,
+                "token_type_ids": batch.token_type_ids,
+                "attention_mask": batch.attention_mask,
+            }
+        self.tokens = ids.get("tokens")
+        self.token_type_ids = ids.get("token_type_ids")
+        self.attention_mask = ids.get("attention_mask")
+
+    @classmethod
+    def of(
+        cls,
+        model: HookedCrossEncoder,
+        input: CrossEncoderBatch | Tensor,
+        token_type_ids: Tensor | None,
+        attention_mask: Tensor | None,
+    ) -> _RunningInput:
+        device = model.cfg.device
+        if isinstance(input, CrossEncoderBatch):
+            return cls(batch=input if input.device == torch.device(device) else input.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return cls(
+            tokenizer=model.tokenizer,
+            tokens=input.to(device),
+            token_type_ids=move(token_type_ids),
+            attention_mask=move(attention_mask),
+        )
+
+    def batch(self) -> CrossEncoderBatch:
+        if self.batch_ is None:
+            tok = self.tokenizer
+            if tok is None or tok.cls_token_id is None or tok.sep_token_id is None:
+                raise RuntimeError(
+                    "the model runs on bare token ids and has no tokenizer to infer their parts "
+                    "from: run it on a CrossEncoderBatch (model.encode(...))"
+                )
+            tokens = self.tokens
+            mask = torch.ones_like(tokens) if self.attention_mask is None else self.attention_mask
+            types = torch.zeros_like(tokens) if self.token_type_ids is None else self.token_type_ids
+            parts = infer_parts(
+                tokens, mask, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id
+            )
+            self.batch_ = CrossEncoderBatch(tokens, types, mask, parts)
+        return self.batch_
+
+
 class HookedCrossEncoder(HookedEncoder):
     """TransformerLens ``HookedEncoder`` whose forward pass returns cross-encoder relevance scores.
 
     The masked-language-model and next-sentence heads of ``HookedEncoder`` are not built (a
     cross-encoder has none); the pooler and a classifier with hook points are.
 
+    While a forward pass runs, :attr:`running_batch` is the :class:`CrossEncoderBatch` it runs on
+    (like an attention mask, the parts of every token travel with the input), so part-dependent
+    hooks read the parts of the batch they run on: a hook list is built once and is correct for
+    every batch and sub-batch.
+
     Args:
         cfg: the encoder configuration (see :func:`hooked_config_from_hf`).
         num_labels: 1 (score = the logit) or >= 2 (MonoBERT: 2).
         tokenizer: the model's Hugging Face tokenizer, used by :meth:`encode`.
-        relevant_label: the class whose logit is the relevance score when ``num_labels >= 2``.
-        score_type: ``"logit"`` (default), ``"log_prob"`` (log-softmax of the relevant class;
-            log-sigmoid for one label) or ``"prob"`` (softmax / sigmoid probability).
+        relevant_label: the relevant class when ``num_labels >= 2``.
+        score_type: what :meth:`score` returns, from the classifier logits ``z``:
+            ``"binary_logit"`` (default) the log-odds of relevance: ``z`` for one label,
+            ``z_rel - logsumexp(z_other)`` for several (``z1 - z0`` for MonoBERT; ranks exactly
+            like the softmax probability and is linear in the classifier for two labels);
+            ``"logit"`` the relevant class's logit ``z_rel`` alone; ``"log_prob"`` its
+            log-softmax (log-sigmoid for one label); ``"prob"`` its softmax (sigmoid).
     """
 
     def __init__(
@@ -92,7 +171,7 @@ class HookedCrossEncoder(HookedEncoder):
         tokenizer: Any = None,
         *,
         relevant_label: int = 1,
-        score_type: ScoreType = "logit",
+        score_type: ScoreType | None = None,
         move_to_device: bool = True,
     ):
         # HookedEncoder.__init__ would build the (unused, vocabulary-sized) MLM/NSP heads and warn
@@ -108,7 +187,8 @@ class HookedCrossEncoder(HookedEncoder):
             )
         self.num_labels = num_labels
         self.relevant_label = relevant_label if num_labels > 1 else 0
-        self.score_type = score_type
+        self.score_type = DEFAULT_SCORE_TYPE if score_type is None else score_type
+        self._running: list[_RunningInput] = []
         self.embed = BertEmbed(cfg)
         self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
         self.embed.ln = HookAwareLayerNorm(cfg)
@@ -122,6 +202,13 @@ class HookedCrossEncoder(HookedEncoder):
             nn.Module.to(self, cfg.device)
         self.setup()
 
+    def setup(self) -> None:
+        """TransformerLens's hook-point registry; each hook point also knows its model (weakly),
+        so a hook function can read the batch it runs on with :func:`running_batch`."""
+        super().setup()
+        for point in self.hook_dict.values():
+            point.__dict__["_mechir_running"] = self._running
+
     @property
     def score_type(self) -> ScoreType:
         return self._score_type
@@ -132,6 +219,30 @@ class HookedCrossEncoder(HookedEncoder):
             raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
         self._score_type = value
 
+    # ------------------------------------------------------------------ the running batch
+    @property
+    def running_batch(self) -> CrossEncoderBatch:
+        """The batch of the forward pass now running (on the model's device).
+
+        Part-dependent hooks call this inside the hook function. For a forward pass on bare token
+        ids the parts are inferred from the tokenizer's [CLS]/[SEP] ids.
+
+        Raises:
+            RuntimeError: no forward pass is running (a hook called outside the model).
+        """
+        return _current(self._running)
+
+    @contextlib.contextmanager
+    def running_on(self, batch: CrossEncoderBatch) -> Iterator[CrossEncoderBatch]:
+        """Make ``batch`` the :attr:`running_batch` for code that runs blocks itself (e.g. a
+        patching engine calling :meth:`run_block`); :meth:`forward` does this on its own."""
+        batch = batch.to(self.cfg.device)
+        self._running.append(_RunningInput(batch=batch))
+        try:
+            yield batch
+        finally:
+            self._running.pop()
+
     # ------------------------------------------------------------------ forward
     def scores_from_logits(
         self, logits: Float[Tensor, "batch n_labels"]
@@ -139,12 +250,18 @@ class HookedCrossEncoder(HookedEncoder):
         """Relevance score from classifier logits, according to :attr:`score_type`."""
         if self.num_labels == 1:
             x = logits[:, 0]
-            if self.score_type == "logit":
+            if self.score_type in ("logit", "binary_logit"):
                 return x
             return nn.functional.logsigmoid(x) if self.score_type == "log_prob" else x.sigmoid()
+        rel = self.relevant_label
         if self.score_type == "logit":
-            return logits[:, self.relevant_label]
-        log_probs = logits.log_softmax(-1)[:, self.relevant_label]
+            return logits[:, rel]
+        if self.score_type == "binary_logit":
+            if self.num_labels == 2:
+                return logits[:, rel] - logits[:, 1 - rel]
+            others = torch.cat([logits[:, :rel], logits[:, rel + 1 :]], dim=-1)
+            return logits[:, rel] - others.logsumexp(-1)
+        log_probs = logits.log_softmax(-1)[:, rel]
         return log_probs if self.score_type == "log_prob" else log_probs.exp()
 
     def forward(  # type: ignore[override]
@@ -154,6 +271,9 @@ class HookedCrossEncoder(HookedEncoder):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         *,
         return_type: ReturnType = "score",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        resid: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> Tensor | None:
         """Run the cross-encoder.
 
@@ -163,30 +283,108 @@ class HookedCrossEncoder(HookedEncoder):
             return_type: ``"score"`` ``[batch]`` (default), ``"logits"`` ``[batch, num_labels]``,
                 ``"pooled"`` ``[batch, d_model]``, ``"resid"`` (final hidden states
                 ``[batch, pos, d_model]``) or None.
+            start_at_layer: run blocks from this layer on, starting from ``resid`` (the input of
+                that block, ``blocks.{l}.hook_resid_pre``); the embeddings are not run.
+            stop_at_layer: run blocks before this layer only and return the input of block
+                ``stop_at_layer`` ``[batch, pos, d_model]`` (``return_type`` is ignored).
         """
-        if isinstance(input, CrossEncoderBatch):
-            tokens, token_type_ids, attention_mask = (
-                input.input_ids,
-                input.token_type_ids,
-                input.attention_mask,
+        running = _RunningInput.of(self, input, token_type_ids, attention_mask)
+        n_layers = self.cfg.n_layers
+        start = 0 if start_at_layer is None else self._layer_arg("start_at_layer", start_at_layer)
+        stop = (
+            n_layers if stop_at_layer is None else self._layer_arg("stop_at_layer", stop_at_layer)
+        )
+        if start > stop:
+            raise ValueError(f"start_at_layer {start} is after stop_at_layer {stop}")
+        if (start_at_layer is None) != (resid is None):
+            raise ValueError("pass resid= (the input of block start_at_layer) with start_at_layer")
+        self._running.append(running)
+        try:
+            if resid is None:
+                resid = self.hook_full_embed(self.embed(running.tokens, running.token_type_ids))
+            else:
+                resid = resid.to(self.cfg.device)
+            additive = (
+                None
+                if running.attention_mask is None
+                else self.additive_attention_mask(running.attention_mask)
             )
-        else:
-            tokens = input
-        device = self.cfg.device
-        tokens = tokens.to(device)
-        token_type_ids = None if token_type_ids is None else token_type_ids.to(device)
-        attention_mask = None if attention_mask is None else attention_mask.to(device)
-        resid = self.encoder_output(tokens, token_type_ids, attention_mask)
-        if return_type == "resid":
-            return resid
-        pooled = self.pooler(resid)
-        if return_type == "pooled":
-            return pooled
-        logits = self.classifier(pooled)
-        if return_type == "logits":
-            return logits
-        score = self.hook_score(self.scores_from_logits(logits))
-        return score if return_type == "score" else None
+            for layer in range(start, stop):
+                resid = self.blocks[layer](resid, additive)
+            if stop_at_layer is not None or return_type == "resid":
+                return resid
+            pooled = self.pooler(resid)
+            if return_type == "pooled":
+                return pooled
+            logits = self.classifier(pooled)
+            if return_type == "logits":
+                return logits
+            score = self.hook_score(self.scores_from_logits(logits))
+            return score if return_type == "score" else None
+        finally:
+            self._running.pop()
+
+    def _layer_arg(self, what: str, layer: int) -> int:
+        n = self.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
+            raise ValueError(f"{what}={layer!r} out of range: the model has {n} layers (0-{n})")
+        return layer
+
+    # ------------------------------------------------------------------ hooks
+    def _check_hook_name(self, name: Any) -> None:
+        if not isinstance(name, str) or name in self.mod_dict:
+            return
+        match = re.match(r"blocks\.(\d+)\.", name)
+        n = self.cfg.n_layers
+        if match and int(match.group(1)) >= n:
+            raise ValueError(
+                f"no hook point {name!r}: layer {match.group(1)} out of range, the model has "
+                f"{n} layers (0-{n - 1})"
+            )
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"no hook point {name!r} in this model{hint}")
+
+    def add_hook(self, name: Any, hook: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self._check_hook_name(name)
+        super().add_hook(name, hook, *args, **kwargs)
+
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: Any) -> None:  # type: ignore[override]
+        self._check_hook_name(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def run_with_cache(  # type: ignore[override]
+        self,
+        *model_args: Any,
+        incl_bwd: bool = False,
+        names_filter: Any = None,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        return_cache_object: bool = True,
+        **model_kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """TransformerLens ``run_with_cache``. With ``incl_bwd=True`` the cached gradients
+        (``<name>_grad``) are those of the **summed** output, e.g. ``sum_b score_b`` for a batch of
+        scores. Pairs do not interact in the encoder, so each pair's cached gradient is the
+        gradient of its own score."""
+        if not incl_bwd:
+            return super().run_with_cache(
+                *model_args,
+                names_filter=names_filter,
+                device=device,
+                remove_batch_dim=remove_batch_dim,
+                return_cache_object=return_cache_object,
+                **model_kwargs,
+            )
+        cache, fwd, bwd = self.get_caching_hooks(
+            names_filter, True, device, remove_batch_dim=remove_batch_dim
+        )
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            out = self(*model_args, **model_kwargs)
+            out.sum().backward()
+        if return_cache_object:
+            return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
 
     # ------------------------------------------------------------------ block-level API
     @staticmethod
@@ -263,9 +461,12 @@ class HookedCrossEncoder(HookedEncoder):
         """Relevance scores of a batch, without gradients, returned as float32 **on the CPU**.
 
         Hooks already active (``with model.hooks(...)``) apply. ``hooks`` adds more for this call:
-        a list, or a function ``sub_batch -> list`` called for every sub-batch of ``batch_size``
-        pairs. Batch-dependent hooks (built from a batch's parts) must be given as such a function
-        when ``batch_size`` splits the batch, because each sub-batch has its own shape.
+        a list (part-dependent hooks read the parts of each sub-batch they run on), or, for
+        hooks that must be rebuilt per sub-batch, a function ``sub_batch -> list``.
+
+        Raises:
+            FloatingPointError: a score is NaN or infinite (corrupted weights, or hooks producing
+                non-finite activations); the message names the pairs.
         """
         out = []
         with torch.no_grad():
@@ -273,7 +474,15 @@ class HookedCrossEncoder(HookedEncoder):
                 fwd = hooks(chunk) if callable(hooks) else (hooks or [])
                 with self.hooks(fwd_hooks=fwd):
                     out.append(self(chunk).float().cpu())
-        return torch.cat(out)
+        scores = torch.cat(out)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+            raise FloatingPointError(
+                f"{len(bad)} of {len(scores)} scores are NaN or infinite (pairs {shown}): check "
+                "the model's weights are finite and that the hooks keep activations finite"
+            )
+        return scores
 
     @property
     def d_mlp(self) -> int:
@@ -281,6 +490,32 @@ class HookedCrossEncoder(HookedEncoder):
 
     def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
         return super().to(device_or_dtype, print_details=print_details)
+
+
+def running_batch(hook: HookPoint) -> CrossEncoderBatch:
+    """The batch the model is running on, from inside a hook function ``fn(act, hook)``.
+
+    Example (a hand-written hook zeroing the document positions of the residual stream)::
+
+        def zero_document(resid, hook):
+            doc = running_batch(hook).mask("document")        # [batch, pos]
+            return resid * ~doc[..., None]
+    """
+    running = hook.__dict__.get("_mechir_running")
+    if running is None:
+        raise RuntimeError(
+            f"hook point {getattr(hook, 'name', hook)!r} does not belong to a HookedCrossEncoder"
+        )
+    return _current(running)
+
+
+def _current(running: list[_RunningInput]) -> CrossEncoderBatch:
+    if not running:
+        raise RuntimeError(
+            "no forward pass is running: part-dependent hooks read the parts of the batch the "
+            "model runs on, so call them through the model (score, run_with_hooks, ...)"
+        )
+    return running[-1].batch()
 
 
 # ---------------------------------------------------------------------- conversion from HF
@@ -353,7 +588,7 @@ def hooked_cross_encoder_from_hf(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     relevant_label: int = 1,
-    score_type: ScoreType = "logit",
+    score_type: ScoreType | None = None,
 ) -> HookedCrossEncoder:
     """Convert an in-memory ``BertForSequenceClassification`` (already validated) to mechir."""
     cfg = hooked_config_from_hf(hf_model.config, device=device, dtype=dtype)

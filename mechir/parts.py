@@ -198,6 +198,42 @@ def cross_encoder_batch_from_tokens(
     return CrossEncoderBatch(input_ids, token_type_ids, attention_mask, parts)
 
 
+def infer_parts(
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    *,
+    cls_token_id: int,
+    sep_token_id: int,
+) -> Int[Tensor, "batch pos"]:
+    """Part ids of already-built ``[CLS] q [SEP]+ d [SEP]`` inputs, from their special tokens.
+
+    Position 0 is CLS; the tokens before the first separator are the query; that separator and
+    any separators right after it are SEP1 (RoBERTa-style ``</s></s>``); the last real token is
+    SEP2; everything between is the document; padding is PAD.
+
+    Raises:
+        ValueError: an example that does not start with CLS or has fewer than two separators.
+    """
+    parts = torch.full_like(input_ids, int(Part.PAD))
+    for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+        length = sum(mask)
+        seps = [i for i in range(1, length) if ids[i] == sep_token_id]
+        if length < 1 or ids[0] != cls_token_id or len(seps) < 2 or seps[-1] != length - 1:
+            raise ValueError(
+                f"example {b} is not '[CLS] query [SEP] document [SEP]' (CLS id {cls_token_id}, "
+                f"SEP id {sep_token_id}); build it with encode()/model.encode()"
+            )
+        first = seps[0]
+        doc_start = first + 1
+        while doc_start < length - 1 and ids[doc_start] == sep_token_id:
+            doc_start += 1
+        row = [int(Part.CLS)] + [int(Part.QUERY)] * (first - 1)
+        row += [int(Part.SEP1)] * (doc_start - first)
+        row += [int(Part.DOCUMENT)] * (length - 1 - doc_start) + [int(Part.SEP2)]
+        parts[b, :length] = torch.tensor(row)
+    return parts
+
+
 def encode(
     tokenizer: Any,
     queries: str | Sequence[str],

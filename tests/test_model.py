@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mechir import load_cross_encoder
+from mechir.model import running_batch
 from tests.helpers import (
     DOCUMENTS,
     QUERIES,
@@ -80,6 +81,12 @@ def test_score_types_two_labels(tmp_path):
     model, hf, _ = tiny_cross_encoder(tmp_path, num_labels=2)
     batch = model.encode(QUERIES, DOCUMENTS, max_length=64)
     logits, _ = hf_outputs(hf, batch)
+    # default: the binary logit z1 - z0, which ranks exactly like the softmax probability
+    assert model.score_type == "binary_logit"
+    default = model.score(batch)
+    torch.testing.assert_close(default, logits[:, 1] - logits[:, 0], atol=ATOL, rtol=0)
+    assert torch.equal(default.argsort(), logits.softmax(-1)[:, 1].argsort())
+    model.score_type = "logit"
     torch.testing.assert_close(model.score(batch), logits[:, 1], atol=ATOL, rtol=0)
     model.score_type = "log_prob"
     torch.testing.assert_close(model.score(batch), logits.log_softmax(-1)[:, 1], atol=ATOL, rtol=0)
@@ -152,7 +159,7 @@ def test_layer_norm_fast_path_equals_hooked_path(tiny, tiny_batch):
         for j in (1, 2)
     ]
     hooks.append(("embed.ln.hook_normalized", lambda x, hook: seen.append(x) or x))
-    torch.testing.assert_close(model.score(tiny_batch, hooks=hooks), fast, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.score(tiny_batch, hooks=hooks), fast, atol=1e-5, rtol=0)
     assert len(seen) == 2 * model.cfg.n_layers + 1
     assert all((x > 0).all() and x.shape[-1] == 1 for x in seen[1:])  # scales, after embed.ln
 
@@ -171,3 +178,101 @@ def test_block_level_api_equals_forward(tiny, tiny_batch):
         assert cls.shape[1] == 1
         torch.testing.assert_close(cls[:, 0], resid[:, 0], atol=1e-6, rtol=0)
         torch.testing.assert_close(model.score_from_resid(cls), model(tiny_batch))
+
+
+def test_binary_logit_of_three_labels_is_the_log_odds(tmp_path):
+    model, hf, _ = tiny_cross_encoder(tmp_path, num_labels=3)
+    batch = model.encode(QUERIES, DOCUMENTS, max_length=64)
+    logits, _ = hf_outputs(hf, batch)
+    p = logits.softmax(-1)[:, 1]
+    torch.testing.assert_close(model.score(batch), (p / (1 - p)).log(), atol=1e-4, rtol=0)
+
+
+def test_one_label_default_is_the_logit(tiny, tiny_batch):
+    model, hf, _ = tiny
+    logits, _ = hf_outputs(hf, tiny_batch)
+    torch.testing.assert_close(model.score(tiny_batch), logits[:, 0], atol=ATOL, rtol=0)
+
+
+def test_start_and_stop_at_layer_equal_the_full_forward(tiny, tiny_batch):
+    model, _, _ = tiny
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tiny_batch)  # hooked LayerNorms: step-by-step path
+        full = model(tiny_batch)
+        for layer in range(model.cfg.n_layers + 1):
+            resid = model(tiny_batch, stop_at_layer=layer)
+            name = (
+                f"blocks.{layer}.hook_resid_pre"
+                if layer < model.cfg.n_layers
+                else f"blocks.{layer - 1}.hook_normalized_resid_post"
+            )
+            torch.testing.assert_close(resid, cache[name], atol=1e-5, rtol=0)
+            rest = model(tiny_batch, start_at_layer=layer, resid=resid)
+            torch.testing.assert_close(rest, full, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="out of range"):
+        model(tiny_batch, stop_at_layer=9)
+    with pytest.raises(ValueError, match="pass resid="):
+        model(tiny_batch, start_at_layer=1)
+
+
+def test_running_batch_is_the_batch_of_each_forward(tiny, tiny_batch):
+    model, _, _ = tiny
+    seen = []
+    record = lambda act, hook: seen.append(running_batch(hook).parts.clone())  # noqa: E731
+    model.score(tiny_batch, hooks=[("blocks.0.hook_resid_pre", record)], batch_size=3)
+    assert [len(p) for p in seen] == [3, 1]
+    assert torch.equal(seen[1], tiny_batch[3].parts)
+    # bare ids: parts inferred from [CLS]/[SEP]
+    seen.clear()
+    model.run_with_hooks(
+        tiny_batch.input_ids,
+        tiny_batch.token_type_ids,
+        tiny_batch.attention_mask,
+        fwd_hooks=[("blocks.0.hook_resid_pre", record)],
+    )
+    assert torch.equal(seen[0], tiny_batch.parts)
+    with pytest.raises(RuntimeError, match="no forward pass is running"):
+        model.running_batch
+
+
+def test_unknown_hook_names_are_clear_errors(tiny, tiny_batch):
+    model, _, _ = tiny
+    noop = lambda act, hook: act  # noqa: E731
+    with pytest.raises(ValueError, match="layer 7 out of range, the model has 2 layers"):
+        model.run_with_hooks(tiny_batch, fwd_hooks=[("blocks.7.attn.hook_z", noop)])
+    with pytest.raises(ValueError, match="did you mean 'blocks.0.attn.hook_z'"):
+        model.run_with_hooks(tiny_batch, fwd_hooks=[("blocks.0.attn.hook_zz", noop)])
+
+
+def test_backward_hooks_fire_on_every_hook_point(tiny, tiny_batch):
+    model, _, _ = tiny
+    fired = []
+    grad = lambda g, hook: fired.append(hook.name)  # noqa: E731
+    names = ["blocks.0.ln1.hook_normalized", "blocks.1.ln2.hook_scale", "embed.ln.hook_normalized"]
+    with model.hooks(bwd_hooks=[(n, grad) for n in names]):
+        model(tiny_batch).sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert sorted(fired) == sorted(names)
+
+
+def test_run_with_cache_gradients_on_a_batch(tiny, tiny_batch):
+    """incl_bwd on a batch caches the gradient of the summed score: per pair, its own score's."""
+    model, _, _ = tiny
+    name = "blocks.1.hook_resid_mid"
+    _, cache = model.run_with_cache(tiny_batch, names_filter=name, incl_bwd=True)
+    model.zero_grad(set_to_none=True)
+    for i in [0, 2]:
+        _, alone = model.run_with_cache(tiny_batch[i], names_filter=name, incl_bwd=True)
+        model.zero_grad(set_to_none=True)
+        width = alone[name + "_grad"].shape[1]
+        torch.testing.assert_close(
+            cache[name + "_grad"][i : i + 1, :width], alone[name + "_grad"], atol=1e-6, rtol=0
+        )
+
+
+def test_non_finite_scores_are_an_error(tmp_path, tiny_batch):
+    model, _, _ = tiny_cross_encoder(tmp_path)
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="4 of 4 scores are NaN or infinite"):
+        model.score(tiny_batch)

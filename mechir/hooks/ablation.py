@@ -1,15 +1,64 @@
-"""Shared pieces of the ablation hooks: streaming reference means and masked replacement."""
+"""Shared pieces of the hook factories: the parts of the running batch, streaming reference
+means and masked replacement."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from mechir.parts import CrossEncoderBatch, PartLike
+from mechir.model import running_batch
+from mechir.parts import CrossEncoderBatch, PartLike, parse_parts
+
+T = TypeVar("T")
+
+
+def per_forward(compute: Callable[[CrossEncoderBatch], T]) -> Callable[[Any], T]:
+    """``get(hook) -> compute(running batch)``, computed once per forward pass and shared by
+    every hook of a factory (e.g. one attention mask for all layers), recomputed for the next
+    batch. This is how part-dependent hooks read the parts of the batch they run on."""
+    last: list[Any] = [None, None]  # (batch, value) of the latest forward pass
+
+    def get(hook: Any) -> T:
+        batch = running_batch(hook)
+        if last[0] is not batch:
+            last[0], last[1] = batch, compute(batch)
+        return last[1]
+
+    return get
+
+
+def part_positions(
+    parts: PartLike | Iterable[PartLike] | None,
+) -> Callable[[Any], Bool[Tensor, "batch pos"]] | None:
+    """``get(hook) -> [batch, pos]`` mask of the running batch's tokens in ``parts`` (None: no
+    restriction)."""
+    if parts is None:
+        return None
+    selected = parse_parts(parts)
+    return per_forward(lambda batch: batch.mask(selected))
+
+
+def bound_to(batch: CrossEncoderBatch, what: str) -> Callable[[Any], None]:
+    """A check for hooks of the deprecated batch-bound factories: running them on a batch other
+    than ``batch`` (other parts) is an error, never a wrong number."""
+
+    def check(hook: Any) -> None:
+        running = running_batch(hook)
+        same = running.parts.shape == batch.parts.shape and torch.equal(
+            running.parts, batch.parts.to(running.parts.device)
+        )
+        if not same:
+            raise ValueError(
+                f"{hook.name}: these {what} hooks were built for another batch (its parts differ "
+                "from the batch the model runs on); build them once with the model instead, e.g. "
+                "direction_ablation_hooks(model, ...), and they read each batch's own parts"
+            )
+
+    return check
 
 
 def activation_means(
@@ -54,12 +103,6 @@ def masked_replace(
     ``positions`` only (every position when None). Out of place, so gradients flow."""
     where = selected.to(act.device)[None, None]
     if positions is not None:
-        if tuple(positions.shape) != tuple(act.shape[:2]):
-            raise ValueError(
-                f"hooks were built for a batch of shape {tuple(positions.shape)} but the model ran "
-                f"on {tuple(act.shape[:2])}; build the hooks for each batch (pass a function "
-                "batch -> hooks to score/rerank)"
-            )
         extra = (1,) * (act.dim() - 2)
         where = where & positions.to(act.device).view(*positions.shape, *extra)
     replacement = (

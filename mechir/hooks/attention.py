@@ -4,27 +4,34 @@ Direction convention: ``attending -> attended`` removes the attention **of** tok
 attending part (rows, query positions of attention) **to** tokens of the attended part (columns,
 key positions), so information no longer flows from the attended part into the attending part.
 
-Example: ``direction_ablation(batch, attending="query", attended="document", layers=[0])`` stops
-query tokens from reading document tokens in layer 0 ("Q->D removed"); document tokens can still
-read the query.
+Example: ``direction_ablation_hooks(model, attending="query", attended="document", layers=[0])``
+stops query tokens from reading document tokens in layer 0 ("Q->D removed"); document tokens can
+still read the query. The hooks read the parts of whatever batch the model runs on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechir.hooks.ablation import bound_to, per_forward
+from mechir.model import HookFn, Hooks
 from mechir.parts import PARTS, CrossEncoderBatch, Part, PartLike, parse_parts
-from mechir.selection import check_heads, check_layers, heads_by_layer
+from mechir.selection import (
+    HeadSelection,
+    LayerSelection,
+    heads_by_layer,
+    select_heads,
+    select_layers,
+)
 
 AblationMode = Literal["zero", "renormalize"]
 #: One direction: (attending part(s), attended part(s)).
 Direction = tuple[PartLike | Iterable[PartLike], PartLike | Iterable[PartLike]]
-HeadSelection = Iterable[int] | Iterable[tuple[int, int] | str] | Mapping[int, Iterable[int]] | None
 
 #: All 25 single part -> part directions, in (attending, attended) order.
 ALL_DIRECTIONS: tuple[tuple[Part, Part], ...] = tuple((a, b) for a in PARTS for b in PARTS)
@@ -92,57 +99,64 @@ def direction_mask(
     return removed
 
 
-def _heads_per_layer(
-    layers: list[int], heads: HeadSelection, model: Any
-) -> dict[int, list[int] | None]:
-    """Map each layer to its selected heads (None = all heads)."""
-    if heads is None:
-        return {layer: None for layer in layers}
-    if isinstance(heads, Mapping):
-        per = {int(k): sorted({int(h) for h in v}) for k, v in heads.items()}
-        if model is not None:
-            check_heads(model, [(k, h) for k, hs in per.items() for h in hs])
-        return {layer: per[layer] for layer in layers if layer in per and per[layer]}
-    heads = list(heads)
-    if heads and all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
-        if model is not None:
-            check_heads(model, [(layers[0], h) for h in heads])
-        return {layer: sorted(set(heads)) for layer in layers}
-    pairs = check_heads(model, heads) if model is not None else [tuple(h) for h in heads]
-    return {layer: hs for layer, hs in heads_by_layer(pairs).items() if layer in layers}
+_UNBOUNDED = type("_Unbounded", (), {"n_layers": 1 << 30, "n_heads": 1 << 30})()
 
 
-def direction_ablation(
-    batch: CrossEncoderBatch,
+def direction_ablation_hooks(
+    model: Any,
     *,
     attending: PartLike | Iterable[PartLike] | None = None,
     attended: PartLike | Iterable[PartLike] | None = None,
     directions: Sequence[Direction] | str | None = None,
-    layers: int | Iterable[int] | None = None,
+    layers: LayerSelection = None,
     heads: HeadSelection = None,
     mode: AblationMode = "zero",
-    model: Any = None,
-) -> list[tuple[str, Any]]:
-    """Hooks removing attention from ``attending`` parts to ``attended`` parts.
+) -> Hooks:
+    """Hooks removing attention from ``attending`` parts to ``attended`` parts, built once and
+    correct for every batch: each hook reads the parts of the batch the model runs on.
 
     Give either ``attending`` + ``attended`` or ``directions`` (a list of (attending, attended)
-    pairs, or the name of a :data:`DIRECTION_GROUPS` entry). ``heads``: None (all heads), head
-    indices applied in every selected layer, ``(layer, head)`` pairs / ``"l/h"`` labels, or
-    ``{layer: heads}``. ``layers=None`` means all layers and needs ``model``; passing ``model``
-    also validates layers and heads against it.
+    pairs, or the name of a :data:`DIRECTION_GROUPS` entry). ``layers`` (None = all) and
+    ``heads`` (None = all heads of those layers) follow :mod:`mechir.selection`.
 
-    Modes, with ``A`` the post-softmax pattern and ``M`` the 0/1 keep-mask of the row:
-        - ``"zero"`` (the papers' ablation): ``A'_ij = A_ij M_ij`` (rows no longer sum to 1).
-        - ``"renormalize"``: ``A'_ij = A_ij M_ij / sum_k A_ik M_ik``, which equals setting removed
-          scores to ``-inf`` before the softmax. A row whose every key is removed becomes all
-          zeros (the token then receives only the attention output bias), never NaN.
+    Modes, with ``S`` the attention scores of a row, ``A = softmax(S)`` and ``M`` its 0/1
+    keep-mask:
+
+    - ``"zero"`` (the papers' ablation): ``A'_ij = A_ij M_ij`` (rows no longer sum to 1), on
+      ``hook_pattern``.
+    - ``"renormalize"``: ``A' = softmax(S + log M)``, i.e. removed scores set to ``-inf`` before
+      the softmax, on ``hook_attn_scores``; exact in any precision (no rescaling of underflowed
+      probabilities). A row whose every key is removed becomes all zeros (the token then
+      receives only the attention output bias), never NaN.
 
     Example (query tokens stop reading the document in layers 0-2, all heads)::
 
-        hooks = direction_ablation(batch, attending="query", attended="document", layers=[0, 1, 2])
-        with model.hooks(fwd_hooks=hooks):
-            scores = model.score(batch)
+        hooks = direction_ablation_hooks(model, attending="query", attended="document",
+                                         layers=[0, 1, 2])
+        scores = model.score(batch, hooks=hooks)        # any batch, any batch_size
     """
+    return _direction_hooks(
+        model,
+        attending=attending,
+        attended=attended,
+        directions=directions,
+        layers=layers,
+        heads=heads,
+        mode=mode,
+    )
+
+
+def _direction_hooks(
+    model: Any,
+    *,
+    attending: Any,
+    attended: Any,
+    directions: Any,
+    layers: Any,
+    heads: Any,
+    mode: str,
+    check: Callable[[Any], None] | None = None,
+) -> Hooks:
     if mode not in ("zero", "renormalize"):
         raise ValueError(f"unknown mode {mode!r}: use 'zero' or 'renormalize'")
     if isinstance(directions, str):
@@ -154,54 +168,65 @@ def direction_ablation(
     elif attending is not None or attended is not None:
         raise ValueError("give either attending=/attended= or directions=, not both")
     directions = [(parse_parts(a), parse_parts(b)) for a, b in directions]
-    if model is not None:
-        layer_list = check_layers(model, layers)
-    elif layers is None:
+    if model is None and layers is None:
         raise ValueError("layers=None (all layers) needs model=... to know the number of layers")
-    else:
-        layer_list = sorted({int(x) for x in ([layers] if isinstance(layers, int) else layers)})
-        if not layer_list or layer_list[0] < 0:
-            raise ValueError(f"invalid layer selection {layers!r}")
-    removed = direction_mask(batch, directions)
-    keep = (~removed).float()
-    affected_rows = removed.any(-1)  # [batch, query_pos]
-    expected = tuple(removed.shape)
+    cfg = _UNBOUNDED if model is None else model
+    layer_list = select_layers(cfg, layers)
+    per_layer: dict[int, list[int] | None] = (
+        dict.fromkeys(layer_list)
+        if heads is None
+        else heads_by_layer(select_heads(cfg, heads, layers=layer_list))
+    )
+    removed = per_forward(lambda batch: direction_mask(batch, directions))
+    point = "hook_pattern" if mode == "zero" else "hook_attn_scores"
 
-    def make_hook(head_idx: list[int] | None):
-        def hook(pattern: Float[Tensor, "batch head q k"], hook: Any) -> Tensor:
-            if (pattern.shape[0], pattern.shape[2], pattern.shape[3]) != expected:
-                raise ValueError(
-                    f"{hook.name}: direction-ablation hooks were built for a batch of shape "
-                    f"{expected[:2]} but the model ran on {tuple(pattern.shape[::2])}; build the "
-                    "hooks for each batch (pass `lambda b: direction_ablation(b, ...)` to "
-                    "score/rerank)"
-                )
-            k = keep.to(pattern.device, pattern.dtype)[:, None]
+    def make_hook(head_idx: list[int] | None) -> HookFn:
+        def hook(act: Float[Tensor, "batch head q k"], hook: Any) -> Tensor:
+            if check is not None:
+                check(hook)
+            rm = removed(hook).to(act.device)[:, None]
             if mode == "zero":
-                new = pattern * k
+                new = act.masked_fill(rm, 0.0)
             else:
-                kept = pattern * k
-                denom = kept.sum(-1, keepdim=True)
-                renorm = torch.where(
-                    denom > 0, kept / denom.clamp_min(1e-30), torch.zeros_like(kept)
-                )
-                new = torch.where(
-                    affected_rows.to(pattern.device)[:, None, :, None], renorm, pattern
-                )
-            if head_idx is None:
+                new = act.masked_fill(rm, -torch.inf)
+            if head_idx is None or len(head_idx) == act.shape[1]:
                 return new
-            if max(head_idx) >= pattern.shape[1]:
+            if max(head_idx) >= act.shape[1]:
                 raise ValueError(
                     f"{hook.name}: head {max(head_idx)} out of range, the layer has "
-                    f"{pattern.shape[1]} heads"
+                    f"{act.shape[1]} heads"
                 )
-            sel = torch.zeros(pattern.shape[1], dtype=torch.bool, device=pattern.device)
+            sel = torch.zeros(act.shape[1], dtype=torch.bool, device=act.device)
             sel[head_idx] = True
-            return torch.where(sel[None, :, None, None], new, pattern)
+            return torch.where(sel[None, :, None, None], new, act)
 
         return hook
 
-    return [
-        (f"blocks.{layer}.attn.hook_pattern", make_hook(hs))
-        for layer, hs in _heads_per_layer(layer_list, heads, model).items()
-    ]
+    return [(f"blocks.{layer}.attn.{point}", make_hook(hs)) for layer, hs in per_layer.items()]
+
+
+def direction_ablation(
+    batch: CrossEncoderBatch,
+    *,
+    attending: PartLike | Iterable[PartLike] | None = None,
+    attended: PartLike | Iterable[PartLike] | None = None,
+    directions: Sequence[Direction] | str | None = None,
+    layers: LayerSelection = None,
+    heads: HeadSelection = None,
+    mode: AblationMode = "zero",
+    model: Any = None,
+) -> Hooks:
+    """Deprecated: use :func:`direction_ablation_hooks` (built once, for every batch).
+
+    The hooks are bound to ``batch``: running them on a batch with other parts raises a
+    ``ValueError`` instead of ablating the wrong tokens."""
+    return _direction_hooks(
+        model,
+        attending=attending,
+        attended=attended,
+        directions=directions,
+        layers=layers,
+        heads=heads,
+        mode=mode,
+        check=bound_to(batch, "direction-ablation"),
+    )

@@ -9,9 +9,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechir.hooks.ablation import activation_means, masked_replace
+from mechir.hooks.ablation import activation_means, bound_to, masked_replace, part_positions
+from mechir.model import Hooks
 from mechir.parts import CrossEncoderBatch, PartLike
-from mechir.selection import HeadLike, check_heads, heads_by_layer
+from mechir.selection import HeadSelection, LayerSelection, heads_by_layer, select_heads
 
 KnockoutMode = Literal["zero", "mean"]
 
@@ -32,28 +33,33 @@ def head_output_means(
 
 def head_knockout_hooks(
     model: Any,
-    heads: Iterable[HeadLike],
+    heads: HeadSelection = None,
     *,
+    layers: LayerSelection = None,
     mode: KnockoutMode = "zero",
     means: Float[Tensor, "n_layers n_heads d_head"] | Mapping[str, Tensor] | None = None,
-    batch: CrossEncoderBatch | None = None,
     parts: PartLike | Iterable[PartLike] | None = None,
-) -> list[tuple[str, Any]]:
-    """Hooks knocking out ``heads`` (``(layer, head)`` pairs or ``"l/h"`` labels, 0-indexed).
+    batch: CrossEncoderBatch | None = None,
+) -> Hooks:
+    """Hooks knocking out ``heads`` (any form of :mod:`mechir.selection`: ``"l/h"``, ``"LlHh"``,
+    ``(l, h)``, ``{l: [h]}``, or head indices with ``layers``).
 
     ``mode="zero"`` sets the head's ``z`` to 0, which is exactly zeroing its rows of ``W_O``;
     ``mode="mean"`` sets it to its reference mean (``means`` from :func:`head_output_means`).
-    With ``parts`` (and the ``batch`` they refer to) only the positions of those parts change.
+    With ``parts`` only the positions of those parts change, read from the batch the model runs
+    on. ``batch`` is deprecated (parts are read from the running batch); when given, running the
+    hooks on another batch raises.
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"unknown mode {mode!r}: use 'zero' or 'mean'")
     if mode == "mean" and means is None:
         raise ValueError("mode='mean' needs means=head_output_means(model, reference_batch)")
-    if parts is not None and batch is None:
-        raise ValueError("parts=... needs the batch the hooks will run on (batch=...)")
-    positions = batch.mask(parts) if parts is not None else None
+    if heads is None and layers is None:
+        raise ValueError("name the heads to knock out: heads=..., or layers=... (all their heads)")
+    positions = part_positions(parts)
+    check = None if batch is None else bound_to(batch, "head-knockout")
     hooks = []
-    for layer, hs in heads_by_layer(check_heads(model, heads)).items():
+    for layer, hs in heads_by_layer(select_heads(model, heads, layers=layers)).items():
         name = f"blocks.{layer}.attn.hook_z"
         selected = torch.zeros(model.cfg.n_heads, 1, dtype=torch.bool)
         selected[hs] = True
@@ -62,7 +68,10 @@ def head_knockout_hooks(
             value = means[name] if isinstance(means, Mapping) else means[layer]
 
         def hook(z: Tensor, hook: Any, selected=selected, value=value) -> Tensor:
-            return masked_replace(z, selected, positions, value)
+            if check is not None:
+                check(hook)
+            where = None if positions is None else positions(hook)
+            return masked_replace(z, selected, where, value)
 
         hooks.append((name, hook))
     return hooks

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
-from mechir.hooks.ablation import activation_means, masked_replace
+from mechir.hooks.ablation import activation_means, bound_to, masked_replace, part_positions
+from mechir.model import Hooks
 from mechir.parts import CrossEncoderBatch, PartLike
-from mechir.selection import neuron_mask
+from mechir.selection import NeuronSelection, select_neurons
 
 NeuronMode = Literal["zero", "mean"]
 NeuronHook = Literal["post", "pre"]
@@ -40,32 +41,38 @@ def neuron_means(
 
 def neuron_ablation_hooks(
     model: Any,
-    neurons: Mapping[int, Iterable[int]] | Bool[Tensor, "n_layers d_mlp"],
+    neurons: NeuronSelection | None = None,
     *,
     mode: NeuronMode = "zero",
     means: Float[Tensor, "n_layers d_mlp"] | None = None,
     hook: NeuronHook = "post",
-    batch: CrossEncoderBatch | None = None,
     parts: PartLike | Iterable[PartLike] | None = None,
-) -> list[tuple[str, Any]]:
+    batch: CrossEncoderBatch | None = None,
+) -> Hooks:
     """Hooks setting ``neurons`` (``{layer: indices}`` or a ``[n_layers, d_mlp]`` bool mask) to 0
     (``mode="zero"``, on ``hook_post`` exactly zeroing their rows of ``W_out``) or to their
-    reference mean (``mode="mean"``, ``means`` from :func:`neuron_means`). With ``parts`` (and
-    the ``batch`` they refer to) only the positions of those parts change."""
+    reference mean (``mode="mean"``, ``means`` from :func:`neuron_means`). With ``parts`` only the
+    positions of those parts change, read from the batch the model runs on. ``batch`` is
+    deprecated; when given, running the hooks on another batch raises."""
     if mode not in ("zero", "mean"):
         raise ValueError(f"unknown mode {mode!r}: use 'zero' or 'mean'")
     if mode == "mean" and means is None:
         raise ValueError("mode='mean' needs means=neuron_means(model, reference_batch)")
-    if parts is not None and batch is None:
-        raise ValueError("parts=... needs the batch the hooks will run on (batch=...)")
-    mask = neuron_mask(model, neurons)
-    positions = batch.mask(parts) if parts is not None else None
+    if neurons is None:
+        raise ValueError("name the neurons to ablate: neurons={layer: [indices]} or a bool mask")
+    mask = select_neurons(model, neurons)
+    point = _check_hook(hook)
+    positions = part_positions(parts)
+    check = None if batch is None else bound_to(batch, "neuron-ablation")
     hooks = []
     for layer in mask.any(-1).nonzero().flatten().tolist():
         value = means[layer] if mode == "mean" else None
 
         def fn(act: Tensor, hook: Any, selected=mask[layer], value=value) -> Tensor:
-            return masked_replace(act, selected, positions, value)
+            if check is not None:
+                check(hook)
+            where = None if positions is None else positions(hook)
+            return masked_replace(act, selected, where, value)
 
-        hooks.append((f"blocks.{layer}.mlp.hook_{_check_hook(hook)}", fn))
+        hooks.append((f"blocks.{layer}.mlp.hook_{point}", fn))
     return hooks

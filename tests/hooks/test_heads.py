@@ -44,10 +44,13 @@ def test_knockout_restricted_to_parts(tiny, tiny_batch):
     model, _, _ = tiny
     seen = {}
     record = lambda z, hook: seen.setdefault("z", z.clone())  # noqa: E731
-    hooks = head_knockout_hooks(model, [(1, 0)], batch=tiny_batch, parts=["query"])
+    hooks = head_knockout_hooks(model, [(1, 0)], parts=["query"])
     model.run_with_hooks(tiny_batch, fwd_hooks=hooks + [("blocks.1.attn.hook_z", record)])
     q = tiny_batch.mask("query")
     assert seen["z"][q][:, 0].abs().sum() == 0 and seen["z"][~q][:, 0].abs().sum() > 0
+    # built once, the same hooks follow each sub-batch's own parts
+    whole = model.score(tiny_batch, hooks=hooks)
+    torch.testing.assert_close(model.score(tiny_batch, hooks=hooks, batch_size=1), whole)
 
 
 def test_knockout_validation(tiny, tiny_batch):
@@ -62,5 +65,11 @@ def test_knockout_validation(tiny, tiny_batch):
         head_knockout_hooks(model, ["0/0"], mode="mean")
     with pytest.raises(ValueError, match="not of the form"):
         head_knockout_hooks(model, ["0-0"])
-    with pytest.raises(ValueError, match="needs the batch"):
-        head_knockout_hooks(model, ["0/0"], parts="query")
+    with pytest.raises(ValueError, match="unknown part name"):
+        head_knockout_hooks(model, ["0/0"], parts="title")
+    with pytest.raises(ValueError, match="name the heads"):
+        head_knockout_hooks(model)
+    # heads as indices need their layers; all heads of a layer
+    assert len(head_knockout_hooks(model, [0, 1], layers=[0, 1])) == 2
+    with pytest.raises(ValueError, match="does not say its layer"):
+        head_knockout_hooks(model, [0, 1])
