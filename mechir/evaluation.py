@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -129,23 +130,34 @@ class PairedTest:
 
 
 def paired_ttest(a: Mapping[str, float], b: Mapping[str, float]) -> PairedTest:
-    """Two-sided paired t-test (scipy ``ttest_rel``) over the queries both runs evaluate.
+    """Two-sided paired t-test (scipy ``ttest_rel``) of ``d_q = b_q - a_q`` over the queries both
+    runs evaluate: ``t = mean(d) / (std(d, ddof=1) / sqrt(n))``.
 
-    A zero-variance difference (e.g. identical runs) gives ``t = 0, p = 1``.
+    Zero-variance differences are decided exactly, without scipy's precision warnings: identical
+    runs (every ``d_q = 0``) give ``t = 0, p = 1`` (no evidence of a difference); a constant
+    non-zero shift (every ``d_q = c != 0``) is the limit ``std -> 0``: ``t = sign(c) * inf, p = 0``
+    (maximally significant). Differences equal up to float rounding (spread below ``1e-12`` of
+    the values' scale) count as constant.
     """
     from scipy.stats import ttest_rel
 
     common = sorted(set(a) & set(b))
     if len(common) < 2:
         raise ValueError(f"paired test needs >= 2 common queries, got {len(common)}")
-    x = np.array([a[q] for q in common])
-    y = np.array([b[q] for q in common])
-    if np.allclose(x, y, rtol=0, atol=0) or np.std(y - x) == 0:
-        t, p = 0.0, 1.0
+    x = np.array([a[q] for q in common], dtype=np.float64)
+    y = np.array([b[q] for q in common], dtype=np.float64)
+    bad = [q for q, u, v in zip(common, x, y) if not (np.isfinite(u) and np.isfinite(v))]
+    if bad:
+        raise ValueError(f"paired test needs finite values; non-finite for queries {bad[:5]}")
+    d = y - x
+    tol = 1e-12 * max(1.0, float(np.abs(x).max()), float(np.abs(y).max()))
+    if float(np.ptp(d)) <= tol:  # zero variance: identical runs or a constant shift
+        shift = float(d.mean())
+        t, p = (0.0, 1.0) if abs(shift) <= tol else (math.copysign(math.inf, shift), 0.0)
     else:
         res = ttest_rel(y, x)
         t, p = float(res.statistic), float(res.pvalue)
-    return PairedTest(float(x.mean()), float(y.mean()), float((y - x).mean()), t, p, len(common))
+    return PairedTest(float(x.mean()), float(y.mean()), float(d.mean()), t, p, len(common))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
