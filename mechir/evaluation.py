@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ def score_pairs(
     """
     from tqdm.auto import tqdm
 
+    check_pairs(pairs)
     scores = torch.empty(len(pairs), dtype=torch.float32)
     block = max(batch_size * 16, 256)
     with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress) as bar:
@@ -45,7 +47,34 @@ def score_pairs(
                 idx = order[i : i + batch_size]
                 scores[start + idx] = model.score(batch[idx], hooks=hooks)
                 bar.update(len(idx))
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        named = ", ".join(f"(qid {pairs[i].qid!r}, docid {pairs[i].docid!r})" for i in bad[:3])
+        raise ValueError(
+            f"{len(bad)} of {len(pairs)} scores are not finite (NaN/inf), e.g. {named}: check "
+            "the model's weights and the hooks (an ablation that leaves a softmax row empty)"
+        )
     return scores
+
+
+def check_pairs(pairs: Sequence[Pair]) -> None:
+    """Every pair has a non-empty query and document text.
+
+    Raises:
+        ValueError: naming the first pair's qid and docid (and how many are empty).
+    """
+    empty = [
+        (p, what)
+        for p in pairs
+        for what, text in (("query", p.query), ("document", p.document))
+        if not isinstance(text, str) or not text.strip()
+    ]
+    if empty:
+        p, what = empty[0]
+        raise ValueError(
+            f"qid {p.qid!r}, docid {p.docid!r}: the {what} is empty or whitespace only "
+            f"({len(empty)} empty texts among {len(pairs)} pairs); drop or fix these pairs"
+        )
 
 
 def rerank(
@@ -98,6 +127,8 @@ def evaluate(
     ``missing="skip"`` (default) averages over the judged queries that the run ranks, so a run
     over a subset of queries (``--limit-queries``, a resumed run) is judged on that subset;
     ``missing="zero"`` counts judged queries absent from the run as 0 (``trec_eval -c``).
+    Judged queries without any relevant document (every grade <= 0) score 0 on every measure and
+    are kept in the mean, with a ``UserWarning`` naming them.
     """
     import ir_measures
 
@@ -105,6 +136,15 @@ def evaluate(
         raise ValueError(f"missing must be 'skip' or 'zero', got {missing!r}")
     if missing == "skip":
         qrels = {q: docs for q, docs in qrels.items() if q in run}
+    unanswerable = sorted(q for q, docs in qrels.items() if not any(r > 0 for r in docs.values()))
+    if unanswerable:
+        warnings.warn(
+            f"{len(unanswerable)} of {len(qrels)} judged queries have no relevant document "
+            f"(e.g. qid {unanswerable[0]!r}): they count as 0 in the mean of every measure; "
+            "drop them from the qrels to average over answerable queries only",
+            UserWarning,
+            stacklevel=2,
+        )
     parsed = [ir_measures.parse_measure(m) if isinstance(m, str) else m for m in measures]
     rows = [
         (m.query_id, str(m.measure), float(m.value))

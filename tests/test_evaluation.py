@@ -77,6 +77,38 @@ def test_paired_ttest_rejects_non_finite():
         paired_ttest({"1": 0.1, "2": 0.2}, {"1": 0.3, "2": math.nan})
 
 
+def test_queries_without_relevant_documents_warn_and_count_as_zero():
+    run = {"1": {"a": 2.0, "b": 1.0}, "2": {"c": 1.0}}
+    qrels = {"1": {"a": 1}, "2": {"c": 0, "d": 0}}
+    with pytest.warns(UserWarning, match=r"1 of 2 judged queries have no relevant document \(e"):
+        result = evaluate(run, qrels)
+    assert result.values() == {"1": 1.0, "2": 0.0}
+    assert result.aggregate["nDCG@10"] == pytest.approx(0.5)
+
+
+def test_empty_document_names_the_pair(tiny):
+    model, _, _ = tiny
+    pairs = [Pair("q1", "d1", "cat", "the cat"), Pair("q1", "d2", "cat", "  ")]
+    with pytest.raises(ValueError, match="qid 'q1', docid 'd2': the document is empty"):
+        rerank(model, pairs, progress=False)
+
+
+def test_non_finite_scores_name_the_pairs(tiny):
+    model, _, _ = tiny
+    pairs = [Pair("q1", f"d{i}", "cat", d) for i, d in enumerate(["the cat", "a dog", "fish"])]
+    clean = rerank(model, pairs, progress=False)["q1"]
+    lowest = min(clean, key=clean.get)
+
+    def poison_lowest(x, hook):  # the lowest-scored pair of the (single) sub-batch becomes NaN
+        out = x.clone()
+        out[x.argmin()] = math.nan
+        return out
+
+    message = rf"1 of 3 scores are not finite \(NaN/inf\), e.g. \(qid 'q1', docid '{lowest}'\)"
+    with pytest.raises(ValueError, match=message):
+        rerank(model, pairs, hooks=[("hook_score", poison_lowest)], progress=False)
+
+
 def test_rerank_tiny(tiny):
     model, _, _ = tiny
     pairs = [
