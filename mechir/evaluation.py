@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from mechir.data import Pair, Qrels, Run
+from mechir.display import describe
 from mechir.model import HookedCrossEncoder, HooksArg
 
 
@@ -113,6 +114,11 @@ class Evaluation:
         """Per-query values of one measure as ``{qid: value}``."""
         rows = self.per_query[self.per_query["measure"] == measure]
         return dict(zip(rows["qid"], rows["value"]))
+
+    def __repr__(self) -> str:
+        means = ", ".join(f"{m}={v:.4f}" for m, v in self.aggregate.items())
+        n = self.per_query["qid"].nunique() if len(self.per_query) else 0
+        return f"Evaluation({means}; {n} queries, per_query={describe(self.per_query)})"
 
 
 def evaluate(

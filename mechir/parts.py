@@ -94,6 +94,17 @@ class CrossEncoderBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def __repr__(self) -> str:
+        from mechir.display import short_list
+
+        n, width = self.input_ids.shape
+        count = lambda part: short_list((self.parts == int(part)).sum(-1).tolist())  # noqa: E731
+        return (
+            f"CrossEncoderBatch({n} pairs x {width} positions, lengths "
+            f"{short_list(self.lengths.tolist())}, query tokens {count(Part.QUERY)}, document "
+            f"tokens {count(Part.DOCUMENT)}, device={self.device})"
+        )
+
     @property
     def device(self) -> torch.device:
         return self.input_ids.device
