@@ -60,15 +60,23 @@ def read_tsv(path: str | Path) -> dict[str, str]:
     return out
 
 
-def read_qrels(path: str | Path) -> Qrels:
-    """TREC qrels (``qid 0 docid rel``)."""
-    qrels: Qrels = {}
+def _columns(path: str | Path, layout: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, columns)`` of the non-blank lines of a whitespace-separated file whose
+    lines all have the columns named in ``layout``."""
+    width = len(layout.split())
     for n, line in _lines(path):
         cols = line.split()
         if not cols:
             continue
-        if len(cols) != 4:
-            raise ValueError(f"{path}:{n}: expected 'qid 0 docid relevance'")
+        if len(cols) != width:
+            raise ValueError(f"{path}:{n}: expected '{layout}', got {len(cols)} columns")
+        yield n, cols
+
+
+def read_qrels(path: str | Path) -> Qrels:
+    """TREC qrels (``qid 0 docid rel``)."""
+    qrels: Qrels = {}
+    for n, cols in _columns(path, "qid 0 docid relevance"):
         try:
             rel = int(cols[3])
         except ValueError:
@@ -90,12 +98,7 @@ def read_run(path: str | Path) -> Run:
     """
     run: Run = {}
     first_line: dict[tuple[str, str], int] = {}
-    for n, line in _lines(path):
-        cols = line.split()
-        if not cols:
-            continue
-        if len(cols) != 6:
-            raise ValueError(f"{path}:{n}: expected 'qid Q0 docid rank score tag'")
+    for n, cols in _columns(path, "qid Q0 docid rank score tag"):
         qid, docid = cols[0], cols[2]
         try:
             score = float(cols[4])
