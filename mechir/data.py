@@ -392,9 +392,9 @@ def load_irds_collection(dataset_id: str, *, run: str | Path | None = None) -> C
             f"and not an ir_datasets id; {_DATA_INSTEAD}"
         ) from None
     offline = offline_mode()
-    why = f"not tried (offline: {offline})" if offline else unreachable(IRDS_MIRROR)
+    why = None if offline else unreachable(IRDS_MIRROR)
     try:
-        with _irds_downloads(allowed=why is None, offline=offline is not None):
+        with _irds_downloads(allowed=not offline and why is None, offline=offline is not None):
             queries = {q.query_id: q.text for q in ds.queries_iter()}
             qrels: Qrels = {}
             for qr in ds.qrels_iter():
@@ -407,13 +407,18 @@ def load_irds_collection(dataset_id: str, *, run: str | Path | None = None) -> C
                 first_stage, run_name = {}, f"{dataset_id} scoreddocs"
                 for sd in ds.scoreddocs_iter():
                     first_stage.setdefault(sd.query_id, {})[sd.doc_id] = float(sd.score)
-    except (OSError, RuntimeError) as err:
-        if why is None:
+    except (OSError, RuntimeError):
+        if not offline and why is None:
             raise
         home = os.environ.get("IR_DATASETS_HOME", "~/.ir_datasets")
+        tried = (
+            f"downloads were not tried (offline: {offline})"
+            if offline
+            else f"the ir_datasets mirror {IRDS_MIRROR} is {why}"
+        )
         raise DatasetNotFoundError(
             f"dataset {dataset_id!r}: its files are not in the local ir_datasets store ({home}) "
-            f"and downloading is {why} ({type(err).__name__}); {_DATA_INSTEAD}"
+            f"and {tried}; {_DATA_INSTEAD}"
         ) from None
     return Collection(dataset_id, queries, _DocstoreTexts(ds), qrels, first_stage, run_name)
 

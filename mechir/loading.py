@@ -99,20 +99,25 @@ def resolve_model_source(model: str | os.PathLike) -> Path | str:
     if cached is not None:
         check_model_directory(cached)
         return cached
-    tried = (
-        f"model {source!r} not found: no local directory {path.absolute()}, not in the local "
-        f"Hugging Face cache ({_hub_cache()})"
-    )
     offline = offline_mode()
     if offline is not None:
-        raise ModelNotFoundError(
-            f"{tried}, and the hub was not tried (offline: {offline}); {_INSTEAD}"
-        )
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    why = unreachable(endpoint)
+        raise _not_found(source, f"the hub was not tried (offline: {offline})")
+    why = unreachable(_hub_endpoint())
     if why is not None:
-        raise ModelNotFoundError(f"{tried}, and the hub {endpoint} is {why}; {_INSTEAD}")
+        raise _not_found(source, f"the hub {_hub_endpoint()} is {why}")
     return source
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _not_found(source: str, hub: str) -> ModelNotFoundError:
+    """The one-line error for a hub id: what was tried (``hub`` says how the hub answered)."""
+    return ModelNotFoundError(
+        f"model {source!r} not found: no local directory {Path(source).absolute()}, not in the "
+        f"local Hugging Face cache ({_hub_cache()}), and {hub}; {_INSTEAD}"
+    )
 
 
 # ---------------------------------------------------------------------------- weight checks
@@ -249,7 +254,15 @@ def load_cross_encoder(
     elif isinstance(model, (str, os.PathLike)):
         source = str(model)
         location = resolve_model_source(model)
-        config = AutoConfig.from_pretrained(location)
+        try:
+            config = AutoConfig.from_pretrained(location)
+        except OSError as err:  # the hub answered the reachability check but not this request
+            if isinstance(location, Path):
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise _not_found(
+                source, f"the hub {_hub_endpoint()} did not provide it ({reason})"
+            ) from None
         _check_config(config, source)
         if tokenizer is None:
             tokenizer = _load_tokenizer(str(location))

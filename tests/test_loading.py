@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import shutil
+import threading
 import time
 
 import pytest
@@ -216,3 +218,41 @@ def test_encode_without_pairs(tiny):
         model.encode([], [])
     with pytest.raises(ValueError, match="empty batch"):
         encode(tokenizer, [], [])
+
+
+class _NotFoundEverywhere(http.server.BaseHTTPRequestHandler):
+    """Answers 404 to every request (as a captive proxy or firewall does)."""
+
+    def do_HEAD(self):  # noqa: N802 - the http.server API
+        self.send_response(404)
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hub_that_answers_but_cannot_provide_the_model(no_hub, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundEverywhere)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ModelNotFoundError) as err:
+            load_cross_encoder("org/model")
+        elapsed = time.perf_counter() - start
+    finally:
+        server.shutdown()
+    message = str(err.value)
+    assert message.startswith(
+        f"model 'org/model' not found: no local directory {no_hub / 'org/model'}, not in the "
+        f"local Hugging Face cache ({no_hub / 'hf-cache'}), and the hub {endpoint} did not "
+        "provide it ("
+    )
+    assert message.endswith(
+        "; pass a local model directory (config.json + weights + tokenizer "
+        "files) instead, or --model demo in the CLI"
+    )
+    assert "\n" not in message and elapsed < 15
