@@ -31,6 +31,14 @@ class Pair(NamedTuple):
     query: str
     document: str
 
+    def __repr__(self) -> str:
+        from mechir.display import describe
+
+        return (
+            f"Pair(qid={self.qid!r}, docid={self.docid!r}, query={describe(self.query)}, "
+            f"document={describe(self.document)} ({len(self.document)} chars))"
+        )
+
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """``(line number, line without its newline)`` of a UTF-8 text file, decoding line by line so

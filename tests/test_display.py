@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mechir.circuits import qk_svd
+from mechir.data import Pair
 from mechir.display import describe, short_list
 from mechir.evaluation import evaluate
 from mechir.matching import attention_statistics
@@ -86,3 +87,11 @@ def test_evaluation_repr():
     text = repr(result)
     assert len(text) < LIMIT and "300 queries" in text
     assert text.startswith(f"Evaluation(nDCG@10={result.aggregate['nDCG@10']:.4f}, RR=")
+
+
+def test_pair_repr():
+    pair = Pair("q1", "d1", "what cat runs", "cat " * 500)
+    assert repr(pair) == (
+        f"Pair(qid='q1', docid='d1', query='what cat runs', document={'cat ' * 9 + 'c...'!r} "
+        "(2000 chars))"
+    )
