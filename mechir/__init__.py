@@ -13,7 +13,7 @@ import warnings as _warnings
 
 _warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"transformer_lens(\.|$)")
 
-from mechir.loading import UnsupportedModelError, load_cross_encoder  # noqa: E402
+from mechir.loading import ModelNotFoundError, UnsupportedModelError, load_cross_encoder  # noqa: E402
 from mechir.model import HookedCrossEncoder  # noqa: E402
 from mechir.parts import (  # noqa: E402
     PARTS,
@@ -29,6 +29,7 @@ __all__ = [
     "PARTS",
     "CrossEncoderBatch",
     "HookedCrossEncoder",
+    "ModelNotFoundError",
     "Part",
     "UnsupportedModelError",
     "cross_encoder_batch_from_tokens",

@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechir.display import describe
 from mechir.parts import PARTS, CrossEncoderBatch, Part
 from mechir.selection import HeadLike, check_heads, check_layer, check_layers, head_label
 
@@ -82,6 +83,13 @@ class QKSVD:
     U: Float[Tensor, "n_layers n_heads d_model rank"]
     S: Float[Tensor, "n_layers n_heads rank"]
     V: Float[Tensor, "n_layers n_heads d_model rank"]
+
+    def __repr__(self) -> str:
+        n_layers, n_heads, d_model, rank = self.U.shape
+        return (
+            f"QKSVD({n_layers} layers x {n_heads} heads, d_model {d_model}, rank {rank}; "
+            f"U={describe(self.U)}, S={describe(self.S)}, V={describe(self.V)})"
+        )
 
     @property
     def rank(self) -> int:

@@ -6,11 +6,17 @@ One interface over local directories (``docs.tsv``, ``queries*.tsv``, ``qrels*.t
 
 from __future__ import annotations
 
+import itertools
+import math
+import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from mechir.network import offline_mode, unreachable
 
 Qrels = dict[str, dict[str, int]]
 #: A ranking: query id -> document id -> score (the ir_measures / pytrec_eval dict format).
@@ -25,47 +31,99 @@ class Pair(NamedTuple):
     query: str
     document: str
 
+    def __repr__(self) -> str:
+        from mechir.display import describe
+
+        return (
+            f"Pair(qid={self.qid!r}, docid={self.docid!r}, query={describe(self.query)}, "
+            f"document={describe(self.document)} ({len(self.document)} chars))"
+        )
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line without its newline)`` of a UTF-8 text file, decoding line by line so
+    that an invalid byte is reported with its file and line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{n}: not valid UTF-8 (byte {raw[err.start]:#04x} at column "
+                    f"{err.start + 1}); re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            yield n, line.rstrip("\r\n")
+
 
 def read_tsv(path: str | Path) -> dict[str, str]:
     """``id \\t text`` lines into a dict (text may contain no tab)."""
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            key, sep, text = line.partition("\t")
-            if not sep:
-                raise ValueError(f"{path}:{n}: expected 'id<TAB>text'")
-            out[key] = text
+    for n, line in _lines(path):
+        if not line:
+            continue
+        key, sep, text = line.partition("\t")
+        if not sep:
+            raise ValueError(f"{path}:{n}: expected 'id<TAB>text'")
+        out[key] = text
     return out
+
+
+def _columns(path: str | Path, layout: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, columns)`` of the non-blank lines of a whitespace-separated file whose
+    lines all have the columns named in ``layout``."""
+    width = len(layout.split())
+    for n, line in _lines(path):
+        cols = line.split()
+        if not cols:
+            continue
+        if len(cols) != width:
+            raise ValueError(f"{path}:{n}: expected '{layout}', got {len(cols)} columns")
+        yield n, cols
 
 
 def read_qrels(path: str | Path) -> Qrels:
     """TREC qrels (``qid 0 docid rel``)."""
     qrels: Qrels = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols:
-                continue
-            if len(cols) != 4:
-                raise ValueError(f"{path}:{n}: expected 'qid 0 docid relevance'")
-            qrels.setdefault(cols[0], {})[cols[2]] = int(cols[3])
+    for n, cols in _columns(path, "qid 0 docid relevance"):
+        try:
+            rel = int(cols[3])
+        except ValueError:
+            raise ValueError(
+                f"{path}:{n}: relevance {cols[3]!r} is not an integer (qid {cols[0]!r}, "
+                f"docid {cols[2]!r})"
+            ) from None
+        qrels.setdefault(cols[0], {})[cols[2]] = rel
     return qrels
 
 
 def read_run(path: str | Path) -> Run:
-    """TREC run (``qid Q0 docid rank score tag``)."""
+    """TREC run (``qid Q0 docid rank score tag``).
+
+    Raises:
+        ValueError: a malformed line, a score that is not a finite number, or a document listed
+            twice for the same query (a run ranks each document once; which score would count
+            is ambiguous); the message gives ``file:line``, the qid and the docid.
+    """
     run: Run = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols:
-                continue
-            if len(cols) != 6:
-                raise ValueError(f"{path}:{n}: expected 'qid Q0 docid rank score tag'")
-            run.setdefault(cols[0], {})[cols[2]] = float(cols[4])
+    first_line: dict[tuple[str, str], int] = {}
+    for n, cols in _columns(path, "qid Q0 docid rank score tag"):
+        qid, docid = cols[0], cols[2]
+        try:
+            score = float(cols[4])
+        except ValueError:
+            score = math.nan
+        if not math.isfinite(score):
+            raise ValueError(
+                f"{path}:{n}: score {cols[4]!r} of qid {qid!r}, docid {docid!r} is not a "
+                "finite number"
+            )
+        if (qid, docid) in first_line:
+            raise ValueError(
+                f"{path}:{n}: qid {qid!r} lists docid {docid!r} twice (first at line "
+                f"{first_line[qid, docid]}); a run ranks each document once: deduplicate the file"
+            )
+        first_line[qid, docid] = n
+        run.setdefault(qid, {})[docid] = score
     return run
 
 
@@ -96,6 +154,7 @@ class Collection:
         docs: document id -> text (any mapping; ir_datasets docstores are looked up lazily).
         qrels: query id -> document id -> graded relevance.
         run: first-stage run (e.g. BM25) used for candidates, or None.
+        run_name: where the run came from (its file), named in errors.
     """
 
     name: str
@@ -103,15 +162,48 @@ class Collection:
     docs: Mapping[str, str]
     qrels: Qrels
     run: Run | None = None
+    run_name: str | None = None
     _doc_ids: list[str] | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        run = "none" if self.run is None else f"{len(self.run)} queries"
+        if self.run is not None and self.run_name:
+            run += f" from {self.run_name}"
+        return (
+            f"Collection({self.name!r}: {len(self.queries)} queries "
+            f"{_examples(self.queries)}, {_size(self.docs)} documents, qrels of "
+            f"{len(self.qrels)} queries ({sum(map(len, self.qrels.values()))} judgments), "
+            f"run: {run})"
+        )
+
     def query_ids(self, limit: int | None = None) -> list[str]:
-        """Judged query ids that have a text, in natural order, optionally the first ``limit``."""
+        """Judged query ids that have a text, in natural order, optionally the first ``limit``
+        (``limit >= 1``)."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise ValueError(f"limit_queries must be an int >= 1 or None, got {limit!r}")
+        if limit is not None and limit < 1:
+            raise ValueError(
+                f"limit_queries={limit} selects no query: use a number >= 1, or None for all"
+            )
         qids = [q for q in self.queries if q in self.qrels]
         return qids[:limit] if limit is not None else qids
 
     def pair(self, qid: str, docid: str) -> Pair:
-        return Pair(qid, docid, self.queries[qid], self.docs[docid])
+        """The :class:`Pair` of a query and a document of this collection.
+
+        Raises:
+            ValueError: the query or the document is not in the collection (both ids named).
+        """
+        if qid not in self.queries:
+            raise ValueError(f"{self.name}: no query {qid!r} (asked for docid {docid!r})")
+        try:
+            document = self.docs[docid]
+        except KeyError:
+            raise ValueError(
+                f"{self.name}: qid {qid!r} refers to docid {docid!r}, which is not among the "
+                "collection's documents"
+            ) from None
+        return Pair(qid, docid, self.queries[qid], document)
 
     def candidates(
         self,
@@ -122,11 +214,21 @@ class Collection:
     ) -> list[Pair]:
         """Pairs to rerank: the top-``depth`` of the first-stage run (``source="run"``) or every
         judged document (``source="judged"``), for the given queries (default: all judged)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be an int >= 1 (documents per query), got {depth!r}")
         qids = list(query_ids) if query_ids is not None else self.query_ids()
         if source == "run":
             if self.run is None:
                 raise ValueError(f"{self.name}: no first-stage run; use source='judged'")
             ranked = top_k({q: self.run.get(q, {}) for q in qids}, depth)
+            run_name = self.run_name or "the first-stage run"
+            for q in qids:
+                missing = [d for d in ranked[q] if d not in self.docs]
+                if missing:
+                    raise ValueError(
+                        f"{run_name}: qid {q!r} ranks docid {missing[0]!r}, which is not among "
+                        f"the documents of {self.name} ({len(missing)} such in its top-{depth})"
+                    )
         elif source == "judged":
             ranked = {q: sorted(self.qrels.get(q, {}))[:depth] for q in qids}
         else:
@@ -166,6 +268,23 @@ class Collection:
         return out
 
 
+def _size(mapping: Mapping[str, Any]) -> str:
+    try:
+        return str(len(mapping))
+    except Exception:  # noqa: BLE001 - a lazy docstore may not know its size offline
+        return "?"
+
+
+def _examples(texts: Mapping[str, str], n: int = 2, width: int = 40) -> str:
+    """A few ``id: text`` examples, each text cut to ``width`` characters."""
+    shown = []
+    for key, text in itertools.islice(texts.items(), n):
+        text = text if len(text) <= width else text[: width - 3] + "..."
+        shown.append(f"{key}: {text!r}")
+    more = ", ..." if len(texts) > n else ""
+    return "{" + ", ".join(shown) + more + "}"
+
+
 def _pick(directory: Path, stem: str, split: str | None, suffix: str) -> Path | None:
     path = directory / (f"{stem}.{split}.{suffix}" if split else f"{stem}.{suffix}")
     return path if path.exists() else None
@@ -193,6 +312,7 @@ def load_local_collection(directory: str | Path, *, split: str | None = None) ->
         docs=read_tsv(d / "docs.tsv"),
         qrels=read_qrels(qrels_path),
         run=read_run(runs[0]) if runs else None,
+        run_name=str(runs[0]) if runs else None,
     )
 
 
@@ -213,25 +333,102 @@ class _DocstoreTexts(Mapping[str, str]):
     def __len__(self) -> int:
         return self._dataset.docs_count()
 
+    def __repr__(self) -> str:
+        return f"<ir_datasets docstore {type(self._dataset).__name__}>"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No local collection directory, no such ir_datasets id, or its files are neither stored
+    locally nor downloadable."""
+
+
+#: The ir_datasets mirror; probed (one request, <= 3 s) before any download is attempted.
+IRDS_MIRROR = "https://mirror.ir-datasets.com"
+_DATA_INSTEAD = (
+    "pass a local collection directory (docs.tsv, queries*.tsv, qrels*.txt) instead, or "
+    "--dataset demo in the CLI"
+)
+_CLOSED_PORT = "http://127.0.0.1:9"
+
+
+@contextmanager
+def _irds_downloads(*, allowed: bool, offline: bool) -> Iterator[None]:
+    """Scoped ir_datasets download settings: unchanged when the hosts answer (``allowed``);
+    otherwise one try with a 2 s timeout (``IR_DATASETS_DL_TRIES`` / ``IR_DATASETS_DL_TIMEOUT``,
+    unless the user set them) instead of retry loops; in offline mode the HTTP(S) proxy points at
+    a closed local port, so that nothing is downloaded and locally stored files still load."""
+    if allowed:
+        yield
+        return
+    settings = {"IR_DATASETS_DL_TRIES": "1", "IR_DATASETS_DL_TIMEOUT": "2"}
+    settings = {k: v for k, v in settings.items() if k not in os.environ}
+    if offline:
+        proxies = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+        settings.update({k: _CLOSED_PORT for k in proxies} | {"NO_PROXY": "", "no_proxy": ""})
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def load_irds_collection(dataset_id: str, *, run: str | Path | None = None) -> Collection:
     """Load an ``ir_datasets`` collection; candidates from its scoreddocs (e.g. BM25) when it has
-    them, or from ``run`` (a TREC run file)."""
+    them, or from ``run`` (a TREC run file).
+
+    Offline first: files already in the ir_datasets store (``IR_DATASETS_HOME``, default
+    ``~/.ir_datasets``) load without network. Downloads are attempted only when the ir_datasets
+    mirror answers a quick request and neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE``
+    is set; otherwise a missing file fails at once.
+
+    Raises:
+        DatasetNotFoundError: unknown id, or files neither stored nor downloadable (one line
+            saying what was tried and what to pass instead).
+    """
     import ir_datasets
 
-    ds = ir_datasets.load(dataset_id)
-    queries = {q.query_id: q.text for q in ds.queries_iter()}
-    qrels: Qrels = {}
-    for qr in ds.qrels_iter():
-        qrels.setdefault(qr.query_id, {})[qr.doc_id] = int(qr.relevance)
-    first_stage: Run | None = None
-    if run is not None:
-        first_stage = read_run(run)
-    elif ds.has_scoreddocs():
-        first_stage = {}
-        for sd in ds.scoreddocs_iter():
-            first_stage.setdefault(sd.query_id, {})[sd.doc_id] = float(sd.score)
-    return Collection(dataset_id, queries, _DocstoreTexts(ds), qrels, first_stage)
+    try:
+        ds = ir_datasets.load(dataset_id)
+    except KeyError:
+        raise DatasetNotFoundError(
+            f"dataset {dataset_id!r} not found: no local directory {Path(dataset_id).absolute()} "
+            f"and not an ir_datasets id; {_DATA_INSTEAD}"
+        ) from None
+    offline = offline_mode()
+    why = None if offline else unreachable(IRDS_MIRROR)
+    try:
+        with _irds_downloads(allowed=not offline and why is None, offline=offline is not None):
+            queries = {q.query_id: q.text for q in ds.queries_iter()}
+            qrels: Qrels = {}
+            for qr in ds.qrels_iter():
+                qrels.setdefault(qr.query_id, {})[qr.doc_id] = int(qr.relevance)
+            first_stage: Run | None = None
+            run_name: str | None = None
+            if run is not None:
+                first_stage, run_name = read_run(run), str(run)
+            elif ds.has_scoreddocs():
+                first_stage, run_name = {}, f"{dataset_id} scoreddocs"
+                for sd in ds.scoreddocs_iter():
+                    first_stage.setdefault(sd.query_id, {})[sd.doc_id] = float(sd.score)
+    except (OSError, RuntimeError):
+        if not offline and why is None:
+            raise
+        home = os.environ.get("IR_DATASETS_HOME", "~/.ir_datasets")
+        tried = (
+            f"downloads were not tried (offline: {offline})"
+            if offline
+            else f"the ir_datasets mirror {IRDS_MIRROR} is {why}"
+        )
+        raise DatasetNotFoundError(
+            f"dataset {dataset_id!r}: its files are not in the local ir_datasets store ({home}) "
+            f"and {tried}; {_DATA_INSTEAD}"
+        ) from None
+    return Collection(dataset_id, queries, _DocstoreTexts(ds), qrels, first_stage, run_name)
 
 
 def load_collection(
@@ -241,8 +438,11 @@ def load_collection(
     if Path(source).is_dir():
         col = load_local_collection(source, split=split)
         if run is not None:
-            col.run = read_run(run)
+            col.run, col.run_name = read_run(run), str(run)
         return col
-    if str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source}: no such collection directory")
+    if isinstance(source, os.PathLike) or str(source).startswith((".", "/", "~")):
+        raise DatasetNotFoundError(
+            f"{source}: no such collection directory ({Path(source).absolute()} does not "
+            f"exist); {_DATA_INSTEAD}"
+        )
     return load_irds_collection(str(source), run=run)

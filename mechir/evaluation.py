@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +12,7 @@ import pandas as pd
 import torch
 
 from mechir.data import Pair, Qrels, Run
+from mechir.display import describe
 from mechir.model import HookedCrossEncoder, HooksArg
 
 
@@ -32,6 +35,7 @@ def score_pairs(
     """
     from tqdm.auto import tqdm
 
+    check_pairs(pairs)
     scores = torch.empty(len(pairs), dtype=torch.float32)
     block = max(batch_size * 16, 256)
     with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress) as bar:
@@ -45,7 +49,34 @@ def score_pairs(
                 idx = order[i : i + batch_size]
                 scores[start + idx] = model.score(batch[idx], hooks=hooks)
                 bar.update(len(idx))
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        named = ", ".join(f"(qid {pairs[i].qid!r}, docid {pairs[i].docid!r})" for i in bad[:3])
+        raise ValueError(
+            f"{len(bad)} of {len(pairs)} scores are not finite (NaN/inf), e.g. {named}: check "
+            "the model's weights and the hooks (an ablation that leaves a softmax row empty)"
+        )
     return scores
+
+
+def check_pairs(pairs: Sequence[Pair]) -> None:
+    """Every pair has a non-empty query and document text.
+
+    Raises:
+        ValueError: naming the first pair's qid and docid (and how many are empty).
+    """
+    empty = [
+        (p, what)
+        for p in pairs
+        for what, text in (("query", p.query), ("document", p.document))
+        if not isinstance(text, str) or not text.strip()
+    ]
+    if empty:
+        p, what = empty[0]
+        raise ValueError(
+            f"qid {p.qid!r}, docid {p.docid!r}: the {what} is empty or whitespace only "
+            f"({len(empty)} empty texts among {len(pairs)} pairs); drop or fix these pairs"
+        )
 
 
 def rerank(
@@ -85,6 +116,11 @@ class Evaluation:
         rows = self.per_query[self.per_query["measure"] == measure]
         return dict(zip(rows["qid"], rows["value"]))
 
+    def __repr__(self) -> str:
+        means = ", ".join(f"{m}={v:.4f}" for m, v in self.aggregate.items())
+        n = self.per_query["qid"].nunique() if len(self.per_query) else 0
+        return f"Evaluation({means}; {n} queries, per_query={describe(self.per_query)})"
+
 
 def evaluate(
     run: Run,
@@ -98,6 +134,8 @@ def evaluate(
     ``missing="skip"`` (default) averages over the judged queries that the run ranks, so a run
     over a subset of queries (``--limit-queries``, a resumed run) is judged on that subset;
     ``missing="zero"`` counts judged queries absent from the run as 0 (``trec_eval -c``).
+    Judged queries without any relevant document (every grade <= 0) score 0 on every measure and
+    are kept in the mean, with a ``UserWarning`` naming them.
     """
     import ir_measures
 
@@ -105,6 +143,15 @@ def evaluate(
         raise ValueError(f"missing must be 'skip' or 'zero', got {missing!r}")
     if missing == "skip":
         qrels = {q: docs for q, docs in qrels.items() if q in run}
+    unanswerable = sorted(q for q, docs in qrels.items() if not any(r > 0 for r in docs.values()))
+    if unanswerable:
+        warnings.warn(
+            f"{len(unanswerable)} of {len(qrels)} judged queries have no relevant document "
+            f"(e.g. qid {unanswerable[0]!r}): they count as 0 in the mean of every measure; "
+            "drop them from the qrels to average over answerable queries only",
+            UserWarning,
+            stacklevel=2,
+        )
     parsed = [ir_measures.parse_measure(m) if isinstance(m, str) else m for m in measures]
     rows = [
         (m.query_id, str(m.measure), float(m.value))
@@ -130,23 +177,34 @@ class PairedTest:
 
 
 def paired_ttest(a: Mapping[str, float], b: Mapping[str, float]) -> PairedTest:
-    """Two-sided paired t-test (scipy ``ttest_rel``) over the queries both runs evaluate.
+    """Two-sided paired t-test (scipy ``ttest_rel``) of ``d_q = b_q - a_q`` over the queries both
+    runs evaluate: ``t = mean(d) / (std(d, ddof=1) / sqrt(n))``.
 
-    A zero-variance difference (e.g. identical runs) gives ``t = 0, p = 1``.
+    Zero-variance differences are decided exactly, without scipy's precision warnings: identical
+    runs (every ``d_q = 0``) give ``t = 0, p = 1`` (no evidence of a difference); a constant
+    non-zero shift (every ``d_q = c != 0``) is the limit ``std -> 0``: ``t = sign(c) * inf, p = 0``
+    (maximally significant). Differences equal up to float rounding (spread below ``1e-12`` of
+    the values' scale) count as constant.
     """
     from scipy.stats import ttest_rel
 
     common = sorted(set(a) & set(b))
     if len(common) < 2:
         raise ValueError(f"paired test needs >= 2 common queries, got {len(common)}")
-    x = np.array([a[q] for q in common])
-    y = np.array([b[q] for q in common])
-    if np.allclose(x, y, rtol=0, atol=0) or np.std(y - x) == 0:
-        t, p = 0.0, 1.0
+    x = np.array([a[q] for q in common], dtype=np.float64)
+    y = np.array([b[q] for q in common], dtype=np.float64)
+    bad = [q for q, u, v in zip(common, x, y) if not (np.isfinite(u) and np.isfinite(v))]
+    if bad:
+        raise ValueError(f"paired test needs finite values; non-finite for queries {bad[:5]}")
+    d = y - x
+    tol = 1e-12 * max(1.0, float(np.abs(x).max()), float(np.abs(y).max()))
+    if float(np.ptp(d)) <= tol:  # zero variance: identical runs or a constant shift
+        shift = float(d.mean())
+        t, p = (0.0, 1.0) if abs(shift) <= tol else (math.copysign(math.inf, shift), 0.0)
     else:
         res = ttest_rel(y, x)
         t, p = float(res.statistic), float(res.pvalue)
-    return PairedTest(float(x.mean()), float(y.mean()), float((y - x).mean()), t, p, len(common))
+    return PairedTest(float(x.mean()), float(y.mean()), float(d.mean()), t, p, len(common))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

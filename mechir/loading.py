@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mechir.model import HookedCrossEncoder, ScoreType, hooked_cross_encoder_from_hf
+from mechir.network import offline_mode, unreachable
 
 SUPPORTED = (
     "BERT-architecture sequence-classification cross-encoders (model_type 'bert', "
@@ -19,6 +21,150 @@ SUPPORTED = (
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not a BERT cross-encoder that mechir can load."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model at the given path, in the local Hugging Face cache, or on a reachable hub."""
+
+
+# ---------------------------------------------------------------------------- path resolution
+#: Weight files of a Hugging Face model directory (one of them must be present).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_INSTEAD = (
+    "pass a local model directory (config.json + weights + tokenizer files) instead, "
+    "or --model demo in the CLI"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of ``repo_id`` (no network), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=_hub_cache()))
+    except Exception:  # noqa: BLE001 - any failure means "not usable from the cache"
+        return None
+    return path if (path / "config.json").exists() else None
+
+
+def _looks_like_path(model: str | os.PathLike) -> bool:
+    """A ``PathLike``, or a string that cannot be a hub id or names an existing local folder."""
+    source = str(model)
+    if isinstance(model, os.PathLike) or source.startswith((".", "/", "~")) or "\\" in source:
+        return True
+    if not _HUB_ID.match(source):
+        return True
+    return "/" in source and Path(source.split("/")[0]).is_dir()
+
+
+def resolve_model_source(model: str | os.PathLike) -> Path | str:
+    """Where to load ``model`` from, offline first, failing fast with one line.
+
+    Order: an existing local directory; a path-like name that does not exist (``./m``, ``/m``,
+    ``~/m``, ``models/m`` when ``models/`` exists) is an error, never a hub id; a hub id's
+    snapshot in the local Hugging Face cache (``HF_HUB_CACHE``); the hub itself, only when
+    neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set and a quick request (<= 3 s,
+    no retries) reaches it.
+
+    Returns:
+        a local directory (checked by :func:`check_model_directory`), or the hub id to download.
+
+    Raises:
+        ModelNotFoundError: nothing usable; the message says what was tried and what to pass.
+    """
+    source = str(model)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        check_model_directory(path)
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{source}: is a file, not a model directory; {_INSTEAD}")
+    if _looks_like_path(model):
+        raise ModelNotFoundError(
+            f"{source}: no such model directory ({path.absolute()} does not exist); {_INSTEAD}"
+        )
+    cached = _cached_snapshot(source)
+    if cached is not None:
+        check_model_directory(cached)
+        return cached
+    offline = offline_mode()
+    if offline is not None:
+        raise _not_found(source, f"the hub was not tried (offline: {offline})")
+    why = unreachable(_hub_endpoint())
+    if why is not None:
+        raise _not_found(source, f"the hub {_hub_endpoint()} is {why}")
+    return source
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _not_found(source: str, hub: str) -> ModelNotFoundError:
+    """The one-line error for a hub id: what was tried (``hub`` says how the hub answered)."""
+    return ModelNotFoundError(
+        f"model {source!r} not found: no local directory {Path(source).absolute()}, not in the "
+        f"local Hugging Face cache ({_hub_cache()}), and {hub}; {_INSTEAD}"
+    )
+
+
+# ---------------------------------------------------------------------------- weight checks
+def check_model_directory(directory: Path) -> None:
+    """A model directory has ``config.json`` and a weight file, and its safetensors files are
+    complete (header and data; read without loading the tensors).
+
+    Raises:
+        ModelNotFoundError: ``config.json`` or every weight file is missing.
+        ValueError: a truncated or corrupted safetensors file (its path is named).
+    """
+    from safetensors import safe_open
+
+    if not (directory / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{directory}: no config.json, so this is not a Hugging Face model directory "
+            "(expected config.json, model.safetensors or pytorch_model.bin, and tokenizer files)"
+        )
+    if not any((directory / f).is_file() for f in WEIGHT_FILES):
+        raise ModelNotFoundError(
+            f"{directory}: no weights (none of {', '.join(WEIGHT_FILES)} in the directory)"
+        )
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError does not derive from OSError
+            raise ValueError(
+                f"{file}: truncated or corrupted safetensors file ({err}); re-download or "
+                "re-save the model"
+            ) from None
+
+
+def check_finite_weights(hf_model: Any, source: str) -> None:
+    """Every floating-point parameter and buffer is finite.
+
+    Raises:
+        ValueError: naming the first tensor with NaN/inf values and how many it has.
+    """
+    tensors = list(hf_model.named_parameters()) + list(hf_model.named_buffers())
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{source}: weight {name!r} has {bad} non-finite values (NaN/inf) out of "
+                f"{tensor.numel()}: the checkpoint is corrupted; re-download or re-save it"
+            )
 
 
 def _check_config(config: Any, source: str) -> None:
@@ -85,9 +231,16 @@ def load_cross_encoder(
         score_type: ``"binary_logit"`` (default: the log-odds of relevance), ``"logit"``,
             ``"log_prob"`` or ``"prob"`` (see ``HookedCrossEncoder``).
 
+    A string is resolved offline first (:func:`resolve_model_source`): a local directory, then
+    the local Hugging Face cache, then the hub only when it is reachable and not switched off
+    (``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``).
+
     Raises:
+        ModelNotFoundError: no such directory, not cached, and the hub offline or unreachable;
+            or a directory without ``config.json`` / weights.
         UnsupportedModelError: not a BERT sequence-classification checkpoint.
-        ValueError: no tokenizer could be found.
+        ValueError: no tokenizer could be found, a truncated weight file, or non-finite weights
+            (the message names the file or the first bad tensor).
     """
     from transformers import AutoConfig, BertForSequenceClassification, PreTrainedModel
 
@@ -101,16 +254,26 @@ def load_cross_encoder(
         hf_model = model
     elif isinstance(model, (str, os.PathLike)):
         source = str(model)
-        is_local = Path(source).is_dir()
-        if not is_local and (source.startswith((".", "/", "~")) or os.sep + os.sep in source):
-            raise FileNotFoundError(f"{source}: no such model directory")
-        config = AutoConfig.from_pretrained(source)
+        location = resolve_model_source(model)
+        try:
+            config = AutoConfig.from_pretrained(location)
+        except OSError as err:  # the hub answered the reachability check but not this request
+            if isinstance(location, Path):
+                raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise _not_found(
+                source, f"the hub {_hub_endpoint()} did not provide it ({reason})"
+            ) from None
         _check_config(config, source)
         if tokenizer is None:
-            tokenizer = _load_tokenizer(source)
-        hf_model, info = BertForSequenceClassification.from_pretrained(
-            source, output_loading_info=True, attn_implementation="eager"
-        )
+            tokenizer = _load_tokenizer(str(location))
+        try:
+            hf_model, info = BertForSequenceClassification.from_pretrained(
+                location, output_loading_info=True, attn_implementation="eager"
+            )
+        except (OSError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{source}: could not load the weights ({first})") from err
         if any(k.startswith("classifier.") for k in info["missing_keys"]):
             raise UnsupportedModelError(
                 f"{source}: the checkpoint has no trained classification head (classifier.* "
@@ -121,6 +284,7 @@ def load_cross_encoder(
             f"model must be a hub id, a local directory or a BertForSequenceClassification, "
             f"got {type(model).__name__}"
         )
+    check_finite_weights(hf_model, source)
     return hooked_cross_encoder_from_hf(
         hf_model.eval(),
         tokenizer,

@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechir.display import short_list
 from mechir.parts import CrossEncoderBatch, Part
 from mechir.selection import check_layers, head_label
 
@@ -153,6 +154,14 @@ class AttentionStatistics:
     values: dict[str, Float[Tensor, "pair layer head"]]
     layers: list[int]
     pairs: pd.DataFrame = field(repr=False)
+
+    def __repr__(self) -> str:
+        shape = next(iter(self.values.values())).shape if self.values else (0, 0, 0)
+        names = ", ".join(self.values)
+        return (
+            f"AttentionStatistics({shape[0]} pairs x {len(self.layers)} layers "
+            f"{short_list(self.layers)} x {shape[2]} heads; statistics: {names})"
+        )
 
     def table(self) -> pd.DataFrame:
         """Tidy table: one row per (pair, layer, head) with ``label`` ``"l/h"`` and every

@@ -36,7 +36,7 @@ with warnings.catch_warnings():
     from transformer_lens.HookedRootModule import HookedRootModule
     from transformer_lens.utilities import TypedModuleList
 
-from mechir.parts import CrossEncoderBatch, encode, infer_parts
+from mechir.parts import CrossEncoderBatch, check_max_length, encode, infer_parts
 
 ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "pooled", "resid", None]
@@ -445,11 +445,13 @@ class HookedCrossEncoder(HookedEncoder):
     ) -> CrossEncoderBatch:
         """Tokenize pairs with this model's tokenizer (see :func:`mechir.encode`).
 
-        ``max_length`` defaults to the model's maximum number of positions.
+        ``max_length`` defaults to the model's maximum number of positions and may not exceed it.
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass one to load_cross_encoder")
-        return encode(self.tokenizer, queries, documents, max_length=max_length or self.cfg.n_ctx)
+        length = self.cfg.n_ctx if max_length is None else max_length
+        check_max_length(length, self.cfg.n_ctx)
+        return encode(self.tokenizer, queries, documents, max_length=length)
 
     def score(
         self,

@@ -94,6 +94,17 @@ class CrossEncoderBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def __repr__(self) -> str:
+        from mechir.display import short_list
+
+        n, width = self.input_ids.shape
+        count = lambda part: short_list((self.parts == int(part)).sum(-1).tolist())  # noqa: E731
+        return (
+            f"CrossEncoderBatch({n} pairs x {width} positions, lengths "
+            f"{short_list(self.lengths.tolist())}, query tokens {count(Part.QUERY)}, document "
+            f"tokens {count(Part.DOCUMENT)}, device={self.device})"
+        )
+
     @property
     def device(self) -> torch.device:
         return self.input_ids.device
@@ -137,6 +148,30 @@ class CrossEncoderBatch:
             yield self[start : start + size]
 
 
+def check_max_length(max_length: int, n_positions: int | None = None) -> int:
+    """``max_length`` is an int with room for one query and one document token plus the three
+    special tokens (``>= 5``) and, when the model's position limit ``n_positions`` is given,
+    at most that.
+
+    Raises:
+        ValueError: naming the value and the valid range.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"max_length must be an int, got {max_length!r}")
+    upper = f" and <= {n_positions}" if n_positions is not None else ""
+    if max_length < 5:
+        raise ValueError(
+            f"max_length={max_length} is too small: it must be >= 5 ([CLS] query [SEP] document "
+            f"[SEP] with one query and one document token){upper}"
+        )
+    if n_positions is not None and max_length > n_positions:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's position limit: it has "
+            f"{n_positions} positions, so use max_length <= {n_positions}"
+        )
+    return max_length
+
+
 def cross_encoder_batch_from_tokens(
     query_ids: Sequence[Sequence[int]],
     document_ids: Sequence[Sequence[int]],
@@ -162,6 +197,7 @@ def cross_encoder_batch_from_tokens(
         )
     if len(query_ids) == 0:
         raise ValueError("empty batch: pass at least one (query, document) pair")
+    check_max_length(max_length)
     rows: list[tuple[list[int], list[int]]] = []
     for i, (q, d) in enumerate(zip(query_ids, document_ids)):
         q, d = list(q), list(d)
@@ -248,8 +284,9 @@ def encode(
     separately, then joined), with the part of every token recorded.
 
     Raises:
-        ValueError: an empty or whitespace-only query/document, lists of different lengths, or a
-            query that leaves no room for the document; the message names the pair index.
+        ValueError: no pairs, ``max_length < 5``, an empty or whitespace-only query/document,
+            lists of different lengths, or a query that leaves no room for the document; the
+            message names the pair index.
     """
     if isinstance(queries, str):
         queries = [queries]
@@ -260,6 +297,9 @@ def encode(
             f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
             "query (repeat the query for several documents)"
         )
+    if len(queries) == 0:
+        raise ValueError("empty batch: pass at least one (query, document) pair")
+    check_max_length(max_length)
     for i, (q, d) in enumerate(zip(queries, documents)):
         for what, text in (("query", q), ("document", d)):
             if not isinstance(text, str):

@@ -183,6 +183,17 @@ class AlignedPairs:
     def __len__(self) -> int:
         return len(self.clean)
 
+    def __repr__(self) -> str:
+        from mechir.display import short_list
+
+        n, width = self.clean.input_ids.shape
+        changed = (self.clean.input_ids != self.corrupted.input_ids).sum(-1).tolist()
+        return (
+            f"AlignedPairs({n} pairs x {width} positions, pair_ids {short_list(self.pair_ids)}, "
+            f"grades {short_list(self.grades)}, changed tokens {short_list(changed)}, "
+            f"device={self.clean.device})"
+        )
+
     @property
     def lengths(self) -> Int[Tensor, " pair"]:
         return self.clean.lengths

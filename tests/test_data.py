@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from mechir.data import load_collection, read_run, write_run
+from mechir.data import DatasetNotFoundError, load_collection, read_qrels, read_run, write_run
 from tests.helpers import DL19, SCIFACT, requires_shared
 
 
@@ -57,3 +59,96 @@ def test_shared_collections():
     assert len(quick.candidates(depth=20)) == 1000
     dl = load_collection(DL19)
     assert len(dl.query_ids()) == 43 and len(dl.candidates(depth=100)) == 4300
+
+
+# ---------------------------------------------------------------------------- bad data, named
+def test_run_listing_a_document_twice(tmp_path):
+    path = tmp_path / "run.trec"
+    path.write_text("q1 Q0 d1 1 3.0 t\nq1 Q0 d2 2 2.0 t\nq2 Q0 d1 1 1.0 t\nq1 Q0 d1 3 1.0 t\n")
+    message = f"{path}:4: qid 'q1' lists docid 'd1' twice (first at line 1)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_run(path)
+
+
+@pytest.mark.parametrize("score", ["abc", "nan", "inf"])
+def test_run_score_not_a_number(tmp_path, score):
+    path = tmp_path / "run.trec"
+    path.write_text(f"q1 Q0 d1 1 3.0 t\nq1 Q0 d2 2 {score} t\n")
+    message = f"{path}:2: score '{score}' of qid 'q1', docid 'd2' is not a finite number"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_run(path)
+
+
+def test_qrels_relevance_not_an_integer(tmp_path):
+    path = tmp_path / "qrels.txt"
+    path.write_text("q1 0 d1 1\nq1 0 d2 high\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: relevance 'high' is not an")):
+        read_qrels(path)
+
+
+def test_docs_tsv_not_utf8(tmp_path):
+    make_collection(tmp_path)
+    (tmp_path / "docs.tsv").write_bytes("d1\tcats\nd2\tcaf\xe9 dogs\n".encode("latin-1"))
+    message = f"{tmp_path / 'docs.tsv'}:2: not valid UTF-8 (byte 0xe9 at column 7)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_collection(tmp_path, split="test")
+
+
+def test_run_referencing_a_missing_document(tmp_path):
+    make_collection(tmp_path)
+    run_path = tmp_path / "other.trec"
+    run_path.write_text("q1 Q0 d1 1 3.0 t\nq2 Q0 d9 1 2.0 t\n")
+    c = load_collection(tmp_path, split="test", run=run_path)
+    message = f"{run_path}: qid 'q2' ranks docid 'd9', which is not among the documents"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        c.candidates(depth=5)
+    with pytest.raises(ValueError, match="qid 'q1' refers to docid 'd7'"):
+        c.pair("q1", "d7")
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5])
+def test_limit_queries_must_be_positive(tmp_path, limit):
+    c = make_collection(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(repr(limit))):
+        c.query_ids(limit)
+
+
+@pytest.mark.parametrize("depth", [0, -1])
+def test_depth_must_be_positive(tmp_path, depth):
+    c = make_collection(tmp_path)
+    message = f"depth must be an int >= 1 (documents per query), got {depth}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        c.candidates(depth=depth)
+
+
+def test_relative_collection_path_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=r"\./nope: no such collection directory"):
+        load_collection("./nope")
+
+
+def test_unknown_ir_datasets_id():
+    """The real ir_datasets registry answers without network: one line, what to pass instead."""
+    pytest.importorskip("ir_datasets")
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_collection("nope-collection/x")
+    assert str(err.value).startswith("dataset 'nope-collection/x' not found: no local directory ")
+    assert str(err.value).endswith(
+        "and not an ir_datasets id; pass a local collection directory (docs.tsv, queries*.tsv, "
+        "qrels*.txt) instead, or --dataset demo in the CLI"
+    )
+
+
+def test_collection_repr_is_short(tmp_path):
+    c = make_collection(tmp_path)
+    text = repr(c)
+    assert text.startswith("Collection(") and len(text) < 1000
+    assert "2 queries {q1: 'cats', q2: 'dogs'}" in text and "4 documents" in text
+    assert "run: 2 queries from " in text and "run.bm25.test.trec" in text
+
+
+@pytest.mark.shared
+def test_shared_collection_repr_is_short():
+    requires_shared(SCIFACT)
+    text = repr(load_collection(SCIFACT))
+    assert len(text) < 1000 and "5183 documents" in text

@@ -43,6 +43,72 @@ def test_paired_ttest_and_holm():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
+def test_paired_ttest_zero_variance():
+    """A constant shift is maximally significant; identical runs are not significant at all."""
+    a = {str(q): v for q, v in enumerate([0.1, 0.3, 0.7, 0.9, 0.25])}
+    shifted = {q: v - 0.5 for q, v in a.items()}
+    down = paired_ttest(a, shifted)
+    assert down.t == -math.inf and down.p == 0.0 and down.delta == pytest.approx(-0.5)
+    up = paired_ttest(shifted, a)
+    assert up.t == math.inf and up.p == 0.0
+    same = paired_ttest(a, dict(a))
+    assert same.t == 0.0 and same.p == 1.0 and same.delta == 0.0
+    # a near-constant shift agrees with scipy's own limit
+    jitter = {q: v + 0.2 + 1e-3 * i for i, (q, v) in enumerate(a.items())}
+    assert paired_ttest(a, jitter).p < 1e-6
+
+
+def test_constant_shift_is_significant_after_holm():
+    from analyses.reranking import compare_to_baseline
+
+    base = {str(q): 0.1 * q for q in range(6)}
+    values = {
+        "base": base,
+        "shift": {q: v - 0.5 for q, v in base.items()},
+        "same": dict(base),
+    }
+    frame = compare_to_baseline(values, "base", ["shift", "same"]).set_index("unit")
+    assert frame.loc["shift", "p_holm"] == 0.0 and bool(frame.loc["shift", "significant"])
+    assert frame.loc["same", "p_holm"] == 1.0 and not bool(frame.loc["same", "significant"])
+
+
+def test_paired_ttest_rejects_non_finite():
+    with pytest.raises(ValueError, match=r"non-finite for queries \['2'\]"):
+        paired_ttest({"1": 0.1, "2": 0.2}, {"1": 0.3, "2": math.nan})
+
+
+def test_queries_without_relevant_documents_warn_and_count_as_zero():
+    run = {"1": {"a": 2.0, "b": 1.0}, "2": {"c": 1.0}}
+    qrels = {"1": {"a": 1}, "2": {"c": 0, "d": 0}}
+    with pytest.warns(UserWarning, match=r"1 of 2 judged queries have no relevant document \(e"):
+        result = evaluate(run, qrels)
+    assert result.values() == {"1": 1.0, "2": 0.0}
+    assert result.aggregate["nDCG@10"] == pytest.approx(0.5)
+
+
+def test_empty_document_names_the_pair(tiny):
+    model, _, _ = tiny
+    pairs = [Pair("q1", "d1", "cat", "the cat"), Pair("q1", "d2", "cat", "  ")]
+    with pytest.raises(ValueError, match="qid 'q1', docid 'd2': the document is empty"):
+        rerank(model, pairs, progress=False)
+
+
+def test_non_finite_scores_name_the_pairs(tiny):
+    model, _, _ = tiny
+    pairs = [Pair("q1", f"d{i}", "cat", d) for i, d in enumerate(["the cat", "a dog", "fish"])]
+    clean = rerank(model, pairs, progress=False)["q1"]
+    lowest = min(clean, key=clean.get)
+
+    def poison_lowest(x, hook):  # the lowest-scored pair of the (single) sub-batch becomes NaN
+        out = x.clone()
+        out[x.argmin()] = math.nan
+        return out
+
+    message = rf"1 of 3 scores are not finite \(NaN/inf\), e.g. \(qid 'q1', docid '{lowest}'\)"
+    with pytest.raises(ValueError, match=message):
+        rerank(model, pairs, hooks=[("hook_score", poison_lowest)], progress=False)
+
+
 def test_rerank_tiny(tiny):
     model, _, _ = tiny
     pairs = [
