@@ -17,38 +17,9 @@ from analyses.common import (
     study_config,
 )
 from analyses.floors import random_ranking_floor, worst_ranking_run
-from analyses.store import CorruptStoreError, ResultsStore, StoreLockedError
 from analyses.summary import Summary, markdown_table
 from mechir.data import Pair
 from mechir.evaluation import evaluate
-
-
-def test_store_drops_a_torn_last_line_and_never_duplicates(tmp_path):
-    path = tmp_path / "r.jsonl"
-    with ResultsStore(path) as store:
-        store.add("a", {"x": 1})
-        store.add("b", {"x": [1.5, float("nan")]})
-        with pytest.raises(ValueError, match="already"):
-            store.add("a", {"x": 2})
-    with open(path, "ab") as f:
-        f.write(b'{"unit":"c","x":')  # killed mid-write
-    with ResultsStore(path) as store:
-        assert store.dropped_torn_line and store.units == ["a", "b"] and "c" not in store
-        assert path.read_text().count("\n") == 2  # the torn bytes are cut from the file
-        store.add("c", {"x": 3})
-    with ResultsStore(path) as store:
-        assert store.units == ["a", "b", "c"] and store.get("b")["x"][0] == 1.5
-        assert not store.dropped_torn_line
-
-
-def test_store_refuses_corruption_and_a_second_writer(tmp_path):
-    path = tmp_path / "r.jsonl"
-    path.write_text('{"unit":"a"}\nnot json\n{"unit":"b"}\n')
-    with pytest.raises(CorruptStoreError, match="only the last line may be torn"):
-        ResultsStore(path)
-    path.write_text('{"unit":"a"}\n')
-    with ResultsStore(path), pytest.raises(StoreLockedError, match="another process"):
-        ResultsStore(path)
 
 
 def test_run_units_skips_finished_units_and_stops_after_max_units(tmp_path):
