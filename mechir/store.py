@@ -216,3 +216,39 @@ class ResultsStore:
             self.close()
         except Exception:
             pass
+
+
+class ConfigMismatchError(ValueError):
+    """Results on disk were computed with a different configuration."""
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: <saved> there, <current> now"`` for every key whose value differs (sorted)."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: {saved.get(k, '<absent>')!r} there, {current.get(k, '<absent>')!r} now"
+        for k in keys
+        if saved.get(k, "<absent>") != current.get(k, "<absent>")
+    ]
+
+
+def file_sha256(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, replacing ``path`` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
