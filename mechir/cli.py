@@ -103,13 +103,16 @@ def check_output_writable(path: Path, option: str = "--output") -> None:
 
 def resolve_max_length(model: str, max_length: int | None) -> int | None:
     """``--max-length`` checked against the model's position limit, or the model directory's
-    recorded length when not given (None: the model decides at load time).
+    recorded length when not given (None: the model decides at load time). Also checks that a
+    local ``model`` path exists (:func:`mechir.settings.check_model_source`).
 
     Raises:
         UsageError: above the model's position limit.
+        SettingsError: no such model directory.
     """
-    from mechir.settings import default_max_length, position_limit
+    from mechir.settings import check_model_source, default_max_length, position_limit
 
+    check_model_source(model)
     limit = position_limit(model)
     if max_length is None:
         return default_max_length(model)

@@ -170,6 +170,28 @@ def default_max_length(model: str | os.PathLike) -> int | None:
     return limit
 
 
+def check_model_source(model: str | os.PathLike) -> None:
+    """Reject a model path that does not exist (a hub id is ``org/name``) or a directory
+    without ``config.json``, before anything is loaded.
+
+    Raises:
+        SettingsError: naming the path.
+    """
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SettingsError(
+                f"--model {text}: the directory has no config.json (not a saved model; a "
+                "cross-encoder directory holds config.json, weights and tokenizer files)"
+            )
+        return
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise SettingsError(
+            f"--model {text}: no such model directory (a hub id looks like 'org/name')"
+        )
+
+
 def cuda_available() -> bool:
     """Whether torch sees a CUDA device (imports torch)."""
     import torch
