@@ -313,7 +313,8 @@ def study_main(
 ) -> int:
     """Parse ``argv`` (default: the command line; defaults from ``MECHIR_*`` variables and
     ``mechir.toml``, see :mod:`mechir.settings`), check it and run the study. A user error
-    prints one line and returns 2 (``--debug``: the traceback)."""
+    prints one line and raises :class:`~mechir.cli.UserExit` (``SystemExit``, status 2, its
+    text the line); ``--debug`` shows the traceback instead."""
     from mechir.settings import apply_defaults, user_defaults
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -326,7 +327,7 @@ def study_main(
         check_study_args(args, study)
         return args
 
-    return run_command(run, parse, prog=parser.prog, debug="--debug" in argv)
+    return run_command(run, parse, prog=parser.prog, debug="--debug" in argv, raise_exit=True)
 
 
 # ---------------------------------------------------------------------- model and data

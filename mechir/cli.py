@@ -58,15 +58,25 @@ def one_line(err: BaseException) -> str:
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError)
 
 
+class UserExit(SystemExit):
+    """Exit status 2 after a user error was printed as one line; ``str()`` is that line."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.code = 2
+
+
 def run_command(
     handler: Callable[[argparse.Namespace], int],
     parse: Callable[[], argparse.Namespace],
     *,
     prog: str,
     debug: bool,
+    raise_exit: bool = False,
 ) -> int:
     """Parse and run, turning a user error into one line on stderr and exit status 2
-    (``debug``: re-raise with its traceback). Ctrl-C exits with status 130, one line."""
+    (``debug``: re-raise with its traceback; ``raise_exit``: raise :class:`UserExit` instead
+    of returning 2). Ctrl-C exits with status 130, one line."""
     try:
         return handler(parse())
     except KeyboardInterrupt:
@@ -77,13 +87,16 @@ def run_command(
     except USER_ERRORS as err:
         if debug:
             raise
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        line = f"{prog}: error: {one_line(err)}"
+        print(line, file=sys.stderr)
+        if raise_exit:
+            raise UserExit(line) from None
         return 2
 
 
 def check_output_writable(path: Path, option: str = "--output") -> None:
     """Fail now, not after the model loaded, if ``path`` cannot be written: it is a directory,
-    a parent is a file, or its directory refuses a new file.
+    a parent is a file, or the nearest existing directory refuses a new file. Creates nothing.
 
     Raises:
         UsageError: naming ``path`` and why.
@@ -91,12 +104,16 @@ def check_output_writable(path: Path, option: str = "--output") -> None:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing} is a file, not a directory")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mechir-probe"):
             pass
     except OSError as err:
-        raise UsageError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
+        raise UsageError(f"{option} {path}: cannot write in {existing} ({err.strerror})") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {path}: the file is not writable")
 

@@ -141,7 +141,10 @@ def test_study_bad_input(assets, capsys, extra, named):
         "--no-progress",
         *fill(extra, assets),
     ]
-    assert direction_ablation.main(argv) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        direction_ablation.main(argv)
+    assert exit_info.value.code == 2
     line = one_line_error(capsys)
+    assert str(exit_info.value) == line
     assert line.startswith("python -m analyses.direction_ablation: error:")
     assert named.replace("{tmp}", str(assets)) in line

@@ -17,6 +17,7 @@ from analyses.common import (
     study_config,
 )
 from analyses.floors import random_ranking_floor, worst_ranking_run
+from analyses.store import ResultsStore
 from analyses.summary import Summary, markdown_table
 from mechir.data import Pair
 from mechir.evaluation import evaluate
