@@ -4,12 +4,12 @@ check, model and collection loading, and the resumable loop over units of work.
 A study is run as ``python -m analyses.<study> [options]``. Its output directory (default
 ``results/<study>/<run-name>/``) holds:
 
-- ``config.json`` -- the options that determine the results (model, dataset, split, depth,
-  queries, max length, seed and the study's own settings) and, separately, the runtime options
-  of the latest run (device, batch size). Rerunning into a directory whose ``config.json``
-  differs in a result-determining option is an error (:class:`ConfigMismatchError`), never a
-  silent mix;
-- ``results.jsonl`` -- one line per finished unit of work (:class:`~analyses.store.ResultsStore`);
+- ``config.json`` -- the options that determine the results (model and a fingerprint of its
+  weights, dataset, split, depth, queries, max length, seed and the study's own settings) and,
+  separately, the runtime options of the latest run (device, batch size). Rerunning into a
+  directory whose ``config.json`` differs in a result-determining option is an error
+  (:class:`ConfigMismatchError`), never a silent mix;
+- ``results.jsonl`` -- one line per finished unit of work (:class:`~mechir.store.ResultsStore`);
   units already there are skipped, so the same command resumes an interrupted run;
 - ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done.
 """
@@ -273,8 +273,14 @@ def open_study(
     ``work_options`` name the study's options that only choose *which* units to compute (units
     are keyed by what they compute, so such lists may grow between runs of one directory).
     """
+    from mechir.fingerprint import weights_fingerprint
+
     output = output_dir(args, study, *run_name_extra)
-    config = study_config(args, exclude=work_options)
+    # the weights' fingerprint makes weights replaced in place a config mismatch
+    config = {
+        **study_config(args, exclude=work_options),
+        "weights": weights_fingerprint(args.model),
+    }
     runtime = {
         k: _normalise(v) for k, v in vars(args).items() if k not in config and not k.startswith("_")
     }

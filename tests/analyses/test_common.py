@@ -12,6 +12,7 @@ from analyses.common import (
     ConfigMismatchError,
     Unit,
     default_run_name,
+    open_study,
     prepare_output,
     run_units,
     study_config,
@@ -53,6 +54,24 @@ def test_config_check(tmp_path):
     with pytest.raises(ConfigMismatchError, match="study 's'"):
         prepare_output(tmp_path / "out", "t", config, {})
     assert default_run_name(args, "zero") == f"m__{tmp_path.name}__zero"
+
+
+def test_weights_replaced_in_place_are_a_config_mismatch(tmp_path):
+    from tests.helpers import tiny_hf_model
+
+    model = tmp_path / "model"
+    tiny_hf_model().save_pretrained(model)
+    args = argparse.Namespace(
+        model=str(model), dataset="d", split=None, device="cpu", output=tmp_path / "out",
+        run_name=None, max_units=None, progress=True,
+    )  # fmt: skip
+    with open_study("s", args) as run:
+        assert run.config["weights"].startswith("sha256:")
+    with open_study("s", args):  # same weights: resumes
+        pass
+    tiny_hf_model(seed=1).save_pretrained(model)
+    with pytest.raises(ConfigMismatchError, match="weights: 'sha256:"):
+        open_study("s", args)
 
 
 def test_ranking_floors():
