@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from mechir.data import Pair, Qrels, Run
-from mechir.model import HookedCrossEncoder, HooksArg
+
+if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
+    from mechir.model import HookedCrossEncoder, HooksArg
 
 
 def score_pairs(
