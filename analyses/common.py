@@ -30,6 +30,8 @@ from typing import Any
 
 from mechir.cli import (
     OneLineParser,
+    add_execution_options,
+    add_max_length_option,
     check_output_writable,
     positive_int,
     resolve_max_length,
@@ -92,16 +94,10 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
     g.add_argument(
         "--limit-queries", type=positive_int, default=None, help="first N judged queries only"
     )
-    g.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=None,
-        help="tokens per pair (default: what the model directory records, else its position limit)",
-    )
+    add_max_length_option(g)
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     r = parser.add_argument_group("execution")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    r.add_argument("--batch-size", type=positive_int, default=32, help="pairs per forward pass")
+    add_execution_options(r)
     r.add_argument(
         "--output",
         type=Path,
@@ -120,7 +116,6 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
         help="compute at most N new units of work, then stop (rerun to continue)",
     )
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    r.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
 

@@ -142,19 +142,29 @@ def resolve_max_length(model: str, max_length: int | None) -> int | None:
 
 
 # ---------------------------------------------------------------------- parsers
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id or local cross-encoder directory")
+def add_execution_options(p: Any) -> None:
+    """``--device``, ``--batch-size`` and ``--debug`` (shared with the studies)."""
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
     )
     p.add_argument("--batch-size", type=positive_int, default=32, help="pairs per forward pass")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def add_max_length_option(p: Any) -> None:
+    """``--max-length`` (shared with the studies); see :func:`resolve_max_length`."""
     p.add_argument(
         "--max-length",
         type=positive_int,
         default=None,
         help="tokens per pair (default: what the model directory records, else its position limit)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id or local cross-encoder directory")
+    add_max_length_option(p)
+    add_execution_options(p)
 
 
 def _score_parser(sub: Any) -> argparse.ArgumentParser:

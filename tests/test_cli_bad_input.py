@@ -64,24 +64,18 @@ def one_line_error(capsys) -> str:
     return lines[0]
 
 
+def model_and_data(assets, output) -> list[str]:
+    model, col = str(assets / "model"), str(assets / "col")
+    return ["--model", model, "--dataset", col, "--split", "test", "--output", str(output)]
+
+
 def fill(args, tmp) -> list[str]:
     return [a.replace("{tmp}", str(tmp)) for a in args]
 
 
 @pytest.mark.parametrize(("extra", "named"), BAD)
 def test_cli_bad_input(assets, capsys, extra, named):
-    argv = [
-        "rerank",
-        "--model",
-        str(assets / "model"),
-        "--dataset",
-        str(assets / "col"),
-        "--split",
-        "test",
-        "--output",
-        str(assets / "out" / "run.trec"),
-        *fill(extra, assets),
-    ]
+    argv = ["rerank", *model_and_data(assets, assets / "out" / "run.trec"), *fill(extra, assets)]
     assert main(argv) == 2
     line = one_line_error(capsys)
     assert line.startswith("mechir") and named.replace("{tmp}", str(assets)) in line
@@ -129,18 +123,7 @@ STUDY_BAD += [
 
 @pytest.mark.parametrize(("extra", "named"), STUDY_BAD)
 def test_study_bad_input(assets, capsys, extra, named):
-    argv = [
-        "--model",
-        str(assets / "model"),
-        "--dataset",
-        str(assets / "col"),
-        "--split",
-        "test",
-        "--output",
-        str(assets / "study"),
-        "--no-progress",
-        *fill(extra, assets),
-    ]
+    argv = [*model_and_data(assets, assets / "study"), "--no-progress", *fill(extra, assets)]
     with pytest.raises(SystemExit) as exit_info:
         direction_ablation.main(argv)
     assert exit_info.value.code == 2
