@@ -368,6 +368,13 @@ def _rerank(args: argparse.Namespace) -> int:
     by_query: dict[str, list[Pair]] = {}
     for p in col.candidates(depth=args.depth, query_ids=qids):
         by_query.setdefault(p.qid, []).append(p)
+    for p in (p for ps in by_query.values() for p in ps):
+        for what, text in (("query", p.query), ("document", p.document)):
+            if not text.strip():
+                raise UsageError(
+                    f"{col.name}: the {what} of query {p.qid!r}, document {p.docid!r} is empty; "
+                    "remove the pair from the run or fix the collection"
+                )
     if not by_query:
         raise UsageError(
             f"{col.name}: no first-stage candidates for the {len(qids)} selected queries; "
