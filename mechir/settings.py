@@ -79,7 +79,10 @@ def _convert(key: str, value: Any, where: str) -> Any:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
