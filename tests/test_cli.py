@@ -195,3 +195,41 @@ def test_a_second_writer_is_refused(rerank_argv, capsys):
         assert main(argv) == 2
     assert "another process" in capsys.readouterr().err
     assert not out.exists()
+
+
+HEAVY = ("torch", "transformers", "transformer_lens")
+
+
+def imported_after(code: str) -> list[str]:
+    """The heavy libraries a fresh interpreter has imported after running ``code``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    check = f"{code}\nimport sys\nprint('\\n' + ' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    proc = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    return proc.stdout.splitlines()[-1].split() if proc.stdout.strip() else []
+
+
+def test_import_and_help_load_no_model_library():
+    """Issue 15: ``import mechir``, ``mechir --help`` and argument errors stay instant because
+    they import none of torch / transformers / TransformerLens (timings: benchmarks/)."""
+    assert imported_after("import mechir, mechir.cli") == []
+    code = (
+        "from mechir.cli import main\n"
+        "for argv in (['--help'], ['rerank', '--help'], ['rerank', '--depth', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass"
+    )
+    assert imported_after(code) == []
+    assert imported_after("import analyses.direction_ablation, analyses.qk_svd") == ["torch"]

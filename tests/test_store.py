@@ -43,7 +43,6 @@ def test_store_refuses_corruption_and_a_second_writer(tmp_path):
         ResultsStore(path)
 
 
-
 def test_lock_file_is_removed_on_close_and_a_new_writer_can_lock(tmp_path):
     path = tmp_path / "r.jsonl"
     store = ResultsStore(path)
