@@ -4,12 +4,12 @@ check, model and collection loading, and the resumable loop over units of work.
 A study is run as ``python -m analyses.<study> [options]``. Its output directory (default
 ``results/<study>/<run-name>/``) holds:
 
-- ``config.json`` -- the options that determine the results (model, dataset, split, depth,
-  queries, max length, seed and the study's own settings) and, separately, the runtime options
-  of the latest run (device, batch size). Rerunning into a directory whose ``config.json``
-  differs in a result-determining option is an error (:class:`ConfigMismatchError`), never a
-  silent mix;
-- ``results.jsonl`` -- one line per finished unit of work (:class:`~analyses.store.ResultsStore`);
+- ``config.json`` -- the options that determine the results (model and a fingerprint of its
+  weights, dataset, split, depth, queries, max length, seed and the study's own settings) and,
+  separately, the runtime options of the latest run (device, batch size). Rerunning into a
+  directory whose ``config.json`` differs in a result-determining option is an error
+  (:class:`ConfigMismatchError`), never a silent mix;
+- ``results.jsonl`` -- one line per finished unit of work (:class:`~mechir.store.ResultsStore`);
   units already there are skipped, so the same command resumes an interrupted run;
 - ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done.
 """
@@ -28,7 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analyses.store import ResultsStore, StoreLockedError
+from mechir.cli import (
+    OneLineParser,
+    add_execution_options,
+    add_max_length_option,
+    check_output_writable,
+    positive_int,
+    resolve_max_length,
+    run_command,
+)
+from mechir.store import (
+    ConfigMismatchError,
+    ResultsStore,
+    config_diff,
+)
 
 DEFAULT_MODEL = "castorini/monobert-large-msmarco"
 DEFAULT_DATASET = "msmarco-passage/trec-dl-2019/judged"
@@ -36,12 +49,8 @@ DEFAULT_RESULTS = Path("results")
 
 #: Options that change how a run executes but not what it computes (not checked on resume).
 RUNTIME_OPTIONS: frozenset[str] = frozenset(
-    {"device", "batch_size", "output", "run_name", "max_units", "progress", "func"}
+    {"device", "batch_size", "output", "run_name", "max_units", "progress", "func", "debug"}
 )
-
-
-class ConfigMismatchError(ValueError):
-    """The output directory holds results computed with a different configuration."""
 
 
 class UsageError(ValueError):
@@ -65,7 +74,7 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
     Defaults name the papers' setting: MonoBERT-large on TREC DL 2019 (judged queries), BM25
     top-100 candidates.
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=f"python -m analyses.{study}",
         description=description,
         formatter_class=_DefaultsHelpFormatter,
@@ -79,15 +88,16 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
     )
     g.add_argument("--split", default=None, help="split of a local collection (test, quick, ...)")
     g.add_argument("--run", default=None, help="first-stage TREC run to take candidates from")
-    g.add_argument("--depth", type=int, default=100, help="candidates per query (first stage)")
-    g.add_argument("--limit-queries", type=int, default=None, help="first N judged queries only")
     g.add_argument(
-        "--max-length", type=int, default=None, help="tokens per pair (default: the model's)"
+        "--depth", type=positive_int, default=100, help="candidates per query (first stage)"
     )
+    g.add_argument(
+        "--limit-queries", type=positive_int, default=None, help="first N judged queries only"
+    )
+    add_max_length_option(g)
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     r = parser.add_argument_group("execution")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    r.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    add_execution_options(r)
     r.add_argument(
         "--output",
         type=Path,
@@ -101,7 +111,7 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
     )
     r.add_argument(
         "--max-units",
-        type=int,
+        type=positive_int,
         default=None,
         help="compute at most N new units of work, then stop (rerun to continue)",
     )
@@ -154,15 +164,6 @@ def study_config(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict[
 
 
 # ---------------------------------------------------------------------- the output directory
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [
-        f"{k}: {old.get(k, '<absent>')!r} there, {new.get(k, '<absent>')!r} now"
-        for k in keys
-        if old.get(k, "<absent>") != new.get(k, "<absent>")
-    ]
-
-
 def prepare_output(
     output: Path,
     study: str,
@@ -186,7 +187,7 @@ def prepare_output(
                 f"{output} holds results of study {saved.get('study')!r}, not {study!r}; "
                 "use another --output"
             )
-        diff = _diff(saved.get("config", {}), config)
+        diff = config_diff(saved.get("config", {}), config)
         if diff:
             raise ConfigMismatchError(
                 f"{output} holds results computed with other options ("
@@ -267,8 +268,14 @@ def open_study(
     ``work_options`` name the study's options that only choose *which* units to compute (units
     are keyed by what they compute, so such lists may grow between runs of one directory).
     """
+    from mechir.fingerprint import weights_fingerprint
+
     output = output_dir(args, study, *run_name_extra)
-    config = study_config(args, exclude=work_options)
+    # the weights' fingerprint makes weights replaced in place a config mismatch
+    config = {
+        **study_config(args, exclude=work_options),
+        "weights": weights_fingerprint(args.model),
+    }
     runtime = {
         k: _normalise(v) for k, v in vars(args).items() if k not in config and not k.startswith("_")
     }
@@ -283,20 +290,45 @@ def open_study(
     return StudyRun(study, args, output, config, store)
 
 
+def check_study_args(args: argparse.Namespace, study: str) -> None:
+    """Cheap checks before anything is loaded: the device exists, the output directory can be
+    written, ``--max-length`` fits the model (and defaults to what its directory records).
+
+    Raises:
+        UsageError: naming the offending value.
+    """
+    from mechir.settings import check_device
+
+    check_device(args.device)
+    out = output_dir(args, study)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is a file; give a directory")
+    check_output_writable(out / "config.json")
+    args.max_length = resolve_max_length(args.model, args.max_length)
+
+
 def study_main(
     run: Callable[[argparse.Namespace], int],
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``argv`` (default: the command line) and run the study, turning configuration,
-    lock and input errors into clean exits with a message."""
+    """Parse ``argv`` (default: the command line; defaults from ``MECHIR_*`` variables and
+    ``mechir.toml``, see :mod:`mechir.settings`), check it and run the study. A user error
+    prints one line and raises :class:`~mechir.cli.UserExit` (``SystemExit``, status 2, its
+    text the line); ``--debug`` shows the traceback instead."""
+    from mechir.settings import apply_defaults, user_defaults
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    args._argv = argv
-    try:
-        return run(args)
-    except (ConfigMismatchError, StoreLockedError, UsageError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    study = parser.prog.rsplit(".", 1)[-1]
+
+    def parse() -> argparse.Namespace:
+        apply_defaults(parser, user_defaults())
+        args = parser.parse_args(argv)
+        args._argv = argv
+        check_study_args(args, study)
+        return args
+
+    return run_command(run, parse, prog=parser.prog, debug="--debug" in argv, raise_exit=True)
 
 
 # ---------------------------------------------------------------------- model and data

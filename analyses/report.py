@@ -214,7 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = build_report(args.roots, args.output, embed=not args.link_images, title=args.title)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+        from mechir.cli import UserExit, one_line
+
+        line = f"{parser.prog}: error: {one_line(err)}"
+        print(line, file=sys.stderr)
+        raise UserExit(line) from None  # exit status 2
     print(path, file=sys.stderr)
     return 0
 

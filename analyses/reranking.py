@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from analyses.floors import first_stage_run, random_ranking_floor, worst_ranking_run
 from mechir.data import Pair, Qrels, Run
-from mechir.model import HooksArg
+
+if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
+    from mechir.model import HooksArg
 
 
 def rerank_row(

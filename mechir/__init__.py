@@ -7,23 +7,33 @@ intervene with composable TransformerLens hooks::
     model = mechir.load_cross_encoder("castorini/monobert-large-msmarco")
     batch = model.encode(["what is a cat"], ["A cat is a small animal."])
     model.score(batch)
+
+``import mechir`` is instant: the names below (and submodules such as ``mechir.hooks``) are
+imported on first use, so torch, transformers and TransformerLens load only when needed.
 """
 
+from __future__ import annotations
+
+import importlib
 import warnings as _warnings
+from typing import TYPE_CHECKING, Any
 
 _warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"transformer_lens(\.|$)")
 
-from mechir.loading import ModelNotFoundError, UnsupportedModelError, load_cross_encoder  # noqa: E402
-from mechir.model import HookedCrossEncoder  # noqa: E402
-from mechir.parts import (  # noqa: E402
-    PARTS,
-    CrossEncoderBatch,
-    Part,
-    cross_encoder_batch_from_tokens,
-    encode,
-    parse_part,
-    parse_parts,
-)
+#: Public name -> the module that defines it (imported on first access).
+_LAZY: dict[str, str] = {
+    "ModelNotFoundError": "mechir.loading",
+    "UnsupportedModelError": "mechir.loading",
+    "load_cross_encoder": "mechir.loading",
+    "HookedCrossEncoder": "mechir.model",
+    "PARTS": "mechir.parts",
+    "CrossEncoderBatch": "mechir.parts",
+    "Part": "mechir.parts",
+    "cross_encoder_batch_from_tokens": "mechir.parts",
+    "encode": "mechir.parts",
+    "parse_part": "mechir.parts",
+    "parse_parts": "mechir.parts",
+}
 
 __all__ = [
     "PARTS",
@@ -38,3 +48,33 @@ __all__ = [
     "parse_part",
     "parse_parts",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from mechir.loading import UnsupportedModelError, load_cross_encoder
+    from mechir.model import HookedCrossEncoder
+    from mechir.parts import (
+        PARTS,
+        CrossEncoderBatch,
+        Part,
+        cross_encoder_batch_from_tokens,
+        encode,
+        parse_part,
+        parse_parts,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    try:  # a submodule: mechir.hooks, mechir.evaluation, ...
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module 'mechir' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,135 +1,487 @@
-"""The ``mechir`` console command: ``mechir score`` and ``mechir rerank``."""
+"""The ``mechir`` console command: ``mechir score`` and ``mechir rerank``.
+
+Defaults for ``--model``, ``--dataset``, ``--split``, ``--run``, ``--depth``, ``--max-length``,
+``--device`` and ``--batch-size`` can be set once in ``MECHIR_*`` environment variables or a
+``mechir.toml`` (see :mod:`mechir.settings`). A user error (a bad option, a missing file, a
+settings mismatch) prints one line and exits with status 2; ``--debug`` shows the traceback.
+
+Only light modules are imported at start, so ``--help`` and argument errors answer at once;
+torch, transformers and TransformerLens are imported when a command runs. A new subcommand is
+one ``_<name>_parser`` function plus one handler registered in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
-from mechir.data import Pair, Run, load_collection, read_run, write_run
+PROG = "mechir"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+class UsageError(ValueError):
+    """A user error: reported as one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (at least 1)")
+    return value
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line of text (whitespace runs collapsed)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError) or not text:
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text
+
+
+#: Exceptions that are the user's to fix (bad options, files, settings), not bugs.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError)
+
+
+class UserExit(SystemExit):
+    """Exit status 2 after a user error was printed as one line; ``str()`` is that line."""
+
+    def __init__(self, line: str):
+        super().__init__(line)
+        self.code = 2
+
+
+def run_command(
+    handler: Callable[[argparse.Namespace], int],
+    parse: Callable[[], argparse.Namespace],
+    *,
+    prog: str,
+    debug: bool,
+    raise_exit: bool = False,
+) -> int:
+    """Parse and run, turning a user error into one line on stderr and exit status 2
+    (``debug``: re-raise with its traceback; ``raise_exit``: raise :class:`UserExit` instead
+    of returning 2). Ctrl-C exits with status 130, one line."""
+    try:
+        return handler(parse())
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted (finished units are kept; rerun to resume)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        line = f"{prog}: error: {one_line(err)}"
+        print(line, file=sys.stderr)
+        if raise_exit:
+            raise UserExit(line) from None
+        return 2
+
+
+def check_output_writable(path: Path, option: str = "--output") -> None:
+    """Fail now, not after the model loaded, if ``path`` cannot be written: it is a directory,
+    a parent is a file, or the nearest existing directory refuses a new file. Creates nothing.
+
+    Raises:
+        UsageError: naming ``path`` and why.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mechir-probe"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option} {path}: cannot write in {existing} ({err.strerror})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path}: the file is not writable")
+
+
+def resolve_max_length(model: str, max_length: int | None) -> int | None:
+    """``--max-length`` checked against the model's position limit, or the model directory's
+    recorded length when not given (None: the model decides at load time). Also checks that a
+    local ``model`` path exists (:func:`mechir.settings.check_model_source`).
+
+    Raises:
+        UsageError: above the model's position limit.
+        SettingsError: no such model directory.
+    """
+    from mechir.settings import check_model_source, default_max_length, position_limit
+
+    check_model_source(model)
+    limit = position_limit(model)
+    if max_length is None:
+        return default_max_length(model)
+    if limit is not None and max_length > limit:
+        raise UsageError(
+            f"--max-length {max_length} is above the model's position limit: {model} has "
+            f"{limit} positions; use --max-length {limit} or less"
+        )
+    return max_length
+
+
+# ---------------------------------------------------------------------- parsers
+def add_execution_options(p: Any) -> None:
+    """``--device``, ``--batch-size`` and ``--debug`` (shared with the studies)."""
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=32, help="pairs per forward pass")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def add_max_length_option(p: Any) -> None:
+    """``--max-length`` (shared with the studies); see :func:`resolve_max_length`."""
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="tokens per pair (default: what the model directory records, else its position limit)",
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id or local cross-encoder directory")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: model)")
+    add_max_length_option(p)
+    add_execution_options(p)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mechir", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _score_parser(sub: Any) -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score (query, document) pairs")
-    _add_model_args(s)
+    _common(s)
     s.add_argument("--query", action="append", default=[], help="query text (repeatable)")
     s.add_argument("--document", action="append", default=[], help="document text (repeatable)")
     s.add_argument("--pairs", type=Path, help="TSV file of 'query<TAB>document' lines")
     s.add_argument("--output", type=Path, help="write scores as JSON lines here (default: stdout)")
+    return s
 
-    r = sub.add_parser("rerank", help="rerank a collection's candidates and evaluate")
-    _add_model_args(r)
+
+def _rerank_parser(sub: Any) -> argparse.ArgumentParser:
+    r = sub.add_parser(
+        "rerank",
+        help="rerank a collection's candidates and evaluate (resumable)",
+        description="Rerank the first-stage candidates of a collection's judged queries and "
+        "evaluate. Finished queries are kept losslessly in OUTPUT.mechir.jsonl (locked, settings "
+        "checked), so the same command resumes an interrupted run; the TREC run OUTPUT is "
+        "written from it when every selected query is done.",
+    )
+    _common(r)
     r.add_argument("--dataset", required=True, help="ir_datasets id or local collection directory")
     r.add_argument("--split", default=None, help="split of a local collection (test, quick, ...)")
     r.add_argument("--run", type=Path, default=None, help="first-stage TREC run (candidates)")
-    r.add_argument("--depth", type=int, default=100, help="candidates per query from the run")
-    r.add_argument("--limit-queries", type=int, default=None)
+    r.add_argument(
+        "--depth", type=positive_int, default=100, help="candidates per query from the run"
+    )
+    r.add_argument(
+        "--limit-queries", type=positive_int, default=None, help="first N judged queries only"
+    )
     r.add_argument("--measures", nargs="+", default=["nDCG@10"])
-    r.add_argument("--output", type=Path, required=True, help="TREC run file to write (resumable)")
+    r.add_argument("--output", type=Path, required=True, help="TREC run file to write")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return r
+
+
+def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The ``mechir`` parser with ``defaults`` (from :func:`mechir.settings.user_defaults`)."""
+    from mechir.settings import apply_defaults
+
+    parser = OneLineParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], parents=[], allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for build in (_score_parser, _rerank_parser):
+        apply_defaults(build(sub), defaults or {})
     return parser
 
 
+# ---------------------------------------------------------------------- score
 def _score(args: argparse.Namespace) -> int:
-    from mechir import load_cross_encoder
+    from mechir.settings import check_device
 
     queries, docs = list(args.query), list(args.document)
+    if len(queries) != len(docs):
+        raise UsageError(f"{len(queries)} --query but {len(docs)} --document; give them in pairs")
     if args.pairs:
         for n, line in enumerate(args.pairs.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 q, sep, d = line.partition("\t")
                 if not sep:
-                    raise SystemExit(f"{args.pairs}:{n}: expected 'query<TAB>document'")
+                    raise UsageError(f"{args.pairs}:{n}: expected 'query<TAB>document'")
                 queries.append(q)
                 docs.append(d)
     if not queries:
-        raise SystemExit("nothing to score: give --query/--document or --pairs")
-    model = load_cross_encoder(args.model, device=args.device)
-    batch = model.encode(queries, docs, max_length=args.max_length)
-    scores = model.score(batch, batch_size=args.batch_size).tolist()
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    for q, d, s in zip(queries, docs, scores):
-        out.write(json.dumps({"query": q, "document": d[:80], "score": s}) + "\n")
+        raise UsageError("nothing to score: give --query/--document or --pairs")
     if args.output:
-        out.close()
+        check_output_writable(args.output)
+    check_device(args.device)
+    max_length = resolve_max_length(args.model, args.max_length)
+
+    from mechir.loading import load_cross_encoder
+
+    model = load_cross_encoder(args.model, device=args.device)
+    batch = model.encode(queries, docs, max_length=max_length)
+    scores = model.score(batch, batch_size=args.batch_size).tolist()
+    lines = [
+        json.dumps({"query": q, "document": d[:80], "score": s})
+        for q, d, s in zip(queries, docs, scores)
+    ]
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
-def _resume(path: Path, expected: dict[str, int]) -> Run:
-    """Finished queries of an interrupted run file; an incomplete last query is dropped."""
-    if not path.exists():
-        return {}
-    try:
-        done = read_run(path)
-    except ValueError:  # a torn last line
-        lines = path.read_text(encoding="utf-8").splitlines()[:-1]
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        done = read_run(path)
-    complete = {q: docs for q, docs in done.items() if len(docs) == expected.get(q, -1)}
-    if len(complete) != len(done):
-        write_run(complete, path)
-    return complete
+# ---------------------------------------------------------------------- rerank
+def _normalised_source(value: Any) -> Any:
+    """Local paths as absolute paths, other values (hub ids, ir_datasets ids) as given."""
+    if value is None:
+        return None
+    return str(Path(value).resolve()) if Path(value).exists() else str(value)
+
+
+class RerankOutput:
+    """The files of one ``mechir rerank --output OUTPUT``: the lossless store
+    ``OUTPUT.mechir.jsonl`` (one line per query: candidate ids and full-precision scores), its
+    settings ``OUTPUT.mechir.json`` and what mechir wrote from it (``OUTPUT``, the TREC run,
+    and ``OUTPUT.per_query.csv``, with their hashes: a file mechir did not write, or that was
+    changed since, is never modified).
+
+    Raises:
+        UsageError: ``OUTPUT`` (or the CSV) exists and mechir did not write it.
+        ConfigMismatchError: the store was computed with other settings.
+        StoreLockedError: another process writes the same output.
+    """
+
+    def __init__(self, output: Path, settings: dict[str, Any]):
+        from mechir.store import ConfigMismatchError, ResultsStore, config_diff, file_sha256
+
+        self.output = Path(output)
+        self.csv = self.output.with_suffix(".per_query.csv")
+        self.meta_path = self.output.with_name(self.output.name + ".mechir.json")
+        store_path = self.output.with_name(self.output.name + ".mechir.jsonl")
+        saved = (
+            json.loads(self.meta_path.read_text(encoding="utf-8"))
+            if self.meta_path.exists()
+            else None
+        )
+        written = (saved or {}).get("written", {})
+        for path in (self.output, self.csv):
+            if path.exists() and written.get(path.name) != file_sha256(path):
+                what = (
+                    "was changed since mechir wrote it"
+                    if path.name in written
+                    else "was not written by mechir"
+                )
+                raise UsageError(
+                    f"{path} exists and {what} (mechir never modifies a file it did not "
+                    "create); choose another --output or move the file away"
+                )
+        if saved is None and store_path.exists():
+            raise UsageError(
+                f"{store_path} has results but {self.meta_path} (their settings) is missing; "
+                "choose another --output"
+            )
+        self.store = ResultsStore(store_path)
+        # the score type is known once the model is loaded: checked by check_scoring
+        scored = {} if saved is None else dict(saved.get("settings", {}))
+        score_type = scored.pop("score_type", None)
+        if saved is not None:
+            diff = config_diff(scored, settings)
+            if diff:
+                self.store.close()
+                raise ConfigMismatchError(
+                    f"{store_path} holds results computed with other settings ("
+                    + "; ".join(diff)
+                    + "); rerun with the same settings to resume, or choose another --output"
+                )
+        self.settings = settings if score_type is None else {**settings, "score_type": score_type}
+        self.written = dict(written)
+        self._save()
+
+    def _save(self) -> None:
+        from mechir.store import write_json_atomic
+
+        write_json_atomic(self.meta_path, {"settings": self.settings, "written": self.written})
+
+    def check_scoring(self, score_type: str) -> None:
+        """Record the model's score type, or check it against the stored one."""
+        from mechir.store import ConfigMismatchError
+
+        saved = self.settings.get("score_type")
+        if saved is not None and saved != score_type:
+            raise ConfigMismatchError(
+                f"{self.store.path} holds scores of type {saved!r}, the model now scores "
+                f"{score_type!r}; choose another --output"
+            )
+        self.settings = {**self.settings, "score_type": score_type}
+        self._save()
+
+    def write(self, run: dict[str, dict[str, float]], per_query: Any) -> None:
+        """Write the TREC run (full precision) and the per-query CSV atomically."""
+        from mechir.data import write_run
+        from mechir.store import file_sha256
+
+        write_run(run, self.output, exact=True)
+        tmp = self.csv.with_name(f".{self.csv.name}.tmp-{os.getpid()}")
+        per_query.to_csv(tmp, index=False)
+        os.replace(tmp, self.csv)
+        self.written = {p.name: file_sha256(p) for p in (self.output, self.csv)}
+        self._save()
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def _rerank(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from mechir.data import Pair, load_collection
+    from mechir.fingerprint import weights_fingerprint
+    from mechir.settings import check_device
 
-    from mechir import load_cross_encoder
-    from mechir.evaluation import evaluate, score_pairs
-
+    check_output_writable(args.output)
+    check_device(args.device)
+    max_length = resolve_max_length(args.model, args.max_length)
     col = load_collection(args.dataset, split=args.split, run=args.run)
     qids = col.query_ids(args.limit_queries)
-    pairs = col.candidates(depth=args.depth, query_ids=qids)
     by_query: dict[str, list[Pair]] = {}
-    for p in pairs:
+    for p in col.candidates(depth=args.depth, query_ids=qids):
         by_query.setdefault(p.qid, []).append(p)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    run = _resume(args.output, {q: len(ps) for q, ps in by_query.items()})
-    todo = [q for q in by_query if q not in run]
-    if run:
-        print(f"resuming: {len(run)} queries already in {args.output}", file=sys.stderr)
-    model = load_cross_encoder(args.model, device=args.device)
-    with open(args.output, "a", encoding="utf-8") as f:
-        for qid in tqdm(todo, desc="reranking", unit="query"):
-            ps = by_query[qid]
-            scores = score_pairs(
-                model, ps, batch_size=args.batch_size, max_length=args.max_length, progress=False
-            )
-            ranked = sorted(zip(ps, scores.tolist()), key=lambda x: (-x[1], x[0].docid))
-            f.write(
-                "".join(
-                    f"{qid} Q0 {p.docid} {i} {s:.6f} mechir\n" for i, (p, s) in enumerate(ranked, 1)
+    for p in (p for ps in by_query.values() for p in ps):
+        for what, text in (("query", p.query), ("document", p.document)):
+            if not text.strip():
+                raise UsageError(
+                    f"{col.name}: the {what} of query {p.qid!r}, document {p.docid!r} is empty; "
+                    "remove the pair from the run or fix the collection"
                 )
+    if not by_query:
+        raise UsageError(
+            f"{col.name}: no first-stage candidates for the {len(qids)} selected queries; "
+            "give a run with --run"
+        )
+    settings = {
+        "model": _normalised_source(args.model),
+        "weights": weights_fingerprint(args.model),
+        "dataset": _normalised_source(args.dataset),
+        "split": args.split,
+        "run": _normalised_source(args.run),
+        "depth": args.depth,
+        "max_length": max_length,
+    }
+    out = RerankOutput(args.output, settings)
+    try:
+        return _rerank_into(args, out, col, by_query, max_length)
+    finally:
+        out.close()
+
+
+def _rerank_into(
+    args: argparse.Namespace,
+    out: RerankOutput,
+    col: Any,
+    by_query: dict[str, list[Any]],
+    max_length: int | None,
+) -> int:
+    from mechir.store import ConfigMismatchError
+
+    for qid, stored in ((q, out.store.get(q)) for q in by_query):
+        if stored is not None and stored["docids"] != [p.docid for p in by_query[qid]]:
+            raise ConfigMismatchError(
+                f"{out.store.path}: query {qid} was scored on other candidates than the run "
+                "gives now; choose another --output"
             )
-            f.flush()
-            run[qid] = {p.docid: s for p, s in ranked}
-    result = evaluate(run, col.qrels, args.measures)
+    todo = [q for q in by_query if q not in out.store]
+    if len(todo) < len(by_query):
+        print(
+            f"resuming: {len(by_query) - len(todo)} of {len(by_query)} queries already in "
+            f"{out.store.path}",
+            file=sys.stderr,
+        )
+    if todo or "score_type" not in out.settings:
+        _score_queries(args, out, by_query, todo, max_length)
+
+    from mechir.evaluation import evaluate
+
+    stored = {row["unit"]: dict(zip(row["docids"], row["scores"])) for row in out.store}
+    selected = {q: stored[q] for q in by_query}
+    result = evaluate(selected, col.qrels, args.measures)
+    out.write(stored, result.per_query)
     summary = {
         "model": args.model,
         "dataset": col.name,
-        "queries": len(run),
-        "pairs": len(pairs),
+        "score_type": out.settings["score_type"],
+        "queries": len(selected),
+        "pairs": sum(len(ps) for ps in by_query.values()),
+        "queries_in_output": len(stored),
         **result.aggregate,
     }
     print(json.dumps(summary, indent=2))
-    result.per_query.to_csv(args.output.with_suffix(".per_query.csv"), index=False)
     return 0
 
 
+def _score_queries(
+    args: argparse.Namespace,
+    out: RerankOutput,
+    by_query: dict[str, list[Any]],
+    todo: list[str],
+    max_length: int | None,
+) -> None:
+    """Score each query's candidates and store the query as one unit (full precision)."""
+    from tqdm.auto import tqdm
+
+    from mechir.evaluation import score_pairs
+    from mechir.loading import load_cross_encoder
+
+    model = load_cross_encoder(args.model, device=args.device)
+    out.check_scoring(model.score_type)
+    for qid in tqdm(todo, desc="reranking", unit="query", disable=not args.progress):
+        pairs = by_query[qid]
+        try:
+            scores = score_pairs(
+                model, pairs, batch_size=args.batch_size, max_length=max_length, progress=False
+            )
+        except ValueError as err:
+            raise ValueError(f"query {qid}: {err}") from err
+        out.store.add(qid, {"docids": [p.docid for p in pairs], "scores": scores.tolist()})
+
+
+# ---------------------------------------------------------------------- entry point
+#: Subcommand name -> handler.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"score": _score, "rerank": _rerank}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return _score(args) if args.command == "score" else _rerank(args)
+    """Run ``mechir <command> ...``; returns the exit status (0, 2 for a user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+
+    def parse() -> argparse.Namespace:
+        from mechir.settings import user_defaults
+
+        return build_parser(user_defaults()).parse_args(argv)
+
+    return run_command(lambda args: COMMANDS[args.command](args), parse, prog=PROG, debug=debug)
 
 
 if __name__ == "__main__":

@@ -127,13 +127,25 @@ def read_run(path: str | Path) -> Run:
     return run
 
 
-def write_run(run: Run, path: str | Path, *, tag: str = "mechir") -> None:
-    """Write a TREC run file, documents ranked by descending score (ties by doc id)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for qid in sorted(run):
-            ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
-            for rank, (docid, score) in enumerate(ranked, 1):
-                f.write(f"{qid} Q0 {docid} {rank} {score:.6f} {tag}\n")
+def write_run(run: Run, path: str | Path, *, tag: str = "mechir", exact: bool = False) -> None:
+    """Write a TREC run file, documents ranked by descending score (ties by doc id).
+
+    The file is replaced atomically (written beside it, then renamed), so a reader never sees
+    a half-written run. ``exact=True`` writes each score in full precision (shortest repr that
+    reads back to the same float), so tools that re-sort by score see the same ranking;
+    otherwise scores are written with 6 decimals."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for qid in sorted(run):
+                ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
+                for rank, (docid, score) in enumerate(ranked, 1):
+                    text = repr(float(score)) if exact else f"{score:.6f}"
+                    f.write(f"{qid} Q0 {docid} {rank} {text} {tag}\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def top_k(run: Run, k: int) -> dict[str, list[str]]:

@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,9 @@ import torch
 
 from mechir.data import Pair, Qrels, Run
 from mechir.display import describe
-from mechir.model import HookedCrossEncoder, HooksArg
+
+if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
+    from mechir.model import HookedCrossEncoder, HooksArg
 
 
 def score_pairs(

@@ -1,4 +1,5 @@
-"""The ``mechir`` command on a tiny model saved to disk and a tiny collection."""
+"""The ``mechir`` command on a tiny model saved to disk and a tiny collection: scoring, and a
+rerank output that is lossless, locked, settings-checked and never adopts a foreign file."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 
 import pytest
 
+import mechir
 from mechir.cli import main
-from mechir.data import read_run
+from mechir.data import load_collection, read_run
+from mechir.evaluation import score_pairs
+from mechir.store import ResultsStore
 from tests.helpers import tiny_hf_model, tiny_tokenizer
 from tests.test_data import make_collection
 
@@ -18,6 +22,43 @@ def saved_model(tmp_path):
     tiny_hf_model().save_pretrained(path)
     tiny_tokenizer(tmp_path).save_pretrained(path)
     return path
+
+
+@pytest.fixture()
+def rerank_argv(saved_model, tmp_path):
+    (tmp_path / "col").mkdir()
+    make_collection(tmp_path / "col")
+    out = tmp_path / "out" / "run.trec"
+    argv = [
+        "rerank",
+        "--model",
+        str(saved_model),
+        "--dataset",
+        str(tmp_path / "col"),
+        "--split",
+        "test",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--output",
+        str(out),
+    ]
+    return argv, out
+
+
+def store_of(out):
+    return out.with_name(out.name + ".mechir.jsonl")
+
+
+def test_lazy_package_exports_every_public_name():
+    assert set(mechir.__all__) == set(mechir._LAZY)
+    for name in mechir.__all__:
+        assert getattr(mechir, name) is getattr(
+            __import__(mechir._LAZY[name], fromlist=[name]), name
+        )
+    assert mechir.hooks.head_knockout_hooks  # submodules on attribute access
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mechir.nope  # noqa: B018
 
 
 def test_score_command(saved_model, tmp_path, capsys):
@@ -43,36 +84,152 @@ def test_score_command(saved_model, tmp_path, capsys):
     )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["query"] for r in rows] == ["what cat", "dog"]
-    assert all(isinstance(r["score"], float) for r in rows)
+    model = mechir.load_cross_encoder(saved_model, device="cpu")
+    expected = model.score(model.encode(["what cat", "dog"], ["the cat runs", "a dog"]))
+    assert [r["score"] for r in rows] == expected.tolist()
 
 
-def test_rerank_command_resumes(saved_model, tmp_path, capsys):
-    (tmp_path / "col").mkdir()
-    make_collection(tmp_path / "col")
-    out = tmp_path / "out" / "run.trec"
-    argv = [
-        "rerank",
-        "--model",
-        str(saved_model),
-        "--dataset",
-        str(tmp_path / "col"),
-        "--split",
-        "test",
-        "--device",
-        "cpu",
-        "--output",
-        str(out),
-    ]
+def test_rerank_scores_are_exact_and_resume_is_identical(rerank_argv, saved_model, capsys):
+    argv, out = rerank_argv
     assert main(argv) == 0
-    first = out.read_text()
     summary = json.loads(capsys.readouterr().out)
     assert summary["queries"] == 2 and 0 <= summary["nDCG@10"] <= 1
-    # simulate an interruption: q2 complete is lost, q1 half written with a torn last line
-    lines = first.splitlines()
-    q1 = [line for line in lines if line.startswith("q1 ")]
-    out.write_text(q1[0] + "\n" + q1[1][:7])
+    assert summary["score_type"] == "logit"
+    first = out.read_text()
+    # the TREC file holds the full-precision scores of the same forward pass (no rounding)
+    model = mechir.load_cross_encoder(saved_model, device="cpu")
+    col = load_collection(out.parents[1] / "col", split="test")
+    pairs = [p for p in col.candidates(depth=100) if p.qid == "q1"]
+    expected = score_pairs(model, pairs, batch_size=32, progress=False).tolist()
+    assert [read_run(out)["q1"][p.docid] for p in pairs] == expected
+    # interruption: q2 lost, q1's line torn mid-write, the TREC run not yet written
+    lines = store_of(out).read_text().splitlines()
+    store_of(out).write_text(lines[0] + "\n" + lines[1][:20])
+    out.unlink()
     assert main(argv) == 0
-    (tmp_path / "first.trec").write_text(first)
-    assert read_run(out) == read_run(tmp_path / "first.trec")
-    assert len(out.read_text().splitlines()) == len(lines)  # no duplicate rows
-    assert (tmp_path / "out" / "run.per_query.csv").exists()
+    assert "resuming: 1 of 2" in capsys.readouterr().err
+    assert out.read_text() == first  # byte-identical to the uninterrupted run
+    assert len(store_of(out).read_text().splitlines()) == 2  # no duplicates
+    assert out.with_suffix(".per_query.csv").exists()
+    assert not store_of(out).with_suffix(".jsonl.lock").exists()  # removed on a clean finish
+
+
+def test_smaller_limit_queries_keeps_finished_work(rerank_argv, capsys):
+    argv, out = rerank_argv
+    assert main(argv) == 0
+    full = read_run(out)
+    capsys.readouterr()
+    assert main([*argv, "--limit-queries", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["queries"] == 1 and summary["queries_in_output"] == 2
+    assert read_run(out) == full  # nothing deleted
+    assert len(ResultsStore(store_of(out), lock=False)) == 2
+
+
+def test_foreign_output_file_is_refused_and_left_alone(rerank_argv, capsys):
+    argv, out = rerank_argv
+    out.parent.mkdir()
+    bm25 = "q1 Q0 d2 1 3.0 bm25\nq1 Q0 d1 2 2.0 bm25\n"
+    out.write_text(bm25)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "not written by mechir" in err
+    assert out.read_text() == bm25 and not store_of(out).exists()
+
+
+def test_edited_output_is_refused_and_no_line_is_lost(rerank_argv, capsys):
+    argv, out = rerank_argv
+    assert main(argv) == 0
+    lines = out.read_text().splitlines()
+    lines[1] = "garbage"
+    edited = "\n".join(lines) + "\n"
+    out.write_text(edited)
+    for _ in range(2):
+        assert main(argv) == 2
+        assert "changed since mechir wrote it" in capsys.readouterr().err
+        assert out.read_text() == edited
+
+
+def test_corrupt_store_line_is_an_error_and_nothing_is_cut(rerank_argv, capsys):
+    argv, out = rerank_argv
+    assert main(argv) == 0
+    out.unlink()
+    lines = store_of(out).read_text().splitlines()
+    corrupt = "not json\n" + lines[1] + "\n"
+    store_of(out).write_text(corrupt)
+    for _ in range(2):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unreadable line" in err and "Traceback" not in err
+        assert store_of(out).read_text() == corrupt
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [(["--max-length", "32"], "max_length"), (["--depth", "2"], "depth")],
+)
+def test_other_settings_on_resume_are_refused(rerank_argv, capsys, change, named):
+    argv, out = rerank_argv
+    assert main([*argv, "--max-length", "64"] if named == "depth" else argv) == 0
+    before = store_of(out).read_text()
+    capsys.readouterr()
+    assert main([*argv, *change]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "other settings" in err
+    assert store_of(out).read_text() == before
+
+
+def test_weights_replaced_in_place_are_a_mismatch(rerank_argv, saved_model, capsys):
+    argv, out = rerank_argv
+    assert main(argv) == 0
+    tiny_hf_model(seed=1).save_pretrained(saved_model)  # same path, new weights
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "weights" in capsys.readouterr().err
+
+
+def test_a_second_writer_is_refused(rerank_argv, capsys):
+    argv, out = rerank_argv
+    out.parent.mkdir()
+    with ResultsStore(store_of(out)):  # another run holds the lock
+        assert main(argv) == 2
+    assert "another process" in capsys.readouterr().err
+    assert not out.exists()
+
+
+HEAVY = ("torch", "transformers", "transformer_lens")
+
+
+def imported_after(code: str) -> list[str]:
+    """The heavy libraries a fresh interpreter has imported after running ``code``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    check = f"{code}\nimport sys\nprint('\\n' + ' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    proc = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    return proc.stdout.splitlines()[-1].split() if proc.stdout.strip() else []
+
+
+def test_import_and_help_load_no_model_library():
+    """Issue 15: ``import mechir``, ``mechir --help`` and argument errors stay instant because
+    they import none of torch / transformers / TransformerLens (timings: benchmarks/)."""
+    assert imported_after("import mechir, mechir.cli") == []
+    code = (
+        "from mechir.cli import main\n"
+        "for argv in (['--help'], ['rerank', '--help'], ['rerank', '--depth', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass"
+    )
+    assert imported_after(code) == []
+    assert imported_after("import analyses.direction_ablation, analyses.qk_svd") == ["torch"]

@@ -232,7 +232,7 @@ def test_running_batch_is_the_batch_of_each_forward(tiny, tiny_batch):
     )
     assert torch.equal(seen[0], tiny_batch.parts)
     with pytest.raises(RuntimeError, match="no forward pass is running"):
-        model.running_batch
+        _ = model.running_batch
 
 
 def test_unknown_hook_names_are_clear_errors(tiny, tiny_batch):

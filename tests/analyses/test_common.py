@@ -12,43 +12,16 @@ from analyses.common import (
     ConfigMismatchError,
     Unit,
     default_run_name,
+    open_study,
     prepare_output,
     run_units,
     study_config,
 )
 from analyses.floors import random_ranking_floor, worst_ranking_run
-from analyses.store import CorruptStoreError, ResultsStore, StoreLockedError
+from analyses.store import ResultsStore
 from analyses.summary import Summary, markdown_table
 from mechir.data import Pair
 from mechir.evaluation import evaluate
-
-
-def test_store_drops_a_torn_last_line_and_never_duplicates(tmp_path):
-    path = tmp_path / "r.jsonl"
-    with ResultsStore(path) as store:
-        store.add("a", {"x": 1})
-        store.add("b", {"x": [1.5, float("nan")]})
-        with pytest.raises(ValueError, match="already"):
-            store.add("a", {"x": 2})
-    with open(path, "ab") as f:
-        f.write(b'{"unit":"c","x":')  # killed mid-write
-    with ResultsStore(path) as store:
-        assert store.dropped_torn_line and store.units == ["a", "b"] and "c" not in store
-        assert path.read_text().count("\n") == 2  # the torn bytes are cut from the file
-        store.add("c", {"x": 3})
-    with ResultsStore(path) as store:
-        assert store.units == ["a", "b", "c"] and store.get("b")["x"][0] == 1.5
-        assert not store.dropped_torn_line
-
-
-def test_store_refuses_corruption_and_a_second_writer(tmp_path):
-    path = tmp_path / "r.jsonl"
-    path.write_text('{"unit":"a"}\nnot json\n{"unit":"b"}\n')
-    with pytest.raises(CorruptStoreError, match="only the last line may be torn"):
-        ResultsStore(path)
-    path.write_text('{"unit":"a"}\n')
-    with ResultsStore(path), pytest.raises(StoreLockedError, match="another process"):
-        ResultsStore(path)
 
 
 def test_run_units_skips_finished_units_and_stops_after_max_units(tmp_path):
@@ -81,6 +54,24 @@ def test_config_check(tmp_path):
     with pytest.raises(ConfigMismatchError, match="study 's'"):
         prepare_output(tmp_path / "out", "t", config, {})
     assert default_run_name(args, "zero") == f"m__{tmp_path.name}__zero"
+
+
+def test_weights_replaced_in_place_are_a_config_mismatch(tmp_path):
+    from tests.helpers import tiny_hf_model
+
+    model = tmp_path / "model"
+    tiny_hf_model().save_pretrained(model)
+    args = argparse.Namespace(
+        model=str(model), dataset="d", split=None, device="cpu", output=tmp_path / "out",
+        run_name=None, max_units=None, progress=True,
+    )  # fmt: skip
+    with open_study("s", args) as run:
+        assert run.config["weights"].startswith("sha256:")
+    with open_study("s", args):  # same weights: resumes
+        pass
+    tiny_hf_model(seed=1).save_pretrained(model)
+    with pytest.raises(ConfigMismatchError, match="weights: 'sha256:"):
+        open_study("s", args)
 
 
 def test_ranking_floors():

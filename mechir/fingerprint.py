@@ -1,0 +1,102 @@
+"""Fingerprints of model weights, so results computed with one set of weights are never mixed
+with results of another (a model directory whose weights were replaced in place, a retrained
+checkpoint saved under the same name).
+
+A fingerprint is ``"sha256:<hex>"`` over the weight files of a model directory (their names,
+sizes and bytes, in name order), or over the state dict of an in-memory model (parameter names,
+dtypes, shapes and bytes). Both are stable across processes and machines; file hashes are
+cached per process by (path, size, mtime, inode), so asking twice costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+#: Files holding a checkpoint's weights (safetensors shards, PyTorch pickles).
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+_CHUNK = 1 << 22
+_file_cache: dict[tuple[str, int, int, int], str] = {}
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory, sorted by name (empty if none)."""
+    d = Path(directory)
+    found = {p for pattern in WEIGHT_GLOBS for p in d.glob(pattern) if p.is_file()}
+    return sorted(found, key=lambda p: p.name)
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _file_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        _file_cache[key] = h.hexdigest()
+    return _file_cache[key]
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """``sha256:`` over each file's name, size and content digest, in the given order."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{p.name}\0{p.stat().st_size}\0{_file_digest(p)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def state_dict_fingerprint(module: Any) -> str:
+    """``sha256:`` over a module's state dict: names (sorted), dtypes, shapes and raw bytes.
+
+    Accepts anything with ``state_dict()`` (a ``torch.nn.Module``, a HookedCrossEncoder)."""
+    import torch
+
+    h = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def local_model_directory(model: str | os.PathLike) -> Path | None:
+    """The directory holding ``model``'s files: the path itself when it is a directory, the
+    Hugging Face cache snapshot of a hub id when one is cached, else None (nothing is
+    downloaded)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception:  # not cached, not a valid repo id, hub library missing
+        return None
+
+
+def weights_fingerprint(model: Any) -> str | None:
+    """A stable fingerprint of ``model``'s weights.
+
+    Args:
+        model: a local checkpoint directory, a hub id (fingerprinted from the local cache), or
+            an in-memory model with ``state_dict()``.
+
+    Returns:
+        ``"sha256:<hex>"``; None for a hub id that is not in the local cache, or a directory
+        without weight files (nothing to fingerprint without downloading).
+    """
+    if hasattr(model, "state_dict"):
+        return state_dict_fingerprint(model)
+    directory = local_model_directory(model)
+    if directory is None:
+        return None
+    files = weight_files(directory)
+    return files_fingerprint(files) if files else None
