@@ -15,31 +15,6 @@ A typical study::
 """
 
 from patching.attribution import attribution_patch, attribution_vs_exact
-from patching.patch import (
-    COMPONENTS,
-    DEFAULT_MEMORY_BUDGET,
-    PART_LABELS,
-    HeadTarget,
-    NeuronTarget,
-    PatchTarget,
-    PatternTarget,
-    PooledTarget,
-    ResidTarget,
-    head_patch_hooks,
-    head_target,
-    neuron_patch_hooks,
-    neuron_target,
-    patch_sweep,
-    patch_sweep_reference,
-    pattern_patch_hooks,
-    pattern_target,
-    pooled_patch_hooks,
-    pooled_target,
-    resid_patch_hooks,
-    resid_target,
-    rows_per_chunk,
-    run_from_layers,
-)
 from patching.path import (
     CHANNELS,
     path_freeze_hooks,
@@ -60,7 +35,31 @@ from patching.perturbations import (
     pad_differing_span,
 )
 from patching.plotting import plot_heatmap, plot_patching
+from patching.reference import patch_sweep_reference
 from patching.results import DEFAULT_MIN_DELTA, HeatmapData, PatchingResult, patching_metric
+from patching.sweep import (
+    DEFAULT_MEMORY_BUDGET,
+    PROGRESS_MIN_CELLS,
+    patch_sweep,
+    rows_per_chunk,
+    run_from_layers,
+)
+from patching.targets import (
+    COMPONENTS,
+    PART_LABELS,
+    PatchTarget,
+    head_patch_hooks,
+    head_target,
+    neuron_patch_hooks,
+    neuron_target,
+    pattern_patch_hooks,
+    pattern_target,
+    pooled_patch_hooks,
+    pooled_target,
+    qk_target,
+    resid_patch_hooks,
+    resid_target,
+)
 
 __all__ = [
     "CHANNELS",
@@ -72,16 +71,12 @@ __all__ = [
     "STOPWORDS",
     "AlignedPairs",
     "BuiltPairs",
-    "HeadTarget",
     "HeatmapData",
-    "NeuronTarget",
     "PairBuilder",
     "PatchTarget",
+    "PROGRESS_MIN_CELLS",
     "PatchingResult",
-    "PatternTarget",
     "PerturbedPair",
-    "PooledTarget",
-    "ResidTarget",
     "TermStatistics",
     "attribution_patch",
     "attribution_vs_exact",
@@ -104,6 +99,7 @@ __all__ = [
     "pooled_patch_hooks",
     "pooled_target",
     "receiver_input_hooks",
+    "qk_target",
     "resid_patch_hooks",
     "resid_target",
     "rows_per_chunk",

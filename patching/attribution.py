@@ -7,7 +7,7 @@ For a cell ``c`` (a set of activation entries ``a_c``) the patched score is appr
 which is exact when the score is affine in ``a_c`` (e.g. the pooled output, whose score is
 ``pooled . W + b``). Every cell of a target comes from two forward passes (clean, cached; corrupted,
 with gradients) and one backward pass per group of pairs. :func:`attribution_vs_exact` reports how
-well it agrees with exact patching (:func:`patching.patch.patch_sweep`).
+well it agrees with exact patching (:func:`patching.sweep.patch_sweep`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from scipy import stats
 from torch import Tensor
 
 from mechir.model import HookedCrossEncoder
-from patching.patch import PatchTarget
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA, PatchingResult
+from patching.targets import PatchTarget
 
 
 def _leaf_hook(act: Tensor, hook: Any) -> Tensor:
@@ -49,17 +49,17 @@ def attribution_patch(
 
     Returns:
         A :class:`PatchingResult` with ``method="attribution"``, on the same grid as
-        :func:`patching.patch.patch_sweep` for the same target.
+        :func:`patching.sweep.patch_sweep` for the same target.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     width = pairs.clean.input_ids.shape[1]
     dims, coords = target.grid(model, width)
     shape = tuple(len(coords[d]) for d in dims)
-    cells = target.cells(model, width)
+    cells = target.cell_rows(model, width)
     flat = target.flat_index(model, cells, width)
     valid = target.valid(cells, pairs.lengths)
-    layers = target.layers(model)
+    layers = target.target_layers(model)
     names = [target.hook_name(layer) for layer in layers]
     n = len(pairs)
     patched = torch.full((n, int(np.prod(shape)) if shape else 1), float("nan"))
