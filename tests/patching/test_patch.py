@@ -154,3 +154,13 @@ def test_target_errors(model, pairs):
         patch_sweep(model, pairs, neuron_target({0: [999]}))
     with pytest.raises(ValueError, match="batch_size"):
         patch_sweep(model, pairs, head_target(), batch_size=-1)
+
+
+def test_progress_counts_cells_with_a_total(model, pairs, capsys):
+    target = head_target(by="part", heads=["0/1", "1/2"])
+    patch_sweep(model, pairs, target, progress=True)
+    err = capsys.readouterr().err
+    total = 2 * 5 * len(pairs)  # heads x parts x pairs
+    assert f"{total}/{total}" in err and "cell" in err and "4 pairs" in err
+    patch_sweep(model, pairs, target)  # default: short sweeps stay quiet
+    assert capsys.readouterr().err == ""
