@@ -14,6 +14,7 @@ from patching import (
     patch_sweep,
     pattern_target,
     pooled_target,
+    qk_target,
     resid_target,
 )
 from tests.patching.conftest import make_model
@@ -48,6 +49,10 @@ LINEAR_TARGETS = {
     "mlp_out/part": resid_target("mlp_out", by="part", layers=1),
     "pooled/all": pooled_target(),
     "pooled/dimension": pooled_target(by="dimension"),
+    # AtP*: the softmax is recomputed, so keys/queries of the last layer are exact too
+    "k/all": qk_target("k", heads=["1/0", "1/1", "1/2", "1/3"]),
+    "k/part": qk_target("k", by="part", heads=["1/1", "1/2"]),
+    "q/position": qk_target("q", by="position", heads=["1/3"]),
 }
 
 
@@ -64,6 +69,19 @@ def test_attribution_is_exact_on_a_model_linear_in_the_activation(linear_tail, p
     )
     effect = (exact.patched - exact.corrupted.view(-1, *[1] * (exact.patched.dim() - 1))).abs()
     assert effect.nan_to_num().max() > 1e-2  # the check is not vacuous
+
+
+def test_plain_attribution_linearises_through_the_softmax(linear_tail, pairs):
+    """Without the AtP* correction the key estimate goes through the softmax's tangent: wrong on
+    the same model where the corrected estimate is exact."""
+    target = qk_target("k", heads=["1/0", "1/1", "1/2", "1/3"])
+    exact = patch_sweep(linear_tail, pairs, target)
+    plain = attribution_patch(linear_tail, pairs, target, atp_star=False)
+    star = attribution_patch(linear_tail, pairs, target)
+    err_plain = (plain.patched - exact.patched).nan_to_num().abs().max()
+    err_star = (star.patched - exact.patched).nan_to_num().abs().max()
+    scale = max(1.0, float(exact.patched.nan_to_num().abs().max()))
+    assert err_plain > 1e-2 * scale and err_star < 1e-5 * scale
 
 
 def test_attribution_is_only_approximate_through_nonlinearities(model, pairs):

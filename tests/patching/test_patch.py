@@ -13,6 +13,7 @@ from patching import (
     patch_sweep_reference,
     pattern_target,
     pooled_target,
+    qk_target,
     resid_patch_hooks,
     resid_target,
     run_from_layers,
@@ -31,6 +32,8 @@ TARGETS = {
     "neuron document": neuron_target({1: range(0, 128, 9)}, parts="document"),
     "pooled/all": pooled_target(),
     "pooled/dimension": pooled_target(by="dimension"),
+    "k/part": qk_target("k", by="part", heads=["0/2", "1/1"]),
+    "q/position": qk_target("q", by="position", heads=["0/0"]),
 }
 
 
