@@ -12,9 +12,11 @@ A typical study::
     result = patch_sweep(model, pairs, head_target())       # every layer x head
     result.to_frame()                                       # tidy table
     plot_patching(result).savefig("heads.png")              # per relevance grade
+    top = patch_top_cells(model, pairs, head_target(by="part"), k=10)  # exact top 10, guided
 """
 
 from patching.attribution import attribution_patch, attribution_vs_exact
+from patching.guided import TopCells, patch_top_cells
 from patching.path import (
     CHANNELS,
     path_freeze_hooks,
@@ -78,6 +80,7 @@ __all__ = [
     "PatchingResult",
     "PerturbedPair",
     "TermStatistics",
+    "TopCells",
     "attribution_patch",
     "attribution_vs_exact",
     "default_analyzer",
@@ -88,6 +91,7 @@ __all__ = [
     "pad_differing_span",
     "patch_sweep",
     "patch_sweep_reference",
+    "patch_top_cells",
     "patching_metric",
     "path_freeze_hooks",
     "path_patch",

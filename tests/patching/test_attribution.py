@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from patching import (
     attribution_patch,
@@ -17,27 +16,6 @@ from patching import (
     qk_target,
     resid_target,
 )
-from tests.patching.conftest import make_model
-
-
-def _affine_ln(ln: nn.Module):
-    return lambda x: (x - x.mean(-1, keepdim=True)) * ln.w + ln.b
-
-
-@pytest.fixture(scope="module")
-def linear_tail(tok):
-    """A tiny model whose score is affine in every activation of its last layer from the head
-    outputs on: the last block's LayerNorms keep their centring but not their (nonlinear) scaling,
-    its MLP activation is the identity, and so is the pooler's tanh. Attention patterns stay
-    softmax, but the last layer's patterns feed only ``z = pattern @ v`` (linear) downstream."""
-    model = make_model(tok, seed=3)
-    last = model.blocks[-1]
-    for ln in (last.ln1, last.ln2):
-        ln.forward = _affine_ln(ln)
-    last.mlp.act_fn = lambda x: x
-    model.pooler.activation = nn.Identity()
-    return model
-
 
 LINEAR_TARGETS = {
     "z/all": head_target(heads=["1/0", "1/1", "1/2", "1/3"]),
