@@ -19,7 +19,7 @@ well it agrees with exact patching (:func:`patching.sweep.patch_sweep`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,12 +49,15 @@ def attribution_patch(
     *,
     batch_size: int = 16,
     atp_star: bool = True,
+    gradient: Literal["corrupted", "mean"] = "corrupted",
 ) -> PatchingResult:
     """Approximate patched scores for every cell of ``target`` from gradients.
 
     ``patched[i, c] = corrupted_i + sum_{e in c} (clean_e - corrupted_e) * grad_e``, with the
     score's gradient at the corrupted run; two forwards and one backward per ``batch_size`` pairs.
     With ``atp_star`` (default), query/key targets recompute the attention softmax (module doc).
+    ``gradient="mean"`` uses the mean of the gradients at the corrupted and at the clean run
+    (a two-point, trapezoid-like rule; one more backward pass), except for AtP* cells.
 
     Returns:
         A :class:`PatchingResult` with ``method="attribution"``, on the same grid as
@@ -62,6 +65,8 @@ def attribution_patch(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if gradient not in ("corrupted", "mean"):
+        raise ValueError(f"unknown gradient={gradient!r}: choose 'corrupted' or 'mean'")
     width = pairs.clean.input_ids.shape[1]
     dims, coords = target.grid(model, width)
     shape = tuple(len(coords[d]) for d in dims)
@@ -81,6 +86,15 @@ def attribution_patch(
         b = len(group)
         with torch.no_grad():
             c_score, clean = model.run_with_cache(group.clean, names_filter=names)
+        clean_grads = None
+        if gradient == "mean" and not qk:
+            c_acts: dict[str, Tensor] = {}
+            c_hooks = [("hook_full_embed", _leaf_hook)] + [
+                (nm, partial(_store_hook, c_acts)) for nm in names
+            ]
+            with torch.enable_grad(), model.hooks(fwd_hooks=c_hooks):
+                c_out = model(group.clean)
+                clean_grads = torch.autograd.grad(c_out.sum(), [c_acts[nm] for nm in names])
         acts: dict[str, Tensor] = {}
         stored = names + (extra + patterns if qk else [])
         hooks = [("hook_full_embed", _leaf_hook)] + [
@@ -92,7 +106,9 @@ def attribution_patch(
             grads = torch.autograd.grad(k_score.sum(), [acts[nm] for nm in wrt])
         parts = group.corrupted.parts.to(k_score.device)
         dense = torch.zeros(b, *shape, dtype=torch.float64)
-        for layer, name, grad in zip(layers, names, grads):
+        for i_layer, (layer, name, grad) in enumerate(zip(layers, names, grads)):
+            if clean_grads is not None:
+                grad = (grad + clean_grads[i_layer]) / 2
             if qk:
                 scale = model.blocks[layer].attn.attn_scale
                 reduced = _qk_softmax_estimate(

@@ -4,8 +4,8 @@ A full exact sweep costs one (partial) forward per (pair, cell); attribution pat
 every cell from one forward and one backward. :func:`patch_top_cells` combines them:
 
 1. **Estimate** every cell's effect ``e_c = s_patch[c] - s_corr`` with attribution patching
-   (:func:`patching.attribution.attribution_patch`, with the AtP* softmax recomputation for
-   query/key targets): ``ê_c``.
+   (:func:`patching.attribution.attribution_patch`; by default with the mean of the corrupted
+   and clean runs' gradients, and the AtP* softmax recomputation for query/key targets): ``ê_c``.
 2. **Verify** cells exactly (the batched engine of :mod:`patching.sweep`) in order of decreasing
    ``|ê_c|``: ``k`` cells first, then ``step`` more per round, all pairs' rows of a round in the
    same expanded forward passes.
@@ -36,7 +36,7 @@ the cells it does not verify):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -165,6 +165,7 @@ def patch_top_cells(
     batch_size: int | None = None,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
     attribution_batch_size: int = 16,
+    gradient: Literal["corrupted", "mean"] = "mean",
     progress: bool | None = None,
 ) -> TopCells:
     """The exact top-``k`` cells of ``target`` per pair (or averaged over pairs), patching only
@@ -182,6 +183,9 @@ def patch_top_cells(
         step: cells verified per unit in each round after the first ``k`` (default ``ceil(k/2)``).
         max_cells: at most this many cells verified per unit (default: no limit).
         batch_size, memory_budget: rows per exact forward pass (as in :func:`patch_sweep`).
+        gradient: the estimates' gradient (:func:`attribution_patch`): ``"mean"`` of the
+            corrupted and clean runs' (default; one more backward pass, about half the error of
+            ``"corrupted"`` on the shared model's head x part cells) or the corrupted run's.
         progress: a bar over units (pairs, or rounds when averaged); None: on for >= 2000 cells.
     """
     if k < 1:
@@ -202,7 +206,9 @@ def patch_top_cells(
     rows_budget = batch_size or rows_per_chunk(model, width, memory_budget)
     n = len(pairs)
 
-    approx = attribution_patch(model, pairs, target, batch_size=attribution_batch_size)
+    approx = attribution_patch(
+        model, pairs, target, batch_size=attribution_batch_size, gradient=gradient
+    )
     est_pair = approx.patched.reshape(n, -1)[:, flat].double() - approx.corrupted.double()[:, None]
     clean, corrupted = torch.empty(n), torch.empty(n)
     limit = max_cells or len(cells)
