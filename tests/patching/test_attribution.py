@@ -92,3 +92,32 @@ def test_attribution_vs_exact_needs_matching_results(model, pairs):
         attribution_vs_exact(a, e)
     with pytest.raises(ValueError, match="batch_size"):
         attribution_patch(model, pairs, head_target(), batch_size=0)
+
+
+def test_mean_gradient_estimate_against_a_hand_written_two_run_formula(model, pairs):
+    """``gradient="mean"``: effect of patching all of ``blocks.1.hook_resid_pre`` equals
+    ``sum (a_clean - a_corr) * (g_clean + g_corr) / 2`` with the gradients of two plain runs."""
+    name = "blocks.1.hook_resid_pre"
+    target = resid_target("resid_pre", by="all", layers=1)
+    approx = attribution_patch(model, pairs, target, gradient="mean", batch_size=3)
+    acts, grads = {}, {}
+    for which, batch in (("clean", pairs.clean), ("corr", pairs.corrupted)):
+
+        def keep(act, hook, which=which):
+            act.retain_grad()
+            acts[which] = act
+            return act
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep)]):
+            model(batch).sum().backward()
+        grads[which] = acts[which].grad
+    model.zero_grad(set_to_none=True)
+    diff = (acts["clean"] - acts["corr"]).detach().double()
+    mean = (grads["clean"] + grads["corr"]).double() / 2
+    expected = (diff * mean).sum((1, 2))
+    got = (approx.patched[:, 1] - approx.corrupted).double()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    plain = attribution_patch(model, pairs, target)
+    assert ((plain.patched[:, 1] - approx.patched[:, 1]).abs() > 1e-4).any()  # not the same rule
+    with pytest.raises(ValueError, match="unknown gradient"):
+        attribution_patch(model, pairs, target, gradient="clean")
