@@ -19,6 +19,7 @@ This module also keeps plain hook factories (:func:`resid_patch_hooks`, :func:`h
 from __future__ import annotations
 
 import string
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -418,8 +419,54 @@ def pooled_target(*, by: Literal["all", "dimension"] = "all") -> PatchTarget:
     return PatchTarget(f"pooled/{by}", "pooler.hook_pooler_out", ("dimension",), cells)
 
 
+# ====================================================================== deprecated aliases
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is deprecated: targets are PatchTarget descriptions; use {new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def HeadTarget(by: Any = "all", heads: Any = None) -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`head_target`."""
+    _deprecated("HeadTarget", "head_target(by=..., heads=...)")
+    return head_target(by=by, heads=heads)
+
+
+def ResidTarget(  # noqa: N802
+    component: Any = "resid_pre", by: Any = "position", layer_selection: Any = None
+) -> PatchTarget:
+    """Deprecated: :func:`resid_target`."""
+    _deprecated("ResidTarget", "resid_target(component, by=..., layers=...)")
+    return resid_target(component, by=by, layers=layer_selection)
+
+
+def PatternTarget(heads: Any = None) -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`pattern_target`."""
+    _deprecated("PatternTarget", "pattern_target(heads=...)")
+    return pattern_target(heads=heads)
+
+
+def NeuronTarget(neurons: Any = None, parts: Any = None) -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`neuron_target`."""
+    _deprecated("NeuronTarget", "neuron_target(neurons, parts=...)")
+    return neuron_target(neurons, parts=parts)
+
+
+def PooledTarget(by: Any = "all") -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`pooled_target`."""
+    _deprecated("PooledTarget", "pooled_target(by=...)")
+    return pooled_target(by=by)
+
+
 __all__ = [
     "COMPONENTS",
+    "HeadTarget",
+    "NeuronTarget",
+    "PatternTarget",
+    "PooledTarget",
+    "ResidTarget",
     "PART_LABELS",
     "PatchTarget",
     "head_patch_hooks",

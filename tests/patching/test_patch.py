@@ -167,3 +167,18 @@ def test_progress_counts_cells_with_a_total(model, pairs, capsys):
     assert f"{total}/{total}" in err and "cell" in err and "4 pairs" in err
     patch_sweep(model, pairs, target)  # default: short sweeps stay quiet
     assert capsys.readouterr().err == ""
+
+
+def test_old_target_classes_are_deprecated_aliases(model, pairs):
+    from patching import HeadTarget, NeuronTarget, PooledTarget, ResidTarget
+
+    with pytest.deprecated_call():
+        old = HeadTarget("part", ("0/1",))
+    assert old.name == "z/part" and old.cells == ("head", "part")
+    assert old.cell_rows(model, 8).tolist() == [[0, 1, p] for p in range(5)]
+    with pytest.deprecated_call():
+        assert ResidTarget("attn_out", "part").name == "attn_out/part"
+    with pytest.deprecated_call():
+        assert NeuronTarget({0: [1]}, ("document",)).only_parts is not None
+    with pytest.deprecated_call():
+        assert PooledTarget("dimension").cells == ("dimension",)
