@@ -16,10 +16,8 @@ Runs are interleaved (sweep, guided per safety margin ``--rtol``, repeated) in o
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -138,6 +136,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not (SHARED_MODEL.exists() and SCIFACT.exists()):
         raise SystemExit(f"needs the shared assets: {SHARED_MODEL} and {SCIFACT}")
+    from bench_patching import environment  # benchmarks/ is on the path of a script run
+
     from mechir import load_cross_encoder
     from patching import head_target
 
@@ -160,15 +160,7 @@ def main() -> None:
         "pair_ids": list(pairs.pair_ids),
         "seq_len": int(pairs.clean.input_ids.shape[1]),
         "settings": "atol=0, window=2, step=ceil(k/2), gradient=mean; rtol per row",
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformer_lens": importlib.metadata.version("transformer-lens"),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
+        "environment": environment(load_before),
         "results": results,
     }
     device = "gpu" if args.device.startswith("cuda") else "cpu"

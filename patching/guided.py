@@ -126,6 +126,28 @@ class TopCells:
         )
 
 
+@dataclass
+class _Run:
+    """What the verification loops share: inputs, estimates, the rule and the budgets."""
+
+    model: HookedCrossEncoder
+    pairs: AlignedPairs
+    target: PatchTarget
+    approx: PatchingResult
+    est_pair: Float[Tensor, "pair cell"]
+    cells: Int[Tensor, "cell 1+n_sub"]
+    valid: Bool[Tensor, "pair cell"]
+    clean: Tensor  # [pair], filled in
+    corrupted: Tensor  # [pair], filled in
+    k: int
+    step: int
+    limit: int
+    rule: tuple[float, float, float]
+    rows_budget: int
+    show: bool
+    min_delta: float
+
+
 def _stop(
     est_abs: Tensor, exact_abs: Tensor, error: Tensor, verified: Tensor, k: int, rule: tuple
 ) -> bool:
@@ -215,60 +237,42 @@ def patch_top_cells(
     limit = max_cells or len(cells)
     show = int(valid.sum()) >= 2000 if progress is None else progress
 
-    run = _averaged if average else _per_pair
-    est, exact, verified, unit_valid, certified, units, n_rows = run(
+    run = _Run(
         model, pairs, target, approx, est_pair, cells, valid, clean, corrupted,
-        k=k, step=step, limit=limit, rule=rule, rows_budget=rows_budget, show=show,
-        min_delta=min_delta,
+        k, step, limit, rule, rows_budget, show, min_delta,
     )  # fmt: skip
+    verify = _averaged if average else _per_pair
+    est, exact, verified, unit_valid, certified, units, n_rows = verify(run)
     return _result(
         target, dims, coords, shape, k, units, "metric" if average else "effect", flat,
         est, exact, verified, unit_valid, certified, clean, corrupted, n_rows, int(valid.sum()),
     )  # fmt: skip
 
 
-def _per_pair(
-    model: HookedCrossEncoder,
-    pairs: AlignedPairs,
-    target: PatchTarget,
-    approx: PatchingResult,
-    est_pair: Float[Tensor, "pair cell"],
-    cells: Int[Tensor, "cell 1+n_sub"],
-    valid: Bool[Tensor, "pair cell"],
-    clean: Tensor,
-    corrupted: Tensor,
-    *,
-    k: int,
-    step: int,
-    limit: int,
-    rule: tuple[float, float, float],
-    rows_budget: int,
-    show: bool,
-    min_delta: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
+def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
     """Verify pair by pair, in rounds over the pairs of each cached group."""
-    n = len(pairs)
-    est, exact = est_pair, torch.full_like(est_pair, float("nan"))
-    verified = torch.zeros_like(valid)
+    n = len(s.pairs)
+    est, exact = s.est_pair, torch.full_like(s.est_pair, float("nan"))
+    verified = torch.zeros_like(s.valid)
     certified = torch.zeros(n, dtype=torch.bool)
     n_rows = 0
-    first = torch.minimum(valid.sum(1), torch.tensor(2 * k))
-    with progress_bar(n, show, f"top-{k} {target.name}", "pair") as bar:
-        for group in cached_groups(model, pairs, target, first, rows_budget):
-            clean[group.index] = group.clean_scores
-            corrupted[group.index] = group.corrupted_scores
+    first = torch.minimum(s.valid.sum(1), torch.tensor(2 * s.k))
+    with progress_bar(n, s.show, f"top-{s.k} {s.target.name}", "pair") as bar:
+        for group in cached_groups(s.model, s.pairs, s.target, first, s.rows_budget):
+            s.clean[group.index] = group.clean_scores
+            s.corrupted[group.index] = group.corrupted_scores
             active = list(range(len(group.index)))
-            want = k
+            want = s.k
             while active:
                 p_rows, c_rows = [], []
                 for i in active:
                     p = int(group.index[i])
-                    room = limit - int(verified[p].sum())
-                    new = _next_cells(est[p].abs(), verified[p], valid[p], min(want, room))
+                    room = s.limit - int(verified[p].sum())
+                    new = _next_cells(est[p].abs(), verified[p], s.valid[p], min(want, room))
                     p_rows.append(torch.full((len(new),), i))
                     c_rows.append(new)
                 pr, cr = torch.cat(p_rows), torch.cat(c_rows)
-                scores = score_cells(model, group, target, cells, pr, cr, rows_budget)
+                scores = score_cells(s.model, group, s.target, s.cells, pr, cr, s.rows_budget)
                 n_rows += len(pr)
                 pairs_of = group.index[pr]
                 exact[pairs_of, cr] = scores.double() - group.corrupted_scores.double()[pr]
@@ -276,70 +280,52 @@ def _per_pair(
                 still = []
                 for i in active:
                     p = int(group.index[i])
-                    v = valid[p]
+                    v = s.valid[p]
                     e, x = est[p, v], exact[p, v]
-                    done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[p, v], k, rule)
-                    if done or int(verified[p].sum()) >= limit:
+                    done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[p, v], s.k, s.rule)
+                    if done or int(verified[p].sum()) >= s.limit:
                         certified[p] = done
                         bar.update(1)
                     else:
                         still.append(i)
-                active, want = still, step
-    return est, exact, verified, valid, certified, list(pairs.pair_ids), n_rows
+                active, want = still, s.step
+    return est, exact, verified, s.valid, certified, list(s.pairs.pair_ids), n_rows
 
 
-def _averaged(
-    model: HookedCrossEncoder,
-    pairs: AlignedPairs,
-    target: PatchTarget,
-    approx: PatchingResult,
-    est_pair: Float[Tensor, "pair cell"],
-    cells: Int[Tensor, "cell 1+n_sub"],
-    valid: Bool[Tensor, "pair cell"],
-    clean: Tensor,
-    corrupted: Tensor,
-    *,
-    k: int,
-    step: int,
-    limit: int,
-    rule: tuple[float, float, float],
-    rows_budget: int,
-    show: bool,
-    min_delta: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
+def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
     """Verify the mean normalized metric: every included pair patched for each chosen cell."""
-    delta = approx.clean.double() - approx.corrupted.double()
-    keep = delta.abs() >= min_delta
+    delta = s.approx.clean.double() - s.approx.corrupted.double()
+    keep = delta.abs() >= s.min_delta
     if not keep.any():
         raise ValueError(
-            f"no pair has |clean - corrupted| >= min_delta={min_delta}: nothing to average"
+            f"no pair has |clean - corrupted| >= min_delta={s.min_delta}: nothing to average"
         )
-    weights = (valid & keep[:, None]).double()
+    weights = (s.valid & keep[:, None]).double()
     count = weights.sum(0)
     unit_valid = (count > 0)[None]
-    metric_est = (est_pair / delta.where(keep, 1.0)[:, None]).nan_to_num() * weights
+    metric_est = (s.est_pair / delta.where(keep, 1.0)[:, None]).nan_to_num() * weights
     est = (metric_est.sum(0) / count.clamp(min=1))[None]
     exact = torch.full_like(est, float("nan"))
     verified = torch.zeros_like(unit_valid)
     certified = torch.zeros(1, dtype=torch.bool)
-    kept = pairs[keep.nonzero()[:, 0].tolist()]
+    kept = s.pairs[keep.nonzero()[:, 0].tolist()]
     kept_index = keep.nonzero()[:, 0]
-    groups = list(cached_groups(model, kept, target, valid[keep].sum(1), rows_budget))
+    groups = list(cached_groups(s.model, kept, s.target, s.valid[keep].sum(1), s.rows_budget))
     for group in groups:
-        clean[kept_index[group.index]] = group.clean_scores
-        corrupted[kept_index[group.index]] = group.corrupted_scores
-    clean[~keep], corrupted[~keep] = approx.clean[~keep], approx.corrupted[~keep]
-    n_rows, want = 0, k
-    with progress_bar(len(cells), show, f"top-{k} {target.name} (mean)", "cell") as bar:
+        s.clean[kept_index[group.index]] = group.clean_scores
+        s.corrupted[kept_index[group.index]] = group.corrupted_scores
+    s.clean[~keep], s.corrupted[~keep] = s.approx.clean[~keep], s.approx.corrupted[~keep]
+    n_rows, want = 0, s.k
+    with progress_bar(len(s.cells), s.show, f"top-{s.k} {s.target.name} (mean)", "cell") as bar:
         while True:
-            room = limit - int(verified.sum())
+            room = s.limit - int(verified.sum())
             new = _next_cells(est[0].abs(), verified[0], unit_valid[0], min(want, room))
             total = torch.zeros(len(new), dtype=torch.float64)
             for group in groups:
                 g_pairs = kept_index[group.index]
-                ok = valid[g_pairs][:, new]
+                ok = s.valid[g_pairs][:, new]
                 pr, cr = ok.nonzero(as_tuple=True)
-                scores = score_cells(model, group, target, cells, pr, new[cr], rows_budget)
+                scores = score_cells(s.model, group, s.target, s.cells, pr, new[cr], s.rows_budget)
                 n_rows += len(pr)
                 d = delta[g_pairs][pr]
                 metric = (scores.double() - group.corrupted_scores.double()[pr]) / d
@@ -349,11 +335,11 @@ def _averaged(
             bar.update(len(new))
             v = unit_valid[0]
             e, x = est[0, v], exact[0, v]
-            done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[0, v], k, rule)
-            if done or int(verified.sum()) >= limit:
+            done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[0, v], s.k, s.rule)
+            if done or int(verified.sum()) >= s.limit:
                 certified[0] = done
                 break
-            want = step
+            want = s.step
     return est, exact, verified, unit_valid, certified, ["mean"], n_rows
 
 
