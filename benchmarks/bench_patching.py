@@ -73,6 +73,22 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return out, seconds, (peak - before) / 1024 if resettable and before >= 0 else float("nan")
 
 
+def environment(load_before: tuple[float, ...], note: str | None = None) -> dict[str, Any]:
+    """Versions, CPU and torch threads, load averages before and now (for the JSON reports)."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformer_lens": importlib.metadata.version("transformer-lens"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+    if note:
+        env["note"] = note
+    return env
+
+
 # ---------------------------------------------------------------------- models and pairs
 def shared_setup(max_length: int, n_pairs: int):
     from mechir import load_cross_encoder
@@ -228,16 +244,9 @@ def main() -> None:
         "gpu": "not available in this environment"
         if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformer_lens": importlib.metadata.version("transformer-lens"),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-            "note": "CPU shared with other processes; runs interleaved, medians reported",
-        },
+        "environment": environment(
+            load_before, "CPU shared with other processes; runs interleaved, medians reported"
+        ),
         "settings": vars(args),
         "results": results,
     }

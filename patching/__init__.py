@@ -12,34 +12,11 @@ A typical study::
     result = patch_sweep(model, pairs, head_target())       # every layer x head
     result.to_frame()                                       # tidy table
     plot_patching(result).savefig("heads.png")              # per relevance grade
+    top = patch_top_cells(model, pairs, head_target(by="part"), k=10)  # exact top 10, guided
 """
 
 from patching.attribution import attribution_patch, attribution_vs_exact
-from patching.patch import (
-    COMPONENTS,
-    DEFAULT_MEMORY_BUDGET,
-    PART_LABELS,
-    HeadTarget,
-    NeuronTarget,
-    PatchTarget,
-    PatternTarget,
-    PooledTarget,
-    ResidTarget,
-    head_patch_hooks,
-    head_target,
-    neuron_patch_hooks,
-    neuron_target,
-    patch_sweep,
-    patch_sweep_reference,
-    pattern_patch_hooks,
-    pattern_target,
-    pooled_patch_hooks,
-    pooled_target,
-    resid_patch_hooks,
-    resid_target,
-    rows_per_chunk,
-    run_from_layers,
-)
+from patching.guided import TopCells, patch_top_cells
 from patching.path import (
     CHANNELS,
     path_freeze_hooks,
@@ -60,7 +37,36 @@ from patching.perturbations import (
     pad_differing_span,
 )
 from patching.plotting import plot_heatmap, plot_patching
+from patching.reference import patch_sweep_reference
 from patching.results import DEFAULT_MIN_DELTA, HeatmapData, PatchingResult, patching_metric
+from patching.sweep import (
+    DEFAULT_MEMORY_BUDGET,
+    PROGRESS_MIN_CELLS,
+    patch_sweep,
+    rows_per_chunk,
+    run_from_layers,
+)
+from patching.targets import (
+    COMPONENTS,
+    PART_LABELS,
+    HeadTarget,
+    NeuronTarget,
+    PatchTarget,
+    PatternTarget,
+    PooledTarget,
+    ResidTarget,
+    head_patch_hooks,
+    head_target,
+    neuron_patch_hooks,
+    neuron_target,
+    pattern_patch_hooks,
+    pattern_target,
+    pooled_patch_hooks,
+    pooled_target,
+    qk_target,
+    resid_patch_hooks,
+    resid_target,
+)
 
 __all__ = [
     "CHANNELS",
@@ -69,6 +75,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "DEFAULT_MIN_DELTA",
     "PART_LABELS",
+    "ResidTarget",
     "STOPWORDS",
     "AlignedPairs",
     "BuiltPairs",
@@ -77,12 +84,13 @@ __all__ = [
     "NeuronTarget",
     "PairBuilder",
     "PatchTarget",
+    "PROGRESS_MIN_CELLS",
     "PatchingResult",
     "PatternTarget",
     "PerturbedPair",
     "PooledTarget",
-    "ResidTarget",
     "TermStatistics",
+    "TopCells",
     "attribution_patch",
     "attribution_vs_exact",
     "default_analyzer",
@@ -93,6 +101,7 @@ __all__ = [
     "pad_differing_span",
     "patch_sweep",
     "patch_sweep_reference",
+    "patch_top_cells",
     "patching_metric",
     "path_freeze_hooks",
     "path_patch",
@@ -104,6 +113,7 @@ __all__ = [
     "pooled_patch_hooks",
     "pooled_target",
     "receiver_input_hooks",
+    "qk_target",
     "resid_patch_hooks",
     "resid_target",
     "rows_per_chunk",

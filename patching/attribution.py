@@ -5,25 +5,32 @@ For a cell ``c`` (a set of activation entries ``a_c``) the patched score is appr
     s_patch[c] ~ s_corr + sum_{e in c} (a_e(clean) - a_e(corr)) * d s / d a_e |_corr
 
 which is exact when the score is affine in ``a_c`` (e.g. the pooled output, whose score is
-``pooled . W + b``). Every cell of a target comes from two forward passes (clean, cached; corrupted,
+``pooled . W + b``). For queries and keys (:func:`patching.targets.qk_target`) it applies the AtP*
+correction (Kramar et al., 2024): the patched attention pattern is recomputed through the softmax,
+``P' = softmax(S + dS)`` with ``dS = q . dk / scale`` (or ``dq . k / scale``), and only the pattern
+is linearised: ``s_patch ~ s_corr + sum (P' - P) * d s / d P``. Saturated softmaxes, where the
+linear estimate through the scores is worst, are then handled exactly.
+
+Every cell of a target comes from two forward passes (clean, cached; corrupted,
 with gradients) and one backward pass per group of pairs. :func:`attribution_vs_exact` reports how
-well it agrees with exact patching (:func:`patching.patch.patch_sweep`).
+well it agrees with exact patching (:func:`patching.sweep.patch_sweep`).
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
 from mechir.model import HookedCrossEncoder
-from patching.patch import PatchTarget
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA, PatchingResult
+from patching.targets import PatchTarget
 
 
 def _leaf_hook(act: Tensor, hook: Any) -> Tensor:
@@ -41,26 +48,36 @@ def attribution_patch(
     target: PatchTarget,
     *,
     batch_size: int = 16,
+    atp_star: bool = True,
+    gradient: Literal["corrupted", "mean"] = "corrupted",
 ) -> PatchingResult:
     """Approximate patched scores for every cell of ``target`` from gradients.
 
     ``patched[i, c] = corrupted_i + sum_{e in c} (clean_e - corrupted_e) * grad_e``, with the
     score's gradient at the corrupted run; two forwards and one backward per ``batch_size`` pairs.
+    With ``atp_star`` (default), query/key targets recompute the attention softmax (module doc).
+    ``gradient="mean"`` uses the mean of the gradients at the corrupted and at the clean run
+    (a two-point, trapezoid-like rule; one more backward pass), except for AtP* cells.
 
     Returns:
         A :class:`PatchingResult` with ``method="attribution"``, on the same grid as
-        :func:`patching.patch.patch_sweep` for the same target.
+        :func:`patching.sweep.patch_sweep` for the same target.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if gradient not in ("corrupted", "mean"):
+        raise ValueError(f"unknown gradient={gradient!r}: choose 'corrupted' or 'mean'")
     width = pairs.clean.input_ids.shape[1]
     dims, coords = target.grid(model, width)
     shape = tuple(len(coords[d]) for d in dims)
-    cells = target.cells(model, width)
+    cells = target.cell_rows(model, width)
     flat = target.flat_index(model, cells, width)
     valid = target.valid(cells, pairs.lengths)
-    layers = target.layers(model)
+    layers = target.target_layers(model)
     names = [target.hook_name(layer) for layer in layers]
+    qk = _qk_input(target) if atp_star else None
+    extra = [f"blocks.{lay}.attn.hook_{x}" for lay in layers for x in ("q", "k", "attn_scores")]
+    patterns = [f"blocks.{lay}.attn.hook_pattern" for lay in layers] if qk else []
     n = len(pairs)
     patched = torch.full((n, int(np.prod(shape)) if shape else 1), float("nan"))
     clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
@@ -69,18 +86,37 @@ def attribution_patch(
         b = len(group)
         with torch.no_grad():
             c_score, clean = model.run_with_cache(group.clean, names_filter=names)
+        clean_grads = None
+        if gradient == "mean" and not qk:
+            c_acts: dict[str, Tensor] = {}
+            c_hooks = [("hook_full_embed", _leaf_hook)] + [
+                (nm, partial(_store_hook, c_acts)) for nm in names
+            ]
+            with torch.enable_grad(), model.hooks(fwd_hooks=c_hooks):
+                c_out = model(group.clean)
+                clean_grads = torch.autograd.grad(c_out.sum(), [c_acts[nm] for nm in names])
         acts: dict[str, Tensor] = {}
+        stored = names + (extra + patterns if qk else [])
         hooks = [("hook_full_embed", _leaf_hook)] + [
-            (nm, partial(_store_hook, acts)) for nm in names
+            (nm, partial(_store_hook, acts)) for nm in dict.fromkeys(stored)
         ]
         with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
             k_score = model(group.corrupted)
-            grads = torch.autograd.grad(k_score.sum(), [acts[nm] for nm in names])
+            wrt = patterns if qk else names
+            grads = torch.autograd.grad(k_score.sum(), [acts[nm] for nm in wrt])
         parts = group.corrupted.parts.to(k_score.device)
         dense = torch.zeros(b, *shape, dtype=torch.float64)
-        for layer, name, grad in zip(layers, names, grads):
-            prod = (clean[name] - acts[name].detach()).double() * grad.double()
-            reduced = target.reduce(prod, parts).cpu()
+        for i_layer, (layer, name, grad) in enumerate(zip(layers, names, grads)):
+            if clean_grads is not None:
+                grad = (grad + clean_grads[i_layer]) / 2
+            if qk:
+                scale = model.blocks[layer].attn.attn_scale
+                reduced = _qk_softmax_estimate(
+                    target, qk, layer, clean[name], acts, grad, parts, scale
+                )
+            else:
+                prod = (clean[name] - acts[name].detach()).double() * grad.double()
+                reduced = target.reduce(prod, parts).cpu()
             if target.has_layer_dim:
                 dense[:, layer] = _fit(reduced, dense.shape[2:])
             else:
@@ -104,6 +140,51 @@ def attribution_patch(
         grades=list(pairs.grades),
         method="attribution",
     )
+
+
+def _qk_input(target: PatchTarget) -> str | None:
+    """``"q"`` or ``"k"`` for query/key targets (where AtP* applies), else None."""
+    for which in ("q", "k"):
+        if target.hook == f"blocks.{{layer}}.attn.hook_{which}":
+            return which
+    return None
+
+
+def _qk_softmax_estimate(
+    target: PatchTarget,
+    which: str,
+    layer: int,
+    clean: Float[Tensor, "batch pos head d_head"],
+    acts: dict[str, Tensor],
+    grad_pattern: Float[Tensor, "batch head query key"],
+    parts: Int[Tensor, "batch pos"],
+    scale: float,
+) -> Float[Tensor, "batch head ..."]:
+    """AtP* for a query/key cell: ``sum (softmax(S + dS) - P) * dF/dP`` per (head, position set).
+
+    For keys patched at positions ``m``: ``dS[b, h, q, k] = q[b, q, h] . (k_clean - k)[b, k, h]
+    m[b, k] / scale``; for queries the same with the roles of ``q`` and ``k`` swapped.
+    """
+    pre = f"blocks.{layer}.attn."
+    q, k = acts[pre + "hook_q"].detach(), acts[pre + "hook_k"].detach()
+    scores = acts[pre + "hook_attn_scores"].detach()
+    pattern = acts[pre + "hook_pattern"].detach()
+    own = k if which == "k" else q
+    diff = clean.to(own.dtype) - own
+    b, width, n_heads, _ = own.shape
+    n_sub = 1 if len(target.cells) == 1 else (width if target.cells[1] == "position" else 5)
+    out = torch.zeros(b, n_heads, n_sub, dtype=torch.float64)
+    for j in range(n_sub):
+        sub = torch.tensor([[0] + ([j] if len(target.cells) > 1 else [])] * b, device=own.device)
+        mask = target.row_mask(sub, parts, own).expand(b, width, n_heads, 1)[:, :, 0, 0]
+        d = diff * mask[:, :, None, None].to(diff.dtype)
+        if which == "k":
+            d_scores = torch.einsum("bqhd,bkhd->bhqk", q, d) / scale
+        else:
+            d_scores = torch.einsum("bqhd,bkhd->bhqk", d, k) / scale
+        new = torch.softmax(scores + d_scores, dim=-1).nan_to_num(0.0)
+        out[:, :, j] = ((new - pattern).double() * grad_pattern.double()).sum((-1, -2)).cpu()
+    return out if len(target.cells) > 1 else out[:, :, 0]
 
 
 def _fit(values: Tensor, shape: torch.Size) -> Tensor:

@@ -29,9 +29,14 @@ from torch import Tensor
 
 from mechir.model import HookedCrossEncoder, Hooks
 from mechir.selection import HeadLike, check_heads, head_label, heads_by_layer, parse_head
-from patching.patch import DEFAULT_MEMORY_BUDGET, rows_per_chunk, run_from_layers
 from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult
+from patching.sweep import (
+    DEFAULT_MEMORY_BUDGET,
+    check_batch_size,
+    rows_per_chunk,
+    run_from_layers,
+)
 
 Channel = Literal["q", "k", "v"]
 CHANNELS: tuple[str, ...] = ("q", "k", "v")
@@ -192,10 +197,7 @@ def path_patch(
     stop = recv_layers[-1]
     n = len(pairs)
     width = pairs.clean.input_ids.shape[1]
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(
-            f"batch_size must be >= 1 (or None for the memory budget), got {batch_size}"
-        )
+    check_batch_size(batch_size)
     rows_budget = batch_size or rows_per_chunk(model, width, memory_budget)
     s_layers = torch.tensor([layer for layer, _ in send])
     s_heads = torch.tensor([h for _, h in send])

@@ -54,6 +54,12 @@ def default_analyzer(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
+def is_content_word(term: str) -> bool:
+    """A term worth perturbing: at least two characters, one of them a letter ("mg", "covid19";
+    not "1", "000", "s")."""
+    return len(term) >= 2 and any(ch.isalpha() for ch in term)
+
+
 # ---------------------------------------------------------------------- term statistics
 @dataclass(frozen=True)
 class TermStatistics:
@@ -228,8 +234,11 @@ class PairBuilder:
         filler: the filler token (a string that is one token of the vocabulary, or a token id).
         stats: IDF statistics, needed by :meth:`tdc` and by ``choose="max_idf"/"min_idf"``.
         stopwords: query words never chosen as terms.
-        choose: how :meth:`tfc1` picks the query term when none is given: ``"random"`` (seeded
-            by ``seed`` and the pair id: reproducible), ``"first"``, ``"max_idf"``, ``"min_idf"``.
+        choose: how :meth:`tfc1` picks the query term when none is given, among the query's
+            content words (:meth:`candidate_terms`: terms the analyzer keeps that have a letter and
+            at least two characters, are no stopwords and tokenize without [UNK]; so "1,000 mg"
+            offers "mg", never "1" or "000"): ``"random"`` (seeded by ``seed`` and the pair id:
+            reproducible), ``"first"`` (in query order), ``"max_idf"``, ``"min_idf"``.
         seed: seed of the ``"random"`` choice.
     """
 
@@ -272,11 +281,14 @@ class PairBuilder:
         return self.max_length - 3 - len(q)
 
     def candidate_terms(self, query: str) -> list[str]:
-        """Distinct query terms (analyzer order) that are no stopwords and tokenize without UNK."""
+        """The query's content words, the terms TFC1/TDC are about: distinct terms of the analyzer
+        (query order) with a letter and at least two characters (no numbers, number fragments
+        like "000" of "1,000", or stray letters), that are no stopwords and tokenize without
+        [UNK]."""
         analyzer = self.stats.analyzer if self.stats is not None else default_analyzer
         out: list[str] = []
         for term in analyzer(query):
-            if term in self.stopwords or term in out:
+            if term in self.stopwords or term in out or not is_content_word(term):
                 continue
             ids = self._tokens(term)
             if ids and self.tokenizer.unk_token_id not in ids:
@@ -609,5 +621,6 @@ __all__ = [
     "PerturbedPair",
     "TermStatistics",
     "default_analyzer",
+    "is_content_word",
     "pad_differing_span",
 ]

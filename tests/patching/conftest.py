@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 from transformers import BertTokenizerFast
 
 from mechir import load_cross_encoder
@@ -57,3 +58,22 @@ def pairs(tok) -> AlignedPairs:
 def two_pairs(pairs) -> AlignedPairs:
     """The two shortest pairs (13 and 15 tokens): for the slow one-forward-per-cell oracles."""
     return pairs[[3, 1]]
+
+
+def _affine_ln(ln: nn.Module):
+    return lambda x: (x - x.mean(-1, keepdim=True)) * ln.w + ln.b
+
+
+@pytest.fixture(scope="session")
+def linear_tail(tok):
+    """A tiny model whose score is affine in every activation of its last layer from the head
+    outputs on: the last block's LayerNorms keep their centring but not their (nonlinear) scaling,
+    its MLP activation is the identity, and so is the pooler's tanh. Attention patterns stay
+    softmax, but the last layer's patterns feed only ``z = pattern @ v`` (linear) downstream."""
+    model = make_model(tok, seed=3)
+    last = model.blocks[-1]
+    for ln in (last.ln1, last.ln2):
+        ln.forward = _affine_ln(ln)
+    last.mlp.act_fn = lambda x: x
+    model.pooler.activation = nn.Identity()
+    return model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from patching import (
     attribution_patch,
@@ -14,29 +13,9 @@ from patching import (
     patch_sweep,
     pattern_target,
     pooled_target,
+    qk_target,
     resid_target,
 )
-from tests.patching.conftest import make_model
-
-
-def _affine_ln(ln: nn.Module):
-    return lambda x: (x - x.mean(-1, keepdim=True)) * ln.w + ln.b
-
-
-@pytest.fixture(scope="module")
-def linear_tail(tok):
-    """A tiny model whose score is affine in every activation of its last layer from the head
-    outputs on: the last block's LayerNorms keep their centring but not their (nonlinear) scaling,
-    its MLP activation is the identity, and so is the pooler's tanh. Attention patterns stay
-    softmax, but the last layer's patterns feed only ``z = pattern @ v`` (linear) downstream."""
-    model = make_model(tok, seed=3)
-    last = model.blocks[-1]
-    for ln in (last.ln1, last.ln2):
-        ln.forward = _affine_ln(ln)
-    last.mlp.act_fn = lambda x: x
-    model.pooler.activation = nn.Identity()
-    return model
-
 
 LINEAR_TARGETS = {
     "z/all": head_target(heads=["1/0", "1/1", "1/2", "1/3"]),
@@ -48,6 +27,10 @@ LINEAR_TARGETS = {
     "mlp_out/part": resid_target("mlp_out", by="part", layers=1),
     "pooled/all": pooled_target(),
     "pooled/dimension": pooled_target(by="dimension"),
+    # AtP*: the softmax is recomputed, so keys/queries of the last layer are exact too
+    "k/all": qk_target("k", heads=["1/0", "1/1", "1/2", "1/3"]),
+    "k/part": qk_target("k", by="part", heads=["1/1", "1/2"]),
+    "q/position": qk_target("q", by="position", heads=["1/3"]),
 }
 
 
@@ -64,6 +47,19 @@ def test_attribution_is_exact_on_a_model_linear_in_the_activation(linear_tail, p
     )
     effect = (exact.patched - exact.corrupted.view(-1, *[1] * (exact.patched.dim() - 1))).abs()
     assert effect.nan_to_num().max() > 1e-2  # the check is not vacuous
+
+
+def test_plain_attribution_linearises_through_the_softmax(linear_tail, pairs):
+    """Without the AtP* correction the key estimate goes through the softmax's tangent: wrong on
+    the same model where the corrected estimate is exact."""
+    target = qk_target("k", heads=["1/0", "1/1", "1/2", "1/3"])
+    exact = patch_sweep(linear_tail, pairs, target)
+    plain = attribution_patch(linear_tail, pairs, target, atp_star=False)
+    star = attribution_patch(linear_tail, pairs, target)
+    err_plain = (plain.patched - exact.patched).nan_to_num().abs().max()
+    err_star = (star.patched - exact.patched).nan_to_num().abs().max()
+    scale = max(1.0, float(exact.patched.nan_to_num().abs().max()))
+    assert err_plain > 1e-2 * scale and err_star < 1e-5 * scale
 
 
 def test_attribution_is_only_approximate_through_nonlinearities(model, pairs):
@@ -96,3 +92,32 @@ def test_attribution_vs_exact_needs_matching_results(model, pairs):
         attribution_vs_exact(a, e)
     with pytest.raises(ValueError, match="batch_size"):
         attribution_patch(model, pairs, head_target(), batch_size=0)
+
+
+def test_mean_gradient_estimate_against_a_hand_written_two_run_formula(model, pairs):
+    """``gradient="mean"``: effect of patching all of ``blocks.1.hook_resid_pre`` equals
+    ``sum (a_clean - a_corr) * (g_clean + g_corr) / 2`` with the gradients of two plain runs."""
+    name = "blocks.1.hook_resid_pre"
+    target = resid_target("resid_pre", by="all", layers=1)
+    approx = attribution_patch(model, pairs, target, gradient="mean", batch_size=3)
+    acts, grads = {}, {}
+    for which, batch in (("clean", pairs.clean), ("corr", pairs.corrupted)):
+
+        def keep(act, hook, which=which):
+            act.retain_grad()
+            acts[which] = act
+            return act
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep)]):
+            model(batch).sum().backward()
+        grads[which] = acts[which].grad
+    model.zero_grad(set_to_none=True)
+    diff = (acts["clean"] - acts["corr"]).detach().double()
+    mean = (grads["clean"] + grads["corr"]).double() / 2
+    expected = (diff * mean).sum((1, 2))
+    got = (approx.patched[:, 1] - approx.corrupted).double()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    plain = attribution_patch(model, pairs, target)
+    assert ((plain.patched[:, 1] - approx.patched[:, 1]).abs() > 1e-4).any()  # not the same rule
+    with pytest.raises(ValueError, match="unknown gradient"):
+        attribution_patch(model, pairs, target, gradient="clean")

@@ -13,6 +13,7 @@ from patching import (
     patch_sweep_reference,
     pattern_target,
     pooled_target,
+    qk_target,
     resid_patch_hooks,
     resid_target,
     run_from_layers,
@@ -31,6 +32,8 @@ TARGETS = {
     "neuron document": neuron_target({1: range(0, 128, 9)}, parts="document"),
     "pooled/all": pooled_target(),
     "pooled/dimension": pooled_target(by="dimension"),
+    "k/part": qk_target("k", by="part", heads=["0/2", "1/1"]),
+    "q/position": qk_target("q", by="position", heads=["0/0"]),
 }
 
 
@@ -154,3 +157,28 @@ def test_target_errors(model, pairs):
         patch_sweep(model, pairs, neuron_target({0: [999]}))
     with pytest.raises(ValueError, match="batch_size"):
         patch_sweep(model, pairs, head_target(), batch_size=-1)
+
+
+def test_progress_counts_cells_with_a_total(model, pairs, capsys):
+    target = head_target(by="part", heads=["0/1", "1/2"])
+    patch_sweep(model, pairs, target, progress=True)
+    err = capsys.readouterr().err
+    total = 2 * 5 * len(pairs)  # heads x parts x pairs
+    assert f"{total}/{total}" in err and "cell" in err and "4 pairs" in err
+    patch_sweep(model, pairs, target)  # default: short sweeps stay quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_old_target_classes_are_deprecated_aliases(model, pairs):
+    from patching import HeadTarget, NeuronTarget, PooledTarget, ResidTarget
+
+    with pytest.deprecated_call():
+        old = HeadTarget("part", ("0/1",))
+    assert old.name == "z/part" and old.cells == ("head", "part")
+    assert old.cell_rows(model, 8).tolist() == [[0, 1, p] for p in range(5)]
+    with pytest.deprecated_call():
+        assert ResidTarget("attn_out", "part").name == "attn_out/part"
+    with pytest.deprecated_call():
+        assert NeuronTarget({0: [1]}, ("document",)).only_parts is not None
+    with pytest.deprecated_call():
+        assert PooledTarget("dimension").cells == ("dimension",)

@@ -7,9 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import BertTokenizerFast
 
 from mechir import Part
 from patching import AlignedPairs, PairBuilder, TermStatistics, pad_differing_span
+from patching.perturbations import is_content_word
 
 DOCS = ["the cat runs", "the dog runs", "the cat sleeps", "a bird"]
 
@@ -100,6 +102,21 @@ def test_tfc1_term_choice(tok, stats):
     picks = {b.choose_term(query, pair_id=str(i)) for i in range(30)}
     assert picks == {"cat", "dog"}  # random, over pair ids
     assert b.choose_term(query, pair_id="7") == b.choose_term(query, pair_id="7")  # reproducible
+
+
+def test_term_choice_takes_content_words_not_number_fragments(tmp_path):
+    """ "1,000" analyzes to "1" and "000"; both tokenize here, neither is a content word."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "1", "000", ",", "x", "mg", "of"]
+    vocab += ["vitamin", "covid19", "a"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    b = PairBuilder(tok, max_length=32, choose="first")
+    assert b.candidate_terms("1,000 x mg of vitamin covid19") == ["mg", "vitamin", "covid19"]
+    pair = b.tfc1("1,000 of vitamin", "a", pair_id="n")
+    assert pair.info["term"] == "vitamin"
+    assert [is_content_word(t) for t in ["1", "000", "x", "mg", "covid19"]] == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="no usable term"):
+        b.tfc1("1,000 of", "a", pair_id="n2")
 
 
 def test_tfc1_query_without_usable_terms_names_the_pair(builder):

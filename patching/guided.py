@@ -1,0 +1,401 @@
+"""Exact top-k activation patching, guided by attribution patching.
+
+A full exact sweep costs one (partial) forward per (pair, cell); attribution patching estimates
+every cell from one forward and one backward. :func:`patch_top_cells` combines them:
+
+1. **Estimate** every cell's effect ``e_c = s_patch[c] - s_corr`` with attribution patching
+   (:func:`patching.attribution.attribution_patch`; by default with the mean of the corrupted
+   and clean runs' gradients, and the AtP* softmax recomputation for query/key targets): ``ê_c``.
+2. **Verify** cells exactly (the batched engine of :mod:`patching.sweep`) in order of decreasing
+   ``|ê_c|``: ``k`` cells first, then ``step`` more per round, all pairs' rows of a round in the
+   same expanded forward passes.
+3. **Stop** a pair (or the average) when ``k`` cells are verified and the k-th largest exact
+   ``|e|`` exceeds the largest estimate still unverified, ``M = max_{c unverified} |ê_c|``, by the
+   safety margin::
+
+       |e|_(k)  >  M + max(rtol * M + atol,  max_{c verified, |ê_c| <= window * M} |e_c - ê_c|)
+
+   (the second term: the largest error attribution patching made on a verified cell of
+   comparable size), or when every cell is verified. The result is then *certified*: a cell
+   left unverified can only enter the top k if its estimate is off by more than the margin.
+
+Cells are ranked by absolute effect. Known failure modes of the rule (it trusts the estimates of
+the cells it does not verify):
+
+* attribution patching underestimating a cell by more than the margin: large patches through
+  saturated nonlinearities (GELU, LayerNorm, tanh, softmax for targets other than q/k), or
+  cancelling direct and indirect effects whose first-order terms cancel but whose exact ones do
+  not (AtP's false negatives); ``attribution_error`` reports the largest ``|e - ê|`` seen on
+  verified cells (the margin adapts to errors seen on cells of comparable size, not to errors
+  on smaller cells it never verified);
+* near-ties at the k-th place (then the order within the margin, not the set, is uncertain);
+* effects near round-off (``|e|`` ~ 1e-6): the rule then verifies nearly everything;
+* ``max_cells`` stopping a pair early (reported as not certified).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from mechir.model import HookedCrossEncoder
+from patching.attribution import attribution_patch
+from patching.perturbations import AlignedPairs
+from patching.results import DEFAULT_MIN_DELTA, PatchingResult
+from patching.sweep import (
+    DEFAULT_MEMORY_BUDGET,
+    cached_groups,
+    check_batch_size,
+    progress_bar,
+    rows_per_chunk,
+    score_cells,
+)
+from patching.targets import PatchTarget
+
+
+@dataclass
+class TopCells:
+    """Exact top-k cells per unit (a pair, or ``"mean"`` over pairs) of a patch target.
+
+    Attributes:
+        exact: ``[unit, *grid]`` exact effects of the verified cells (NaN elsewhere): score
+            change ``s_patch - s_corr`` per pair, or the mean normalized metric when averaged.
+        estimate: ``[unit, *grid]`` attribution-patching estimates of the same quantity.
+        verified: ``[unit, *grid]`` which cells were patched exactly.
+        top: ``[unit, k]`` flat grid indices of the k largest ``|exact|``, largest first
+            (-1 where a unit has fewer than k cells).
+        certified: ``[unit]`` the stopping rule was met (or every cell verified).
+        attribution_error: ``[unit]`` largest ``|exact - estimate|`` over verified cells.
+        n_rows: exact (pair, cell) patches run; a full sweep runs ``n_cells_total``.
+    """
+
+    target: str
+    dims: tuple[str, ...]
+    coords: dict[str, list[Any]]
+    k: int
+    units: list[str]
+    measure: str
+    exact: Float[Tensor, "unit ..."]
+    estimate: Float[Tensor, "unit ..."]
+    verified: Bool[Tensor, "unit ..."]
+    top: Int[Tensor, "unit k"]
+    certified: Bool[Tensor, " unit"]
+    attribution_error: Float[Tensor, " unit"]
+    clean: Float[Tensor, " pair"]
+    corrupted: Float[Tensor, " pair"]
+    n_rows: int
+    n_cells_total: int
+
+    def top_labels(self, unit: int = 0) -> list[tuple[Any, ...]]:
+        """The top cells of ``unit`` as coordinate labels, e.g. ``[(3, 7), (5, 1), ...]``."""
+        shape = self.exact.shape[1:]
+        out = []
+        for flat in self.top[unit].tolist():
+            if flat >= 0:
+                idx = np.unravel_index(flat, shape) if shape else ()
+                out.append(tuple(self.coords[d][i] for d, i in zip(self.dims, idx)))
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (unit, verified cell): coordinates, exact, estimate, rank (1 = largest)."""
+        rows = []
+        for u, unit in enumerate(self.units):
+            ranks = {f: r + 1 for r, f in enumerate(self.top[u].tolist()) if f >= 0}
+            flat_v = self.verified[u].reshape(-1)
+            for f in flat_v.nonzero()[:, 0].tolist():
+                idx = np.unravel_index(f, self.exact.shape[1:]) if self.dims else ()
+                row = {"unit": unit}
+                row.update({d: self.coords[d][i] for d, i in zip(self.dims, idx)})
+                row["exact"] = float(self.exact[u].reshape(-1)[f])
+                row["estimate"] = float(self.estimate[u].reshape(-1)[f])
+                row["rank"] = ranks.get(f)
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"TopCells(target={self.target!r}, k={self.k}, units={len(self.units)}, "
+            f"grid={dict(zip(self.dims, self.exact.shape[1:]))}, exact rows {self.n_rows} of "
+            f"{self.n_cells_total}, certified {int(self.certified.sum())}/{len(self.units)})"
+        )
+
+
+@dataclass
+class _Run:
+    """What the verification loops share: inputs, estimates, the rule and the budgets."""
+
+    model: HookedCrossEncoder
+    pairs: AlignedPairs
+    target: PatchTarget
+    approx: PatchingResult
+    est_pair: Float[Tensor, "pair cell"]
+    cells: Int[Tensor, "cell 1+n_sub"]
+    valid: Bool[Tensor, "pair cell"]
+    clean: Tensor  # [pair], filled in
+    corrupted: Tensor  # [pair], filled in
+    k: int
+    step: int
+    limit: int
+    rule: tuple[float, float, float]
+    rows_budget: int
+    show: bool
+    min_delta: float
+
+
+def _stop(
+    est_abs: Tensor, exact_abs: Tensor, error: Tensor, verified: Tensor, k: int, rule: tuple
+) -> bool:
+    """The stopping rule for one unit over its valid cells (1-D tensors; module docstring)."""
+    if bool(verified.all()):
+        return True
+    if int(verified.sum()) < k:
+        return False
+    rtol, atol, window = rule
+    kth = exact_abs[verified].topk(k).values[-1]
+    largest = est_abs[~verified].max()
+    comparable = verified & (est_abs <= window * largest)
+    seen = error[comparable].max() if comparable.any() else largest.new_zeros(())
+    return bool(kth > largest + torch.maximum(rtol * largest + atol, seen))
+
+
+def _next_cells(est_abs: Tensor, verified: Tensor, valid: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` unverified valid cells with the largest ``|estimate|``."""
+    free = (valid & ~verified).nonzero()[:, 0]
+    order = torch.argsort(est_abs[free], descending=True, stable=True)
+    return free[order[:n]]
+
+
+def patch_top_cells(
+    model: HookedCrossEncoder,
+    pairs: AlignedPairs,
+    target: PatchTarget,
+    k: int = 10,
+    *,
+    average: bool = False,
+    rtol: float = 0.25,
+    atol: float = 0.0,
+    window: float = 2.0,
+    step: int | None = None,
+    max_cells: int | None = None,
+    min_delta: float = DEFAULT_MIN_DELTA,
+    batch_size: int | None = None,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    attribution_batch_size: int = 16,
+    gradient: Literal["corrupted", "mean"] = "mean",
+    progress: bool | None = None,
+) -> TopCells:
+    """The exact top-``k`` cells of ``target`` per pair (or averaged over pairs), patching only
+    the cells attribution patching cannot rule out (algorithm, stopping rule and its failure
+    modes: module docstring).
+
+    Args:
+        k: cells wanted per unit.
+        average: rank cells by the mean normalized metric ``(s_patch - s_corr) / (s_clean -
+            s_corr)`` over the pairs with ``|s_clean - s_corr| >= min_delta`` (one unit), instead
+            of the score change ``s_patch - s_corr`` of each pair (one unit per pair).
+        rtol, atol, window: the safety margin of the stopping rule: relative to the largest
+            unverified estimate ``M``; absolute, in the units of the measure; and at least the
+            largest error seen on verified cells whose estimate is at most ``window * M``.
+        step: cells verified per unit in each round after the first ``k`` (default ``ceil(k/2)``).
+        max_cells: at most this many cells verified per unit (default: no limit).
+        batch_size, memory_budget: rows per exact forward pass (as in :func:`patch_sweep`).
+        gradient: the estimates' gradient (:func:`attribution_patch`): ``"mean"`` of the
+            corrupted and clean runs' (default; one more backward pass, about half the error of
+            ``"corrupted"`` on the shared model's head x part cells) or the corrupted run's.
+        progress: a bar over pairs done (over cells verified when averaged); None: shown for
+            sweeps of >= 2000 (pair, cell)s.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if rtol < 0 or atol < 0 or window < 0:
+        raise ValueError(
+            f"the safety margin must be >= 0, got rtol={rtol}, atol={atol}, window={window}"
+        )
+    rule = (rtol, atol, window)
+    check_batch_size(batch_size)
+    step = step or -(-k // 2)
+    width = pairs.clean.input_ids.shape[1]
+    dims, coords = target.grid(model, width)
+    shape = tuple(len(coords[d]) for d in dims)
+    cells = target.cell_rows(model, width)
+    flat = target.flat_index(model, cells, width)
+    valid = target.valid(cells, pairs.lengths)  # [pair, cell]
+    rows_budget = batch_size or rows_per_chunk(model, width, memory_budget)
+    n = len(pairs)
+
+    approx = attribution_patch(
+        model, pairs, target, batch_size=attribution_batch_size, gradient=gradient
+    )
+    est_pair = approx.patched.reshape(n, -1)[:, flat].double() - approx.corrupted.double()[:, None]
+    clean, corrupted = torch.empty(n), torch.empty(n)
+    limit = max_cells or len(cells)
+    show = int(valid.sum()) >= 2000 if progress is None else progress
+
+    run = _Run(
+        model, pairs, target, approx, est_pair, cells, valid, clean, corrupted,
+        k, step, limit, rule, rows_budget, show, min_delta,
+    )  # fmt: skip
+    verify = _averaged if average else _per_pair
+    est, exact, verified, unit_valid, certified, units, n_rows = verify(run)
+    return _result(
+        target, dims, coords, shape, k, units, "metric" if average else "effect", flat,
+        est, exact, verified, unit_valid, certified, clean, corrupted, n_rows, int(valid.sum()),
+    )  # fmt: skip
+
+
+def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
+    """Verify pair by pair, in rounds over the pairs of each cached group."""
+    n = len(s.pairs)
+    est, exact = s.est_pair, torch.full_like(s.est_pair, float("nan"))
+    verified = torch.zeros_like(s.valid)
+    certified = torch.zeros(n, dtype=torch.bool)
+    n_rows = 0
+    first = torch.minimum(s.valid.sum(1), torch.tensor(2 * s.k))
+    with progress_bar(n, s.show, f"top-{s.k} {s.target.name}", "pair") as bar:
+        for group in cached_groups(s.model, s.pairs, s.target, first, s.rows_budget):
+            s.clean[group.index] = group.clean_scores
+            s.corrupted[group.index] = group.corrupted_scores
+            active = list(range(len(group.index)))
+            want = s.k
+            while active:
+                p_rows, c_rows = [], []
+                for i in active:
+                    p = int(group.index[i])
+                    room = s.limit - int(verified[p].sum())
+                    new = _next_cells(est[p].abs(), verified[p], s.valid[p], min(want, room))
+                    p_rows.append(torch.full((len(new),), i))
+                    c_rows.append(new)
+                pr, cr = torch.cat(p_rows), torch.cat(c_rows)
+                scores = score_cells(s.model, group, s.target, s.cells, pr, cr, s.rows_budget)
+                n_rows += len(pr)
+                pairs_of = group.index[pr]
+                exact[pairs_of, cr] = scores.double() - group.corrupted_scores.double()[pr]
+                verified[pairs_of, cr] = True
+                still = []
+                for i in active:
+                    p = int(group.index[i])
+                    v = s.valid[p]
+                    e, x = est[p, v], exact[p, v]
+                    done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[p, v], s.k, s.rule)
+                    if done or int(verified[p].sum()) >= s.limit:
+                        certified[p] = done
+                        bar.update(1)
+                    else:
+                        still.append(i)
+                active, want = still, s.step
+    return est, exact, verified, s.valid, certified, list(s.pairs.pair_ids), n_rows
+
+
+def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
+    """Verify the mean normalized metric: every included pair patched for each chosen cell."""
+    delta = s.approx.clean.double() - s.approx.corrupted.double()
+    keep = delta.abs() >= s.min_delta
+    if not keep.any():
+        raise ValueError(
+            f"no pair has |clean - corrupted| >= min_delta={s.min_delta}: nothing to average"
+        )
+    weights = (s.valid & keep[:, None]).double()
+    count = weights.sum(0)
+    unit_valid = (count > 0)[None]
+    metric_est = (s.est_pair / delta.where(keep, 1.0)[:, None]).nan_to_num() * weights
+    est = (metric_est.sum(0) / count.clamp(min=1))[None]
+    exact = torch.full_like(est, float("nan"))
+    verified = torch.zeros_like(unit_valid)
+    certified = torch.zeros(1, dtype=torch.bool)
+    kept = s.pairs[keep.nonzero()[:, 0].tolist()]
+    kept_index = keep.nonzero()[:, 0]
+    groups = list(cached_groups(s.model, kept, s.target, s.valid[keep].sum(1), s.rows_budget))
+    for group in groups:
+        s.clean[kept_index[group.index]] = group.clean_scores
+        s.corrupted[kept_index[group.index]] = group.corrupted_scores
+    s.clean[~keep], s.corrupted[~keep] = s.approx.clean[~keep], s.approx.corrupted[~keep]
+    n_rows, want = 0, s.k
+    with progress_bar(len(s.cells), s.show, f"top-{s.k} {s.target.name} (mean)", "cell") as bar:
+        while True:
+            room = s.limit - int(verified.sum())
+            new = _next_cells(est[0].abs(), verified[0], unit_valid[0], min(want, room))
+            total = torch.zeros(len(new), dtype=torch.float64)
+            for group in groups:
+                g_pairs = kept_index[group.index]
+                ok = s.valid[g_pairs][:, new]
+                pr, cr = ok.nonzero(as_tuple=True)
+                scores = score_cells(s.model, group, s.target, s.cells, pr, new[cr], s.rows_budget)
+                n_rows += len(pr)
+                d = delta[g_pairs][pr]
+                metric = (scores.double() - group.corrupted_scores.double()[pr]) / d
+                total.index_add_(0, cr, metric)
+            exact[0, new] = total / count[new]
+            verified[0, new] = True
+            bar.update(len(new))
+            v = unit_valid[0]
+            e, x = est[0, v], exact[0, v]
+            done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[0, v], s.k, s.rule)
+            if done or int(verified.sum()) >= s.limit:
+                certified[0] = done
+                break
+            want = s.step
+    return est, exact, verified, unit_valid, certified, ["mean"], n_rows
+
+
+def _result(
+    target: PatchTarget,
+    dims: tuple[str, ...],
+    coords: dict[str, list[Any]],
+    shape: tuple[int, ...],
+    k: int,
+    units: list[str],
+    measure: str,
+    flat: Tensor,
+    est: Tensor,
+    exact: Tensor,
+    verified: Tensor,
+    unit_valid: Tensor,
+    certified: Tensor,
+    clean: Tensor,
+    corrupted: Tensor,
+    n_rows: int,
+    n_total: int,
+) -> TopCells:
+    """Scatter per-cell tensors ``[unit, cell]`` onto the grid and rank the verified cells."""
+    u, size = len(units), int(np.prod(shape)) if shape else 1
+
+    def grid(values: Tensor, fill: Any) -> Tensor:
+        out = torch.full((u, size), fill, dtype=values.dtype)
+        out[:, flat] = values
+        return out
+
+    est = est.where(unit_valid.expand_as(est), float("nan"))
+    g_exact = grid(exact, float("nan"))
+    ranked = g_exact.abs().nan_to_num(-1.0)
+    order = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :k]
+    top = order.where(torch.gather(ranked, 1, order) >= 0, torch.tensor(-1))
+    if top.shape[1] < k:
+        top = torch.cat([top, torch.full((u, k - top.shape[1]), -1)], 1)
+    error = (exact - est).abs().where(verified, float("nan"))
+    return TopCells(
+        target=target.name,
+        dims=dims,
+        coords=coords,
+        k=k,
+        units=units,
+        measure=measure,
+        exact=g_exact.float().reshape(u, *shape),
+        estimate=grid(est, float("nan")).float().reshape(u, *shape),
+        verified=grid(verified, False).reshape(u, *shape),
+        top=top,
+        certified=certified,
+        attribution_error=torch.nan_to_num(error, nan=-1.0).max(1).values.clamp(min=0).float(),
+        clean=clean,
+        corrupted=corrupted,
+        n_rows=n_rows,
+        n_cells_total=n_total,
+    )
+
+
+__all__ = ["TopCells", "patch_top_cells"]

@@ -1,0 +1,483 @@
+"""Patch targets: what is patched, described as data.
+
+A target is a hook name (``blocks.{layer}.attn.hook_z``), the axes of the activation at that hook
+(after the batch axis, e.g. ``("position", "head", "d_head")``) and the cell dimensions: which of
+those axes is indexed one entry per cell (``"head"``), or ``"part"`` (the tokens of one part of
+the input, CLS | query | SEP | document | SEP, read from the batch the hook runs on). Axes that no
+cell dimension names are patched whole. Cell ``c = (layer, i_1, ..., i_m)`` patches::
+
+    a[b, ...] <- a_clean[b, ...]   where   AND_j  (index on axis of dim j == i_j)
+
+Every consumer (the batched sweep, the per-cell reference, attribution patching, guided top-k
+patching) derives its masks and reductions from this description; adding a target is one call
+of :class:`PatchTarget` (see :func:`head_target` ... :func:`qk_target`).
+
+This module also keeps plain hook factories (:func:`resid_patch_hooks`, :func:`head_patch_hooks`,
+...) for patching one cell by hand from a clean cache.
+"""
+
+from __future__ import annotations
+
+import string
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from mechir.model import HookedCrossEncoder, Hooks
+from mechir.parts import PARTS, PartLike, parse_parts
+from mechir.selection import HeadLike, check_heads, check_layers, neuron_mask
+
+Component = Literal["resid_pre", "attn_out", "mlp_out"]
+COMPONENTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
+#: Part labels used as coordinates of ``part`` dimensions.
+PART_LABELS: list[str] = [p.name.lower() for p in PARTS]
+_PART_IDS: list[int] = [int(p) for p in PARTS]
+
+Positions = int | Sequence[int] | Bool[Tensor, " pos"] | None
+CleanCache = Mapping[str, Tensor]
+
+
+# ====================================================================== plain hook factories
+def _positions_mask(positions: Positions, width: int, device: torch.device) -> Bool[Tensor, " pos"]:
+    if positions is None:
+        return torch.ones(width, dtype=torch.bool, device=device)
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        return positions.reshape(-1).to(device)
+    idx = torch.as_tensor([positions] if isinstance(positions, int) else list(positions))
+    if idx.numel() and (idx.min() < 0 or idx.max() >= width):
+        raise ValueError(f"position out of range: the input has {width} positions (0-{width - 1})")
+    mask = torch.zeros(width, dtype=torch.bool, device=device)
+    mask[idx.to(device)] = True
+    return mask
+
+
+def _where_hook(clean: Tensor, mask: Tensor, act: Tensor, hook: Any) -> Tensor:
+    return torch.where(mask, clean.to(act.device, act.dtype), act)
+
+
+def resid_patch_hooks(
+    clean_cache: CleanCache, component: Component, layer: int, positions: Positions = None
+) -> Hooks:
+    """Patch ``blocks.{layer}.hook_{component}`` ``[batch, pos, d_model]`` at ``positions``."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}: choose one of {COMPONENTS}")
+    name = f"blocks.{layer}.hook_{component}"
+    clean = clean_cache[name]
+    mask = _positions_mask(positions, clean.shape[1], clean.device)[None, :, None]
+    return [(name, partial(_where_hook, clean, mask))]
+
+
+def head_patch_hooks(
+    clean_cache: CleanCache, layer: int, head: int, positions: Positions = None
+) -> Hooks:
+    """Patch head ``layer/head``'s output ``hook_z`` ``[batch, pos, head, d_head]`` at positions."""
+    name = f"blocks.{layer}.attn.hook_z"
+    clean = clean_cache[name]
+    pos = _positions_mask(positions, clean.shape[1], clean.device)
+    heads = torch.arange(clean.shape[2], device=clean.device) == head
+    mask = (pos[:, None] & heads[None, :])[None, :, :, None]
+    return [(name, partial(_where_hook, clean, mask))]
+
+
+def pattern_patch_hooks(
+    clean_cache: CleanCache, layer: int, head: int, query_positions: Positions = None
+) -> Hooks:
+    """Patch rows of head ``layer/head``'s attention pattern ``[batch, head, query, key]``."""
+    name = f"blocks.{layer}.attn.hook_pattern"
+    clean = clean_cache[name]
+    rows = _positions_mask(query_positions, clean.shape[2], clean.device)
+    heads = torch.arange(clean.shape[1], device=clean.device) == head
+    mask = (heads[:, None] & rows[None, :])[None, :, :, None]
+    return [(name, partial(_where_hook, clean, mask))]
+
+
+def neuron_patch_hooks(
+    clean_cache: CleanCache, layer: int, neurons: Sequence[int] | int, positions: Positions = None
+) -> Hooks:
+    """Patch FFN neurons (``mlp.hook_post`` ``[batch, pos, d_mlp]``) of a layer at positions."""
+    name = f"blocks.{layer}.mlp.hook_post"
+    clean = clean_cache[name]
+    pos = _positions_mask(positions, clean.shape[1], clean.device)
+    which = _positions_mask(neurons, clean.shape[2], clean.device)
+    mask = (pos[:, None] & which[None, :])[None]
+    return [(name, partial(_where_hook, clean, mask))]
+
+
+def pooled_patch_hooks(clean_cache: CleanCache, dims: Sequence[int] | int | None = None) -> Hooks:
+    """Patch the pooled output ``pooler.hook_pooler_out`` ``[batch, d_model]`` (dims or all)."""
+    name = "pooler.hook_pooler_out"
+    clean = clean_cache[name]
+    mask = _positions_mask(dims, clean.shape[1], clean.device)[None]
+    return [(name, partial(_where_hook, clean, mask))]
+
+
+# ====================================================================== the target description
+def _axis_size(model: HookedCrossEncoder, axis: str, width: int) -> int:
+    cfg = model.cfg
+    sizes = {
+        "position": width,
+        "key": width,
+        "head": cfg.n_heads,
+        "d_head": cfg.d_head,
+        "d_model": cfg.d_model,
+        "dimension": cfg.d_model,
+        "neuron": cfg.d_mlp,
+        "part": len(PARTS),
+    }
+    return sizes[axis]
+
+
+@dataclass(frozen=True)
+class PatchTarget:
+    """What to patch, as data (see the module docstring).
+
+    Attributes:
+        name: label of the target in results, e.g. ``"z/part"``.
+        hook: hook name, with ``{layer}`` for per-layer hooks (``"blocks.{layer}.attn.hook_z"``).
+        axes: the activation's axes after the batch axis; ``"position"`` is the token axis.
+        cells: the cell dimensions: names from ``axes`` (one cell per index) or ``"part"``.
+        layers: the layers patched (None = all); ignored for hooks without ``{layer}``.
+        select: optional ``model -> Bool[layer, n]`` mask over (layer, first cell dimension),
+            e.g. the selected heads or neurons.
+        only_parts: part ids; with it, cells patch only the tokens of these parts.
+    """
+
+    name: str
+    hook: str
+    axes: tuple[str, ...]
+    cells: tuple[str, ...] = ()
+    layers: tuple[int, ...] | None = None
+    select: Callable[[HookedCrossEncoder], Tensor] | None = None
+    only_parts: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for dim in self.cells:
+            if dim != "part" and dim not in self.axes:
+                raise ValueError(f"cell dimension {dim!r} is not an axis of {self.axes} or 'part'")
+        if ("part" in self.cells or self.only_parts) and "position" not in self.axes:
+            raise ValueError(f"target {self.name!r}: parts need a 'position' axis")
+
+    # ------------------------------------------------------------ the grid
+    @property
+    def has_layer_dim(self) -> bool:
+        return "{layer}" in self.hook
+
+    def hook_name(self, layer: int) -> str:
+        """The hook patched at ``layer``."""
+        return self.hook.format(layer=layer)
+
+    def target_layers(self, model: HookedCrossEncoder) -> list[int]:
+        """Layers with selected cells (``[n_layers]`` for a hook after the last block)."""
+        if not self.has_layer_dim:
+            return [model.cfg.n_layers]
+        layers = check_layers(model, self.layers)
+        if self.select is not None:
+            keep = self.select(model).reshape(model.cfg.n_layers, -1).any(-1)
+            layers = [lay for lay in layers if keep[lay]]
+        return layers
+
+    def hook_names(self, model: HookedCrossEncoder) -> list[str]:
+        return [self.hook_name(layer) for layer in self.target_layers(model)]
+
+    def sub_sizes(self, model: HookedCrossEncoder, width: int) -> list[int]:
+        return [_axis_size(model, dim, width) for dim in self.cells]
+
+    def grid(self, model: HookedCrossEncoder, width: int) -> tuple[tuple[str, ...], dict]:
+        """The result grid: dimension names and the labels of each."""
+        dims = (("layer",) if self.has_layer_dim else ()) + self.cells
+        coords: dict[str, list[Any]] = {}
+        if self.has_layer_dim:
+            coords["layer"] = list(range(model.cfg.n_layers))
+        for dim, size in zip(self.cells, self.sub_sizes(model, width)):
+            coords[dim] = PART_LABELS if dim == "part" else list(range(size))
+        return dims, coords
+
+    def cell_rows(self, model: HookedCrossEncoder, width: int) -> Int[Tensor, "cells 1+n_sub"]:
+        """Selected cells as rows ``(layer, *sub)`` (layer ``n_layers`` for the pooled output)."""
+        sizes = self.sub_sizes(model, width)
+        mesh = np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij")
+        sub = np.stack(mesh, -1).reshape(-1, len(sizes)) if sizes else np.zeros((1, 0), np.int64)
+        keep = None if self.select is None else self.select(model).numpy()
+        out = []
+        for layer in self.target_layers(model):
+            rows = sub if keep is None else sub[keep[layer][sub[:, 0]]]
+            out.append(np.concatenate([np.full((len(rows), 1), layer), rows], 1))
+        return torch.as_tensor(np.concatenate(out).astype(np.int64))
+
+    def flat_index(self, model: HookedCrossEncoder, cells: Tensor, width: int) -> Tensor:
+        """Index of each cell row in the flattened result grid."""
+        dims, coords = self.grid(model, width)
+        shape = tuple(len(coords[d]) for d in dims)
+        idx = cells.numpy() if self.has_layer_dim else cells[:, 1:].numpy()
+        if not shape:
+            return torch.zeros(len(cells), dtype=torch.long)
+        return torch.as_tensor(np.ravel_multi_index(tuple(idx.T), shape))
+
+    def valid(self, cells: Tensor, lengths: Tensor) -> Bool[Tensor, "pair cells"]:
+        """Cells that exist for each pair (no position past the pair's length)."""
+        if "position" not in self.cells:
+            return torch.ones(len(lengths), len(cells), dtype=torch.bool)
+        col = 1 + self.cells.index("position")
+        return cells[None, :, col] < lengths.cpu()[:, None]
+
+    # ------------------------------------------------------------ masks and reductions
+    def _token_mask(self, parts: Int[Tensor, "rows pos"]) -> Bool[Tensor, "rows pos"] | None:
+        if self.only_parts is None:
+            return None
+        return torch.isin(parts, torch.tensor(self.only_parts, device=parts.device))
+
+    def row_mask(
+        self, sub: Int[Tensor, "rows n_sub"], parts: Int[Tensor, "rows pos"], act: Tensor
+    ) -> Bool[Tensor, "rows ..."]:
+        """For rows each patching one cell: the mask of patched values (broadcasts to ``act``)."""
+        rows = len(sub)
+        mask = torch.ones((rows,) + (1,) * len(self.axes), dtype=torch.bool, device=act.device)
+
+        def along(axis: str, ind: Tensor) -> Tensor:  # [rows, n] placed on ``axis``
+            shape = [rows] + [1] * len(self.axes)
+            shape[1 + self.axes.index(axis)] = ind.shape[1]
+            return ind.reshape(shape)
+
+        for j, dim in enumerate(self.cells):
+            if dim == "part":
+                ids = torch.tensor(_PART_IDS, device=act.device)[sub[:, j]]
+                mask = mask & along("position", parts.to(act.device) == ids[:, None])
+            else:
+                size = act.shape[1 + self.axes.index(dim)]
+                ind = torch.arange(size, device=act.device)[None] == sub[:, j : j + 1]
+                mask = mask & along(dim, ind)
+        tokens = self._token_mask(parts.to(act.device))
+        if tokens is not None:
+            mask = mask & along("position", tokens)
+        return mask
+
+    def reduce(self, prod: Tensor, parts: Int[Tensor, "batch pos"]) -> Tensor:
+        """Sum an elementwise ``[batch, *axes]`` tensor over each cell: ``[batch, *sub_sizes]``.
+
+        ``out[b, i] = sum_e prod[b, e] [e in cell i]`` (one einsum; parts as a one-hot).
+        """
+        letters = iter(string.ascii_lowercase[1:])
+        ax = {axis: next(letters) for axis in self.axes}
+        operands, specs = [prod], ["a" + "".join(ax[a] for a in self.axes)]
+        tokens = self._token_mask(parts.to(prod.device))
+        if tokens is not None:
+            operands.append(tokens.to(prod.dtype))
+            specs.append("a" + ax["position"])
+        out = "a"
+        for dim in self.cells:
+            if dim == "part":
+                ids = torch.tensor(_PART_IDS, device=prod.device)[None, :, None]
+                operands.append((parts.to(prod.device)[:, None, :] == ids).to(prod.dtype))
+                specs.append("aP" + ax["position"])
+                out += "P"
+            else:
+                out += ax[dim]
+        return torch.einsum(",".join(specs) + "->" + out, *operands)
+
+    def cell_mask(
+        self, sub: Sequence[int], parts: Int[Tensor, " pos"], shape: Sequence[int]
+    ) -> Bool[Tensor, "..."]:
+        """The mask of one cell on an activation of ``shape`` (no batch axis), by plain indexing:
+        the reference's independent construction of :meth:`row_mask`."""
+        mask = torch.zeros(tuple(shape), dtype=torch.bool)
+        index: list[Any] = [slice(None)] * len(self.axes)
+        for dim, i in zip(self.cells, sub):
+            if dim != "part":
+                index[self.axes.index(dim)] = int(i)
+        mask[tuple(index)] = True
+        pos = self.axes.index("position") if "position" in self.axes else None
+        for dim, i in zip(self.cells, sub):
+            if dim == "part":
+                keep = torch.zeros(shape[pos], dtype=torch.bool)
+                keep[(parts.cpu() == _PART_IDS[int(i)]).nonzero()[:, 0]] = True
+                mask &= keep.reshape([-1 if a == pos else 1 for a in range(len(shape))])
+        if self.only_parts is not None:
+            keep = torch.tensor([int(p) in self.only_parts for p in parts.cpu().tolist()])
+            mask &= keep.reshape([-1 if a == pos else 1 for a in range(len(shape))])
+        return mask
+
+    def reference_hooks(
+        self, layer: int, sub: Sequence[int], clean_cache: CleanCache, parts: Int[Tensor, " pos"]
+    ) -> Hooks:
+        """Hooks patching one cell of one pair (batch of one) from its clean cache."""
+        name = self.hook_name(layer)
+        clean = clean_cache[name]
+        mask = self.cell_mask(sub, parts, clean.shape[1:])[None].to(clean.device)
+        return [(name, partial(_where_hook, clean, mask))]
+
+
+# ====================================================================== constructors
+def _check_by(by: str, allowed: tuple[str, ...]) -> None:
+    if by not in allowed:
+        raise ValueError(f"unknown granularity by={by!r}: choose one of {allowed}")
+
+
+_BY = {"all": (), "position": ("position",), "part": ("part",)}
+
+
+def _head_mask(heads: tuple[HeadLike, ...], model: HookedCrossEncoder) -> Tensor:
+    mask = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+    for layer, head in check_heads(model, heads):
+        mask[layer, head] = True
+    return mask
+
+
+def _neuron_mask(neurons: Any, model: HookedCrossEncoder) -> Tensor:
+    return neuron_mask(model, neurons)
+
+
+def _heads_select(heads: Iterable[HeadLike] | None) -> Callable | None:
+    return None if heads is None else partial(_head_mask, tuple(heads))
+
+
+def resid_target(
+    component: Component = "resid_pre",
+    *,
+    by: Literal["all", "position", "part"] = "position",
+    layers: int | Iterable[int] | None = None,
+) -> PatchTarget:
+    """Residual stream / attention output / MLP output per layer x position (or part, or all)."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}: choose one of {COMPONENTS}")
+    _check_by(by, tuple(_BY))
+    sel = None if layers is None else tuple([layers] if isinstance(layers, int) else layers)
+    return PatchTarget(
+        f"{component}/{by}", f"blocks.{{layer}}.hook_{component}", ("position", "d_model"),
+        _BY[by], layers=sel,
+    )  # fmt: skip
+
+
+def head_target(
+    *, by: Literal["all", "position", "part"] = "all", heads: Iterable[HeadLike] | None = None
+) -> PatchTarget:
+    """Head outputs ``hook_z`` (before ``W_O``) per layer x head (all positions), x position, or
+    x part; ``heads`` restricts the heads (any head selection form; default all)."""
+    _check_by(by, tuple(_BY))
+    return PatchTarget(
+        f"z/{by}", "blocks.{layer}.attn.hook_z", ("position", "head", "d_head"),
+        ("head", *_BY[by]), select=_heads_select(heads),
+    )  # fmt: skip
+
+
+def qk_target(
+    which: Literal["q", "k"],
+    *,
+    by: Literal["all", "position", "part"] = "all",
+    heads: Iterable[HeadLike] | None = None,
+) -> PatchTarget:
+    """Head queries or keys (``hook_q`` / ``hook_k``) per layer x head (x position or x part):
+    the targets where attribution patching recomputes the attention softmax (AtP*)."""
+    if which not in ("q", "k"):
+        raise ValueError(f"unknown input {which!r}: choose 'q' or 'k'")
+    _check_by(by, tuple(_BY))
+    return PatchTarget(
+        f"{which}/{by}", f"blocks.{{layer}}.attn.hook_{which}", ("position", "head", "d_head"),
+        ("head", *_BY[by]), select=_heads_select(heads),
+    )  # fmt: skip
+
+
+def pattern_target(*, heads: Iterable[HeadLike] | None = None) -> PatchTarget:
+    """Attention patterns of heads, one cell per (layer, head, query position): the whole row of
+    attention weights of that query position is patched."""
+    return PatchTarget(
+        "pattern/query_position", "blocks.{layer}.attn.hook_pattern",
+        ("head", "position", "key"), ("head", "position"), select=_heads_select(heads),
+    )  # fmt: skip
+
+
+def neuron_target(
+    neurons: Mapping[int, Iterable[int]] | Tensor | None = None,
+    *,
+    parts: PartLike | Iterable[PartLike] | None = None,
+) -> PatchTarget:
+    """FFN neurons (``mlp.hook_post``), one cell per (layer, neuron) (all, ``{layer: indices}``
+    or a ``[n_layers, d_mlp]`` bool mask), patched at every position or the tokens of ``parts``."""
+    select = None
+    if neurons is not None:
+        frozen = neurons
+        if not isinstance(neurons, Tensor):
+            frozen = {layer: tuple(which) for layer, which in neurons.items()}
+        select = partial(_neuron_mask, frozen)
+    only = None if parts is None else tuple(int(p) for p in parse_parts(parts))
+    return PatchTarget(
+        "neuron", "blocks.{layer}.mlp.hook_post", ("position", "neuron"), ("neuron",),
+        select=select, only_parts=only,
+    )  # fmt: skip
+
+
+def pooled_target(*, by: Literal["all", "dimension"] = "all") -> PatchTarget:
+    """The pooled [CLS] output ``pooler.hook_pooler_out``, whole or per dimension."""
+    _check_by(by, ("all", "dimension"))
+    cells = () if by == "all" else ("dimension",)
+    return PatchTarget(f"pooled/{by}", "pooler.hook_pooler_out", ("dimension",), cells)
+
+
+# ====================================================================== deprecated aliases
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is deprecated: targets are PatchTarget descriptions; use {new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def HeadTarget(by: Any = "all", heads: Any = None) -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`head_target`."""
+    _deprecated("HeadTarget", "head_target(by=..., heads=...)")
+    return head_target(by=by, heads=heads)
+
+
+def ResidTarget(  # noqa: N802
+    component: Any = "resid_pre", by: Any = "position", layer_selection: Any = None
+) -> PatchTarget:
+    """Deprecated: :func:`resid_target`."""
+    _deprecated("ResidTarget", "resid_target(component, by=..., layers=...)")
+    return resid_target(component, by=by, layers=layer_selection)
+
+
+def PatternTarget(heads: Any = None) -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`pattern_target`."""
+    _deprecated("PatternTarget", "pattern_target(heads=...)")
+    return pattern_target(heads=heads)
+
+
+def NeuronTarget(neurons: Any = None, parts: Any = None) -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`neuron_target`."""
+    _deprecated("NeuronTarget", "neuron_target(neurons, parts=...)")
+    return neuron_target(neurons, parts=parts)
+
+
+def PooledTarget(by: Any = "all") -> PatchTarget:  # noqa: N802
+    """Deprecated: :func:`pooled_target`."""
+    _deprecated("PooledTarget", "pooled_target(by=...)")
+    return pooled_target(by=by)
+
+
+__all__ = [
+    "COMPONENTS",
+    "HeadTarget",
+    "NeuronTarget",
+    "PatternTarget",
+    "PooledTarget",
+    "ResidTarget",
+    "PART_LABELS",
+    "PatchTarget",
+    "head_patch_hooks",
+    "head_target",
+    "neuron_patch_hooks",
+    "neuron_target",
+    "pattern_patch_hooks",
+    "pattern_target",
+    "pooled_patch_hooks",
+    "pooled_target",
+    "qk_target",
+    "resid_patch_hooks",
+    "resid_target",
+]
