@@ -50,7 +50,7 @@ def score_pairs(
             order = torch.argsort(batch.lengths, descending=True, stable=True)
             for i in range(0, len(order), batch_size):
                 idx = order[i : i + batch_size]
-                scores[start + idx] = model.score(batch[idx], hooks=hooks)
+                scores[start + idx] = model.score(batch[idx], hooks=hooks, check_finite=False)
                 bar.update(len(idx))
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:

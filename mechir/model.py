@@ -36,12 +36,13 @@ with warnings.catch_warnings():
     from transformer_lens.HookedRootModule import HookedRootModule
     from transformer_lens.utilities import TypedModuleList
 
-from mechir.parts import CrossEncoderBatch, check_max_length, encode, infer_parts
+from mechir.parts import CrossEncoderBatch, check_max_length, encode
+from mechir.running import HookFn, Hooks, RunningInput, current_batch, running_batch
+
+__all__ = ["HookFn", "Hooks", "HookedCrossEncoder", "running_batch"]
 
 ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "pooled", "resid", None]
-HookFn = Callable[..., Any]
-Hooks = list[tuple[str | Callable[[str], bool], HookFn]]
 #: Hooks for :meth:`HookedCrossEncoder.score`: a list, or a function building one per sub-batch.
 HooksArg = Hooks | Callable[[CrossEncoderBatch], Hooks] | None
 
@@ -80,64 +81,6 @@ class CrossEncoderClassifier(nn.Module):
 
     def forward(self, pooled: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch n_labels"]:
         return self.hook_logits(nn.functional.linear(pooled, self.W.T, self.b))
-
-
-class _RunningInput:
-    """What a forward pass runs on: a batch with parts, or bare ids whose parts are inferred on
-    first use (most forward passes have no part-dependent hook)."""
-
-    __slots__ = ("batch_", "tokens", "token_type_ids", "attention_mask", "tokenizer")
-
-    def __init__(
-        self, batch: CrossEncoderBatch | None = None, tokenizer: Any = None, **ids: Tensor | None
-    ):
-        self.batch_ = batch
-        self.tokenizer = tokenizer
-        if batch is not None:
-            ids = {
-                "tokens": batch.input_ids,
-                "token_type_ids": batch.token_type_ids,
-                "attention_mask": batch.attention_mask,
-            }
-        self.tokens = ids.get("tokens")
-        self.token_type_ids = ids.get("token_type_ids")
-        self.attention_mask = ids.get("attention_mask")
-
-    @classmethod
-    def of(
-        cls,
-        model: HookedCrossEncoder,
-        input: CrossEncoderBatch | Tensor,
-        token_type_ids: Tensor | None,
-        attention_mask: Tensor | None,
-    ) -> _RunningInput:
-        device = model.cfg.device
-        if isinstance(input, CrossEncoderBatch):
-            return cls(batch=input if input.device == torch.device(device) else input.to(device))
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return cls(
-            tokenizer=model.tokenizer,
-            tokens=input.to(device),
-            token_type_ids=move(token_type_ids),
-            attention_mask=move(attention_mask),
-        )
-
-    def batch(self) -> CrossEncoderBatch:
-        if self.batch_ is None:
-            tok = self.tokenizer
-            if tok is None or tok.cls_token_id is None or tok.sep_token_id is None:
-                raise RuntimeError(
-                    "the model runs on bare token ids and has no tokenizer to infer their parts "
-                    "from: run it on a CrossEncoderBatch (model.encode(...))"
-                )
-            tokens = self.tokens
-            mask = torch.ones_like(tokens) if self.attention_mask is None else self.attention_mask
-            types = torch.zeros_like(tokens) if self.token_type_ids is None else self.token_type_ids
-            parts = infer_parts(
-                tokens, mask, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id
-            )
-            self.batch_ = CrossEncoderBatch(tokens, types, mask, parts)
-        return self.batch_
 
 
 class HookedCrossEncoder(HookedEncoder):
@@ -188,7 +131,7 @@ class HookedCrossEncoder(HookedEncoder):
         self.num_labels = num_labels
         self.relevant_label = relevant_label if num_labels > 1 else 0
         self.score_type = DEFAULT_SCORE_TYPE if score_type is None else score_type
-        self._running: list[_RunningInput] = []
+        self._running: list[RunningInput] = []
         self.embed = BertEmbed(cfg)
         self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
         self.embed.ln = HookAwareLayerNorm(cfg)
@@ -230,14 +173,14 @@ class HookedCrossEncoder(HookedEncoder):
         Raises:
             RuntimeError: no forward pass is running (a hook called outside the model).
         """
-        return _current(self._running)
+        return current_batch(self._running)
 
     @contextlib.contextmanager
     def running_on(self, batch: CrossEncoderBatch) -> Iterator[CrossEncoderBatch]:
         """Make ``batch`` the :attr:`running_batch` for code that runs blocks itself (e.g. a
         patching engine calling :meth:`run_block`); :meth:`forward` does this on its own."""
         batch = batch.to(self.cfg.device)
-        self._running.append(_RunningInput(batch=batch))
+        self._running.append(RunningInput(batch=batch))
         try:
             yield batch
         finally:
@@ -288,7 +231,7 @@ class HookedCrossEncoder(HookedEncoder):
             stop_at_layer: run blocks before this layer only and return the input of block
                 ``stop_at_layer`` ``[batch, pos, d_model]`` (``return_type`` is ignored).
         """
-        running = _RunningInput.of(self, input, token_type_ids, attention_mask)
+        running = RunningInput.of(self, input, token_type_ids, attention_mask)
         n_layers = self.cfg.n_layers
         start = 0 if start_at_layer is None else self._layer_arg("start_at_layer", start_at_layer)
         stop = (
@@ -459,6 +402,7 @@ class HookedCrossEncoder(HookedEncoder):
         *,
         batch_size: int | None = None,
         hooks: HooksArg = None,
+        check_finite: bool = True,
     ) -> Float[Tensor, " batch"]:
         """Relevance scores of a batch, without gradients, returned as float32 **on the CPU**.
 
@@ -468,7 +412,8 @@ class HookedCrossEncoder(HookedEncoder):
 
         Raises:
             FloatingPointError: a score is NaN or infinite (corrupted weights, or hooks producing
-                non-finite activations); the message names the pairs.
+                non-finite activations); the message names the pairs. ``check_finite=False``
+                leaves the check to the caller (e.g. ``score_pairs``, which names qid and docid).
         """
         out = []
         with torch.no_grad():
@@ -477,7 +422,7 @@ class HookedCrossEncoder(HookedEncoder):
                 with self.hooks(fwd_hooks=fwd):
                     out.append(self(chunk).float().cpu())
         scores = torch.cat(out)
-        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist() if check_finite else []
         if bad:
             shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
             raise FloatingPointError(
@@ -492,32 +437,6 @@ class HookedCrossEncoder(HookedEncoder):
 
     def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
         return super().to(device_or_dtype, print_details=print_details)
-
-
-def running_batch(hook: HookPoint) -> CrossEncoderBatch:
-    """The batch the model is running on, from inside a hook function ``fn(act, hook)``.
-
-    Example (a hand-written hook zeroing the document positions of the residual stream)::
-
-        def zero_document(resid, hook):
-            doc = running_batch(hook).mask("document")        # [batch, pos]
-            return resid * ~doc[..., None]
-    """
-    running = hook.__dict__.get("_mechir_running")
-    if running is None:
-        raise RuntimeError(
-            f"hook point {getattr(hook, 'name', hook)!r} does not belong to a HookedCrossEncoder"
-        )
-    return _current(running)
-
-
-def _current(running: list[_RunningInput]) -> CrossEncoderBatch:
-    if not running:
-        raise RuntimeError(
-            "no forward pass is running: part-dependent hooks read the parts of the batch the "
-            "model runs on, so call them through the model (score, run_with_hooks, ...)"
-        )
-    return running[-1].batch()
 
 
 # ---------------------------------------------------------------------- conversion from HF

@@ -10,7 +10,7 @@ of ints (a ``range``, a list, ...). Floats and bools are rejected (``2.7`` is no
 Heads (:func:`select_heads`), 0-indexed as the papers write them:
 
 - ``"l/h"`` (``"15/13"``), TransformerLens's ``"LlHh"`` (``"L15H13"``, as
-  ``model.all_head_labels()`` returns), or a ``(layer, head)`` tuple: one head;
+  ``model.all_head_labels()`` returns), or a ``(layer, head)`` tuple of two ints: one head;
 - ``{layer: [head, ...]}`` (or ``{layer: head}``);
 - a list of any of the above, and plain ints, which are head indices **in every layer of**
   ``layers`` (``heads=[0, 3], layers=[1, 2]`` is 1/0, 1/3, 2/0, 2/3);
@@ -105,6 +105,15 @@ def parse_head(head: Any) -> Head:
     )
 
 
+def _is_head_pair(value: Any) -> bool:
+    """A ``(layer, head)`` tuple of two ints (a tuple of labels is a list of heads)."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(not isinstance(v, (str, bool)) and hasattr(v, "__index__") for v in value)
+    )
+
+
 def head_label(layer: int, head: int) -> str:
     """The papers' label of a head: ``head_label(15, 13) == "15/13"``."""
     return f"{layer}/{head}"
@@ -140,7 +149,7 @@ def select_heads(
         for layer in layer_list if layer_list is not None else range(cfg.n_layers):
             out.update((layer, h) for h in range(cfg.n_heads))
         return sorted(out)
-    if isinstance(heads, (str, tuple)):
+    if isinstance(heads, str) or _is_head_pair(heads):
         items: list[Any] = [heads]
     elif isinstance(heads, Mapping):
         items = []

@@ -94,7 +94,7 @@ def test_rerank_scores_are_exact_and_resume_is_identical(rerank_argv, saved_mode
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["queries"] == 2 and 0 <= summary["nDCG@10"] <= 1
-    assert summary["score_type"] == "logit"
+    assert summary["score_type"] == "binary_logit"
     first = out.read_text()
     # the TREC file holds the full-precision scores of the same forward pass (no rounding)
     model = mechir.load_cross_encoder(saved_model, device="cpu")

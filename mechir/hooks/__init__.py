@@ -18,7 +18,7 @@ from mechir.hooks.attention import (
 )
 from mechir.hooks.heads import head_knockout_hooks, head_output_means
 from mechir.hooks.neurons import neuron_ablation_hooks, neuron_means
-from mechir.model import Hooks, running_batch
+from mechir.running import Hooks, running_batch
 
 __all__ = [
     "ALL_DIRECTIONS",

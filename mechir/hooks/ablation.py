@@ -10,8 +10,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from mechir.model import running_batch
 from mechir.parts import CrossEncoderBatch, PartLike, parse_parts
+from mechir.running import running_batch
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechir.hooks.ablation import bound_to, per_forward
-from mechir.model import HookFn, Hooks
 from mechir.parts import PARTS, CrossEncoderBatch, Part, PartLike, parse_parts
+from mechir.running import HookFn, Hooks
 from mechir.selection import (
     HeadSelection,
     LayerSelection,

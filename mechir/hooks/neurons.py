@@ -10,8 +10,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechir.hooks.ablation import activation_means, bound_to, masked_replace, part_positions
-from mechir.model import Hooks
 from mechir.parts import CrossEncoderBatch, PartLike
+from mechir.running import Hooks
 from mechir.selection import NeuronSelection, select_neurons
 
 NeuronMode = Literal["zero", "mean"]
