@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechir.attribution import Target, baseline_batch, parse_target, target_from_logits
+from mechir.attribution import AttributionTarget, baseline_batch, parse_target, target_from_logits
 from mechir.parts import Part
 
 
@@ -54,9 +54,9 @@ def test_baseline_needs_a_tokenizer(tiny_batch):
 
 
 def test_parse_target():
-    assert parse_target("score") == Target("score", "relevant")
-    assert parse_target("prob:non-relevant") == Target("prob", "non_relevant")
-    assert parse_target("log_prob:0") == Target("log_prob", 0)
+    assert parse_target("score") == AttributionTarget("score", "relevant")
+    assert parse_target("prob:non-relevant") == AttributionTarget("prob", "non_relevant")
+    assert parse_target("log_prob:0") == AttributionTarget("log_prob", 0)
     assert str(parse_target("logit")) == "logit:relevant"
     for bad, message in [
         ("odds", "unknown target kind"),

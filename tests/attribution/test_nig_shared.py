@@ -40,7 +40,7 @@ def test_batched_equals_naive_on_the_shared_model(shared, kwargs):
     assert got.layers == list(range(6))
     assert (got.attributions - want.attributions).abs().max() <= 1e-5 * scale
     score_scale = want.scores.abs().max()  # completeness holds score differences
-    assert (got.completeness - want.completeness).abs().max() <= 1e-5 * score_scale
+    assert (got.unexplained - want.unexplained).abs().max() <= 1e-5 * score_scale
 
 
 def test_completeness_on_the_shared_model(shared):
