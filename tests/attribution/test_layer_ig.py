@@ -20,11 +20,11 @@ def test_auto_reuses_the_points_it_has(tiny, tiny_batch):
             model, tiny_batch, path="activation", n_steps="auto", rtol=1e-9, max_steps=32,
             hooks=[(f"blocks.{last}.hook_resid_post", count)], max_batch=1000,
         )  # fmt: skip
-    # grids 8, 16, 32: 9 + 8 + 16 points per layer; plus clean (batch) and baseline (1/layer)
-    n_layers = model.cfg.n_layers
-    assert result.n_points.tolist() == [33] * len(tiny_batch)
-    path_rows = len(tiny_batch) * n_layers * 33
-    assert sum(rows) == len(tiny_batch) * (1 + n_layers) + path_rows
+    # grids 8, 16, 32: 9 + 8 + 16 points per layer, one forward per grid (the clean row rides
+    # along in each); plus the clean pass (1 row) and the a_l := a' pass (1 + n_layers rows)
+    n_layers, b = model.cfg.n_layers, len(tiny_batch)
+    assert result.n_points.tolist() == [33] * b
+    assert sum(rows) == b * (1 + (1 + n_layers) + 3 * 1 + n_layers * 33)
 
 
 def test_auto_equals_simpson_of_the_same_points(tiny, tiny_batch):
