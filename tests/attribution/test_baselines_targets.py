@@ -87,3 +87,23 @@ def test_targets_from_logits(tiny, tiny2):
     torch.testing.assert_close(target_from_logits(two, logits, "prob"), logits.softmax(-1)[:, 1])
     with pytest.raises(ValueError, match="out of range"):
         target_from_logits(two, logits, "prob:2")
+
+
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_baseline_token_id_out_of_range_is_rejected(tiny, tiny_batch, bad):
+    model = tiny[0]
+    ids = tiny_batch.input_ids.clone()
+    ids[:, 1] = bad
+    user = type(tiny_batch)(
+        ids, tiny_batch.token_type_ids, tiny_batch.attention_mask, tiny_batch.parts
+    )
+    with pytest.raises(ValueError, match=f"baseline token id {bad} out of range: the vocabulary"):
+        baseline_batch(model, tiny_batch, user)
+
+
+def test_target_is_a_deprecated_alias_of_attribution_target():
+    import mechir.attribution as attribution
+
+    with pytest.warns(DeprecationWarning, match="renamed AttributionTarget"):
+        old = attribution.Target
+    assert old is AttributionTarget

@@ -299,3 +299,29 @@ def test_bad_arguments_raise(tiny, tiny_batch, kwargs, message):
 def test_batch_must_be_a_cross_encoder_batch(tiny, tiny_batch):
     with pytest.raises(ValueError, match="CrossEncoderBatch"):
         neuron_integrated_gradients(tiny[0], tiny_batch.input_ids)
+
+
+@pytest.mark.parametrize("path", ["input", "activation"])
+def test_non_finite_embedding_is_an_error_not_nan_attributions(tiny, tiny_batch, path):
+    model = tiny[0]
+
+    def poison(act, hook):  # one NaN in example 2's embedding
+        act = act.clone()
+        act[2, 1, 0] = float("nan")
+        return act
+
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN/inf\) in .* example\(s\) \[2\]"):
+        neuron_integrated_gradients(
+            model, tiny_batch, path=path, n_steps=2, hooks=[("hook_full_embed", poison)]
+        )
+
+
+def test_non_finite_weights_are_an_error(tmp_path, tiny_batch):
+    from tests.helpers import tiny_cross_encoder
+
+    model, _, _ = tiny_cross_encoder(tmp_path, seed=3)
+    token = int(tiny_batch.input_ids[0, 1])
+    with torch.no_grad():
+        model.embed.embed.W_E[token, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite values"):
+        neuron_integrated_gradients(model, tiny_batch, n_steps=2)
