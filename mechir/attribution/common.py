@@ -30,6 +30,8 @@ EMBEDDING_HOOK = "hook_full_embed"
 DEFAULT_CPU_BUDGET = 2 * 1024**3
 #: ``n_steps="auto"``: the largest number of path intervals refinement may reach.
 DEFAULT_MAX_STEPS = 1024
+#: ``n_steps="auto"``: the first grid (intervals); the estimate needs three nested levels.
+AUTO_START = 8
 
 
 @dataclass

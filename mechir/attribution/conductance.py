@@ -26,8 +26,7 @@ attribution (or at ``max_steps``, with a warning).
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mechir.attribution.common import (
+    AUTO_START,
     EMBEDDING_HOOK,
     AttributionSetup,
     aggregate_positions,
@@ -50,11 +50,9 @@ from mechir.attribution.result import (
     error_factor,
     layer_errors,
     make_result,
+    warn_unconverged,
 )
 from mechir.parts import CrossEncoderBatch
-
-#: ``n_steps="auto"``: the first grid (intervals); the estimate needs three midpoint levels.
-AUTO_START = 8
 
 
 class _CellFormula:
@@ -171,6 +169,21 @@ class _PathRows:
                 take(i, a, [x[r, :n] for x in acts], [g[r, :n] for g in g_acts], g_emb[r, :n])
 
 
+def _groups(
+    model: Any, s: AttributionSetup, group_size: int, ac: Any, f_x: Tensor, f_base: Tensor
+) -> Iterator[tuple]:
+    """Groups of ``group_size`` examples with their clean passes over the input and the
+    baseline (``F`` written into ``f_x`` / ``f_base``) and a :class:`_PathRows` runner."""
+    for start in range(0, len(s.batch), group_size):
+        ex = list(range(start, min(start + group_size, len(s.batch))))
+        gb, gbase = s.batch[ex], s.base[ex]
+        with ac:
+            fx, acts_x, emb_x = clean_pass(model, gb, s, embed=True)
+            fb, acts_b, emb_b = clean_pass(model, gbase, s, embed=True)
+        f_x[ex], f_base[ex] = fx.cpu(), fb.cpu()
+        yield ex, gb, acts_x, emb_x, acts_b, emb_b, _PathRows(model, s, gb, emb_b, emb_x, ac)
+
+
 def conductance_attributions(
     model: Any, s: AttributionSetup, max_batch: int, ac: Any
 ) -> NeuronAttributions:
@@ -193,14 +206,9 @@ def conductance_attributions(
     out = torch.zeros(output_shape(s, model), dtype=torch.float32)
     coarse = torch.zeros(len(s.batch), len(s.layers), model.cfg.d_mlp)
     f_x, f_base, emb_ig = (torch.zeros(len(s.batch)) for _ in range(3))
-    for start in range(0, len(s.batch), group_size):
-        ex = list(range(start, min(start + group_size, len(s.batch))))
-        gb, gbase = s.batch[ex], s.base[ex]
-        with ac:
-            fx, acts_x, emb_x = clean_pass(model, gb, s, embed=True)
-            fb, acts_b, emb_b = clean_pass(model, gbase, s, embed=True)
-        f_x[ex], f_base[ex] = fx.cpu(), fb.cpu()
-        runner = _PathRows(model, s, gb, emb_b, emb_x, ac)
+    for ex, gb, acts_x, emb_x, acts_b, emb_b, runner in _groups(
+        model, s, group_size, ac, f_x, f_base
+    ):
         lengths = runner.lengths
         states = [
             [
@@ -276,14 +284,9 @@ def _auto(model: Any, s: AttributionSetup, max_batch: int, ac: Any) -> NeuronAtt
     relative = torch.zeros(len(s.batch))
     group_size = max(1, max_batch // (AUTO_START - 1))
     forwards = 0
-    for start in range(0, len(s.batch), group_size):
-        ex = list(range(start, min(start + group_size, len(s.batch))))
-        gb, gbase = s.batch[ex], s.base[ex]
-        with ac:
-            fx, acts_x, emb_x = clean_pass(model, gb, s, embed=True)
-            fb, acts_b, emb_b = clean_pass(model, gbase, s, embed=True)
-        f_x[ex], f_base[ex] = fx.cpu(), fb.cpu()
-        runner = _PathRows(model, s, gb, emb_b, emb_x, ac)
+    for ex, gb, acts_x, emb_x, acts_b, emb_b, runner in _groups(
+        model, s, group_size, ac, f_x, f_base
+    ):
         lengths = runner.lengths
         st = [
             {
@@ -341,13 +344,7 @@ def _auto(model: Any, s: AttributionSetup, max_batch: int, ac: Any) -> NeuronAtt
             diff = (emb_x[i, :n_tok] - emb_b[i, :n_tok]).float()
             emb_ig[e] = float((diff * _richardson(st[i]["emb"], m)).sum())
         forwards += runner.forwards
-    unconverged = (relative > s.rtol).nonzero().flatten().tolist()
-    if unconverged:
-        warnings.warn(
-            f"n_steps='auto' stopped at max_steps={s.max_steps} for example(s) {unconverged} with "
-            f"estimated relative error {relative.max():.3g} > rtol={s.rtol}; raise max_steps",
-            stacklevel=3,
-        )
+    warn_unconverged(relative, s)
     return make_result(
         s,
         out,

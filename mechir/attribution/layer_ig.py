@@ -17,7 +17,6 @@ first extrapolation ``R(N) = (4 T(N) - T(N/2)) / 3`` (Simpson's rule), its error
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mechir.attribution.common import (
+    AUTO_START,
     AttributionSetup,
     aggregate_positions,
     clean_pass,
@@ -39,10 +39,9 @@ from mechir.attribution.result import (
     error_factor,
     layer_errors,
     make_result,
+    warn_unconverged,
 )
 from mechir.parts import CrossEncoderBatch
-
-AUTO_START = 8
 
 
 def _grow_hook(n_new: int) -> Callable[[Tensor, Any], Tensor]:
@@ -173,13 +172,7 @@ def layer_ig_attributions(
             out[e] = aggregate_positions(attr, one.parts[0].cpu(), s.aggregate, out.shape[-2])
     per = out if out.dim() == 3 else out.sum(2)
     if s.rule is None:
-        unconverged = (relative > s.rtol).nonzero().flatten().tolist()
-        if unconverged:
-            warnings.warn(
-                f"n_steps='auto' stopped at max_steps={s.max_steps} for example(s) {unconverged} "
-                f"with estimated relative error {relative.max():.3g} > rtol={s.rtol}",
-                stacklevel=3,
-            )
+        warn_unconverged(relative, s)
         method, n_steps, meta = "auto", int(n_points.max()) - 1, {"rule": "trapezoid + Romberg"}
         meta["rtol"] = s.rtol
     else:

@@ -167,6 +167,17 @@ def error_factor(method: str) -> float:
     return _ERROR_FACTORS.get(method, 1.0)
 
 
+def warn_unconverged(relative: Float[Tensor, " batch"], s: AttributionSetup) -> None:
+    """Warn (naming the examples) where ``n_steps="auto"`` stopped above ``rtol``."""
+    unconverged = (relative > s.rtol).nonzero().flatten().tolist()
+    if unconverged:
+        warnings.warn(
+            f"n_steps='auto' stopped at max_steps={s.max_steps} for example(s) {unconverged} with "
+            f"estimated relative error {relative.max():.3g} > rtol={s.rtol}; raise max_steps",
+            stacklevel=4,
+        )
+
+
 def layer_errors(
     fine: Float[Tensor, "batch layer d_mlp"], coarse: Float[Tensor, "batch layer d_mlp"], c: float
 ) -> Float[Tensor, "batch layer"]:
