@@ -21,7 +21,10 @@ evaluates only the new odd points and reuses every activation already computed. 
 value is the Richardson extrapolation ``R(m) = (4 A(m) - A(m/2)) / 3``; its error estimate is
 ``|R(m) - R(m/2)| / 3`` per neuron (see :mod:`mechir.attribution.result`); refinement stops per
 example when the largest estimate is below ``rtol`` times the example's largest per-neuron
-attribution (or at ``max_steps``, with a warning).
+attribution (or at ``max_steps``, with a warning). Reuse has a memory price: the activations
+at every grid point stay in memory until the example is done (``(N + 1) x layers x tokens x
+d_mlp`` float32 values per example: ~0.8 GB at ``N = 128`` for 6 layers, 160 tokens, 1536
+neurons).
 """
 
 from __future__ import annotations
