@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--fixed-steps", type=int, default=16, help="midpoint, GL, trapezoid")
     ap.add_argument("--naive-steps", type=int, default=4)
     ap.add_argument("--captum-steps", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--reference-cache", default=None, help="save/load the reference (.pt)")
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/nig_accuracy_cpu.json"))
@@ -93,9 +94,16 @@ def main() -> None:
     layers = list(range(model.cfg.n_layers))
     nig = lambda **kw: neuron_integrated_gradients(model, batch, **kw)  # noqa: E731
 
-    ref_run, ref_s = timed(lambda: nig(method="riemann_middle", n_steps=args.ref_grid // 2))
-    fine = ref_run.per_neuron()
-    ref = (4 * fine - ref_run.coarse) / 3
+    cache = Path(args.reference_cache) if args.reference_cache else None
+    if cache is not None and cache.exists():
+        fine, coarse, ref_s = torch.load(cache)
+    else:
+        ref_run, ref_s = timed(lambda: nig(method="riemann_middle", n_steps=args.ref_grid // 2))
+        fine, coarse = ref_run.per_neuron(), ref_run.coarse
+        if cache is not None:
+            torch.save((fine, coarse, ref_s), cache)
+    ref = (4 * fine - coarse) / 3
+
     rows = []
     report = {
         "setting": {

@@ -19,7 +19,7 @@ error expansion in even powers of ``1/m``.
 (``j`` odd on grid ``N``: level ``m = N/2``, cell ``[(j-1)/N, (j+1)/N]``), so doubling ``N``
 evaluates only the new odd points and reuses every activation already computed. The reported
 value is the Richardson extrapolation ``R(m) = (4 A(m) - A(m/2)) / 3``; its error estimate is
-``|R(m) - R(m/2)| / 3`` per neuron (see :mod:`mechir.attribution.result`); refinement stops per
+``|R(m) - R(m/2)|`` per neuron (see :mod:`mechir.attribution.result`); refinement stops per
 example when the largest estimate is below ``rtol`` times the example's largest per-neuron
 attribution (or at ``max_steps``, with a warning). Reuse has a memory price: the activations
 at every grid point stay in memory until the example is done (``(N + 1) x layers x tokens x

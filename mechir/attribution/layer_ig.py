@@ -12,7 +12,7 @@ Completeness (exact in the limit): ``sum_i NIG_i = F(x) - F(x with a_l := a'_l)`
 ``n_steps="auto"``: trapezoid rules on dyadic grids ``j/N`` (``N = 8, 16, ...``; the end points
 are nodes), each doubling evaluating only the new odd points; the reported value is Romberg's
 first extrapolation ``R(N) = (4 T(N) - T(N/2)) / 3`` (Simpson's rule), its error estimate
-``|R(N) - R(N/2)| / 3`` per neuron, and refinement stops per example as on the input path.
+``|R(N) - R(N/2)|`` per neuron, and refinement stops per example as on the input path.
 """
 
 from __future__ import annotations
