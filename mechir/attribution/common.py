@@ -20,7 +20,7 @@ from mechir.attribution.baselines import baseline_batch
 from mechir.attribution.integration import IntegrationRule, integration_rule
 from mechir.attribution.targets import AttributionTarget, check_target, target_from_logits
 from mechir.parts import PARTS, CrossEncoderBatch
-from mechir.selection import check_layers
+from mechir.selection import select_layers
 
 PATHS: tuple[str, ...] = ("input", "activation")
 AGGREGATES: tuple[str, ...] = ("sequence", "part", "position")
@@ -113,7 +113,7 @@ def prepare(
             raise ValueError("method='auto' goes with n_steps='auto' (give both or neither)")
         rule = integration_rule(method or "riemann_right", n_steps)  # type: ignore[arg-type]
         companion = companion_rule(rule) if error_estimate and rule.n_steps > 1 else None
-    layer_list = check_layers(model, layers)
+    layer_list = select_layers(model, layers)
     batch = batch.to(model.cfg.device)
     base = baseline_batch(model, batch, baseline)
     return AttributionSetup(
