@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--path", choices=["input", "activation"], default="input")
     g.add_argument("--baseline", default="pad", help="baseline input (pad, pad_query, mask, ...)")
     g.add_argument("--method", default="riemann_right", help="integration rule")
-    g.add_argument("--n-steps", type=int, default=50)
+    g.add_argument(
+        "--n-steps",
+        type=lambda v: v if v == "auto" else int(v),
+        default=50,
+        help="path steps, or 'auto' (refine until the estimated error is below --rtol)",
+    )
+    g.add_argument("--rtol", type=float, default=0.01, help="target error of --n-steps auto")
     g.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
     g.add_argument("--max-batch", type=int, default=None, help="rows per NIG forward/backward")
     s = p.add_argument_group("selection and pruning")
@@ -171,9 +177,11 @@ def compute_attributions(model: Any, args: argparse.Namespace, unit: Unit) -> di
         path=args.path,
         target=target,
         baseline=args.baseline,
-        method=args.method,
+        method=None if args.n_steps == "auto" else args.method,
         n_steps=args.n_steps,
+        rtol=args.rtol,
         max_batch=args.max_batch,
+        overlap_percent=min(args.percents),
     )
     acc = means.means["all"]
     return {
@@ -185,15 +193,22 @@ def compute_attributions(model: Any, args: argparse.Namespace, unit: Unit) -> di
         "sum": encode_array(acc.sum.numpy()),
         "completeness_count": means.completeness.count,
         "completeness_abs_sum": encode_array(means.completeness.sum.numpy()),
+        # per-example estimated relative error, top-p% overlap (n vs n/2 steps), path points
+        "error_count": means.error.count,
+        "error_sum": float(means.error.sum) if means.error.count else 0.0,
+        "overlap_sum": float(means.overlap.sum) if means.overlap.count else 0.0,
+        "points_sum": float(means.points.sum),
     }
 
 
 def mean_scores(run: StudyRun, units: list[Unit]) -> tuple[dict, dict, list[int]]:
-    """``({(dataset, class): mean [layer, d_mlp]}, {(dataset, class): (count, mean |err|)},
-    layers)`` from the stored chunk sums."""
+    """``({(dataset, class): mean [layer, d_mlp]}, {(dataset, class): (count, mean |err|, mean
+    estimated relative error, mean top-p% overlap, mean path points)}, layers)`` from the stored
+    chunk sums (NaN where no unit estimated its error)."""
     sums: dict[tuple[str, str], np.ndarray] = {}
     counts: dict[tuple[str, str], int] = {}
     err: dict[tuple[str, str], list[float]] = {}
+    estimates: dict[tuple[str, str], list[float]] = {}
     layers: list[int] = []
     for u in units:
         row = run.store.get(u.id)
@@ -204,9 +219,21 @@ def mean_scores(run: StudyRun, units: list[Unit]) -> tuple[dict, dict, list[int]
         c = decode_array(row["completeness_abs_sum"]).astype(np.float64)
         prev = err.get(key, [0.0, 0])
         err[key] = [prev[0] + float(c.mean()), prev[1] + row["completeness_count"]]
+        acc = estimates.setdefault(key, [0, 0.0, 0.0, 0.0])
+        for j, name in enumerate(("error_count", "error_sum", "overlap_sum", "points_sum")):
+            acc[j] += row.get(name, 0)
         layers = row["layers"]
     means = {k: sums[k] / counts[k] for k in sums}
-    quality = {k: (counts[k], err[k][0] / max(err[k][1], 1)) for k in sums}
+    quality = {
+        k: (
+            counts[k],
+            err[k][0] / max(err[k][1], 1),
+            estimates[k][1] / estimates[k][0] if estimates[k][0] else float("nan"),
+            estimates[k][2] / estimates[k][0] if estimates[k][0] else float("nan"),
+            estimates[k][3] / counts[k],
+        )
+        for k in sums
+    }
     return means, quality, layers
 
 
@@ -371,23 +398,46 @@ def summarize(
             ),
             "targets": f"relevant pairs `{args.relevant_target}`, non-relevant pairs "
             f"`{args.non_relevant_target}`",
-            "NIG": f"{args.path} path, baseline `{args.baseline}`, {args.method}, "
-            f"{args.n_steps} steps",
+            "NIG": f"{args.path} path, baseline `{args.baseline}`, "
+            + (
+                f"n_steps auto (rtol {args.rtol:g})"
+                if args.n_steps == "auto"
+                else f"{args.method}, {args.n_steps} steps"
+            ),
             "selection": f"top p% of all neurons by {args.sign} mean attribution",
             "pruning candidates": f"{len(candidates)} pairs of {args.dataset}"
             + (f" ({args.split})" if args.split else ""),
         }
     )
+    p_min = min(args.percents)
     qrows = [
-        {"dataset": d, "class": c, "pairs": n, "mean |completeness error|": e}
-        for (d, c), (n, e) in quality.items()
-    ]
+        {
+            "dataset": d, "class": c, "pairs": n, "mean |completeness error|": e,
+            "mean est. rel. error": est, f"top-{p_min:g}% overlap (n vs n/2 steps)": ov,
+            "mean path points": pts,
+        }
+        for (d, c), (n, e, est, ov, pts) in quality.items()
+    ]  # fmt: skip
     s.table(
         pd.DataFrame(qrows),
         "completeness: |F(x) - F(baseline) - integrated gradients|"
-        + (" of the embedding path" if args.path == "input" else " per layer"),
+        + (" of the embedding path" if args.path == "input" else " per layer")
+        + "; est. rel. error: the attributions' own estimated error (nested rules), relative to "
+        "each pair's largest neuron attribution",
         ".3g",
     )
+    unstable = [
+        f"{d} {c} (est. error {est:.2g}, overlap {ov:.2f})"
+        for (d, c), (_, _, est, ov, _) in quality.items()
+        if est > 0.05 or ov < 0.9
+    ]
+    if unstable:
+        s.paragraph(
+            f"**Warning: the requested steps leave the selection unstable** for "
+            f"{'; '.join(unstable)}: halving the steps changes the top-{p_min:g}% neurons "
+            "(overlap < 0.9) or the estimated error exceeds 5%. Rerun with `--n-steps auto` "
+            "(and `--rtol`) or more steps."
+        )
 
     # selected neurons and their layers
     frames = []

@@ -133,7 +133,11 @@ def build(shape: str):
     return model, batch, base
 
 
-def captum_conductance(model, batch, base, layers, n_steps):
+def captum_conductance(
+    model, batch, base, layers, n_steps, method="riemann_trapezoid", internal_batch_size=None
+):
+    """captum ``LayerConductance`` per layer, summed over positions (``method=None``: captum's
+    default rule, Gauss-Legendre)."""
     import torch
     from captum.attr import LayerConductance
 
@@ -158,7 +162,8 @@ def captum_conductance(model, batch, base, layers, n_steps):
             baselines=e0,
             additional_forward_args=(batch.input_ids, batch.token_type_ids, batch.attention_mask),
             n_steps=n_steps,
-            method="riemann_trapezoid",
+            internal_batch_size=internal_batch_size,
+            **({} if method is None else {"method": method}),
         )
         out.append(attr.detach().sum(1))
     return torch.stack(out, 1)

@@ -6,6 +6,10 @@
     result = neuron_integrated_gradients(model, batch, path="input", n_steps=50)
     result.attributions        # [batch, layer, d_mlp]
     result.completeness_error()
+    result.error               # [batch, layer]: estimated error of the attributions
+
+Modules: ``conductance`` (input path), ``layer_ig`` (activation path), ``result``,
+``integration`` (rules), ``neuron_selection`` (top-p% selections), ``accumulate``.
 """
 
 from mechir.attribution.accumulate import (
@@ -22,6 +26,14 @@ from mechir.attribution.integration import (
     integration_rule,
     parse_method,
 )
+from mechir.attribution.neuron_selection import (
+    NeuronSelection,
+    fuse_scores,
+    intersect,
+    n_selected,
+    random_control,
+    top_neurons,
+)
 from mechir.attribution.nig import (
     AGGREGATES,
     PATHS,
@@ -31,15 +43,7 @@ from mechir.attribution.nig import (
     rows_for_memory,
 )
 from mechir.attribution.pruning import PruningResult, pruning_evaluation
-from mechir.attribution.selection import (
-    NeuronSelection,
-    fuse_scores,
-    intersect,
-    n_selected,
-    random_control,
-    top_neurons,
-)
-from mechir.attribution.targets import Target, parse_target, target_from_logits
+from mechir.attribution.targets import AttributionTarget, parse_target, target_from_logits
 
 __all__ = [
     "AGGREGATES",
@@ -61,7 +65,7 @@ __all__ = [
     "PATHS",
     "IntegrationRule",
     "NeuronAttributions",
-    "Target",
+    "AttributionTarget",
     "baseline_batch",
     "integration_rule",
     "neuron_integrated_gradients",
@@ -71,3 +75,14 @@ __all__ = [
     "rows_for_memory",
     "target_from_logits",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "Target":  # deprecated alias: renamed apart from patching's PatchTarget
+        import warnings
+
+        warnings.warn(
+            "mechir.attribution.Target is renamed AttributionTarget", DeprecationWarning, 2
+        )
+        return AttributionTarget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -119,12 +119,20 @@ class AttributionMeans:
         completeness: ``|completeness|`` per example (``[layer]``; input path: the embedding's,
             ``[1]``), accumulated over all groups.
         settings: the keyword arguments of the attribution calls.
+        error: per example, the estimated relative error of its attributions
+            (``NeuronAttributions.relative_error``, ``[1]``); empty without an estimate.
+        overlap: per example, the top-``overlap_percent`` % selection overlap between the two
+            resolutions of the estimate (``NeuronAttributions.selection_overlap``, ``[1]``).
+        points: per example, the path points evaluated (``[1]``).
     """
 
     means: GroupedMeans
     layers: list[int]
     completeness: StreamingMean
     settings: dict[str, Any]
+    error: StreamingMean = field(default_factory=StreamingMean)
+    overlap: StreamingMean = field(default_factory=StreamingMean)
+    points: StreamingMean = field(default_factory=StreamingMean)
 
     def mean(self, group: Hashable) -> Tensor:
         return self.means[group].mean
@@ -136,16 +144,20 @@ class AttributionMeans:
 def mean_neuron_attributions(
     model: Any,
     batches: Iterable[tuple[CrossEncoderBatch, Sequence[Hashable]] | CrossEncoderBatch],
+    *,
+    overlap_percent: float = 0.5,
     **kwargs: Any,
 ) -> AttributionMeans:
     """Stream :func:`neuron_integrated_gradients` over ``batches`` and average per group.
 
     ``batches`` yields a :class:`CrossEncoderBatch` (group ``"all"``) or ``(batch, keys)`` with
     one group key per example (e.g. ``"relevant"`` / ``"non_relevant"``). Keyword arguments go to
-    :func:`neuron_integrated_gradients`; only running sums are kept.
+    :func:`neuron_integrated_gradients`; only running sums are kept, among them the error
+    estimate and the top-``overlap_percent`` % selection stability of every example.
     """
     means = GroupedMeans()
     completeness = StreamingMean()
+    error, overlap, points = StreamingMean(), StreamingMean(), StreamingMean()
     layers: list[int] | None = None
     for item in batches:
         batch, keys = item if isinstance(item, tuple) else (item, ["all"] * len(item))
@@ -158,9 +170,13 @@ def mean_neuron_attributions(
             else result.completeness
         )
         completeness.update(delta.abs())
+        if result.error is not None:
+            error.update(result.relative_error()[:, None])
+            overlap.update(result.selection_overlap(overlap_percent)[:, None])
+        points.update(result.n_points[:, None].float())
     if layers is None:
         raise ValueError("no batches to attribute")
-    return AttributionMeans(means, layers, completeness, dict(kwargs))
+    return AttributionMeans(means, layers, completeness, dict(kwargs), error, overlap, points)
 
 
 def pair_batches(

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
 from mechir.parts import PARTS, CrossEncoderBatch, Part
 
 BASELINE_TOKENS: tuple[str, ...] = ("pad", "unk", "mask")
@@ -47,6 +51,7 @@ def baseline_batch(
                 "baseline batch has another attention mask than the input: a baseline keeps the "
                 "input's attention mask (replace token ids only)"
             )
+        _check_token_ids(model_or_tokenizer, baseline.input_ids)
         return CrossEncoderBatch(
             baseline.input_ids.to(batch.device),
             baseline.token_type_ids.to(batch.device),
@@ -67,6 +72,30 @@ def baseline_batch(
             f"cannot build the {baseline!r} baseline: no tokenizer with a [{token.upper()}] token; "
             "pass a tokenizer to load_cross_encoder or give a baseline batch"
         )
+    _check_token_ids(model_or_tokenizer, torch.tensor([int(token_id)]))
     replace = batch.mask(BASELINE_SCOPES[scope])
     ids = batch.input_ids.masked_fill(replace, int(token_id))
     return CrossEncoderBatch(ids, batch.token_type_ids, batch.attention_mask, batch.parts)
+
+
+def _vocab_size(model_or_tokenizer: Any) -> int | None:
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    if cfg is not None and getattr(cfg, "d_vocab", None):
+        return int(cfg.d_vocab)
+    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
+    size = getattr(tokenizer, "vocab_size", None)
+    return int(size) if size else None
+
+
+def _check_token_ids(model_or_tokenizer: Any, ids: Int[Tensor, "..."]) -> None:
+    """Raise if a baseline token id is outside the vocabulary (an embedding lookup would fail
+    or, for -1 on some back ends, silently read another row)."""
+    vocab = _vocab_size(model_or_tokenizer)
+    bad = (ids < 0) | (ids >= vocab) if vocab is not None else ids < 0
+    if bool(bad.any()):
+        token = int(ids[bad].flatten()[0])
+        limit = f"the vocabulary has {vocab} ids (0-{vocab - 1})" if vocab else "ids are >= 0"
+        raise ValueError(
+            f"baseline token id {token} out of range: {limit}; give a real token id "
+            "(e.g. the tokenizer's pad_token_id) or a named baseline such as 'pad'"
+        )

@@ -8,7 +8,7 @@ and every implementation in :mod:`mechir.attribution` (batched kernel, naive ref
 ``alphas`` and ``weights`` from one :class:`IntegrationRule`. A rule also partitions [0, 1] into
 ``n_steps`` cells ``[b_{k-1}, b_k]`` of width ``w_k`` that contain their node ``alpha_k``; neuron
 conductance uses them to turn activation *differences* into the weighted derivative
-``w_k * da/d alpha (alpha_k)`` (see :mod:`mechir.attribution.nig`).
+``w_k * da/d alpha (alpha_k)`` (see :mod:`mechir.attribution.conductance`).
 
 | method            | nodes alpha_k (k = 1..m) | weights          | node's place in its cell |
 | ----------------- | ------------------------ | ---------------- | ------------------------ |

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mechir.attribution.selection import NeuronSelection, random_control
+from mechir.attribution.neuron_selection import NeuronSelection, random_control
 from mechir.data import Pair, Qrels
 from mechir.evaluation import evaluate, paired_ttest, rerank
 from mechir.hooks.neurons import neuron_ablation_hooks

@@ -22,8 +22,9 @@ LabelLike = int | Literal["relevant", "non_relevant"]
 
 
 @dataclass(frozen=True)
-class Target:
-    """The scalar ``F`` an attribution explains.
+class AttributionTarget:
+    """The scalar ``F`` an attribution explains (named apart from patching's ``PatchTarget``, which
+    says *where* a patch goes; this says *what* is explained).
 
     Attributes:
         kind: ``"score"`` (the model's relevance score, as its ``score_type`` says), ``"logit"``,
@@ -38,9 +39,10 @@ class Target:
         return self.kind if self.kind == "score" else f"{self.kind}:{self.label}"
 
 
-def parse_target(target: Target | str) -> Target:
-    """A :class:`Target` from itself or a string ``"kind[:label]"`` (``"prob:non_relevant"``)."""
-    if isinstance(target, Target):
+def parse_target(target: AttributionTarget | str) -> AttributionTarget:
+    """An :class:`AttributionTarget` from itself or a string ``"kind[:label]"``
+    (``"prob:non_relevant"``)."""
+    if isinstance(target, AttributionTarget):
         kind, label = target.kind, target.label
     elif isinstance(target, str):
         kind, _, label_text = target.strip().lower().partition(":")
@@ -48,7 +50,7 @@ def parse_target(target: Target | str) -> Target:
         label = int(label_text) if label_text.isdigit() else (label_text or "relevant")
     else:
         raise ValueError(
-            f"target must be a Target or a string like 'prob:relevant', got {target!r}"
+            f"target must be an AttributionTarget or a string like 'prob:relevant', got {target!r}"
         )
     if kind not in TARGET_KINDS:
         raise ValueError(f"unknown target kind {kind!r}: choose one of {TARGET_KINDS}")
@@ -61,7 +63,7 @@ def parse_target(target: Target | str) -> Target:
             "the 'score' target is the relevance score; for another class use 'logit:<label>', "
             "'prob:<label>' or 'log_prob:<label>'"
         )
-    return Target(kind, label)  # type: ignore[arg-type]
+    return AttributionTarget(kind, label)  # type: ignore[arg-type]
 
 
 def _class_index(model: Any, label: LabelLike) -> int:
@@ -81,7 +83,7 @@ def _class_index(model: Any, label: LabelLike) -> int:
     return label
 
 
-def check_target(model: Any, target: Target | str) -> Target:
+def check_target(model: Any, target: AttributionTarget | str) -> AttributionTarget:
     """Parse ``target`` and check it makes sense for ``model`` (raises ``ValueError``)."""
     t = parse_target(target)
     if t.kind != "score":
@@ -95,7 +97,7 @@ def check_target(model: Any, target: Target | str) -> Target:
 
 
 def target_from_logits(
-    model: Any, logits: Float[Tensor, "batch n_labels"], target: Target | str
+    model: Any, logits: Float[Tensor, "batch n_labels"], target: AttributionTarget | str
 ) -> Float[Tensor, " batch"]:
     """``F`` for every row of ``logits`` (a 1-label model's logit ``z`` reads as ``[0, z]``)."""
     t = check_target(model, target)
@@ -108,3 +110,14 @@ def target_from_logits(
         return logits[:, index]
     log_probs = nn.functional.log_softmax(logits.float(), dim=-1)[:, index]
     return log_probs if t.kind == "log_prob" else log_probs.exp()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Target":  # deprecated alias (renamed to avoid confusion with PatchTarget)
+        import warnings
+
+        warnings.warn(
+            "mechir.attribution Target is renamed AttributionTarget", DeprecationWarning, 2
+        )
+        return AttributionTarget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,6 +74,11 @@ def test_two_datasets_fusion_intersection_pruning(
     assert (inter <= fused).all()  # fused has exactly p%, the intersection at most that
     text = (out / "summary.md").read_text()
     assert "pruning_curve.png" in text and "overlap between selections" in text
+    # the attributions' own error and steps are recorded; 4 steps on a random model: unstable
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert row["points_sum"] > 0 and row["error_count"] == row["count"]
+    assert "mean est. rel. error" in text and "mean path points" in text
+    assert "the requested steps leave the selection unstable" in text
 
 
 def test_resume_and_errors(argv, tmp_path):

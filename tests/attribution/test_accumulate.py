@@ -77,5 +77,9 @@ def test_mean_neuron_attributions_streams_pairs_by_group(tiny):
     torch.testing.assert_close(means.mean("non_relevant"), full.attributions[1])
     assert means.completeness.count == 4
     torch.testing.assert_close(
-        means.completeness.mean, full.completeness.abs().mean(0), rtol=1e-4, atol=1e-6
+        means.completeness.mean, full.unexplained.abs().mean(0), rtol=1e-4, atol=1e-6
     )
+    # the error estimate and the selection stability are averaged per example too
+    torch.testing.assert_close(means.error.mean, full.relative_error()[:, None].mean(0))
+    torch.testing.assert_close(means.overlap.mean, full.selection_overlap(0.5)[:, None].mean(0))
+    assert means.points.count == 4 and float(means.points.mean) == 3

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechir.attribution import Target, baseline_batch, parse_target, target_from_logits
+from mechir.attribution import AttributionTarget, baseline_batch, parse_target, target_from_logits
 from mechir.parts import Part
 
 
@@ -54,9 +54,9 @@ def test_baseline_needs_a_tokenizer(tiny_batch):
 
 
 def test_parse_target():
-    assert parse_target("score") == Target("score", "relevant")
-    assert parse_target("prob:non-relevant") == Target("prob", "non_relevant")
-    assert parse_target("log_prob:0") == Target("log_prob", 0)
+    assert parse_target("score") == AttributionTarget("score", "relevant")
+    assert parse_target("prob:non-relevant") == AttributionTarget("prob", "non_relevant")
+    assert parse_target("log_prob:0") == AttributionTarget("log_prob", 0)
     assert str(parse_target("logit")) == "logit:relevant"
     for bad, message in [
         ("odds", "unknown target kind"),
@@ -87,3 +87,23 @@ def test_targets_from_logits(tiny, tiny2):
     torch.testing.assert_close(target_from_logits(two, logits, "prob"), logits.softmax(-1)[:, 1])
     with pytest.raises(ValueError, match="out of range"):
         target_from_logits(two, logits, "prob:2")
+
+
+@pytest.mark.parametrize("bad", [-1, 10**6])
+def test_baseline_token_id_out_of_range_is_rejected(tiny, tiny_batch, bad):
+    model = tiny[0]
+    ids = tiny_batch.input_ids.clone()
+    ids[:, 1] = bad
+    user = type(tiny_batch)(
+        ids, tiny_batch.token_type_ids, tiny_batch.attention_mask, tiny_batch.parts
+    )
+    with pytest.raises(ValueError, match=f"baseline token id {bad} out of range: the vocabulary"):
+        baseline_batch(model, tiny_batch, user)
+
+
+def test_target_is_a_deprecated_alias_of_attribution_target():
+    import mechir.attribution as attribution
+
+    with pytest.warns(DeprecationWarning, match="renamed AttributionTarget"):
+        old = attribution.Target
+    assert old is AttributionTarget

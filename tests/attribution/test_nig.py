@@ -24,7 +24,7 @@ def assert_same_attributions(got, want, rel=1e-5):
     torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.baseline_scores, want.baseline_scores, rtol=0, atol=1e-5)
     score_scale = max(float(scale), float(want.scores.abs().max()))
-    torch.testing.assert_close(got.completeness, want.completeness, rtol=0, atol=1e-5 * score_scale)
+    torch.testing.assert_close(got.unexplained, want.unexplained, rtol=0, atol=1e-5 * score_scale)
 
 
 CASES = [
@@ -130,7 +130,7 @@ def test_closed_form_oracle_for_a_model_linear_in_the_activation(tiny, tiny_batc
         )
         scale = expected.abs().max()
         assert (got.attributions[:, 0] - expected).abs().max() <= 1e-5 * scale
-        assert got.completeness.abs().max() <= 1e-5 * got.scores.abs().max()
+        assert got.unexplained.abs().max() <= 1e-5 * got.scores.abs().max()
 
 
 @pytest.mark.parametrize("path", ["input", "activation"])
@@ -139,7 +139,7 @@ def test_completeness_error_shrinks_with_steps(tiny, tiny_batch, path):
 
     def error(n):
         r = neuron_integrated_gradients(model, tiny_batch, path=path, n_steps=n, max_batch=256)
-        delta = r.embedding_completeness if path == "input" else r.completeness
+        delta = r.embedding_completeness if path == "input" else r.unexplained
         return float(delta.abs().max())
 
     errors = [error(n) for n in (4, 16, 64)]
@@ -164,7 +164,7 @@ def test_gauss_legendre_beats_left_riemann(tiny, tiny_batch, path):
 
     def error(method):
         r = neuron_integrated_gradients(model, tiny_batch, path=path, method=method, n_steps=16)
-        delta = r.embedding_completeness if path == "input" else r.completeness
+        delta = r.embedding_completeness if path == "input" else r.unexplained
         return float(delta.abs().max())
 
     assert error("gauss_legendre") < error("riemann_left") / 4
@@ -252,7 +252,7 @@ def test_aggregations_agree(tiny, tiny_batch):
     torch.testing.assert_close(seq.per_neuron(), pos.per_neuron(), rtol=1e-5, atol=1e-6)
     frame = seq.frame()
     assert len(frame) == 4 * 2 * model.cfg.d_mlp
-    assert list(frame.columns) == ["example", "layer", "neuron", "attribution"]
+    assert list(frame.columns) == ["example", "layer", "neuron", "attribution", "error"]
 
 
 def test_autocast_bfloat16_stays_close(tiny, tiny_batch):
@@ -299,3 +299,29 @@ def test_bad_arguments_raise(tiny, tiny_batch, kwargs, message):
 def test_batch_must_be_a_cross_encoder_batch(tiny, tiny_batch):
     with pytest.raises(ValueError, match="CrossEncoderBatch"):
         neuron_integrated_gradients(tiny[0], tiny_batch.input_ids)
+
+
+@pytest.mark.parametrize("path", ["input", "activation"])
+def test_non_finite_embedding_is_an_error_not_nan_attributions(tiny, tiny_batch, path):
+    model = tiny[0]
+
+    def poison(act, hook):  # one NaN in example 2's embedding
+        act = act.clone()
+        act[2, 1, 0] = float("nan")
+        return act
+
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN/inf\) in .* example\(s\) \[2\]"):
+        neuron_integrated_gradients(
+            model, tiny_batch, path=path, n_steps=2, hooks=[("hook_full_embed", poison)]
+        )
+
+
+def test_non_finite_weights_are_an_error(tmp_path, tiny_batch):
+    from tests.helpers import tiny_cross_encoder
+
+    model, _, _ = tiny_cross_encoder(tmp_path, seed=3)
+    token = int(tiny_batch.input_ids[0, 1])
+    with torch.no_grad():
+        model.embed.embed.W_E[token, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite values"):
+        neuron_integrated_gradients(model, tiny_batch, n_steps=2)

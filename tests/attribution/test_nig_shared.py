@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mechir.attribution import neuron_integrated_gradients, neuron_integrated_gradients_reference
 from tests.helpers import SCIFACT, SHARED_MODEL, requires_shared
@@ -40,7 +41,7 @@ def test_batched_equals_naive_on_the_shared_model(shared, kwargs):
     assert got.layers == list(range(6))
     assert (got.attributions - want.attributions).abs().max() <= 1e-5 * scale
     score_scale = want.scores.abs().max()  # completeness holds score differences
-    assert (got.completeness - want.completeness).abs().max() <= 1e-5 * score_scale
+    assert (got.unexplained - want.unexplained).abs().max() <= 1e-5 * score_scale
 
 
 def test_completeness_on_the_shared_model(shared):
@@ -56,3 +57,16 @@ def test_completeness_on_the_shared_model(shared):
     coarse, fine = error(2), error(8)
     assert fine < 1e-3
     assert fine < coarse / 10
+
+
+def test_error_estimate_brackets_the_true_error_on_the_shared_model(shared):
+    model, batch = shared
+    ref_run = neuron_integrated_gradients(model, batch, method="riemann_middle", n_steps=64)
+    ref = (4 * ref_run.per_neuron() - ref_run.coarse) / 3  # Richardson on 128 intervals
+    scale = ref.abs().max()
+    assert (ref_run.per_neuron() - ref).abs().max() < 2e-3 * scale  # a converged reference
+    for kwargs in (dict(method="riemann_right", n_steps=16), dict(n_steps="auto", rtol=0.05)):
+        result = neuron_integrated_gradients(model, batch, **kwargs)
+        true = (result.per_neuron() - ref).abs().max(-1).values  # [batch, layer]
+        assert torch.all(result.error + 2e-3 * scale >= true), (kwargs, result.error / true)
+    assert float(result.relative_error().max()) <= 0.05

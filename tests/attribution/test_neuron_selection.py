@@ -68,3 +68,13 @@ def test_random_control_keeps_per_layer_counts():
         assert not (c.mask & sel.mask).any()
     assert torch.equal(random_control(sel, 1).mask, controls[1].mask)
     assert not torch.equal(controls[0].mask, controls[1].mask)
+
+
+def test_old_module_name_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    sys.modules.pop("mechir.attribution.selection", None)
+    with pytest.warns(DeprecationWarning, match="renamed mechir.attribution.neuron_selection"):
+        old = importlib.import_module("mechir.attribution.selection")
+    assert old.top_neurons is top_neurons
