@@ -33,6 +33,7 @@ from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult
 from patching.sweep import (
     DEFAULT_MEMORY_BUDGET,
+    batch_rows,
     check_batch_size,
     rows_per_chunk,
     run_from_layers,
@@ -277,9 +278,9 @@ def _step1(
         if layer in values:
             values[layer][: len(resid)] = resid
 
-    mask = group.corrupted.attention_mask[pair_rows]
+    rows = batch_rows(group.corrupted, pair_rows)
     with model.hooks(fwd_hooks=hooks):
-        final = run_from_layers(model, starts, initial, mask, stop_layer=stop, on_layer=record)
+        final = run_from_layers(model, starts, initial, rows, stop_layer=stop, on_layer=record)
     values[stop][: len(final)] = final
     return values
 
@@ -304,7 +305,7 @@ def _step2(
 
     hooks = receiver_input_hooks(values, receivers, channels)
     with split_qkv_input(model), model.hooks(fwd_hooks=hooks):
-        return run_from_layers(model, starts, initial, group.corrupted.attention_mask[pair_rows])
+        return run_from_layers(model, starts, initial, batch_rows(group.corrupted, pair_rows))
 
 
 # ---------------------------------------------------------------------- reference

@@ -15,6 +15,7 @@ oracle (one full forward per cell); both agree to float32 rounding (tests check 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.model import HookedCrossEncoder, Hooks
+from mechir.parts import CrossEncoderBatch
 from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult
 from patching.targets import PatchTarget
@@ -64,7 +66,7 @@ def run_from_layers(
     model: HookedCrossEncoder,
     starts: Int[Tensor, " rows"],
     initial: Callable[[int, Tensor], Float[Tensor, "k pos d_model"]],
-    attention_mask: Int[Tensor, "rows pos"],
+    rows: CrossEncoderBatch | Int[Tensor, "rows pos"],
     *,
     stop_layer: int | None = None,
     on_layer: Callable[[int, Tensor], None] | None = None,
@@ -76,7 +78,10 @@ def run_from_layers(
     residual stream given by ``initial(l, row_indices)`` (the input of block ``l``; for ``l ==
     n_layers``, the final hidden states). Because rows only join at the end, row ``r`` is
     batch index ``r`` in every block it runs through. ``on_layer(l, resid)`` sees the input of
-    every block run.
+    every block run. ``rows`` is the batch of the rows (full width, see :func:`batch_rows`): it is
+    the model's running batch meanwhile, so part-dependent hooks active on the model (e.g.
+    ``direction_ablation_hooks``) read the rows' parts; a bare attention mask is still accepted
+    for hooks that need no parts.
 
     With ``cls_only_last_layer``, the last block computes only the [CLS] position, the only one the
     pooler reads (keys and values still come from every position): about a layer less per row.
@@ -87,12 +92,43 @@ def run_from_layers(
         ``[rows]`` scores, or with ``stop_layer`` the ``[rows, pos, d_model]`` input of block
         ``stop_layer`` (blocks from it on are not run; rows must start at or before it).
     """
-    n_layers = model.cfg.n_layers
-    stop = n_layers if stop_layer is None else stop_layer
-    device = model.cfg.device
+    stop = model.cfg.n_layers if stop_layer is None else stop_layer
     starts = starts.cpu()
     if len(starts) > 1 and (starts[1:] < starts[:-1]).any():
         raise ValueError("rows must be sorted by start layer")
+    if isinstance(rows, CrossEncoderBatch):
+        attention_mask, running = rows.attention_mask, model.running_on(rows)
+    else:
+        attention_mask, running = rows, contextlib.nullcontext()
+    with running:
+        return _run_rows(
+            model, starts, initial, attention_mask, stop, on_layer, cls_only_last_layer, stop_layer
+        )
+
+
+def batch_rows(batch: CrossEncoderBatch, rows: Int[Tensor, " rows"]) -> CrossEncoderBatch:
+    """Rows of ``batch`` at its full width (indexing a batch trims padding; cached activations
+    keep the group's width)."""
+    return CrossEncoderBatch(
+        *(
+            t[rows]
+            for t in (batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.parts)
+        )
+    )
+
+
+def _run_rows(
+    model: HookedCrossEncoder,
+    starts: Tensor,
+    initial: Callable[[int, Tensor], Tensor],
+    attention_mask: Tensor,
+    stop: int,
+    on_layer: Callable[[int, Tensor], None] | None,
+    cls_only_last_layer: bool,
+    stop_layer: int | None,
+) -> Tensor:
+    n_layers = model.cfg.n_layers
+    device = model.cfg.device
     additive = model.additive_attention_mask(attention_mask.to(device))
     resid: Tensor | None = None
     first = int(starts[0])
@@ -213,10 +249,10 @@ def _score_chunk(
         name = final_name(model) if layer == n_layers else f"blocks.{layer}.hook_resid_pre"
         return group.corrupted[name][idx[rows.to(device)]]
 
-    attention_mask = group.pairs.corrupted.attention_mask[pair_rows]
+    rows_batch = batch_rows(group.pairs.corrupted, pair_rows)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         return run_from_layers(
-            model, layer_of_row, initial, attention_mask, cls_only_last_layer=cls_only
+            model, layer_of_row, initial, rows_batch, cls_only_last_layer=cls_only
         )
 
 
@@ -330,6 +366,7 @@ __all__ = [
     "cached_groups",
     "patch_sweep",
     "rows_per_chunk",
+    "batch_rows",
     "run_from_layers",
     "score_cells",
 ]

@@ -182,3 +182,17 @@ def test_old_target_classes_are_deprecated_aliases(model, pairs):
         assert NeuronTarget({0: [1]}, ("document",)).only_parts is not None
     with pytest.deprecated_call():
         assert PooledTarget("dimension").cells == ("dimension",)
+
+
+def test_part_dependent_hooks_on_the_model_read_each_row_parts(model, pairs):
+    """Hooks built once that read the running batch's parts (direction ablation) stay active
+    through the batched engine: it runs its rows as the model's running batch."""
+    from mechir.hooks import direction_ablation_hooks
+
+    ablate = direction_ablation_hooks(model, attending="document", attended="query", layers=[0])
+    target = head_target(by="part", heads=["1/0", "1/3"])
+    with model.hooks(fwd_hooks=ablate):
+        fast = patch_sweep(model, pairs, target, batch_size=3)
+        ref = patch_sweep_reference(model, pairs, target)
+    assert_same_cells(fast, ref)
+    assert (patch_sweep(model, pairs, target).clean - fast.clean).abs().max() > 1e-4
