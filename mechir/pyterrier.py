@@ -21,8 +21,6 @@ followed by ``pt.text.get_text``, or ``pt.Transformer.from_df`` of a stored run 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pandas as pd
 
 from mechir.data import Pair
@@ -120,4 +118,3 @@ class MechirReranker(pt.Transformer):
         )
         out["score"] = scores.double().numpy()
         return pt.model.add_ranks(out)
-

@@ -41,9 +41,7 @@ def convert_model(src: Path, dst: Path, dtype: torch.dtype = torch.float16) -> d
     """``dtype`` copy of the weights, the config (dtype float32: upcast at load), the tokenizer."""
     dst.mkdir(parents=True, exist_ok=True)
     state = load_file(src / "model.safetensors")
-    half = {
-        k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()
-    }
+    half = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     save_file(half, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
     config["dtype"] = "float32"  # load (upcast) in float32 by default
@@ -64,9 +62,10 @@ def copy_collection(src: Path, dst: Path) -> dict[str, int]:
     run_lines = (src / "run.bm25.quick.trec").read_text(encoding="utf-8").splitlines()
     used = {line.split()[2] for line in run_lines if line.strip()}
     n_docs = 0
-    with open(src / "docs.tsv", encoding="utf-8") as fin, open(
-        dst / "docs.tsv", "w", encoding="utf-8"
-    ) as fout:
+    with (
+        open(src / "docs.tsv", encoding="utf-8") as fin,
+        open(dst / "docs.tsv", "w", encoding="utf-8") as fout,
+    ):
         for line in fin:
             if line.partition("\t")[0] in used:
                 fout.write(line)
@@ -183,7 +182,7 @@ pairs), both models loaded with mechir on the CPU, max_length {max_length}:
 
 | | value |
 | --- | --- |
-| max \\|score(float16 demo) − score(float32 model)\\| over the {pairs:,} pairs | {max_abs_diff:.2e} |
+| max \\|float16 score − float32 score\\| over the {pairs:,} pairs | {max_abs_diff:.2e} |
 | mean \\|score difference\\| | {mean_abs_diff:.2e} |
 | nDCG@10, float16 demo | {ndcg10_demo:.4f} |
 | nDCG@10, float32 model | {ndcg10_float32:.4f} |
@@ -192,8 +191,9 @@ pairs), both models loaded with mechir on the CPU, max_length {max_length}:
 {precision}
 
 `tests/test_demo.py` (shared tier) re-measures both models and asserts nDCG@10 within 0.002 of
-{ref:.4f} and the score difference within the bound stated here. The full float32 model scores nDCG@10 0.6600 on the 300 SciFact test
-claims (BM25 top-100; BM25 alone 0.6523) and 0.6257 on a TREC DL-2019 passage subset.
+{ref:.4f} and the score difference within the bound stated here. The full float32 model scores
+nDCG@10 0.6600 on the 300 SciFact test claims (BM25 top-100; BM25 alone 0.6523) and 0.6257 on a
+TREC DL-2019 passage subset.
 
 ## Limitations
 A small model trained on a tiny set (864 positives) with a 160-token window: in domain it only
