@@ -80,16 +80,11 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
         formatter_class=_DefaultsHelpFormatter,
     )
     g = parser.add_argument_group("model and data")
-    g.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="hub id, local cross-encoder directory or 'demo' (the embedded demo model)",
-    )
+    g.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory or 'demo'")
     g.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,
-        help="ir_datasets id, local collection directory (docs.tsv, queries*.tsv, ...) or 'demo' "
-        "(the embedded SciFact quick set)",
+        help="ir_datasets id, local collection directory (docs.tsv, queries*.tsv, ...) or 'demo'",
     )
     g.add_argument("--split", default=None, help="split of a local collection (test, quick, ...)")
     g.add_argument("--run", default=None, help="first-stage TREC run to take candidates from")
