@@ -114,9 +114,9 @@ def summary_lines(directory: Path) -> list[str]:
     first = next((v for k, v in refs.items() if k.startswith("first-stage")), float("nan"))
     random = next((v for k, v in refs.items() if k.startswith("random")), float("nan"))
     lines = [
-        f"{DEMO_MODEL_NAME} on {DEMO_COLLECTION_NAME}, {base.qid.nunique()} queries: unablated "
-        f"{MEASURE} {base[MEASURE].mean():.4f} (BM25 order {first:.4f}, random order "
-        f"{random:.4f})"
+        f"{DEMO_MODEL_NAME} on the {DEMO_COLLECTION_NAME} ({base.qid.nunique()} queries "
+        f"used): unablated {MEASURE} {base[MEASURE].mean():.4f} (BM25 order {first:.4f}, random "
+        f"order {random:.4f})"
     ]
     for group in GROUPS:
         row = table[table.condition == group]

@@ -28,7 +28,7 @@ def test_mechir_demo_end_to_end_and_resumes(tmp_path, capsys):
 
     summary = printed[printed.index("MiniLM-L6") :].strip().splitlines()
     assert len(summary) == 5
-    assert "SciFact quick set" in summary[0] and "3 queries" in summary[0]
+    assert "SciFact quick set" in summary[0] and "3 queries used" in summary[0]
     assert str(out / "report.html") in printed
 
     table = pd.read_csv(study / "table.csv")
