@@ -162,9 +162,7 @@ def add_max_length_option(p: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, help="hub id, local cross-encoder directory or 'demo'"
-    )
+    p.add_argument("--model", required=True, help="hub id, local cross-encoder directory or 'demo'")
     add_max_length_option(p)
     add_execution_options(p)
 

@@ -73,8 +73,9 @@ def _looks_like_path(model: str | os.PathLike) -> bool:
 def resolve_model_source(model: str | os.PathLike) -> Path | str:
     """Where to load ``model`` from, offline first, failing fast with one line.
 
-    Order: ``"demo"`` (the embedded demo model, :mod:`mechir.demo`); an existing local directory; a path-like name that does not exist (``./m``, ``/m``,
-    ``~/m``, ``models/m`` when ``models/`` exists) is an error, never a hub id; a hub id's
+    Order: ``"demo"`` (the embedded demo model, :mod:`mechir.demo`); an existing local
+    directory; a path-like name that does not exist (``./m``, ``/m``, ``~/m``, ``models/m``
+    when ``models/`` exists) is an error, never a hub id; a hub id's
     snapshot in the local Hugging Face cache (``HF_HUB_CACHE``); the hub itself, only when
     neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set and a quick request (<= 3 s,
     no retries) reaches it.
