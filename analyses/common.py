@@ -80,11 +80,11 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
         formatter_class=_DefaultsHelpFormatter,
     )
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local cross-encoder directory")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory or 'demo'")
     g.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,
-        help="ir_datasets id or local collection directory (docs.tsv, queries*.tsv, ...)",
+        help="ir_datasets id, local collection directory (docs.tsv, queries*.tsv, ...) or 'demo'",
     )
     g.add_argument("--split", default=None, help="split of a local collection (test, quick, ...)")
     g.add_argument("--run", default=None, help="first-stage TREC run to take candidates from")
@@ -344,7 +344,9 @@ def model_shape(args: argparse.Namespace) -> dict[str, int]:
     (no weights loaded), to plan the units before deciding whether the model is needed."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(args.model)
+    from mechir.demo import resolve_model
+
+    cfg = AutoConfig.from_pretrained(resolve_model(args.model))
     return {
         "n_layers": cfg.num_hidden_layers,
         "n_heads": cfg.num_attention_heads,

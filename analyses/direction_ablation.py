@@ -382,6 +382,17 @@ def summarize(run: StudyRun, collection: Any, pairs: Sequence[Any], n_layers: in
     if len(full):
         s.heading(f"All layers (0-{n_layers - 1})")
         s.table(full[cols], f"{measure} with the directions removed in every layer", FORMATS)
+        groups = full[full.condition.isin(list(DIRECTION_GROUPS))]
+        if len(groups):
+            bars = plots.bar_plot(
+                groups.condition.tolist(),
+                groups[measure].tolist(),
+                out / "bars_all_layers_groups.png",
+                title=f"{measure} with each group removed in layers 0-{n_layers - 1}",
+                ylabel=measure,
+                references=references,
+            )
+            s.image(bars.name, f"{measure} per group removed in every layer, with the floors")
     tied = table[table.tied_queries > 0] if len(table) else table
     if len(tied):
         s.paragraph(

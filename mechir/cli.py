@@ -1,4 +1,4 @@
-"""The ``mechir`` console command: ``mechir score`` and ``mechir rerank``.
+"""The ``mechir`` console command: ``mechir score``, ``mechir rerank`` and ``mechir demo``.
 
 Defaults for ``--model``, ``--dataset``, ``--split``, ``--run``, ``--depth``, ``--max-length``,
 ``--device`` and ``--batch-size`` can be set once in ``MECHIR_*`` environment variables or a
@@ -162,7 +162,7 @@ def add_max_length_option(p: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id or local cross-encoder directory")
+    p.add_argument("--model", required=True, help="hub id, local cross-encoder directory or 'demo'")
     add_max_length_option(p)
     add_execution_options(p)
 
@@ -187,7 +187,9 @@ def _rerank_parser(sub: Any) -> argparse.ArgumentParser:
         "written from it when every selected query is done.",
     )
     _common(r)
-    r.add_argument("--dataset", required=True, help="ir_datasets id or local collection directory")
+    r.add_argument(
+        "--dataset", required=True, help="ir_datasets id, local collection directory or 'demo'"
+    )
     r.add_argument("--split", default=None, help="split of a local collection (test, quick, ...)")
     r.add_argument("--run", type=Path, default=None, help="first-stage TREC run (candidates)")
     r.add_argument(
@@ -202,6 +204,19 @@ def _rerank_parser(sub: Any) -> argparse.ArgumentParser:
     return r
 
 
+def _demo_parser(sub: Any) -> argparse.ArgumentParser:
+    from analyses.demo import DESCRIPTION, add_demo_options
+
+    d = sub.add_parser(
+        "demo",
+        help="the main job, offline: direction ablation on the embedded demo, HTML report",
+        description=DESCRIPTION,
+    )
+    add_demo_options(d)
+    add_execution_options(d)
+    return d
+
+
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The ``mechir`` parser with ``defaults`` (from :func:`mechir.settings.user_defaults`)."""
     from mechir.settings import apply_defaults
@@ -210,7 +225,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
         prog=PROG, description=__doc__.split("\n\n")[0], parents=[], allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for build in (_score_parser, _rerank_parser):
+    for build in (_score_parser, _rerank_parser, _demo_parser):
         apply_defaults(build(sub), defaults or {})
     return parser
 
@@ -468,7 +483,17 @@ def _score_queries(
 
 # ---------------------------------------------------------------------- entry point
 #: Subcommand name -> handler.
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"score": _score, "rerank": _rerank}
+def _demo(args: argparse.Namespace) -> int:
+    from analyses.demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "score": _score,
+    "rerank": _rerank,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

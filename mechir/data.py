@@ -446,7 +446,12 @@ def load_irds_collection(dataset_id: str, *, run: str | Path | None = None) -> C
 def load_collection(
     source: str | Path, *, split: str | None = None, run: str | Path | None = None
 ) -> Collection:
-    """A local collection directory or an ir_datasets id (see the two loaders)."""
+    """A local collection directory, an ir_datasets id (see the two loaders) or ``"demo"`` (the
+    embedded SciFact quick set, :func:`mechir.demo.load_demo_collection`)."""
+    if source == "demo":
+        from mechir.demo import load_demo_collection
+
+        return load_demo_collection(split=split, run=run)
     if Path(source).is_dir():
         col = load_local_collection(source, split=split)
         if run is not None:

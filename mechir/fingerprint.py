@@ -67,7 +67,11 @@ def state_dict_fingerprint(module: Any) -> str:
 def local_model_directory(model: str | os.PathLike) -> Path | None:
     """The directory holding ``model``'s files: the path itself when it is a directory, the
     Hugging Face cache snapshot of a hub id when one is cached, else None (nothing is
-    downloaded)."""
+    downloaded); ``"demo"``: the embedded demo model's directory."""
+    from mechir.demo import is_demo, resolve_model
+
+    if is_demo(model):
+        return Path(resolve_model(model))
     path = Path(model).expanduser()
     if path.is_dir():
         return path

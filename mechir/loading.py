@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mechir.demo import is_demo, resolve_model
 from mechir.model import HookedCrossEncoder, ScoreType, hooked_cross_encoder_from_hf
 from mechir.network import offline_mode, unreachable
 
@@ -72,8 +73,9 @@ def _looks_like_path(model: str | os.PathLike) -> bool:
 def resolve_model_source(model: str | os.PathLike) -> Path | str:
     """Where to load ``model`` from, offline first, failing fast with one line.
 
-    Order: an existing local directory; a path-like name that does not exist (``./m``, ``/m``,
-    ``~/m``, ``models/m`` when ``models/`` exists) is an error, never a hub id; a hub id's
+    Order: ``"demo"`` (the embedded demo model, :mod:`mechir.demo`); an existing local
+    directory; a path-like name that does not exist (``./m``, ``/m``, ``~/m``, ``models/m``
+    when ``models/`` exists) is an error, never a hub id; a hub id's
     snapshot in the local Hugging Face cache (``HF_HUB_CACHE``); the hub itself, only when
     neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set and a quick request (<= 3 s,
     no retries) reaches it.
@@ -84,6 +86,8 @@ def resolve_model_source(model: str | os.PathLike) -> Path | str:
     Raises:
         ModelNotFoundError: nothing usable; the message says what was tried and what to pass.
     """
+    if is_demo(model):
+        return Path(resolve_model(model))
     source = str(model)
     path = Path(source).expanduser()
     if path.is_dir():
@@ -223,7 +227,8 @@ def load_cross_encoder(
     Args:
         model: a Hugging Face hub id (``"castorini/monobert-large-msmarco"``), a local directory
             (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` + tokenizer files;
-            loaded fully offline), or an in-memory ``transformers.BertForSequenceClassification``.
+            loaded fully offline), ``"demo"`` (the embedded demo model, see :mod:`mechir.demo`)
+            or an in-memory ``transformers.BertForSequenceClassification``.
         tokenizer: the tokenizer; required for an in-memory model, optional otherwise.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         dtype: parameter dtype.
