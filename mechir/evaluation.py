@@ -35,7 +35,19 @@ def score_pairs(
     padding, same scores). ``hooks`` is a hook list built once (part-dependent hooks read each
     sub-batch's parts, e.g. ``direction_ablation_hooks(model, ...)``), or a function
     ``sub_batch -> list`` for hooks that must be rebuilt per sub-batch.
+
+    Under a process group of several ranks (:mod:`mechir.distributed`), each rank scores its
+    share of the pairs and every rank returns all the scores, in input order.
     """
+    from mechir import distributed
+
+    if distributed.sharding():
+        shown = progress and distributed.is_main()  # rank 0's share stands for all
+        desc = f"{desc} (rank 0 of {distributed.world_size()})"
+        kwargs = dict(hooks=hooks, batch_size=batch_size, max_length=max_length, desc=desc)
+        return distributed.map_sharded(
+            lambda mine: score_pairs(model, mine, progress=shown, **kwargs), pairs
+        )
     from tqdm.auto import tqdm
 
     check_pairs(pairs)

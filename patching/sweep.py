@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir import distributed
 from mechir.model import HookedCrossEncoder, Hooks
 from mechir.parts import CrossEncoderBatch
 from patching.perturbations import AlignedPairs
@@ -338,9 +339,16 @@ def patch_sweep(
 
     Returns:
         A :class:`PatchingResult` (``method="exact"``); its :meth:`~PatchingResult.metric` is
-        ``(patched - corrupted) / (clean - corrupted)``.
+        ``(patched - corrupted) / (clean - corrupted)``. Under a process group of several
+        ranks the pairs are sharded and the result gathered in pair order
+        (:mod:`patching.sharded`).
     """
     check_batch_size(batch_size)
+    if distributed.sharding():
+        from patching.sharded import sharded_patch_sweep
+
+        kwargs = dict(batch_size=batch_size, memory_budget=memory_budget, progress=progress)
+        return sharded_patch_sweep(patch_sweep, model, pairs, target, **kwargs)
     width = pairs.clean.input_ids.shape[1]
     result, cells, flat, valid = empty_result(model, pairs, target, "exact")
     rows_budget = batch_size or rows_per_chunk(model, width, memory_budget)

@@ -154,13 +154,25 @@ def mean_neuron_attributions(
     one group key per example (e.g. ``"relevant"`` / ``"non_relevant"``). Keyword arguments go to
     :func:`neuron_integrated_gradients`; only running sums are kept, among them the error
     estimate and the top-``overlap_percent`` % selection stability of every example.
+
+    Under a process group of several ranks (:mod:`mechir.distributed`), rank ``r`` attributes
+    batches ``r, r + world, ...`` and the sums and counts are all-reduced: every rank returns the
+    means over all batches (equal to a single process's up to float64 summation order).
     """
+    from mechir import distributed
+
     means = GroupedMeans()
     completeness = StreamingMean()
     error, overlap, points = StreamingMean(), StreamingMean(), StreamingMean()
     layers: list[int] | None = None
-    for item in batches:
+    first_seen: dict[Hashable, tuple[int, int]] = {}
+    sharded = distributed.sharding()
+    for i, item in enumerate(batches):
+        if sharded and i % distributed.world_size() != distributed.rank():
+            continue
         batch, keys = item if isinstance(item, tuple) else (item, ["all"] * len(item))
+        for j, key in enumerate(keys):
+            first_seen.setdefault(key, (i, j))
         result = neuron_integrated_gradients(model, batch, **kwargs)
         layers = result.layers
         means.update(result.attributions, list(keys))
@@ -174,9 +186,61 @@ def mean_neuron_attributions(
             error.update(result.relative_error()[:, None])
             overlap.update(result.selection_overlap(overlap_percent)[:, None])
         points.update(result.n_points[:, None].float())
+    if sharded:
+        singles = {"completeness": completeness, "error": error, "overlap": overlap, "p": points}
+        means, reduced, layers = _reduce_across_ranks(means, singles, layers, first_seen)
+        completeness, error, overlap, points = reduced.values()
     if layers is None:
         raise ValueError("no batches to attribute")
     return AttributionMeans(means, layers, completeness, dict(kwargs), error, overlap, points)
+
+
+def _reduce_across_ranks(
+    means: GroupedMeans,
+    singles: dict[str, StreamingMean],
+    layers: list[int] | None,
+    first_seen: dict[Hashable, tuple[int, int]],
+) -> tuple[GroupedMeans, dict[str, StreamingMean], list[int] | None]:
+    """All-reduce every group's (and every single accumulator's) count, sum and sum of squares;
+    groups ordered by their first example over all batches (a single process's order)."""
+    from mechir import distributed
+
+    local = [(first_seen[k], k, tuple(m._sum.shape)) for k, m in means.groups.items() if m.count]
+    shapes = {k: None if m._sum is None else tuple(m._sum.shape) for k, m in singles.items()}
+    gathered = distributed.all_gather_objects({"layers": layers, "groups": local, **shapes})
+    layers = next((g["layers"] for g in gathered if g["layers"] is not None), None)
+    first: dict[Hashable, tuple[tuple[int, int], tuple[int, ...]]] = {}
+    for g in gathered:
+        for pos, key, shape in g["groups"]:
+            if key not in first or pos < first[key][0]:
+                first[key] = (pos, shape)
+    reduced = GroupedMeans()
+    for key in sorted(first, key=lambda k: first[k][0]):
+        shape = first[key][1]
+        reduced.groups[key] = _reduced(means.groups.get(key, StreamingMean()), shape)
+    totals = {}
+    for name, mean in singles.items():
+        shape = next((g[name] for g in gathered if g[name] is not None), None)
+        totals[name] = _reduced(mean, shape) if shape is not None else StreamingMean()
+    return reduced, totals, layers
+
+
+def _reduced(mean: StreamingMean, shape: tuple[int, ...]) -> StreamingMean:
+    """``mean`` summed over ranks (one all-reduce of ``[count, sum, sumsq]`` in float64)."""
+    from mechir import distributed
+
+    size = int(torch.tensor(shape).prod()) if shape else 1
+    packed = torch.zeros(1 + 2 * size, dtype=torch.float64)
+    if mean.count:
+        packed[0] = mean.count
+        packed[1 : 1 + size] = mean._sum.reshape(-1)
+        packed[1 + size :] = mean._sumsq.reshape(-1)
+    packed = distributed.all_reduce_sum(packed)
+    out = StreamingMean()
+    out.count = int(packed[0].item())
+    out._sum = packed[1 : 1 + size].reshape(shape).clone()
+    out._sumsq = packed[1 + size :].reshape(shape).clone()
+    return out
 
 
 def pair_batches(
