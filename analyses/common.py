@@ -12,6 +12,12 @@ A study is run as ``python -m analyses.<study> [options]``. Its output directory
 - ``results.jsonl`` -- one line per finished unit of work (:class:`~mechir.store.ResultsStore`);
   units already there are skipped, so the same command resumes an interrupted run;
 - ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done.
+
+Under ``torchrun --nproc_per_node N -m analyses.<study>`` the unfinished units are split across
+the ranks (strided, in unit order); each rank appends to its own shard ``results.rank<r>.jsonl``
+and rank 0 merges the shards into ``results.jsonl`` and alone writes the tables, plots and
+summary (:func:`writes_outputs`). Shards left by a killed run are merged when the directory is
+next opened, with any number of processes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mechir import distributed
 from mechir.cli import (
     OneLineParser,
     add_execution_options,
@@ -41,6 +48,8 @@ from mechir.store import (
     ConfigMismatchError,
     ResultsStore,
     config_diff,
+    merge_shards,
+    shard_path,
 )
 
 DEFAULT_MODEL = "castorini/monobert-large-msmarco"
@@ -283,11 +292,35 @@ def open_study(
     argv = getattr(args, "_argv", None)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", f"analyses.{study}", *map(str, argv)])
+    if distributed.world_size() == 1:
+        store = _open_store(output, study, config, runtime, command)
+    else:  # rank 0 checks the directory and merges old shards; the others read its store
+        opened: Any = None
+        if distributed.is_main():
+            try:
+                opened = _open_store(output, study, config, runtime, command)
+            except Exception as err:  # every rank raises it, none waits forever
+                opened = err
+        error = distributed.all_gather_objects(opened if isinstance(opened, Exception) else None)
+        if error[0] is not None:
+            raise error[0]
+        store = (
+            opened if distributed.is_main() else ResultsStore(output / "results.jsonl", lock=False)
+        )
+    return StudyRun(study, args, output, config, store)
+
+
+def _open_store(
+    output: Path, study: str, config: dict[str, Any], runtime: dict[str, Any], command: str
+) -> ResultsStore:
     prepare_output(output, study, config, runtime, command)
     store = ResultsStore(output / "results.jsonl")
     if store.dropped_torn_line:
         print(f"{output}: dropped a torn last line left by an interruption", file=sys.stderr)
-    return StudyRun(study, args, output, config, store)
+    merged = merge_shards(store)
+    if merged:
+        print(f"{output}: merged {merged} units from the shards of an earlier run", file=sys.stderr)
+    return store
 
 
 def check_study_args(args: argparse.Namespace, study: str) -> None:
@@ -326,9 +359,17 @@ def study_main(
         args = parser.parse_args(argv)
         args._argv = argv
         check_study_args(args, study)
+        if distributed.launched():  # torchrun: one device per local rank unless --device says
+            args.device = str(distributed.init_from_env(args.device))
         return args
 
     return run_command(run, parse, prog=parser.prog, debug="--debug" in argv, raise_exit=True)
+
+
+def writes_outputs() -> bool:
+    """Whether this process writes the tables, plots and summary: a single process does; under
+    torchrun only rank 0 (the other ranks stop once every unit is stored)."""
+    return distributed.is_main()
 
 
 # ---------------------------------------------------------------------- model and data
@@ -408,6 +449,8 @@ def run_units(
         first.setdefault(u.id, u)
     unique = list(first.values())
     todo = [u for u in unique if u.id not in store]
+    if distributed.world_size() > 1:
+        return _run_units_on_ranks(store, unique, todo, compute, desc, progress, max_units)
     with tqdm(
         total=len(unique),
         initial=len(unique) - len(todo),
@@ -425,10 +468,54 @@ def run_units(
     return True
 
 
+def _run_units_on_ranks(
+    store: ResultsStore,
+    unique: list[Unit],
+    todo: list[Unit],
+    compute: Callable[[Unit], dict[str, Any]],
+    desc: str,
+    progress: bool,
+    max_units: int | None,
+) -> bool:
+    """:func:`run_units` under a process group: rank ``r`` computes the units ``r, r + world,
+    ...`` of ``todo`` into its shard (library calls inside run unsharded); rank 0 then merges the
+    shards into ``store`` in unit order and every rank re-reads it."""
+    batch = todo if max_units is None else todo[: max(max_units, 0)]
+    mine = distributed.shard(batch)
+    shard = ResultsStore(shard_path(store.path, distributed.rank()))
+    try:
+        with (
+            distributed.progress_bar(
+                len(unique),
+                initial=len(unique) - len(todo),
+                desc=desc,
+                unit="unit",
+                disable=not progress,
+                dynamic_ncols=True,
+            ) as bar,
+            distributed.local(),
+        ):
+            for unit in mine:
+                bar.set_postfix_str(unit.label or unit.id)
+                shard.add(unit.id, compute(unit))
+                bar.update()
+    finally:
+        shard.close()
+    distributed.barrier()
+    if distributed.is_main():
+        merge_shards(store, [u.id for u in unique])
+    distributed.barrier()
+    if not distributed.is_main():
+        store.reload()
+    return len(batch) == len(todo)
+
+
 def report_incomplete(run: StudyRun, units: Sequence[Unit]) -> int:
     """Tell the user a run stopped early (``--max-units``) and how to continue; exit status 0."""
     ids = {u.id for u in units}
     done = sum(u in run.store for u in ids)
+    if not writes_outputs():
+        return 0
     print(
         f"{run.output}: {done}/{len(ids)} units done; rerun the same command to continue "
         "(the summary is written when every unit is done)",

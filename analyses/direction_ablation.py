@@ -48,6 +48,7 @@ from analyses.common import (
     run_units,
     study_main,
     study_parser,
+    writes_outputs,
 )
 from analyses.reranking import (
     compare_to_baseline,
@@ -272,6 +273,8 @@ def run_study(args: argparse.Namespace) -> int:
             )
             if not done:
                 return report_incomplete(run, units)
+        if not writes_outputs():  # torchrun: rank 0 writes the outputs
+            return 0
         summarize(run, collection, pairs, shape["n_layers"])
         print(run.output / "summary.md")
     return 0

@@ -45,6 +45,7 @@ from analyses.common import (
     run_units,
     study_main,
     study_parser,
+    writes_outputs,
 )
 from analyses.reranking import (
     compare_to_baseline,
@@ -278,6 +279,8 @@ def run_study(args: argparse.Namespace) -> int:
                 )
                 if not done:
                     return report_incomplete(run, knock)
+        if not writes_outputs():  # torchrun: rank 0 writes the outputs
+            return 0
         summarize(run, collection, stats, pairs, used, deltas, knock, candidates, shape)
         print(run.output / "summary.md")
     return 0

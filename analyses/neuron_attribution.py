@@ -45,6 +45,7 @@ from analyses.common import (
     slug,
     study_main,
     study_parser,
+    writes_outputs,
 )
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
@@ -360,6 +361,8 @@ def run_study(args: argparse.Namespace) -> int:
             max_units=budget,
         ):
             return report_incomplete(run, prune_units)
+        if not writes_outputs():  # torchrun: rank 0 writes the outputs
+            return 0
         summarize(run, means, quality, layers, sels, pair_counts, keys, prune_units, candidates)
         print(run.output / "summary.md")
     return 0

@@ -43,6 +43,7 @@ from analyses.common import (
     run_units,
     study_main,
     study_parser,
+    writes_outputs,
 )
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
@@ -226,6 +227,8 @@ def run_study(args: argparse.Namespace) -> int:
             max_units=args.max_units,
         ):
             return report_incomplete(run, units)
+        if not writes_outputs():  # torchrun: rank 0 writes the outputs
+            return 0
         summarize(run, units, len(pairs), skipped)
         print(run.output / "summary.md")
     return 0

@@ -44,6 +44,7 @@ from analyses.common import (
     run_units,
     study_main,
     study_parser,
+    writes_outputs,
 )
 from analyses.summary import Summary
 from mechir.selection import check_heads, head_label, parse_head
@@ -204,6 +205,8 @@ def run_study(args: argparse.Namespace) -> int:
             f"{STUDY}: cosines",
         ):
             return report_incomplete(run, first + token_units + cos_unit)
+        if not writes_outputs():  # torchrun: rank 0 writes the outputs
+            return 0
         summarize(run, alignment, heads, token_units, cos_unit[0], shape)
         print(run.output / "summary.md")
     return 0

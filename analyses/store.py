@@ -6,6 +6,18 @@ from mechir.store import (
     StoreLockedError,
     decode_array,
     encode_array,
+    merge_shards,
+    shard_path,
+    shard_paths,
 )
 
-__all__ = ["CorruptStoreError", "ResultsStore", "StoreLockedError", "decode_array", "encode_array"]
+__all__ = [
+    "CorruptStoreError",
+    "ResultsStore",
+    "StoreLockedError",
+    "decode_array",
+    "encode_array",
+    "merge_shards",
+    "shard_path",
+    "shard_paths",
+]

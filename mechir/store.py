@@ -14,7 +14,7 @@ import base64
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,11 @@ class ResultsStore:
             os.close(fd)
         self._rows[unit] = row
 
+    def reload(self) -> None:
+        """Read the file again (a reader that does not hold the lock, after the writer added)."""
+        self._rows = {}
+        self._load()
+
     def close(self) -> None:
         """Release the lock and remove the lock file (the data is already on disk)."""
         if self._lock_file is not None:
@@ -252,3 +257,51 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- per-rank shards
+def shard_path(path: str | Path, rank: int) -> Path:
+    """The shard that rank ``rank`` writes for the store ``path``: ``results.rank<r>.jsonl``.
+
+    Under ``torchrun`` every rank appends to its own shard; rank 0 merges the shards into the
+    store (:func:`merge_shards`) once the ranks are done, and on opening, so that shards left by
+    an interrupted run, with any number of processes, are picked up by the next one.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """Every shard file next to the store ``path`` (any rank, any earlier run)."""
+    path = Path(path)
+    found = path.parent.glob(f"{path.stem}.rank*{path.suffix}")
+    return sorted(p for p in found if p.stem[len(path.stem) + 5 :].isdigit())
+
+
+def merge_shards(store: ResultsStore, order: Sequence[str] = ()) -> int:
+    """Append the shards' rows that ``store`` lacks to it, then delete the shards.
+
+    Rows come in ``order`` of unit ids first (the order a single process writes them), then the
+    rest in shard order; a unit already in the store (a merge interrupted before the shards were
+    deleted) is not added again. Each shard is opened with its lock, so a shard that a live
+    process is still writing raises :class:`StoreLockedError`. Returns the number of rows added.
+    """
+    shards = [ResultsStore(p) for p in shard_paths(store.path)]
+    try:
+        rows: dict[str, dict[str, Any]] = {}
+        for shard in shards:
+            for row in shard:
+                rows.setdefault(row["unit"], row)
+        ordered = set(order)
+        ids = [u for u in order if u in rows] + [u for u in rows if u not in ordered]
+        added = 0
+        for unit in ids:
+            if unit not in store:
+                store.add(unit, {k: v for k, v in rows[unit].items() if k != "unit"})
+                added += 1
+    finally:
+        for shard in shards:
+            shard.close()
+    for shard in shards:
+        shard.path.unlink()
+    return added

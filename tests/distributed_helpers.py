@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -126,3 +128,42 @@ def library_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.destroy_process_group()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(nproc: int, module: str, argv: list[str]) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node nproc -m module argv`` from the project root,
+    one thread per process (stdout and stderr piped)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            module,
+            *argv,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The PID of the worker of ``rank`` started by a torchrun process (None before it runs)."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
