@@ -36,7 +36,7 @@ def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
     }
 
 
-def library_inputs(tmp: Path) -> tuple[Any, list, Any]:
+def library_inputs(tmp: Path, device: str = "cpu") -> tuple[Any, list, Any]:
     """``(model, pairs, aligned)``: a tiny cross-encoder, 11 random pairs of 5 queries and 4
     aligned TFC1 pairs (the same on every process: fixed seeds)."""
     from mechir import load_cross_encoder
@@ -44,7 +44,7 @@ def library_inputs(tmp: Path) -> tuple[Any, list, Any]:
     from patching import AlignedPairs, PairBuilder
 
     tok = tiny_tokenizer(tmp)
-    model = load_cross_encoder(tiny_hf_model(0), tokenizer=tok, device="cpu")
+    model = load_cross_encoder(tiny_hf_model(0), tokenizer=tok, device=device)
     rng = random.Random(0)
     pairs = [
         Pair(
@@ -105,16 +105,16 @@ def library_results(model: Any, pairs: list, aligned: Any) -> dict[str, Any]:
     return out
 
 
-def library_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def library_worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu") -> None:
     """One process of the group: initialise from torchrun's variables, compute, save."""
     os.environ.update(torchrun_env(rank, world, port))
     torch.set_num_threads(1)
     from mechir import distributed
 
-    device = distributed.init_from_env("cpu")
+    device = distributed.init_from_env(device)
     assert distributed.is_initialized() and distributed.world_size() == world
     with tempfile.TemporaryDirectory() as tmp:
-        model, pairs, aligned = library_inputs(Path(tmp))
+        model, pairs, aligned = library_inputs(Path(tmp), str(device))
         results = library_results(model, pairs, aligned)
     results["device"] = str(device)
     results["rank"] = distributed.rank()

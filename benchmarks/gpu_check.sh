@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine: the CUDA-marked tests (GPU vs CPU parity of scores, hooks, NIG,
+# patching; nccl with 2 GPUs), then the GPU benchmarks, JSON under benchmarks/results/:
+#   gpu_check_tests.txt   pytest -m cuda output
+#   gpu_cuda.json         scoring fp32/bf16 vs HF eager, NIG kernel vs naive vs captum, patching
+#                         sweep vs per-cell, each against the CPU      (benchmarks/bench_gpu.py)
+#   scoring_cuda.json     hooked vs HF eager throughput                (benchmarks/bench_scoring.py)
+#   distributed_cuda.json 1..N GPUs data-parallel rerank + NIG, when N > 1 GPUs are visible
+# Sized for < 8 minutes on one H100/H200 (each step has its own time limit). Without CUDA it says
+# so and exits 0.   Usage: bash benchmarks/gpu_check.sh   (from any directory)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+PY=${PYTHON:-python}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "gpu_check: '$PY' cannot import torch; activate the project's environment first." >&2
+    exit 1
+fi
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA device visible; nothing to measure (GPU figures stay 'not measured')."
+    exit 0
+fi
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+"$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), 'torch', torch.__version__)"
+mkdir -p benchmarks/results
+status=0
+step() {  # step <seconds> <command...>: run with a time limit, keep going on failure
+    local limit=$1; shift
+    echo "== $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" || { echo "gpu_check: FAILED ($?) $*"; status=1; }
+    echo "   ($((SECONDS - start)) s)"
+}
+step 150 bash -c '"$0" -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 |
+    tee benchmarks/results/gpu_check_tests.txt; exit "${PIPESTATUS[0]}"' "$PY"
+step 150 "$PY" benchmarks/bench_gpu.py --device cuda
+step 60 "$PY" benchmarks/bench_scoring.py --device cuda --pairs 1000 --batch-size 64 --repeats 3
+if [ "$GPUS" -gt 1 ]; then
+    procs=1; n=2
+    while [ "$n" -le "$GPUS" ]; do procs="$procs,$n"; n=$((n * 2)); done
+    step 120 "$PY" benchmarks/bench_distributed.py --device cuda --procs "$procs" \
+        --batch-size 64 --nig-pairs 64 --nig-batch 4
+else
+    echo "== one GPU visible: multi-GPU scaling not measured"
+fi
+echo "gpu_check: done (status $status); results in benchmarks/results/"
+exit $status
