@@ -1,0 +1,54 @@
+"""Per-rank shards of the results store: merged in unit order, never duplicated, torn lines
+dropped, and never merged while a live process still writes them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analyses.store import (
+    ResultsStore,
+    StoreLockedError,
+    merge_shards,
+    shard_path,
+    shard_paths,
+)
+
+
+def units(path) -> list[str]:
+    return [json.loads(line)["unit"] for line in path.read_text().splitlines()]
+
+
+def test_merge_in_unit_order_without_duplicates(tmp_path):
+    main = tmp_path / "results.jsonl"
+    assert shard_path(main, 3) == tmp_path / "results.rank3.jsonl"
+    with ResultsStore(shard_path(main, 0)) as s0:
+        s0.add("c", {"v": 3})
+        s0.add("a", {"v": 1})
+    with ResultsStore(shard_path(main, 1)) as s1:
+        s1.add("b", {"v": 2})
+        s1.add("x", {"v": 9})
+    with open(shard_path(main, 1), "ab") as f:  # torn by a kill
+        f.write(b'{"unit":"d","v":')
+    (tmp_path / "results.rankings.jsonl").write_text("not a shard\n")
+    assert shard_paths(main) == [shard_path(main, 0), shard_path(main, 1)]
+    with ResultsStore(main) as store:
+        store.add("a", {"v": 1})  # merged before a crash that left the shards behind
+        assert merge_shards(store, ["a", "b", "c", "d"]) == 3
+        assert store.get("b")["v"] == 2
+    assert units(main) == ["a", "b", "c", "x"]  # given order first, then the rest
+    assert shard_paths(main) == [] and not list(tmp_path.glob("results.rank0*"))
+    assert (tmp_path / "results.rankings.jsonl").exists()
+
+
+def test_a_shard_being_written_is_not_merged(tmp_path):
+    main = tmp_path / "results.jsonl"
+    live = ResultsStore(shard_path(main, 1))
+    live.add("a", {})
+    try:
+        with ResultsStore(main) as store, pytest.raises(StoreLockedError):
+            merge_shards(store)
+    finally:
+        live.close()
+    assert shard_paths(main) == [shard_path(main, 1)]
