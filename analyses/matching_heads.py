@@ -237,9 +237,10 @@ def run_study(args: argparse.Namespace) -> int:
     with open_study(STUDY, args, work_options=WORK_OPTIONS) as run:
         collection = load_data(args)
         pairs = study_pairs(args, collection)
-        pairs[["pair", "qid", "docid", "kind", "relevance"]].to_csv(
-            run.output / "pairs.csv", index=False
-        )
+        if writes_outputs():
+            pairs[["pair", "qid", "docid", "kind", "relevance"]].to_csv(
+                run.output / "pairs.csv", index=False
+            )
         units = statistics_units(pairs)
         stored_before = len(run.store)
         model = None

@@ -45,38 +45,38 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def scoring(args: argparse.Namespace, pairs: list, cpu_model: Any) -> dict[str, Any]:
+    """Pre-encoded pairs (tokenisation not timed), the same sub-batches for every model."""
     from transformers import AutoModelForSequenceClassification
 
     from mechir import load_cross_encoder
-    from mechir.evaluation import score_pairs
 
     out: dict[str, Any] = {"pairs": len(pairs), "batch_size": args.batch_size}
-    kw = dict(batch_size=args.batch_size, max_length=160, progress=False)
+    batch = cpu_model.encode([p.query for p in pairs], [p.document for p in pairs], max_length=160)
+    bs = args.batch_size
     fp32 = load_cross_encoder(args.model, device=args.device)
-    score_pairs(fp32, pairs[: args.batch_size], **kw)  # warm-up
-    t, s32 = timed(lambda: score_pairs(fp32, pairs, **kw), args.device, args.repeats)
+    fp32.score(batch[:bs])  # warm-up
+    t, s32 = timed(lambda: fp32.score(batch, batch_size=bs), args.device, args.repeats)
     out["hooked_fp32_pairs_per_s"] = len(pairs) / t
     n_cpu = min(len(pairs), 64)
-    out["max_abs_diff_fp32_vs_cpu"] = max_diff(
-        s32[:n_cpu], score_pairs(cpu_model, pairs[:n_cpu], **kw)
-    )
+    out["max_abs_diff_fp32_vs_cpu"] = max_diff(s32[:n_cpu], cpu_model.score(batch[:n_cpu]))
     bf16 = load_cross_encoder(args.model, device=args.device, dtype=torch.bfloat16)
-    score_pairs(bf16, pairs[: args.batch_size], **kw)
-    t, s16 = timed(lambda: score_pairs(bf16, pairs, **kw), args.device, args.repeats)
+    bf16.score(batch[:bs])
+    t, s16 = timed(lambda: bf16.score(batch, batch_size=bs), args.device, args.repeats)
     out["hooked_bf16_pairs_per_s"] = len(pairs) / t
     out["max_abs_diff_bf16_vs_fp32"] = max_diff(s16, s32)
     hf = AutoModelForSequenceClassification.from_pretrained(args.model, attn_implementation="eager")
     hf = hf.to(args.device).eval()
-    batch = cpu_model.encode([p.query for p in pairs], [p.document for p in pairs], max_length=160)
 
     def hf_scores() -> torch.Tensor:
         res = []
         with torch.inference_mode():
-            for i in range(0, len(pairs), args.batch_size):
-                b = batch[i : i + args.batch_size].to(args.device)
-                res.append(hf(b.input_ids, b.attention_mask, b.token_type_ids).logits[:, 0])
+            for chunk in batch.chunks(bs):
+                b = chunk.to(args.device)
+                logits = hf(b.input_ids, b.attention_mask, b.token_type_ids).logits
+                res.append(logits[:, 0].float().cpu())
         return torch.cat(res)
 
+    hf_scores()
     t, shf = timed(hf_scores, args.device, args.repeats)
     out["hf_eager_fp32_pairs_per_s"] = len(pairs) / t
     out["hooked_over_hf_time"] = out["hf_eager_fp32_pairs_per_s"] / out["hooked_fp32_pairs_per_s"]
