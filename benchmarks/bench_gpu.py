@@ -109,7 +109,7 @@ def nig(args: argparse.Namespace, pairs: list, cpu_model: Any) -> dict[str, Any]
         "naive_over_kernel": t_ref / (t_kernel / len(sub)),
         "max_abs_diff_kernel_vs_naive": max_diff(fast.attributions[:1], ref.attributions),
         "max_abs_diff_kernel_vs_cpu": max_diff(fast.attributions, cpu.attributions),
-        "completeness_error": fast.completeness_error,
+        "completeness_error": fast.completeness_error(),
     }
     try:
         from bench_nig import captum_layer_ig
@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--nig-pairs", type=int, default=4)
     ap.add_argument("--nig-steps", type=int, default=16)
     ap.add_argument("--patch-pairs", type=int, default=2)
+    ap.add_argument("--sections", default="scoring,nig,patching")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mechir import load_cross_encoder
@@ -193,6 +194,8 @@ def main() -> None:
         ("nig", lambda: nig(args, pairs, cpu_model)),
         ("patching", lambda: patching(args, cpu_model)),
     ):
+        if name not in args.sections.split(","):
+            continue
         start = time.perf_counter()
         record[name] = fn()
         record[name]["section_seconds"] = time.perf_counter() - start
