@@ -465,6 +465,7 @@ def run_units(
             bar.set_postfix_str(unit.label or unit.id, refresh=True)
             store.add(unit.id, compute(unit))
             bar.update()
+    store.reorder([u.id for u in unique])  # after shards of a killed multi-process run
     return True
 
 
@@ -504,6 +505,8 @@ def _run_units_on_ranks(
     distributed.barrier()
     if distributed.is_main():
         merge_shards(store, [u.id for u in unique])
+        if len(batch) == len(todo):
+            store.reorder([u.id for u in unique])  # unit order, as one process writes it
     distributed.barrier()
     if not distributed.is_main():
         store.reload()

@@ -192,6 +192,33 @@ class ResultsStore:
             os.close(fd)
         self._rows[unit] = row
 
+    def reorder(self, units: Sequence[str]) -> bool:
+        """Put the rows of ``units`` in that order, in the places they occupy now (other rows
+        stay put), rewriting the file atomically with the same lines; True when it changed.
+
+        Units finished by several processes (or merged from the shards of a killed run) come in
+        completion order; this restores the order a single process writes them in.
+        """
+        chosen = {u for u in units if u in self._rows}
+        wanted = [u for u in dict.fromkeys(units) if u in chosen]
+        current = list(self._rows)
+        if [u for u in current if u in chosen] == wanted:
+            return False
+        order = iter(wanted)
+        new = [next(order) if u in chosen else u for u in current]
+        data = b"".join(
+            (json.dumps(self._rows[u], separators=(",", ":"), allow_nan=True) + "\n").encode()
+            for u in new
+        )
+        tmp = self.path.with_name(self.path.name + ".reorder.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._rows = {u: self._rows[u] for u in new}
+        return True
+
     def reload(self) -> None:
         """Read the file again (a reader that does not hold the lock, after the writer added)."""
         self._rows = {}

@@ -52,3 +52,18 @@ def test_a_shard_being_written_is_not_merged(tmp_path):
     finally:
         live.close()
     assert shard_paths(main) == [shard_path(main, 1)]
+
+
+def test_reorder_keeps_other_rows_in_place_and_the_lines(tmp_path):
+    main = tmp_path / "results.jsonl"
+    with ResultsStore(main) as store:
+        for unit in ["x", "c", "y", "a", "b"]:
+            store.add(unit, {"v": unit, "f": 0.1})
+        lines = {json.loads(line)["unit"]: line for line in main.read_text().splitlines()}
+        assert store.reorder(["a", "b", "c"]) is True
+        assert store.units == ["x", "a", "y", "b", "c"]
+        assert store.reorder(["a", "b", "c"]) is False
+    assert units(main) == ["x", "a", "y", "b", "c"]
+    assert sorted(main.read_text().splitlines()) == sorted(lines.values())  # same bytes
+    with ResultsStore(main) as again:
+        assert again.units == ["x", "a", "y", "b", "c"] and again.get("a")["v"] == "a"
