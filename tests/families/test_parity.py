@@ -56,7 +56,11 @@ def test_encode_equals_the_tokenizers_own_pair_encoding(family):
     name, model, _, _ = family
     batch = model.encode(QUERIES, DOCUMENTS, max_length=20)  # truncates the long documents
     ref = model.tokenizer(
-        QUERIES, DOCUMENTS, truncation="only_second", padding=True, max_length=20,
+        QUERIES,
+        DOCUMENTS,
+        truncation="only_second",
+        padding=True,
+        max_length=20,
         return_tensors="pt",
     )
     torch.testing.assert_close(batch.input_ids, ref["input_ids"])
@@ -76,7 +80,10 @@ def test_parts_at_hand_computed_positions(family):
     batch = model.encode(["who eats", "what cat runs in the house"], ["a small fish", "cat"])
     seps = SPECS[name].middle_seps
     expected = (
-        [Part.CLS] + [Part.QUERY] * len(q) + [Part.SEP1] * seps + [Part.DOCUMENT] * len(d)
+        [Part.CLS]
+        + [Part.QUERY] * len(q)
+        + [Part.SEP1] * seps
+        + [Part.DOCUMENT] * len(d)
         + [Part.SEP2]
     )
     n = len(expected)
