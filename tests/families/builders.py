@@ -104,11 +104,11 @@ def _bert_like(config_class: str, vocab: int, **extra: Any) -> Any:
     )
 
 
-def _roberta_like(config_class: str, vocab: int) -> Any:
+def _roberta_like(config_class: str, vocab: int, max_length: int) -> Any:
     return _bert_like(
         config_class,
         vocab,
-        max_position_embeddings=MAX_LENGTH + 2,
+        max_position_embeddings=max_length + 2,  # + padding_idx + 1
         type_vocab_size=1,
         pad_token_id=1,
         bos_token_id=0,
@@ -124,7 +124,7 @@ class FamilySpec:
     name: str
     model_class: str
     tokenizer: Callable[[], PreTrainedTokenizerFast]
-    config: Callable[[int], Any]  #: vocabulary size -> config
+    config: Callable[[int, int], Any]  #: (vocabulary size, max input length) -> config
     has_token_types: bool
     middle_seps: int
 
@@ -136,7 +136,7 @@ SPECS: dict[str, FamilySpec] = {
             "bert",
             "BertForSequenceClassification",
             wordpiece_tokenizer,
-            lambda v: _bert_like("BertConfig", v, max_position_embeddings=MAX_LENGTH),
+            lambda v, n: _bert_like("BertConfig", v, max_position_embeddings=n),
             True,
             1,
         ),
@@ -144,8 +144,8 @@ SPECS: dict[str, FamilySpec] = {
             "electra",
             "ElectraForSequenceClassification",
             wordpiece_tokenizer,
-            lambda v: _bert_like(
-                "ElectraConfig", v, max_position_embeddings=MAX_LENGTH, embedding_size=16
+            lambda v, n: _bert_like(
+                "ElectraConfig", v, max_position_embeddings=n, embedding_size=16
             ),
             True,
             1,
@@ -154,7 +154,7 @@ SPECS: dict[str, FamilySpec] = {
             "roberta",
             "RobertaForSequenceClassification",
             byte_level_bpe_tokenizer,
-            lambda v: _roberta_like("RobertaConfig", v),
+            lambda v, n: _roberta_like("RobertaConfig", v, n),
             False,
             2,
         ),
@@ -162,7 +162,7 @@ SPECS: dict[str, FamilySpec] = {
             "xlm-roberta",
             "XLMRobertaForSequenceClassification",
             unigram_tokenizer,
-            lambda v: _roberta_like("XLMRobertaConfig", v),
+            lambda v, n: _roberta_like("XLMRobertaConfig", v, n),
             False,
             2,
         ),
@@ -170,13 +170,13 @@ SPECS: dict[str, FamilySpec] = {
             "distilbert",
             "DistilBertForSequenceClassification",
             lambda: wordpiece_tokenizer(token_types=False),
-            lambda v: transformers.DistilBertConfig(
+            lambda v, n: transformers.DistilBertConfig(
                 vocab_size=v,
                 dim=D_MODEL,
                 n_layers=N_LAYERS,
                 n_heads=N_HEADS,
                 hidden_dim=4 * D_MODEL,
-                max_position_embeddings=MAX_LENGTH,
+                max_position_embeddings=n,
                 dropout=0.0,
                 attention_dropout=0.0,
                 seq_classif_dropout=0.0,
@@ -190,11 +190,13 @@ SPECS: dict[str, FamilySpec] = {
 FAMILY_NAMES = tuple(SPECS)
 
 
-def save_tiny_family(name: str, directory: Path, *, num_labels: int = 1, seed: int = 0) -> Path:
+def save_tiny_family(
+    name: str, directory: Path, *, num_labels: int = 1, seed: int = 0, max_length: int = MAX_LENGTH
+) -> Path:
     """Build a random tiny ``name`` cross-encoder and save model + tokenizer to ``directory``."""
     spec = SPECS[name]
     tok = spec.tokenizer()
-    config = spec.config(len(tok))
+    config = spec.config(len(tok), max_length)
     config.num_labels = num_labels
     config.architectures = [spec.model_class]
     torch.manual_seed(seed)
