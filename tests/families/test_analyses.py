@@ -17,6 +17,7 @@ from mechir.attribution import neuron_integrated_gradients, neuron_integrated_gr
 from mechir.hooks import direction_ablation, head_knockout_hooks, neuron_ablation_hooks
 from patching import AlignedPairs, head_target, patch_sweep, patch_sweep_reference, resid_target
 from tests.families.builders import SPECS
+from tests.hooks.test_attention import hand_keep
 
 ATOL = 1e-5
 
@@ -77,18 +78,6 @@ def masked_eager_attention(keep_per_layer, layer_of, mode):
         return (probs @ value).transpose(1, 2).contiguous(), probs
 
     return attention
-
-
-def hand_keep(batch, attending, attended):
-    """0/1 keep-mask built position by position from the part ids (no mechir mask code)."""
-    parts = batch.parts.tolist()
-    keep = torch.ones(len(parts), len(parts[0]), len(parts[0]))
-    for b, row in enumerate(parts):
-        for i, pi in enumerate(row):
-            for j, pj in enumerate(row):
-                if pi in attending and pj in attended:
-                    keep[b, i, j] = 0
-    return keep
 
 
 # ------------------------------------------------------------------ hooks
