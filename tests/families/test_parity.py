@@ -117,3 +117,13 @@ def test_registry_entries_are_complete(fam):
 
     assert hasattr(transformers, fam.hf_class)
     assert fam.model_types and fam.examples
+
+
+def test_tokenizer_of_another_layout_is_a_clear_error(family_dirs):
+    """A RoBERTa checkpoint with a [CLS] q [SEP] d [SEP] tokenizer would be read wrongly."""
+    from mechir import load_cross_encoder
+    from tests.families.builders import load_hf, wordpiece_tokenizer
+
+    hf = load_hf("roberta", family_dirs("roberta"))
+    with pytest.raises(ValueError, match="1 separator.*RoBERTa cross-encoders read 2"):
+        load_cross_encoder(hf, tokenizer=wordpiece_tokenizer(), device="cpu")
