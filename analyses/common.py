@@ -345,8 +345,7 @@ def model_shape(args: argparse.Namespace) -> dict[str, int]:
     from transformers import AutoConfig
 
     from mechir.demo import resolve_model
-    from mechir.families import SUPPORTED, family_of
-    from mechir.loading import UnsupportedModelError
+    from mechir.families import SUPPORTED, UnsupportedModelError, family_of
 
     cfg = AutoConfig.from_pretrained(resolve_model(args.model))
     family = family_of(getattr(cfg, "model_type", None))

@@ -47,6 +47,10 @@ HeadActivation = Literal["tanh", "gelu", "relu"]
 ENCODER_ACTIVATIONS = ("gelu", "relu", "silu", "gelu_new")
 
 
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a cross-encoder of a family that mechir can load."""
+
+
 @dataclass(frozen=True)
 class EncoderShape:
     """The family-independent description of an encoder (what the hooked model is built from)."""

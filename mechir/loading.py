@@ -15,14 +15,10 @@ from typing import Any
 import torch
 
 from mechir.demo import is_demo, resolve_model
-from mechir.families import SUPPORTED, Family, family_of
+from mechir.families import SUPPORTED, Family, UnsupportedModelError, family_of
 from mechir.model import HookedCrossEncoder, ScoreType, hooked_cross_encoder_from_hf
 from mechir.network import offline_mode, unreachable
 from mechir.parts import pair_layout_of
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a cross-encoder of a family that mechir can load."""
 
 
 class ModelNotFoundError(FileNotFoundError):
