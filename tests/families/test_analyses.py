@@ -14,7 +14,7 @@ import torch
 
 from mechir import CrossEncoderBatch, Part, circuits
 from mechir.attribution import neuron_integrated_gradients, neuron_integrated_gradients_reference
-from mechir.hooks import direction_ablation, head_knockout_hooks, neuron_ablation_hooks
+from mechir.hooks import direction_ablation_hooks, head_knockout_hooks, neuron_ablation_hooks
 from patching import AlignedPairs, head_target, patch_sweep, patch_sweep_reference, resid_target
 from tests.families.builders import SPECS
 from tests.hooks.test_attention import hand_keep
@@ -100,8 +100,8 @@ def test_direction_ablation_matches_hf_with_masked_attention(
     oracle = masked_eager_attention({layer: keep for layer in layers}, layer_of, mode)
     monkeypatch.setattr(sys.modules[type(hf).__module__], "eager_attention_forward", oracle)
     expected = hf_scores(hf, batch, name)
-    hooks = direction_ablation(
-        batch, attending=attending, attended=attended, layers=layers, mode=mode, model=model
+    hooks = direction_ablation_hooks(
+        model, attending=attending, attended=attended, layers=layers, mode=mode
     )
     got = model.score(batch, hooks=hooks)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
@@ -111,7 +111,7 @@ def test_direction_ablation_matches_hf_with_masked_attention(
 def test_head_knockout_equals_hf_weight_surgery(family):
     name, model, hf, batch = family
     heads = [(0, 1), (1, 2), (1, 3)]
-    got = model.score(batch, hooks=head_knockout_hooks(model, ["0/1", "1/2", (1, 3)]))
+    got = model.score(batch, hooks=head_knockout_hooks(model, heads=["0/1", "1/2", "L1H3"]))
     surgered = copy.deepcopy(hf)
     d_head = model.cfg.d_head
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_head_knockout_equals_hf_weight_surgery(family):
 def test_neuron_ablation_equals_hf_weight_surgery(family):
     name, model, hf, batch = family
     neurons = {0: [1, 5, 100], 1: [0, 7]}
-    got = model.score(batch, hooks=neuron_ablation_hooks(model, neurons))
+    got = model.score(batch, hooks=neuron_ablation_hooks(model, neurons=neurons))
     surgered = copy.deepcopy(hf)
     with torch.no_grad():
         for layer, idx in neurons.items():
@@ -144,7 +144,7 @@ def test_nig_batched_equals_naive_reference(family, path):
     assert scale > 0
     assert (got.attributions - want.attributions).abs().max() <= 1e-5 * scale
     torch.testing.assert_close(got.scores, want.scores, atol=ATOL, rtol=0)
-    torch.testing.assert_close(got.completeness, want.completeness, atol=ATOL * 10, rtol=0)
+    torch.testing.assert_close(got.unexplained, want.unexplained, atol=ATOL * 10, rtol=0)
     torch.testing.assert_close(got.scores, model.score(batch), atol=ATOL, rtol=0)
 
 
