@@ -112,7 +112,7 @@ def build_pairs(model: Any, collection: Any, args: argparse.Namespace) -> tuple[
         stats = TermStatistics.from_documents(docs)
     builder = PairBuilder(
         model.tokenizer,
-        max_length=args.max_length or model.cfg.n_ctx,
+        max_length=args.max_length or model.max_length,
         filler=args.filler,
         stats=stats,
         choose=args.term_choice,

@@ -1,4 +1,5 @@
-"""mechir: hook-based mechanistic interpretability for BERT cross-encoders.
+"""mechir: hook-based mechanistic interpretability for cross-encoders (BERT, ELECTRA, RoBERTa,
+XLM-RoBERTa, DistilBERT).
 
 Load a cross-encoder, encode (query, document) pairs with their input parts, score them, and
 intervene with composable TransformerLens hooks::
@@ -22,15 +23,19 @@ _warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"transfo
 
 #: Public name -> the module that defines it (imported on first access).
 _LAZY: dict[str, str] = {
+    "FAMILIES": "mechir.families",
+    "Family": "mechir.families",
     "ModelNotFoundError": "mechir.loading",
     "UnsupportedModelError": "mechir.loading",
     "load_cross_encoder": "mechir.loading",
     "HookedCrossEncoder": "mechir.model",
     "PARTS": "mechir.parts",
     "CrossEncoderBatch": "mechir.parts",
+    "PairLayout": "mechir.parts",
     "Part": "mechir.parts",
     "cross_encoder_batch_from_tokens": "mechir.parts",
     "encode": "mechir.parts",
+    "pair_layout_of": "mechir.parts",
     "parse_part": "mechir.parts",
     "parse_parts": "mechir.parts",
 }
@@ -38,26 +43,33 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "PARTS",
     "CrossEncoderBatch",
+    "FAMILIES",
+    "Family",
     "HookedCrossEncoder",
     "ModelNotFoundError",
+    "PairLayout",
     "Part",
     "UnsupportedModelError",
     "cross_encoder_batch_from_tokens",
     "encode",
     "load_cross_encoder",
+    "pair_layout_of",
     "parse_part",
     "parse_parts",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from mechir.families import FAMILIES, Family
     from mechir.loading import UnsupportedModelError, load_cross_encoder
     from mechir.model import HookedCrossEncoder
     from mechir.parts import (
         PARTS,
         CrossEncoderBatch,
+        PairLayout,
         Part,
         cross_encoder_batch_from_tokens,
         encode,
+        pair_layout_of,
         parse_part,
         parse_parts,
     )

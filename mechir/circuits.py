@@ -305,23 +305,23 @@ def token_embeddings(
     """Every vocabulary token as layer 0 sees it: ``LN(W_E[t] + W_tt[token_type] (+ W_pos[p]))``.
 
     This is what ``hook_full_embed`` (= ``blocks.0.hook_resid_pre``) holds for token ``t`` of
-    segment ``token_type`` (0: CLS/query/SEP1, 1: document/SEP2) at position ``position``
-    (``None``: no position embedding, i.e. a position-free reading of the token).
+    segment ``token_type`` (0: CLS/query/SEP1, 1: document/SEP2) at sequence position
+    ``position`` (``None``: no position embedding, i.e. a position-free reading of the token).
+    Families without token types (DistilBERT) or with one (RoBERTa, XLM-R) read the same vector
+    for both segments; RoBERTa/XLM-R positions are offset by ``padding_idx + 1`` and ELECTRA's
+    embedding projection is applied (see :class:`mechir.model.CrossEncoderEmbed`).
     """
     if token_type not in (0, 1):
         raise ValueError(
             f"token_type must be 0 (query segment) or 1 (document), got {token_type!r}"
         )
-    embed = model.embed
+    if position is not None and not 0 <= position < model.max_length:
+        raise ValueError(
+            f"position {position} out of range: the model has {model.max_length} positions"
+        )
     with torch.no_grad():
-        x = embed.embed.W_E + embed.token_type_embed.W_token_type[token_type]
-        if position is not None:
-            if not 0 <= position < model.cfg.n_ctx:
-                raise ValueError(
-                    f"position {position} out of range: the model has {model.cfg.n_ctx} positions"
-                )
-            x = x + embed.pos_embed.W_pos[position]
-        return embed.ln(x[None])[0]
+        ids = torch.arange(model.cfg.d_vocab, device=model.cfg.device)
+        return model.embed.token_states(ids, token_type=token_type, position=position)
 
 
 def _token_strings(model: Any, ids: Iterable[int]) -> list[str]:

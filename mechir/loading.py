@@ -1,4 +1,9 @@
-"""Load a BERT cross-encoder (hub id, local directory or in-memory model) into mechir."""
+"""Load a cross-encoder (hub id, local directory, in-memory model) into mechir.
+
+Dispatches on ``config.model_type`` through :mod:`mechir.families` (BERT, ELECTRA, RoBERTa,
+XLM-RoBERTa, DistilBERT); anything else (T5/MonoT5, decoder rerankers, DeBERTa, base models
+without a classification head) is an :class:`UnsupportedModelError` listing what is supported.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +15,10 @@ from typing import Any
 import torch
 
 from mechir.demo import is_demo, resolve_model
+from mechir.families import SUPPORTED, Family, UnsupportedModelError, family_of
 from mechir.model import HookedCrossEncoder, ScoreType, hooked_cross_encoder_from_hf
 from mechir.network import offline_mode, unreachable
-
-SUPPORTED = (
-    "BERT-architecture sequence-classification cross-encoders (model_type 'bert', "
-    "BertForSequenceClassification with 1 or more labels, e.g. castorini/monobert-large-msmarco "
-    "or cross-encoder/ms-marco-MiniLM-L-6-v2)"
-)
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a BERT cross-encoder that mechir can load."""
+from mechir.parts import pair_layout_of
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -171,15 +168,18 @@ def check_finite_weights(hf_model: Any, source: str) -> None:
             )
 
 
-def _check_config(config: Any, source: str) -> None:
+def _check_config(config: Any, source: str) -> Family:
     model_type = getattr(config, "model_type", None)
-    if model_type != "bert":
+    family = family_of(model_type)
+    if family is None:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported; mechir supports {SUPPORTED}"
         )
     archs = getattr(config, "architectures", None) or []
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise UnsupportedModelError(f"{source}: decoder BERT is not supported; {SUPPORTED}")
+        raise UnsupportedModelError(
+            f"{source}: decoder {family.name} is not supported; mechir supports {SUPPORTED}"
+        )
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError(
             f"{source}: position_embedding_type {config.position_embedding_type!r} is not "
@@ -190,9 +190,30 @@ def _check_config(config: Any, source: str) -> None:
             f"{source}: checkpoint architecture {archs} has no sequence-classification head; "
             f"mechir supports {SUPPORTED}"
         )
+    return family
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+def _check_tokenizer(tokenizer: Any, family: Family, source: str) -> None:
+    """The tokenizer must join pairs the way the family was trained to read them."""
+    try:
+        layout = pair_layout_of(tokenizer)
+    except (AttributeError, ValueError):
+        return  # a tokenizer without a pair template: the family's layout is used
+    if layout.middle_seps != family.layout.middle_seps:
+        raise ValueError(
+            f"{source}: the tokenizer puts {layout.middle_seps} separator(s) between query and "
+            f"document, but {family.name} cross-encoders read {family.layout.middle_seps}: pass "
+            "the model's own tokenizer"
+        )
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
 
 
 def _load_tokenizer(source: str) -> Any:
@@ -222,13 +243,20 @@ def load_cross_encoder(
     relevant_label: int = 1,
     score_type: ScoreType | None = None,
 ) -> HookedCrossEncoder:
-    """Load a BERT cross-encoder into a :class:`~mechir.model.HookedCrossEncoder`.
+    """Load a cross-encoder into a :class:`~mechir.model.HookedCrossEncoder`.
+
+    Supported families (:data:`mechir.families.FAMILIES`): BERT, ELECTRA, RoBERTa, XLM-RoBERTa
+    and DistilBERT ``*ForSequenceClassification`` checkpoints.
 
     Args:
         model: a Hugging Face hub id (``"castorini/monobert-large-msmarco"``), a local directory
             (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin`` + tokenizer files;
-            loaded fully offline), ``"demo"`` (the embedded demo model, see :mod:`mechir.demo`)
-            or an in-memory ``transformers.BertForSequenceClassification``.
+            loaded fully offline), ``"demo"`` (the embedded demo model, see :mod:`mechir.demo`),
+            an in-memory ``transformers`` ``*ForSequenceClassification`` model of a supported
+            family, or a ``sentence_transformers.CrossEncoder`` (optional extra; its inner model
+            and tokenizer are used. mechir reports the raw classifier logit by default, not
+            ``CrossEncoder.predict``'s activation of it; for one label ``score_type="prob"``
+            equals ``predict``'s default sigmoid).
         tokenizer: the tokenizer; required for an in-memory model, optional otherwise.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
         dtype: parameter dtype.
@@ -243,17 +271,24 @@ def load_cross_encoder(
     Raises:
         ModelNotFoundError: no such directory, not cached, and the hub offline or unreachable;
             or a directory without ``config.json`` / weights.
-        UnsupportedModelError: not a BERT sequence-classification checkpoint.
-        ValueError: no tokenizer could be found, a truncated weight file, or non-finite weights
-            (the message names the file or the first bad tensor).
+        UnsupportedModelError: not a sequence-classification checkpoint of a supported family.
+        ValueError: no tokenizer could be found or it joins pairs unlike the family, a
+            truncated weight file, or non-finite weights (the message names the file or the
+            first bad tensor).
     """
-    from transformers import AutoConfig, BertForSequenceClassification, PreTrainedModel
+    from transformers import AutoConfig, PreTrainedModel
 
+    sentence_cross_encoder = _sentence_transformers_model(model)
+    if sentence_cross_encoder is not None:
+        model, tokenizer = sentence_cross_encoder, tokenizer or model.tokenizer
     if isinstance(model, PreTrainedModel):
         source = type(model).__name__
-        _check_config(model.config, source)
-        if not isinstance(model, BertForSequenceClassification):
-            raise UnsupportedModelError(f"{source} is not supported; mechir supports {SUPPORTED}")
+        family = _check_config(model.config, source)
+        if not isinstance(model, family.hf_model_class()):
+            raise UnsupportedModelError(
+                f"{source} is not supported (expected {family.hf_class}); mechir supports "
+                f"{SUPPORTED}"
+            )
         if tokenizer is None:
             raise ValueError("an in-memory model needs its tokenizer: pass tokenizer=...")
         hf_model = model
@@ -269,26 +304,28 @@ def load_cross_encoder(
             raise _not_found(
                 source, f"the hub {_hub_endpoint()} did not provide it ({reason})"
             ) from None
-        _check_config(config, source)
+        family = _check_config(config, source)
         if tokenizer is None:
             tokenizer = _load_tokenizer(str(location))
         try:
-            hf_model, info = BertForSequenceClassification.from_pretrained(
+            hf_model, info = family.hf_model_class().from_pretrained(
                 location, output_loading_info=True, attn_implementation="eager"
             )
         except (OSError, RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{source}: could not load the weights ({first})") from err
-        if any(k.startswith("classifier.") for k in info["missing_keys"]):
+        missing_head = [k for k in info["missing_keys"] if k.startswith(family.head_keys)]
+        if missing_head:
             raise UnsupportedModelError(
-                f"{source}: the checkpoint has no trained classification head (classifier.* "
-                f"weights missing); mechir supports {SUPPORTED}"
+                f"{source}: the checkpoint has no trained classification head ({missing_head} "
+                f"missing); mechir supports {SUPPORTED}"
             )
     else:
         raise TypeError(
-            f"model must be a hub id, a local directory or a BertForSequenceClassification, "
-            f"got {type(model).__name__}"
+            "model must be a hub id, a local directory, a *ForSequenceClassification model or "
+            f"a sentence_transformers.CrossEncoder, got {type(model).__name__}"
         )
+    _check_tokenizer(tokenizer, family, source)
     check_finite_weights(hf_model, source)
     return hooked_cross_encoder_from_hf(
         hf_model.eval(),
@@ -298,3 +335,14 @@ def load_cross_encoder(
         relevant_label=relevant_label,
         score_type=score_type,
     )
+
+
+def _sentence_transformers_model(model: Any) -> Any:
+    """The ``transformers`` model inside a ``sentence_transformers.CrossEncoder``, else None."""
+    if type(model).__name__ != "CrossEncoder":  # never import the optional package needlessly
+        return None
+    try:
+        from sentence_transformers import CrossEncoder
+    except ImportError:
+        return None
+    return model.model if isinstance(model, CrossEncoder) else None

@@ -1,26 +1,35 @@
-"""A BERT cross-encoder as a TransformerLens ``HookedEncoder`` with a hooked relevance head.
+"""A cross-encoder as a TransformerLens ``HookedEncoder`` with a hooked relevance head.
 
 This is the only module that knows TransformerLens internals (config fields, parameter names, the
-``HookedEncoder`` class); moving off TransformerLens 3.x touches this file alone.
+``HookedEncoder`` class); moving off TransformerLens 3.x touches this file alone. What differs
+between families (BERT, ELECTRA, RoBERTa, XLM-RoBERTa, DistilBERT) is declared in
+:mod:`mechir.families`; this module builds the embedding and head variants they need.
 
 The relevance computation, with the hook point of every step::
 
+    embed.hook_embed, embed.hook_pos_embed, embed.hook_token_type_embed (absent for DistilBERT)
+    -> embed.ln (-> embed.hook_embed_proj, ELECTRA with embedding_size != hidden_size)
     hook_full_embed -> blocks.{l}.* -> blocks.{L-1}.hook_normalized_resid_post
-    -> pooler.hook_pooler_out      tanh(h_CLS W_p + b_p)
+    -> pooler.hook_pooler_out      act(h_first W_p + b_p)  act: tanh (BERT, RoBERTa, XLM-R),
+                                                           GELU (ELECTRA), ReLU (DistilBERT)
     -> classifier.hook_logits      pooled W_c + b_c              [batch, num_labels]
     -> hook_score                  one relevance score per pair  [batch]
+
+For ELECTRA, RoBERTa and XLM-R the "pooler" is the classification head's ``dense`` layer and the
+classifier its ``out_proj``; for DistilBERT they are ``pre_classifier`` and ``classifier``.
+RoBERTa/XLM-R position ids start at ``padding_idx + 1`` (``embed.position_offset``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-import einops
 import torch
 import torch.nn as nn
 from jaxtyping import Float, Int
@@ -36,6 +45,7 @@ with warnings.catch_warnings():
     from transformer_lens.HookedRootModule import HookedRootModule
     from transformer_lens.utilities import TypedModuleList
 
+from mechir.families import BERT, EncoderShape, Family, family_of
 from mechir.parts import CrossEncoderBatch, check_max_length, encode
 from mechir.running import HookFn, Hooks, RunningInput, current_batch, running_batch
 
@@ -70,6 +80,99 @@ class HookAwareLayerNorm(LayerNorm):
         return nn.functional.layer_norm(x, (self.length,), self.w, self.b, self.eps)
 
 
+class CrossEncoderEmbed(BertEmbed):
+    """``BertEmbed`` (same parameters and hook names) with the family's embedding rules.
+
+    ``LN(W_E[t] + W_pos[position_offset + i] + W_tt[type])``, then ``embed.hook_embed_proj``
+    ``(x W_proj + b_proj)`` when the embedding is narrower than the model (ELECTRA-small).
+
+    * ``position_offset`` 0: positions ``0..n-1``. ``position_offset = padding_idx + 1``
+      (RoBERTa/XLM-R): real tokens ``padding_idx + 1 + i``, padding tokens ``padding_idx``
+      (Hugging Face's ``create_position_ids_from_input_ids``).
+    * ``n_token_types`` 0: no token-type embedding and no ``embed.hook_token_type_embed``
+      (DistilBERT); 1 (RoBERTa/XLM-R): one row, always added.
+    """
+
+    def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape, family: Family):
+        embed_cfg = cfg
+        if shape.d_embed != cfg.d_model:
+            embed_cfg = copy.copy(cfg)
+            embed_cfg.d_model = shape.d_embed
+        super().__init__(embed_cfg)
+        self.cfg = cfg
+        self.ln = HookAwareLayerNorm(embed_cfg)
+        self.pad_token_id = shape.pad_token_id
+        self.position_offset = family.position_offset(shape)
+        if shape.n_token_types == 0:
+            del self.token_type_embed, self.hook_token_type_embed
+        elif shape.n_token_types != 2:
+            self.token_type_embed.W_token_type = nn.Parameter(
+                torch.empty(shape.n_token_types, shape.d_embed, dtype=cfg.dtype)
+            )
+        self.projected = shape.d_embed != cfg.d_model
+        if self.projected:
+            self.W_proj = nn.Parameter(torch.empty(shape.d_embed, cfg.d_model, dtype=cfg.dtype))
+            self.b_proj = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+            self.hook_embed_proj = HookPoint()
+
+    def position_ids(self, input_ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+        """Row of ``W_pos`` of every token (see the class docstring)."""
+        if self.position_offset == 0:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        real = input_ids.ne(self.pad_token_id).long()
+        return real.cumsum(1) * real + self.pad_token_id
+
+    def token_states(
+        self,
+        token_ids: Int[Tensor, " n"],
+        *,
+        token_type: int = 0,
+        position: int | None = None,
+    ) -> Float[Tensor, "n d_model"]:
+        """What ``hook_full_embed`` holds for tokens of one segment at sequence position
+        ``position`` (``None``: without a position embedding)."""
+        x = self.embed.W_E[token_ids]
+        if hasattr(self, "token_type_embed"):
+            n_types = self.token_type_embed.W_token_type.shape[0]
+            x = x + self.token_type_embed.W_token_type[min(token_type, n_types - 1)]
+        if position is not None:
+            x = x + self.pos_embed.W_pos[self.position_offset + position]
+        return self._project(self.ln(x[None]))[0]
+
+    def _project(self, x: Float[Tensor, "batch pos d_embed"]) -> Float[Tensor, "batch pos d_model"]:
+        if not self.projected:
+            return x
+        return self.hook_embed_proj(x @ self.W_proj + self.b_proj)
+
+    def forward(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        x = self.hook_embed(self.embed(input_ids))
+        x = x + self.hook_pos_embed(self.pos_embed.W_pos[self.position_ids(input_ids)])
+        if hasattr(self, "token_type_embed"):
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.hook_token_type_embed(self.token_type_embed(token_type_ids))
+        return self._project(self.ln(x))
+
+
+class CrossEncoderPooler(BertPooler):
+    """``BertPooler`` with the family's activation: ``act(resid[:, 0] W + b)``, hooked at
+    ``hook_pooler_out`` (tanh: BERT/RoBERTa/XLM-R; GELU: ELECTRA; ReLU: DistilBERT)."""
+
+    ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+        "tanh": nn.Tanh,
+        "gelu": nn.GELU,
+        "relu": nn.ReLU,
+    }
+
+    def __init__(self, cfg: HookedTransformerConfig, activation: str = "tanh"):
+        super().__init__(cfg)
+        self.activation = self.ACTIVATIONS[activation]()
+
+
 class CrossEncoderClassifier(nn.Module):
     """Linear classification head on the pooled [CLS] vector: ``logits = pooled @ W + b``."""
 
@@ -96,6 +199,8 @@ class HookedCrossEncoder(HookedEncoder):
 
     Args:
         cfg: the encoder configuration (see :func:`hooked_config_from_hf`).
+        shape: the family-independent encoder description (default: read from ``cfg``, BERT).
+        family: the :class:`~mechir.families.Family` (default BERT).
         num_labels: 1 (score = the logit) or >= 2 (MonoBERT: 2).
         tokenizer: the model's Hugging Face tokenizer, used by :meth:`encode`.
         relevant_label: the relevant class when ``num_labels >= 2``.
@@ -116,6 +221,8 @@ class HookedCrossEncoder(HookedEncoder):
         relevant_label: int = 1,
         score_type: ScoreType | None = None,
         move_to_device: bool = True,
+        family: Family = BERT,
+        shape: EncoderShape | None = None,
     ):
         # HookedEncoder.__init__ would build the (unused, vocabulary-sized) MLM/NSP heads and warn
         # about its deprecation; we build only what a cross-encoder has.
@@ -132,12 +239,12 @@ class HookedCrossEncoder(HookedEncoder):
         self.relevant_label = relevant_label if num_labels > 1 else 0
         self.score_type = DEFAULT_SCORE_TYPE if score_type is None else score_type
         self._running: list[RunningInput] = []
-        self.embed = BertEmbed(cfg)
+        self.family = family
+        self.embed = CrossEncoderEmbed(cfg, shape or _bert_shape(cfg), family)
         self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
-        self.embed.ln = HookAwareLayerNorm(cfg)
         for block in self.blocks:
             block.ln1, block.ln2 = HookAwareLayerNorm(cfg), HookAwareLayerNorm(cfg)
-        self.pooler = BertPooler(cfg)
+        self.pooler = CrossEncoderPooler(cfg, family.head_activation)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_full_embed = HookPoint()
         self.hook_score = HookPoint()
@@ -388,13 +495,21 @@ class HookedCrossEncoder(HookedEncoder):
     ) -> CrossEncoderBatch:
         """Tokenize pairs with this model's tokenizer (see :func:`mechir.encode`).
 
-        ``max_length`` defaults to the model's maximum number of positions and may not exceed it.
+        ``max_length`` defaults to :attr:`max_length` and may not exceed it; the pair layout is
+        the family's.
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass one to load_cross_encoder")
-        length = self.cfg.n_ctx if max_length is None else max_length
-        check_max_length(length, self.cfg.n_ctx)
-        return encode(self.tokenizer, queries, documents, max_length=length)
+        length = self.max_length if max_length is None else max_length
+        check_max_length(length, self.max_length)
+        return encode(
+            self.tokenizer, queries, documents, max_length=length, layout=self.family.layout
+        )
+
+    @property
+    def max_length(self) -> int:
+        """Longest input the position table allows (RoBERTa: positions minus the offset)."""
+        return self.cfg.n_ctx - self.embed.position_offset
 
     def score(
         self,
@@ -440,65 +555,71 @@ class HookedCrossEncoder(HookedEncoder):
 
 
 # ---------------------------------------------------------------------- conversion from HF
-def hooked_config_from_hf(
-    hf_config: Any, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+def _bert_shape(cfg: HookedTransformerConfig) -> EncoderShape:
+    return EncoderShape(
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+        n_layers=cfg.n_layers,
+        n_positions=cfg.n_ctx,
+        d_vocab=cfg.d_vocab,
+        eps=cfg.eps,
+        act_fn=cfg.act_fn,
+        n_token_types=2,
+        d_embed=cfg.d_model,
+        pad_token_id=0,
+    )
+
+
+def family_of_config(hf_config: Any) -> Family:
+    """The :class:`~mechir.families.Family` of a Hugging Face config (ValueError if none)."""
+    family = family_of(getattr(hf_config, "model_type", None))
+    if family is None:
+        raise ValueError(f"no mechir family for model_type {hf_config.model_type!r}")
+    return family
+
+
+def hooked_config_from_shape(
+    shape: EncoderShape,
+    *,
+    architecture: str = "BertForSequenceClassification",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> HookedTransformerConfig:
-    """TransformerLens config for a Hugging Face ``BertConfig`` (built locally, no hub look-up)."""
+    """TransformerLens config for an :class:`~mechir.families.EncoderShape`."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    act = hf_config.hidden_act
-    if act not in ("gelu", "relu", "silu", "gelu_new"):
-        raise ValueError(f"unsupported activation {act!r} in the BERT config")
     return HookedTransformerConfig(
-        d_model=hf_config.hidden_size,
-        d_head=hf_config.hidden_size // hf_config.num_attention_heads,
-        n_heads=hf_config.num_attention_heads,
-        d_mlp=hf_config.intermediate_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_ctx=hf_config.max_position_embeddings,
-        eps=hf_config.layer_norm_eps,
-        d_vocab=hf_config.vocab_size,
-        act_fn=act,
+        d_model=shape.d_model,
+        d_head=shape.d_model // shape.n_heads,
+        n_heads=shape.n_heads,
+        d_mlp=shape.d_mlp,
+        n_layers=shape.n_layers,
+        n_ctx=shape.n_positions,
+        eps=shape.eps,
+        d_vocab=shape.d_vocab,
+        act_fn=shape.act_fn,
         attention_dir="bidirectional",
-        original_architecture="BertForSequenceClassification",
+        original_architecture=architecture,
         device=str(device),
         dtype=dtype,
     )
 
 
+def hooked_config_from_hf(
+    hf_config: Any, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> HookedTransformerConfig:
+    """TransformerLens config for a Hugging Face config of a supported family (built locally)."""
+    family = family_of_config(hf_config)
+    return hooked_config_from_shape(
+        family.encoder_config(hf_config), architecture=family.hf_class, device=device, dtype=dtype
+    )
+
+
 def state_dict_from_hf(hf_model: Any, n_heads: int) -> dict[str, Tensor]:
-    """Map a ``BertForSequenceClassification`` state dict to :class:`HookedCrossEncoder` names."""
-    bert = hf_model.bert
-    emb = bert.embeddings
-    sd: dict[str, Tensor] = {
-        "embed.embed.W_E": emb.word_embeddings.weight,
-        "embed.pos_embed.W_pos": emb.position_embeddings.weight,
-        "embed.token_type_embed.W_token_type": emb.token_type_embeddings.weight,
-        "embed.ln.w": emb.LayerNorm.weight,
-        "embed.ln.b": emb.LayerNorm.bias,
-    }
-    split_in = "(h d) m -> h m d"
-    for i, layer in enumerate(bert.encoder.layer):
-        att = layer.attention
-        for name, lin in (("Q", att.self.query), ("K", att.self.key), ("V", att.self.value)):
-            sd[f"blocks.{i}.attn.W_{name}"] = einops.rearrange(lin.weight, split_in, h=n_heads)
-            sd[f"blocks.{i}.attn.b_{name}"] = einops.rearrange(lin.bias, "(h d) -> h d", h=n_heads)
-        sd[f"blocks.{i}.attn.W_O"] = einops.rearrange(
-            att.output.dense.weight, "m (h d) -> h d m", h=n_heads
-        )
-        sd[f"blocks.{i}.attn.b_O"] = att.output.dense.bias
-        sd[f"blocks.{i}.ln1.w"] = att.output.LayerNorm.weight
-        sd[f"blocks.{i}.ln1.b"] = att.output.LayerNorm.bias
-        sd[f"blocks.{i}.mlp.W_in"] = layer.intermediate.dense.weight.T
-        sd[f"blocks.{i}.mlp.b_in"] = layer.intermediate.dense.bias
-        sd[f"blocks.{i}.mlp.W_out"] = layer.output.dense.weight.T
-        sd[f"blocks.{i}.mlp.b_out"] = layer.output.dense.bias
-        sd[f"blocks.{i}.ln2.w"] = layer.output.LayerNorm.weight
-        sd[f"blocks.{i}.ln2.b"] = layer.output.LayerNorm.bias
-    sd["pooler.W"] = bert.pooler.dense.weight.T
-    sd["pooler.b"] = bert.pooler.dense.bias
-    sd["classifier.W"] = hf_model.classifier.weight.T
-    sd["classifier.b"] = hf_model.classifier.bias
+    """Map a supported ``*ForSequenceClassification`` state dict to mechir names."""
+    family = family_of_config(hf_model.config)
+    sd = family.state_dict(hf_model, n_heads)
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
@@ -511,8 +632,10 @@ def hooked_cross_encoder_from_hf(
     relevant_label: int = 1,
     score_type: ScoreType | None = None,
 ) -> HookedCrossEncoder:
-    """Convert an in-memory ``BertForSequenceClassification`` (already validated) to mechir."""
-    cfg = hooked_config_from_hf(hf_model.config, device=device, dtype=dtype)
+    """Convert an in-memory ``*ForSequenceClassification`` (already validated) to mechir."""
+    family = family_of_config(hf_model.config)
+    shape = family.encoder_config(hf_model.config)
+    cfg = hooked_config_from_shape(shape, architecture=family.hf_class, device=device, dtype=dtype)
     model = HookedCrossEncoder(
         cfg,
         hf_model.config.num_labels,
@@ -520,6 +643,8 @@ def hooked_cross_encoder_from_hf(
         relevant_label=relevant_label,
         score_type=score_type,
         move_to_device=False,
+        family=family,
+        shape=shape,
     )
     state = {k: v.to(dtype) for k, v in state_dict_from_hf(hf_model, cfg.n_heads).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,6 +1,8 @@
 """Input parts of a cross-encoder input and the batch that carries them.
 
-A cross-encoder reads ``[CLS] query [SEP] document [SEP]``. Every token belongs to exactly one
+A cross-encoder reads ``[CLS] query [SEP] document [SEP]`` (BERT, ELECTRA, DistilBERT) or
+``<s> query </s></s> document </s>`` (RoBERTa, XLM-RoBERTa: both middle separators are
+``SEP1``); a :class:`PairLayout` describes which. Every token belongs to exactly one
 :class:`Part`; the segmentation is computed once, when the batch is built, and stored as integer
 part ids ``[batch, pos]`` so that hooks never need to re-tokenize.
 """
@@ -70,13 +72,59 @@ def parse_parts(parts: PartLike | Iterable[PartLike]) -> tuple[Part, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class PairLayout:
+    """How a tokenizer family joins a (query, document) pair.
+
+    Attributes:
+        middle_seps: separators between query and document: 1 (``[CLS] q [SEP] d [SEP]``) or 2
+            (``<s> q </s></s> d </s>``); all of them are ``Part.SEP1``.
+        token_types: whether the family uses token types (then 1 on the document and the last
+            separator); families without them get all-zero ``token_type_ids``.
+    """
+
+    middle_seps: int = 1
+    token_types: bool = True
+
+    @property
+    def n_special(self) -> int:
+        """Special tokens added to a pair: CLS, the middle separators and the final one."""
+        return self.middle_seps + 2
+
+
+BERT_LAYOUT = PairLayout(middle_seps=1, token_types=True)
+ROBERTA_LAYOUT = PairLayout(middle_seps=2, token_types=False)
+
+
+def pair_layout_of(tokenizer: Any) -> PairLayout:
+    """The :class:`PairLayout` a Hugging Face tokenizer uses for pairs.
+
+    Read from the tokenizer itself: the number of special tokens it adds to a pair (3 or 4) and
+    whether ``token_type_ids`` is one of its model inputs.
+
+    Raises:
+        ValueError: the tokenizer adds neither 3 nor 4 special tokens to a pair.
+    """
+    n = tokenizer.num_special_tokens_to_add(pair=True)
+    if n not in (3, 4):
+        raise ValueError(
+            f"{type(tokenizer).__name__} adds {n} special tokens to a pair; mechir supports "
+            "[CLS] q [SEP] d [SEP] (3) and <s> q </s></s> d </s> (4): pass layout=... or a "
+            "tokenizer with a pair post-processor"
+        )
+    return PairLayout(
+        middle_seps=n - 2, token_types="token_type_ids" in tokenizer.model_input_names
+    )
+
+
 @dataclass
 class CrossEncoderBatch:
     """A right-padded batch of ``[CLS] query [SEP] document [SEP]`` inputs with per-token parts.
 
     Attributes:
         input_ids: token ids.
-        token_type_ids: 0 for CLS, query and the first SEP; 1 for the document and the last SEP.
+        token_type_ids: 0 for CLS, query and the first SEP; 1 for the document and the last SEP
+            (all 0 for families without token types, see :class:`PairLayout`).
         attention_mask: 1 for real tokens, 0 for padding.
         parts: the :class:`Part` of every token (``Part.PAD`` on padding).
     """
@@ -180,11 +228,13 @@ def cross_encoder_batch_from_tokens(
     sep_token_id: int,
     pad_token_id: int,
     max_length: int = 512,
+    layout: PairLayout = BERT_LAYOUT,
 ) -> CrossEncoderBatch:
     """Build a batch from already-tokenized queries and documents (no special tokens in them).
 
-    Each example becomes ``[CLS] q [SEP] d [SEP]``; only the document is truncated, so that the
-    example fits ``max_length``. The special tokens are never dropped.
+    Each example becomes ``[CLS] q [SEP] d [SEP]`` (or ``[CLS] q [SEP][SEP] d [SEP]`` with
+    ``layout.middle_seps == 2``); only the document is truncated, so that the example fits
+    ``max_length``. The special tokens are never dropped.
 
     Raises:
         ValueError: lists of different lengths, an empty query or document, or a query so long
@@ -205,15 +255,17 @@ def cross_encoder_batch_from_tokens(
             raise ValueError(f"pair {i}: the query is empty")
         if not d:
             raise ValueError(f"pair {i}: the document is empty")
-        room = max_length - 3 - len(q)
+        room = max_length - layout.n_special - len(q)
         if room < 1:
             raise ValueError(
                 f"pair {i}: the query has {len(q)} tokens, which leaves no room for the document "
-                f"within max_length={max_length} (query + document + 3 special tokens); "
+                f"within max_length={max_length} (query + document + {layout.n_special} special "
+                "tokens); "
                 "raise max_length or shorten the query"
             )
         rows.append((q, d[:room]))
-    width = max(len(q) + len(d) + 3 for q, d in rows)
+    width = max(len(q) + len(d) + layout.n_special for q, d in rows)
+    seps = layout.middle_seps
     n = len(rows)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     token_type_ids = torch.zeros((n, width), dtype=torch.long)
@@ -221,15 +273,16 @@ def cross_encoder_batch_from_tokens(
     parts = torch.full((n, width), int(Part.PAD), dtype=torch.long)
     for i, (q, d) in enumerate(rows):
         lq, ld = len(q), len(d)
-        ids = [cls_token_id, *q, sep_token_id, *d, sep_token_id]
+        ids = [cls_token_id, *q, *[sep_token_id] * seps, *d, sep_token_id]
         length = len(ids)
         input_ids[i, :length] = torch.tensor(ids)
-        token_type_ids[i, lq + 2 : length] = 1
+        if layout.token_types:
+            token_type_ids[i, lq + 1 + seps : length] = 1
         attention_mask[i, :length] = 1
         parts[i, 0] = int(Part.CLS)
         parts[i, 1 : 1 + lq] = int(Part.QUERY)
-        parts[i, 1 + lq] = int(Part.SEP1)
-        parts[i, 2 + lq : 2 + lq + ld] = int(Part.DOCUMENT)
+        parts[i, 1 + lq : 1 + lq + seps] = int(Part.SEP1)
+        parts[i, 1 + lq + seps : 1 + lq + seps + ld] = int(Part.DOCUMENT)
         parts[i, length - 1] = int(Part.SEP2)
     return CrossEncoderBatch(input_ids, token_type_ids, attention_mask, parts)
 
@@ -276,12 +329,14 @@ def encode(
     documents: str | Sequence[str],
     *,
     max_length: int = 512,
+    layout: PairLayout | None = None,
 ) -> CrossEncoderBatch:
     """Tokenize (query, document) pairs into a :class:`CrossEncoderBatch`.
 
     Equivalent to ``tokenizer(queries, documents, truncation="only_second", padding=True,
-    max_length=max_length)`` for BERT WordPiece tokenizers (query and document are tokenized
-    separately, then joined), with the part of every token recorded.
+    max_length=max_length)`` (query and document are tokenized separately, then joined), with
+    the part of every token recorded. ``layout`` defaults to the tokenizer's own
+    (:func:`pair_layout_of`).
 
     Raises:
         ValueError: no pairs, ``max_length < 5``, an empty or whitespace-only query/document,
@@ -314,4 +369,5 @@ def encode(
         sep_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
         max_length=max_length,
+        layout=pair_layout_of(tokenizer) if layout is None else layout,
     )

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechir.parts import CrossEncoderBatch, cross_encoder_batch_from_tokens
+from mechir.parts import CrossEncoderBatch, cross_encoder_batch_from_tokens, pair_layout_of
 
 #: Filler token of MechIR's data collators (``special_token="a"``).
 DEFAULT_FILLER = "a"
@@ -172,11 +172,13 @@ class AlignedPairs:
         """Batch :class:`PerturbedPair` s with the tokenizer's special tokens."""
         if not pairs:
             raise ValueError("no pairs given")
+        layout = pair_layout_of(tokenizer)
         ids = dict(
             cls_token_id=tokenizer.cls_token_id,
             sep_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            max_length=max(len(p.query_ids) + len(p.clean_ids) for p in pairs) + 3,
+            layout=layout,
+            max_length=max(len(p.query_ids) + len(p.clean_ids) for p in pairs) + layout.n_special,
         )
         queries = [p.query_ids for p in pairs]
         return cls(
@@ -229,7 +231,7 @@ class PairBuilder:
     """Builds aligned clean/corrupted pairs for one tokenizer.
 
     Args:
-        tokenizer: a Hugging Face BERT tokenizer (the model's).
+        tokenizer: the model's Hugging Face tokenizer (its pair layout is read from it).
         max_length: the model input length; documents are cut so that the perturbed span is kept.
         filler: the filler token (a string that is one token of the vocabulary, or a token id).
         stats: IDF statistics, needed by :meth:`tdc` and by ``choose="max_idf"/"min_idf"``.
@@ -270,7 +272,7 @@ class PairBuilder:
         q = self._tokens(query)
         if not q:
             raise ValueError(f"pair {pair_id!r}: the query is empty")
-        if self.max_length - 3 - len(q) < 1:
+        if self._room(q) < 1:
             raise ValueError(
                 f"pair {pair_id!r}: the query has {len(q)} tokens, leaving no room for the "
                 f"document within max_length={self.max_length}"
@@ -278,7 +280,8 @@ class PairBuilder:
         return q
 
     def _room(self, q: list[int]) -> int:
-        return self.max_length - 3 - len(q)
+        """Document tokens that fit next to query ``q`` and the pair's special tokens."""
+        return self.max_length - pair_layout_of(self.tokenizer).n_special - len(q)
 
     def candidate_terms(self, query: str) -> list[str]:
         """The query's content words, the terms TFC1/TDC are about: distinct terms of the analyzer

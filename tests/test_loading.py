@@ -14,10 +14,14 @@ import torch
 from transformers import (
     BertConfig,
     BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
     RobertaConfig,
-    RobertaForSequenceClassification,
+    RobertaModel,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from mechir import ModelNotFoundError, UnsupportedModelError, encode, load_cross_encoder
@@ -33,24 +37,33 @@ SMALL = dict(
 )
 
 
+SUPPORTED_LIST = "BERT .* ELECTRA .* RoBERTa .* XLM-RoBERTa .* DistilBERT"
+
+
 @pytest.mark.parametrize(
     "hf",
     [
-        RobertaForSequenceClassification(RobertaConfig(**SMALL)),
-        DistilBertForSequenceClassification(
-            DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
-        ),
+        DebertaV2ForSequenceClassification(DebertaV2Config(**SMALL)),
+        GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64)),
     ],
-    ids=["roberta", "distilbert"],
+    ids=["deberta-v2", "gpt2-decoder"],
 )
 def test_unsupported_in_memory(hf, tmp_path):
-    with pytest.raises(UnsupportedModelError, match="supports BERT"):
+    with pytest.raises(UnsupportedModelError, match=SUPPORTED_LIST):
         load_cross_encoder(hf, tokenizer=tiny_tokenizer(tmp_path))
 
 
-def test_unsupported_directory(tmp_path):
-    RobertaForSequenceClassification(RobertaConfig(**SMALL)).save_pretrained(tmp_path / "m")
-    with pytest.raises(UnsupportedModelError, match="'roberta' is not supported"):
+def test_unsupported_directory_t5(tmp_path):
+    """MonoT5 is a sequence-to-sequence model: not an encoder cross-encoder."""
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "m")
+    with pytest.raises(UnsupportedModelError, match="'t5' is not supported.*" + SUPPORTED_LIST):
+        load_cross_encoder(tmp_path / "m")
+
+
+def test_roberta_base_model_without_head(tmp_path):
+    RobertaModel(RobertaConfig(**SMALL)).save_pretrained(tmp_path / "m")
+    with pytest.raises(UnsupportedModelError, match="no sequence-classification head"):
         load_cross_encoder(tmp_path / "m")
 
 

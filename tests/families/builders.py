@@ -1,0 +1,218 @@
+"""Tiny random cross-encoders of every supported family, saved with a tokenizer of its kind.
+
+Each family gets a ``*ForSequenceClassification`` built from its ``transformers`` config class and
+a tokenizer built offline with the ``tokenizers`` library (WordPiece for BERT/ELECTRA/DistilBERT,
+byte-level BPE for RoBERTa, Unigram for XLM-RoBERTa) wrapped in ``PreTrainedTokenizerFast``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.trainers import BpeTrainer, UnigramTrainer
+from transformers import PreTrainedTokenizerFast
+
+from tests.helpers import DOCUMENTS, QUERIES, WORDS
+
+D_MODEL, N_HEADS, N_LAYERS, MAX_LENGTH = 32, 4, 2, 64
+CORPUS = [" ".join(WORDS), *QUERIES, *DOCUMENTS] * 3
+
+
+def wordpiece_tokenizer(*, token_types: bool = True) -> PreTrainedTokenizerFast:
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s", "##ing", "?", ".", ","]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    names = ["input_ids", "token_type_ids", "attention_mask"] if token_types else None
+    return _wrap(tok, "[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]", names or _NO_TYPES)
+
+
+_NO_TYPES = ["input_ids", "attention_mask"]
+_ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def byte_level_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=300,
+        special_tokens=_ROBERTA_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return _wrap(tok, "<s>", "</s>", "<pad>", "<unk>", "<mask>", _NO_TYPES)
+
+
+def unigram_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style Unigram (Metaspace), XLM-R's special-token ids 0-3."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = UnigramTrainer(
+        vocab_size=120, special_tokens=_ROBERTA_SPECIALS, unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    return _wrap(tok, "<s>", "</s>", "<pad>", "<unk>", "<mask>", _NO_TYPES)
+
+
+def _wrap(tok, cls, sep, pad, unk, mask, input_names) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token=cls,
+        sep_token=sep,
+        pad_token=pad,
+        unk_token=unk,
+        mask_token=mask,
+        bos_token=cls,
+        eos_token=sep,
+        model_input_names=input_names,
+    )
+
+
+def _bert_like(config_class: str, vocab: int, **extra: Any) -> Any:
+    return getattr(transformers, config_class)(
+        vocab_size=vocab,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        intermediate_size=4 * D_MODEL,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.3,
+        **extra,
+    )
+
+
+def _roberta_like(config_class: str, vocab: int, max_length: int) -> Any:
+    return _bert_like(
+        config_class,
+        vocab,
+        max_position_embeddings=max_length + 2,  # + padding_idx + 1
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+    )
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How to build one family's tiny checkpoint."""
+
+    name: str
+    model_class: str
+    tokenizer: Callable[[], PreTrainedTokenizerFast]
+    config: Callable[[int, int], Any]  #: (vocabulary size, max input length) -> config
+    has_token_types: bool
+    middle_seps: int
+
+
+SPECS: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec(
+            "bert",
+            "BertForSequenceClassification",
+            wordpiece_tokenizer,
+            lambda v, n: _bert_like("BertConfig", v, max_position_embeddings=n),
+            True,
+            1,
+        ),
+        FamilySpec(
+            "electra",
+            "ElectraForSequenceClassification",
+            wordpiece_tokenizer,
+            lambda v, n: _bert_like(
+                "ElectraConfig", v, max_position_embeddings=n, embedding_size=16
+            ),
+            True,
+            1,
+        ),
+        FamilySpec(
+            "roberta",
+            "RobertaForSequenceClassification",
+            byte_level_bpe_tokenizer,
+            lambda v, n: _roberta_like("RobertaConfig", v, n),
+            False,
+            2,
+        ),
+        FamilySpec(
+            "xlm-roberta",
+            "XLMRobertaForSequenceClassification",
+            unigram_tokenizer,
+            lambda v, n: _roberta_like("XLMRobertaConfig", v, n),
+            False,
+            2,
+        ),
+        FamilySpec(
+            "distilbert",
+            "DistilBertForSequenceClassification",
+            lambda: wordpiece_tokenizer(token_types=False),
+            lambda v, n: transformers.DistilBertConfig(
+                vocab_size=v,
+                dim=D_MODEL,
+                n_layers=N_LAYERS,
+                n_heads=N_HEADS,
+                hidden_dim=4 * D_MODEL,
+                max_position_embeddings=n,
+                dropout=0.0,
+                attention_dropout=0.0,
+                seq_classif_dropout=0.0,
+                initializer_range=0.3,
+            ),
+            False,
+            1,
+        ),
+    )
+}
+FAMILY_NAMES = tuple(SPECS)
+
+
+def save_tiny_family(
+    name: str, directory: Path, *, num_labels: int = 1, seed: int = 0, max_length: int = MAX_LENGTH
+) -> Path:
+    """Build a random tiny ``name`` cross-encoder and save model + tokenizer to ``directory``."""
+    spec = SPECS[name]
+    tok = spec.tokenizer()
+    config = spec.config(len(tok), max_length)
+    config.num_labels = num_labels
+    config.architectures = [spec.model_class]
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec.model_class)(config)
+    with torch.no_grad():  # non-trivial LayerNorm and bias parameters, so none of them is idle
+        for pname, p in model.named_parameters():
+            if "LayerNorm.weight" in pname or "layer_norm.weight" in pname:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif pname.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return Path(directory)
+
+
+def load_hf(name: str, directory: Path) -> Any:
+    """The saved checkpoint as Hugging Face runs it (eager attention, eval mode)."""
+    cls = getattr(transformers, SPECS[name].model_class)
+    return cls.from_pretrained(directory, attn_implementation="eager").eval()
