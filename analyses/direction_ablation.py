@@ -35,21 +35,7 @@ import numpy as np
 import pandas as pd
 
 from analyses import plots
-from analyses.common import (
-    StudyRun,
-    Unit,
-    UsageError,
-    candidate_pairs,
-    load_data,
-    load_model,
-    model_shape,
-    open_study,
-    report_incomplete,
-    run_units,
-    study_main,
-    study_parser,
-    writes_outputs,
-)
+from analyses.base import Study, StudyRun, Unit
 from analyses.reranking import (
     compare_to_baseline,
     per_query_values,
@@ -68,10 +54,7 @@ from mechir.hooks import (
 from mechir.parts import PARTS, Part, parse_parts
 from mechir.selection import check_layers
 
-STUDY = "direction_ablation"
 BASELINE = "none"
-#: Options that only choose which units to compute, or how to summarise them.
-WORK_OPTIONS = ("conditions", "layers", "measure", "random_shuffles", "alpha")
 
 PartPair = tuple[Part, Part]
 
@@ -212,77 +195,66 @@ def plan_units(conditions: Sequence[Condition], ranges: Sequence[list[int]]) -> 
 
 
 # ---------------------------------------------------------------------- the study
-def build_parser() -> argparse.ArgumentParser:
-    p = study_parser(STUDY, __doc__.split("\n\n")[0])
-    g = p.add_argument_group("direction ablation")
-    g.add_argument(
-        "--conditions",
-        nargs="+",
-        default=["groups", "directions"],
-        help="'groups', 'directions' (all 25), group names "
-        f"({', '.join(DIRECTION_GROUPS)}) or 'attending->attended' (e.g. query->document)",
-    )
-    g.add_argument(
-        "--layers",
-        nargs="+",
-        default=["cumulative"],
-        help="layer ranges: 'cumulative' (0..k for every k), 'all', 'window:W[:S]', 'a-b', 'a,b'",
-    )
-    g.add_argument("--mode", choices=["zero", "renormalize"], default="zero")
-    g.add_argument("--measure", default="nDCG@10", help="ir_measures measure of the tables")
-    g.add_argument("--random-shuffles", type=int, default=200, help="shuffles of the random floor")
-    g.add_argument("--alpha", type=float, default=0.05, help="significance level (after Holm)")
-    return p
+class DirectionAblation(Study):
+    name = "direction_ablation"
+    work_options = ("conditions", "layers", "measure", "random_shuffles", "alpha")
+
+    @classmethod
+    def add_options(cls, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("direction ablation")
+        g.add_argument(
+            "--conditions",
+            nargs="+",
+            default=["groups", "directions"],
+            help="'groups', 'directions' (all 25), group names "
+            f"({', '.join(DIRECTION_GROUPS)}) or 'attending->attended' (e.g. query->document)",
+        )
+        g.add_argument(
+            "--layers",
+            nargs="+",
+            default=["cumulative"],
+            help="layer ranges: 'cumulative' (0..k for every k), 'all', 'window:W[:S]', 'a-b', "
+            "'a,b'",
+        )
+        g.add_argument("--mode", choices=["zero", "renormalize"], default="zero")
+        g.add_argument("--measure", default="nDCG@10", help="ir_measures measure of the tables")
+        g.add_argument(
+            "--random-shuffles", type=int, default=200, help="shuffles of the random floor"
+        )
+        g.add_argument("--alpha", type=float, default=0.05, help="significance level (after Holm)")
+
+    def check(self) -> None:
+        self.conditions = parse_conditions(self.args.conditions)
+        self.ranges = parse_layer_ranges(self.args.layers, self.shape["n_layers"])
+
+    def run_name_extra(self) -> list[str]:
+        return [self.args.mode]
+
+    def plan(self) -> list[Unit]:
+        return plan_units(self.conditions, self.ranges)
+
+    def compute(self, unit: Unit) -> dict[str, Any]:
+        """Rerank every candidate with the unit's directions removed; the row holds the run."""
+        model, args = self.model, self.args
+        if unit.spec is None:
+            return rerank_row(model, self.candidates, args)
+        condition, layers = unit.spec
+        directions = condition.directions()
+        hooks = direction_ablation_hooks(
+            model, directions=directions, layers=layers, mode=args.mode
+        )
+        return {
+            "condition": condition.key,
+            "layers": list(layers),
+            **rerank_row(model, self.candidates, args, hooks),
+        }
+
+    def summarize(self) -> Summary:
+        return summarize(self)
 
 
-def compute_unit(model: Any, pairs: Sequence[Any], args: argparse.Namespace, unit: Unit) -> dict:
-    """Rerank every candidate with the unit's directions removed; the row holds the full run."""
-    if unit.spec is None:
-        return rerank_row(model, pairs, args)
-    condition, layers = unit.spec
-    directions = condition.directions()
-    hooks = direction_ablation_hooks(model, directions=directions, layers=layers, mode=args.mode)
-    return {
-        "condition": condition.key,
-        "layers": list(layers),
-        **rerank_row(model, pairs, args, hooks),
-    }
-
-
-def run_study(args: argparse.Namespace) -> int:
-    """Compute the missing units of the requested conditions x layer ranges, then summarise."""
-    shape = model_shape(args)
-    try:
-        conditions = parse_conditions(args.conditions)
-        ranges = parse_layer_ranges(args.layers, shape["n_layers"])
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    units = plan_units(conditions, ranges)
-    with open_study(STUDY, args, work_options=WORK_OPTIONS, run_name_extra=[args.mode]) as run:
-        collection = load_data(args)
-        pairs = candidate_pairs(args, collection)
-        if any(u.id not in run.store for u in units):
-            model = load_model(args)
-            done = run_units(
-                run.store,
-                units,
-                lambda u: compute_unit(model, pairs, args, u),
-                desc=STUDY,
-                progress=args.progress,
-                max_units=args.max_units,
-            )
-            if not done:
-                return report_incomplete(run, units)
-        if not writes_outputs():  # torchrun: rank 0 writes the outputs
-            return 0
-        summarize(run, collection, pairs, shape["n_layers"])
-        print(run.output / "summary.md")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analyses.direction_ablation [options]``."""
-    return study_main(run_study, build_parser(), argv)
+build_parser = DirectionAblation.parser
+main = DirectionAblation.main
 
 
 # ---------------------------------------------------------------------- summary
@@ -337,8 +309,10 @@ def _direction_names() -> list[str]:
 FORMATS = {"t": ".2f", "p": ".3g", "p_holm": ".3g", "delta": "+.4f"}
 
 
-def summarize(run: StudyRun, collection: Any, pairs: Sequence[Any], n_layers: int) -> Summary:
-    """Write ``table.csv``, ``per_query.csv``, the plots and ``summary.md`` of a finished run."""
+def summarize(study: DirectionAblation) -> Summary:
+    """Write ``table.csv``, ``per_query.csv`` and the plots of a finished run; its summary."""
+    run, collection, pairs = study.run, study.collection, study.candidates
+    n_layers = study.shape["n_layers"]
     args, out, measure = run.args, run.output, run.args.measure
     table, per_query = result_table(run, collection)
     table.to_csv(out / "table.csv", index=False)
@@ -364,18 +338,18 @@ def summarize(run: StudyRun, collection: Any, pairs: Sequence[Any], n_layers: in
     )
     s.heading("Setting")
     s.facts(
-        {
-            "model": args.model,
-            "dataset": args.dataset + (f" (split {args.split})" if args.split else ""),
-            "queries": n_queries,
-            "candidate pairs": len(pairs),
-            "depth": args.depth,
-            "max length": args.max_length or "model maximum",
-            "mode": args.mode,
-            "conditions x layer ranges": len(table),
-            "significance": f"paired t-test over queries, Holm over all {len(table)} ablations, "
-            f"alpha {args.alpha}",
-        }
+        study.setting(
+            queries=n_queries,
+            candidate_pairs=len(pairs),
+            depth=args.depth,
+            max_length=args.max_length or "model maximum",
+            mode=args.mode,
+            **{
+                "conditions x layer ranges": len(table),
+                "significance": f"paired t-test over queries, Holm over all {len(table)} "
+                f"ablations, alpha {args.alpha}",
+            },
+        )
     )
     s.heading("Reference rankings")
     s.table(refs)
@@ -438,7 +412,6 @@ def summarize(run: StudyRun, collection: Any, pairs: Sequence[Any], n_layers: in
         "Files: `table.csv` (one row per condition and layer range), `per_query.csv` (per-query "
         f"{measure} of every unit), `references.csv`, `results.jsonl` (the reranked runs)."
     )
-    s.write(out)
     return s
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,21 +32,8 @@ import pandas as pd
 import torch
 
 from analyses import plots
-from analyses.common import (
-    StudyRun,
-    Unit,
-    UsageError,
-    candidate_pairs,
-    load_data,
-    load_model,
-    model_shape,
-    open_study,
-    report_incomplete,
-    run_units,
-    study_main,
-    study_parser,
-    writes_outputs,
-)
+from analyses.base import Stage, Study, StudyRun, Unit, UsageError
+from analyses.common import writes_outputs
 from analyses.reranking import (
     compare_to_baseline,
     per_query_values,
@@ -55,6 +42,7 @@ from analyses.reranking import (
 )
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
+from mechir.data import matching_pairs
 from mechir.matching import (
     STATISTICS,
     AttentionStatistics,
@@ -62,23 +50,9 @@ from mechir.matching import (
     filter_correct,
     matching_head_deltas,
     matching_head_labels,
-    matching_pairs,
 )
 from mechir.selection import head_label, parse_head
 
-STUDY = "matching_heads"
-WORK_OPTIONS = (
-    "threshold",
-    "paired",
-    "correct_only",
-    "top",
-    "knockout_top",
-    "knockout_random",
-    "knockout_mode",
-    "measure",
-    "random_shuffles",
-    "alpha",
-)
 #: The statistics whose relevant-vs-negative Delta is tabulated.
 DELTA_STATISTICS = (
     "qd_max",
@@ -92,52 +66,9 @@ PAIR_INFO = ("score", "predicted_relevant", "n_query", "n_document", "n_matches"
 KNOCKOUT_BASELINE = "knockout:none"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = study_parser(STUDY, __doc__.split("\n\n")[0])
-    g = p.add_argument_group("pairs")
-    g.add_argument("--min-rel", type=int, default=1, help="relevant = judged at least this")
-    g.add_argument("--max-relevant", type=int, default=10, help="relevant pairs per query (max)")
-    g.add_argument("--max-hard", type=int, default=10, help="hard negatives per query (max)")
-    g.add_argument(
-        "--n-easy", type=int, default=None, help="easy negatives per query (default: as relevant)"
-    )
-    g.add_argument(
-        "--whole-words",
-        action="store_true",
-        help="exact matches must also be the same whole word (WordPieces joined)",
-    )
-    s = p.add_argument_group("matching heads (summary options)")
-    s.add_argument("--threshold", type=float, default=0.1, help="|Delta| of a matching head")
-    s.add_argument(
-        "--paired", action="store_true", help="median of per-query differences (paired Delta)"
-    )
-    s.add_argument(
-        "--correct-only",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="only pairs the model classifies correctly (the paper's setting)",
-    )
-    s.add_argument("--top", type=int, default=10, help="heads listed in the summary")
-    k = p.add_argument_group("head knockout follow-up")
-    k.add_argument(
-        "--knockout-top",
-        type=int,
-        default=0,
-        help="knock out the N top matching heads (together and one by one) and rerank",
-    )
-    k.add_argument(
-        "--knockout-random", type=int, default=3, help="random head sets of the same size"
-    )
-    k.add_argument("--knockout-mode", choices=["zero"], default="zero")
-    k.add_argument("--measure", default="nDCG@10")
-    k.add_argument("--random-shuffles", type=int, default=200, help="shuffles of the random floor")
-    k.add_argument("--alpha", type=float, default=0.05)
-    return p
-
-
 # ---------------------------------------------------------------------- statistics units
 def study_pairs(args: argparse.Namespace, collection: Any) -> pd.DataFrame:
-    """The pairs table of :func:`mechir.matching.matching_pairs` for the selected queries."""
+    """The pairs table of :func:`mechir.data.matching_pairs` for the selected queries."""
     return matching_pairs(
         collection,
         query_ids=collection.query_ids(args.limit_queries),
@@ -230,61 +161,111 @@ def compute_knockout(
 
 
 # ---------------------------------------------------------------------- the study
-def run_study(args: argparse.Namespace) -> int:
-    shape = model_shape(args)
-    if args.knockout_top < 0 or args.top < 1:
-        raise UsageError("--knockout-top must be >= 0 and --top >= 1")
-    with open_study(STUDY, args, work_options=WORK_OPTIONS) as run:
-        collection = load_data(args)
-        pairs = study_pairs(args, collection)
-        if writes_outputs():
-            pairs[["pair", "qid", "docid", "kind", "relevance"]].to_csv(
-                run.output / "pairs.csv", index=False
+class MatchingHeads(Study):
+    name = "matching_heads"
+    work_options = (
+        "threshold",
+        "paired",
+        "correct_only",
+        "top",
+        "knockout_top",
+        "knockout_random",
+        "knockout_mode",
+        "measure",
+        "random_shuffles",
+        "alpha",
+    )
+
+    @classmethod
+    def add_options(cls, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("pairs")
+        g.add_argument("--min-rel", type=int, default=1, help="relevant = judged at least this")
+        g.add_argument(
+            "--max-relevant", type=int, default=10, help="relevant pairs per query (max)"
+        )
+        g.add_argument("--max-hard", type=int, default=10, help="hard negatives per query (max)")
+        g.add_argument(
+            "--n-easy",
+            type=int,
+            default=None,
+            help="easy negatives per query (default: as relevant)",
+        )
+        g.add_argument(
+            "--whole-words",
+            action="store_true",
+            help="exact matches must also be the same whole word (WordPieces joined)",
+        )
+        s = p.add_argument_group("matching heads (summary options)")
+        s.add_argument("--threshold", type=float, default=0.1, help="|Delta| of a matching head")
+        s.add_argument(
+            "--paired", action="store_true", help="median of per-query differences (paired Delta)"
+        )
+        s.add_argument(
+            "--correct-only",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="only pairs the model classifies correctly (the paper's setting)",
+        )
+        s.add_argument("--top", type=int, default=10, help="heads listed in the summary")
+        k = p.add_argument_group("head knockout follow-up")
+        k.add_argument(
+            "--knockout-top",
+            type=int,
+            default=0,
+            help="knock out the N top matching heads (together and one by one) and rerank",
+        )
+        k.add_argument(
+            "--knockout-random", type=int, default=3, help="random head sets of the same size"
+        )
+        k.add_argument("--knockout-mode", choices=["zero"], default="zero")
+        k.add_argument("--measure", default="nDCG@10")
+        k.add_argument(
+            "--random-shuffles", type=int, default=200, help="shuffles of the random floor"
+        )
+        k.add_argument("--alpha", type=float, default=0.05)
+
+    def check(self) -> None:
+        self.shape  # noqa: B018 -- the model's config is readable
+        if self.args.knockout_top < 0 or self.args.top < 1:
+            raise UsageError("--knockout-top must be >= 0 and --top >= 1")
+
+    def stages(self) -> Iterator[Stage]:
+        """The attention statistics of every query, then (``--knockout-top``) the knockouts of
+        the top matching heads those statistics find."""
+        args = self.args
+        self.pairs = study_pairs(args, self.collection)
+        if writes_outputs():  # torchrun: rank 0 writes the outputs
+            self.pairs[["pair", "qid", "docid", "kind", "relevance"]].to_csv(
+                self.output / "pairs.csv", index=False
             )
-        units = statistics_units(pairs)
-        stored_before = len(run.store)
-        model = None
-        if any(u.id not in run.store for u in units):
-            model = load_model(args)
-            done = run_units(
-                run.store,
-                units,
-                lambda u: compute_statistics(model, args, u),
-                desc=f"{STUDY}: statistics",
-                progress=args.progress,
-                max_units=args.max_units,
-            )
-            if not done:
-                return report_incomplete(run, units)
-        stats = gather_statistics(run, pairs)
-        deltas, used = head_deltas(stats, pairs, args)
-        knock: list[Unit] = []
-        candidates: list[Any] = []
+        yield Stage(
+            "statistics",
+            statistics_units(self.pairs),
+            lambda u: compute_statistics(self.model, args, u),
+        )
+        self.stats = gather_statistics(self.run, self.pairs)
+        self.deltas, self.used = head_deltas(self.stats, self.pairs, args)
+        self.knock: list[Unit] = []
+        self.knock_candidates: list[Any] = []
         if args.knockout_top:
-            top = top_matching_heads(deltas, args)[: args.knockout_top]
-            knock = knockout_units(
+            top = top_matching_heads(self.deltas, args)[: args.knockout_top]
+            shape = self.shape
+            self.knock = knockout_units(
                 top, shape["n_layers"], shape["n_heads"], args.knockout_random, args.seed
             )
-            candidates = candidate_pairs(args, collection)
-            if any(u.id not in run.store for u in knock):
-                model = model or load_model(args)
-                done = run_units(
-                    run.store,
-                    knock,
-                    lambda u: compute_knockout(model, candidates, args, u),
-                    desc=f"{STUDY}: knockout",
-                    progress=args.progress,
-                    max_units=None
-                    if args.max_units is None
-                    else args.max_units - (len(run.store) - stored_before),
-                )
-                if not done:
-                    return report_incomplete(run, knock)
-        if not writes_outputs():  # torchrun: rank 0 writes the outputs
-            return 0
-        summarize(run, collection, stats, pairs, used, deltas, knock, candidates, shape)
-        print(run.output / "summary.md")
-    return 0
+            self.knock_candidates = self.candidates
+            yield Stage(
+                "knockout",
+                self.knock,
+                lambda u: compute_knockout(self.model, self.candidates, args, u),
+            )
+
+    def summarize(self) -> Summary:
+        return summarize(self)
+
+
+build_parser = MatchingHeads.parser
+main = MatchingHeads.main
 
 
 def head_deltas(
@@ -345,17 +326,11 @@ def _grid(frame: pd.DataFrame, column: str, n_layers: int, n_heads: int) -> np.n
     return grid
 
 
-def summarize(
-    run: StudyRun,
-    collection: Any,
-    stats: AttentionStatistics,
-    pairs: pd.DataFrame,
-    used: pd.DataFrame,
-    deltas: pd.DataFrame,
-    knock: Sequence[Unit],
-    candidates: Sequence[Any],
-    shape: dict[str, int],
-) -> Summary:
+def summarize(study: MatchingHeads) -> Summary:
+    """Write the Delta tables and plots of a finished run; its summary."""
+    run, collection, stats, pairs = study.run, study.collection, study.stats, study.pairs
+    used, deltas, knock, candidates = study.used, study.deltas, study.knock, study.knock_candidates
+    shape = study.shape
     args, out = run.args, run.output
     n_layers, n_heads = shape["n_layers"], shape["n_heads"]
     deltas.to_csv(out / "deltas.csv", index=False)
@@ -382,9 +357,8 @@ def summarize(
     counts = used.kind.value_counts()
     s.heading("Setting")
     s.facts(
-        {
-            "model": args.model,
-            "dataset": args.dataset + (f" (split {args.split})" if args.split else ""),
+        study.setting()
+        | {
             "queries": pairs.qid.nunique(),
             "pairs (all)": len(pairs),
             "pairs used": ", ".join(
@@ -481,7 +455,6 @@ def summarize(
         "Files: `deltas.csv` (the library's Δ table: head x statistic x negative), "
         "`head_deltas.csv` (one row per head), `per_layer.csv`, `pairs.csv`, `results.jsonl`."
     )
-    s.write(out)
     return s
 
 
@@ -555,11 +528,6 @@ def knockout_section(
         references=levels,
     )
     s.image(path.name, f"{measure} per knockout condition")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analyses.matching_heads [options]``."""
-    return study_main(run_study, build_parser(), argv)
 
 
 if __name__ == "__main__":

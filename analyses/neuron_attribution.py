@@ -23,7 +23,7 @@ pruned selection (with its random controls). Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,83 +31,14 @@ import pandas as pd
 import torch
 
 from analyses import plots
-from analyses.common import (
-    StudyRun,
-    Unit,
-    UsageError,
-    candidate_pairs,
-    load_data,
-    load_model,
-    model_shape,
-    open_study,
-    report_incomplete,
-    run_units,
-    slug,
-    study_main,
-    study_parser,
-    writes_outputs,
-)
+from analyses.base import Stage, Study, Unit, UsageError
+from analyses.common import slug
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.data import Pair, load_collection
 
-STUDY = "neuron_attribution"
 CLASSES = ("relevant", "non_relevant")
 PRUNE_KINDS = ("relevant", "non_relevant", "fused", "intersection")
-WORK_OPTIONS = ("percents", "prune", "prune_seeds", "sign", "measure", "top")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = study_parser(STUDY, __doc__.split("\n\n")[0])
-    g = p.add_argument_group("attribution")
-    g.add_argument(
-        "--attribution-datasets",
-        nargs="+",
-        default=None,
-        metavar="DATASET[@SPLIT]",
-        help="datasets whose pairs are attributed (default: --dataset with --split)",
-    )
-    g.add_argument("--attribution-queries", type=int, default=None, help="first N queries each")
-    g.add_argument("--pairs-per-class", type=int, default=200, help="pairs per dataset and class")
-    g.add_argument("--per-query", type=int, default=5, help="pairs per query and class (max)")
-    g.add_argument("--min-rel", type=int, default=1, help="relevant = judged at least this")
-    g.add_argument("--relevant-target", default="prob:relevant", help="F for relevant pairs")
-    g.add_argument(
-        "--non-relevant-target", default="prob:non_relevant", help="F for non-relevant pairs"
-    )
-    g.add_argument("--path", choices=["input", "activation"], default="input")
-    g.add_argument("--baseline", default="pad", help="baseline input (pad, pad_query, mask, ...)")
-    g.add_argument("--method", default="riemann_right", help="integration rule")
-    g.add_argument(
-        "--n-steps",
-        type=lambda v: v if v == "auto" else int(v),
-        default=50,
-        help="path steps, or 'auto' (refine until the estimated error is below --rtol)",
-    )
-    g.add_argument("--rtol", type=float, default=0.01, help="target error of --n-steps auto")
-    g.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
-    g.add_argument("--max-batch", type=int, default=None, help="rows per NIG forward/backward")
-    s = p.add_argument_group("selection and pruning")
-    s.add_argument(
-        "--percents",
-        type=float,
-        nargs="+",
-        default=[0.005, 0.05, 0.5],
-        help="top p %% of all neurons",
-    )
-    s.add_argument("--sign", choices=["positive", "negative", "absolute"], default="positive")
-    s.add_argument(
-        "--prune",
-        nargs="*",
-        choices=PRUNE_KINDS,
-        default=["relevant"],
-        help="selections to prune: a class of the first dataset, or fused / intersected "
-        "relevant-class selections across datasets",
-    )
-    s.add_argument("--prune-seeds", type=int, default=5, help="random controls per selection")
-    s.add_argument("--measure", default="nDCG@10")
-    s.add_argument("--top", type=int, default=15, help="neurons listed per selection")
-    return p
 
 
 # ---------------------------------------------------------------------- pairs
@@ -202,7 +133,7 @@ def compute_attributions(model: Any, args: argparse.Namespace, unit: Unit) -> di
     }
 
 
-def mean_scores(run: StudyRun, units: list[Unit]) -> tuple[dict, dict, list[int]]:
+def mean_scores(run: Any, units: list[Unit]) -> tuple[dict, dict, list[int]]:
     """``({(dataset, class): mean [layer, d_mlp]}, {(dataset, class): (count, mean |err|, mean
     estimated relative error, mean top-p% overlap, mean path points)}, layers)`` from the stored
     chunk sums (NaN where no unit estimated its error)."""
@@ -317,69 +248,108 @@ def compute_pruning(
 
 
 # ---------------------------------------------------------------------- the study
-def run_study(args: argparse.Namespace) -> int:
-    shape = model_shape(args)
-    if args.prune_seeds < 1 or args.unit_pairs < 1 or args.pairs_per_class < 1:
-        raise UsageError("--prune-seeds, --unit-pairs and --pairs-per-class must be >= 1")
-    with open_study(STUDY, args, work_options=WORK_OPTIONS) as run:
-        units, pair_counts = attribution_units(args)
+class NeuronAttribution(Study):
+    name = "neuron_attribution"
+    work_options = ("percents", "prune", "prune_seeds", "sign", "measure", "top")
+
+    @classmethod
+    def add_options(cls, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("attribution")
+        g.add_argument(
+            "--attribution-datasets",
+            nargs="+",
+            default=None,
+            metavar="DATASET[@SPLIT]",
+            help="datasets whose pairs are attributed (default: --dataset with --split)",
+        )
+        g.add_argument("--attribution-queries", type=int, default=None, help="first N queries each")
+        g.add_argument(
+            "--pairs-per-class", type=int, default=200, help="pairs per dataset and class"
+        )
+        g.add_argument("--per-query", type=int, default=5, help="pairs per query and class (max)")
+        g.add_argument("--min-rel", type=int, default=1, help="relevant = judged at least this")
+        g.add_argument("--relevant-target", default="prob:relevant", help="F for relevant pairs")
+        g.add_argument(
+            "--non-relevant-target", default="prob:non_relevant", help="F for non-relevant pairs"
+        )
+        g.add_argument("--path", choices=["input", "activation"], default="input")
+        g.add_argument(
+            "--baseline", default="pad", help="baseline input (pad, pad_query, mask, ...)"
+        )
+        g.add_argument("--method", default="riemann_right", help="integration rule")
+        g.add_argument(
+            "--n-steps",
+            type=lambda v: v if v == "auto" else int(v),
+            default=50,
+            help="path steps, or 'auto' (refine until the estimated error is below --rtol)",
+        )
+        g.add_argument("--rtol", type=float, default=0.01, help="target error of --n-steps auto")
+        g.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
+        g.add_argument("--max-batch", type=int, default=None, help="rows per NIG forward/backward")
+        s = p.add_argument_group("selection and pruning")
+        s.add_argument(
+            "--percents",
+            type=float,
+            nargs="+",
+            default=[0.005, 0.05, 0.5],
+            help="top p %% of all neurons",
+        )
+        s.add_argument("--sign", choices=["positive", "negative", "absolute"], default="positive")
+        s.add_argument(
+            "--prune",
+            nargs="*",
+            choices=PRUNE_KINDS,
+            default=["relevant"],
+            help="selections to prune: a class of the first dataset, or fused / intersected "
+            "relevant-class selections across datasets",
+        )
+        s.add_argument("--prune-seeds", type=int, default=5, help="random controls per selection")
+        s.add_argument("--measure", default="nDCG@10")
+        s.add_argument("--top", type=int, default=15, help="neurons listed per selection")
+
+    def check(self) -> None:
+        self.shape  # noqa: B018 -- the model's config is readable
+        args = self.args
+        if args.prune_seeds < 1 or args.unit_pairs < 1 or args.pairs_per_class < 1:
+            raise UsageError("--prune-seeds, --unit-pairs and --pairs-per-class must be >= 1")
+
+    def stages(self) -> Iterator[Stage]:
+        """The attribution sums of every chunk of pairs, then the pruning of the selections
+        those sums give."""
+        args = self.args
+        units, self.pair_counts = attribution_units(args)
         if not units:
             raise UsageError("no pairs to attribute (no judged relevant or non-relevant pairs)")
-        before = len(run.store)
-        state: dict[str, Any] = {}
-
-        def model() -> Any:
-            if "model" not in state:
-                state["model"] = load_model(args)
-            return state["model"]
-
-        if not run_units(
-            run.store,
-            units,
-            lambda u: compute_attributions(model(), args, u),
-            desc=f"{STUDY}: attribution",
-            progress=args.progress,
-            max_units=args.max_units,
-        ):
-            return report_incomplete(run, units)
-        means, quality, layers = mean_scores(run, units)
-        sels = selections(means, layers, shape["n_layers"], args)
-        datasets = list(pair_counts)
-        keys = prune_targets(sels, datasets, args)
-        collection = load_data(args)
-        candidates = candidate_pairs(args, collection)
-        prune_units = [
-            Unit(f"prune:{name}:{p:g}", f"prune {name} {p:g}%", sels[(name, p)]) for name, p in keys
+        yield Stage("attribution", units, lambda u: compute_attributions(self.model, args, u))
+        self.means, self.quality, self.layers = mean_scores(self.run, units)
+        self.sels = selections(self.means, self.layers, self.shape["n_layers"], args)
+        self.keys = prune_targets(self.sels, list(self.pair_counts), args)
+        self.prune_units = [
+            Unit(f"prune:{name}:{p:g}", f"prune {name} {p:g}%", self.sels[(name, p)])
+            for name, p in self.keys
         ]
-        budget = None if args.max_units is None else args.max_units - (len(run.store) - before)
-        if not run_units(
-            run.store,
-            prune_units,
-            lambda u: compute_pruning(model(), candidates, collection.qrels, u.spec, args),
-            desc=f"{STUDY}: pruning",
-            progress=args.progress,
-            max_units=budget,
-        ):
-            return report_incomplete(run, prune_units)
-        if not writes_outputs():  # torchrun: rank 0 writes the outputs
-            return 0
-        summarize(run, means, quality, layers, sels, pair_counts, keys, prune_units, candidates)
-        print(run.output / "summary.md")
-    return 0
+        yield Stage(
+            "pruning",
+            self.prune_units,
+            lambda u: compute_pruning(
+                self.model, self.candidates, self.collection.qrels, u.spec, args
+            ),
+        )
+
+    def summarize(self) -> Summary:
+        return summarize(self)
+
+
+build_parser = NeuronAttribution.parser
+main = NeuronAttribution.main
 
 
 # ---------------------------------------------------------------------- summary
-def summarize(
-    run: StudyRun,
-    means: dict,
-    quality: dict,
-    layers: list[int],
-    sels: dict,
-    pair_counts: dict,
-    keys: list,
-    prune_units: list[Unit],
-    candidates: Sequence[Pair],
-) -> Summary:
+def summarize(study: NeuronAttribution) -> Summary:
+    """Write the mean attributions, selections and pruning tables and plots; the summary."""
+    run, means, quality, layers = study.run, study.means, study.quality, study.layers
+    sels, pair_counts, keys = study.sels, study.pair_counts, study.keys
+    prune_units, candidates = study.prune_units, study.candidates
     args, out, measure = run.args, run.output, run.args.measure
     np.savez_compressed(
         out / "mean_attributions.npz",
@@ -395,6 +365,7 @@ def summarize(
     s.facts(
         {
             "model": args.model,
+            "score type": study.score_type,
             "attribution pairs": "; ".join(
                 f"{d}: " + ", ".join(f"{c} {n}" for c, n in cs.items())
                 for d, cs in pair_counts.items()
@@ -550,13 +521,7 @@ def summarize(
         "Files: `selected_neurons.csv`, `pruning.csv`, `mean_attributions.npz` (mean attribution "
         "per dataset and class, [layer, neuron]), `results.jsonl`."
     )
-    s.write(out)
     return s
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analyses.neuron_attribution [options]``."""
-    return study_main(run_study, build_parser(), argv)
 
 
 if __name__ == "__main__":

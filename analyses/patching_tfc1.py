@@ -31,69 +31,12 @@ import pandas as pd
 import torch
 
 from analyses import plots
-from analyses.common import (
-    StudyRun,
-    Unit,
-    UsageError,
-    candidate_pairs,
-    load_data,
-    load_model,
-    open_study,
-    report_incomplete,
-    run_units,
-    study_main,
-    study_parser,
-    writes_outputs,
-)
+from analyses.base import Study, Unit, UsageError
+from analyses.common import candidate_pairs
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 
-STUDY = "patching_tfc1"
 TARGETS = ("heads", "resid_pre", "attn_out", "mlp_out")
-WORK_OPTIONS = ("min_delta",)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = study_parser(STUDY, __doc__.split("\n\n")[0])
-    g = p.add_argument_group("pairs")
-    g.add_argument("--perturbation", choices=["tfc1", "tdc"], default="tfc1")
-    g.add_argument(
-        "--term-choice",
-        choices=["random", "first", "max_idf", "min_idf"],
-        default="random",
-        help="TFC1: which query term is appended (random: seeded per pair)",
-    )
-    g.add_argument("--position", default="end", help="where the term goes: end, start or index")
-    g.add_argument("--filler", default="a", help="TFC1 filler token of the corrupted document")
-    g.add_argument(
-        "--idf-from",
-        choices=["corpus", "candidates"],
-        default="corpus",
-        help="documents of the IDF statistics (TDC, max_idf/min_idf): the whole corpus or the "
-        "candidate documents only",
-    )
-    g.add_argument("--max-pairs", type=int, default=None, help="at most this many pairs")
-    t = p.add_argument_group("patching")
-    t.add_argument(
-        "--targets",
-        nargs="+",
-        choices=TARGETS,
-        default=["heads", "resid_pre"],
-        help="heads: head outputs per layer x head; resid_pre / attn_out / mlp_out per layer x "
-        "part (or position, --resid-by)",
-    )
-    t.add_argument("--resid-by", choices=["part", "position"], default="part")
-    t.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
-    t.add_argument(
-        "--memory-budget", type=float, default=2**30, help="bytes of one expanded forward pass"
-    )
-    t.add_argument(
-        "--min-delta",
-        type=float,
-        default=1e-3,
-        help="pairs with |clean - corrupted| below this are excluded (summary option)",
-    )
-    return p
 
 
 # ---------------------------------------------------------------------- pairs and targets
@@ -210,28 +153,71 @@ def merge_results(rows: Sequence[dict[str, Any]]) -> Any:
 
 
 # ---------------------------------------------------------------------- the study
-def run_study(args: argparse.Namespace) -> int:
-    if args.unit_pairs < 1 or (args.max_pairs is not None and args.max_pairs < 1):
-        raise UsageError("--unit-pairs and --max-pairs must be >= 1")
-    with open_study(STUDY, args, work_options=WORK_OPTIONS) as run:
-        model = load_model(args)  # the tokenizer builds the pairs
-        collection = load_data(args)
-        pairs, skipped = build_pairs(model, collection, args)
-        units = plan_units(len(pairs), args)
-        if not run_units(
-            run.store,
-            units,
-            lambda u: compute_unit(model, pairs, args, u),
-            desc=STUDY,
-            progress=args.progress,
-            max_units=args.max_units,
-        ):
-            return report_incomplete(run, units)
-        if not writes_outputs():  # torchrun: rank 0 writes the outputs
-            return 0
-        summarize(run, units, len(pairs), skipped)
-        print(run.output / "summary.md")
-    return 0
+class PatchingTFC1(Study):
+    name = "patching_tfc1"
+    work_options = ("min_delta",)
+
+    @classmethod
+    def add_options(cls, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("pairs")
+        g.add_argument("--perturbation", choices=["tfc1", "tdc"], default="tfc1")
+        g.add_argument(
+            "--term-choice",
+            choices=["random", "first", "max_idf", "min_idf"],
+            default="random",
+            help="TFC1: which query term is appended (random: seeded per pair)",
+        )
+        g.add_argument("--position", default="end", help="where the term goes: end, start or index")
+        g.add_argument("--filler", default="a", help="TFC1 filler token of the corrupted document")
+        g.add_argument(
+            "--idf-from",
+            choices=["corpus", "candidates"],
+            default="corpus",
+            help="documents of the IDF statistics (TDC, max_idf/min_idf): the whole corpus or the "
+            "candidate documents only",
+        )
+        g.add_argument("--max-pairs", type=int, default=None, help="at most this many pairs")
+        t = p.add_argument_group("patching")
+        t.add_argument(
+            "--targets",
+            nargs="+",
+            choices=TARGETS,
+            default=["heads", "resid_pre"],
+            help="heads: head outputs per layer x head; resid_pre / attn_out / mlp_out per layer x "
+            "part (or position, --resid-by)",
+        )
+        t.add_argument("--resid-by", choices=["part", "position"], default="part")
+        t.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
+        t.add_argument(
+            "--memory-budget", type=float, default=2**30, help="bytes of one expanded forward pass"
+        )
+        t.add_argument(
+            "--min-delta",
+            type=float,
+            default=1e-3,
+            help="pairs with |clean - corrupted| below this are excluded (summary option)",
+        )
+
+    def check(self) -> None:
+        args = self.args
+        if args.unit_pairs < 1 or (args.max_pairs is not None and args.max_pairs < 1):
+            raise UsageError("--unit-pairs and --max-pairs must be >= 1")
+
+    def plan(self) -> list[Unit]:
+        # the model's tokenizer builds the pairs, so the model is always loaded
+        self.pairs, self.skipped = build_pairs(self.model, self.collection, self.args)
+        self.units = plan_units(len(self.pairs), self.args)
+        return self.units
+
+    def compute(self, unit: Unit) -> dict[str, Any]:
+        return compute_unit(self.model, self.pairs, self.args, unit)
+
+    def summarize(self) -> Summary:
+        return summarize(self)
+
+
+build_parser = PatchingTFC1.parser
+main = PatchingTFC1.main
 
 
 # ---------------------------------------------------------------------- summary
@@ -256,9 +242,11 @@ def _grade_table(result: Any, min_delta: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(run: StudyRun, units: list[Unit], n_pairs: int, skipped: dict) -> Summary:
+def summarize(study: PatchingTFC1) -> Summary:
+    """Write the patching tables and heatmaps of a finished run; its summary."""
     from patching import attribution_vs_exact, plot_patching
 
+    run, units, n_pairs, skipped = study.run, study.units, len(study.pairs), study.skipped
     args, out = run.args, run.output
     s = Summary(
         f"Activation patching of {args.perturbation.upper()} pairs",
@@ -273,9 +261,8 @@ def summarize(run: StudyRun, units: list[Unit], n_pairs: int, skipped: dict) -> 
     )
     s.heading("Setting")
     s.facts(
-        {
-            "model": args.model,
-            "dataset": args.dataset + (f" (split {args.split})" if args.split else ""),
+        study.setting()
+        | {
             "pairs": n_pairs,
             "candidates skipped (could not be aligned)": len(skipped),
             "perturbation": f"{args.perturbation}, term choice {args.term_choice}, position "
@@ -339,13 +326,7 @@ def summarize(run: StudyRun, units: list[Unit], n_pairs: int, skipped: dict) -> 
         "Files: `<target>.csv.gz` (tidy: pair, grade, method, cell, metric, scores), "
         "`attribution_vs_exact.csv`, `results.jsonl`" + (", `skipped.csv`" if skipped else "") + "."
     )
-    s.write(out)
     return s
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analyses.patching_tfc1 [options]``."""
-    return study_main(run_study, build_parser(), argv)
 
 
 if __name__ == "__main__":

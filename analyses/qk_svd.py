@@ -21,7 +21,8 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +30,11 @@ import numpy as np
 import pandas as pd
 
 from analyses import plots
-from analyses.common import (
-    DEFAULT_RESULTS,
-    StudyRun,
-    Unit,
-    UsageError,
-    candidate_pairs,
-    default_run_name,
-    load_data,
-    load_model,
-    model_shape,
-    open_study,
-    report_incomplete,
-    run_units,
-    study_main,
-    study_parser,
-    writes_outputs,
-)
+from analyses.base import Stage, Study, Unit, UsageError
+from analyses.common import DEFAULT_RESULTS, candidate_pairs, default_run_name
 from analyses.summary import Summary
 from mechir.selection import check_heads, head_label, parse_head
 
-STUDY = "qk_svd"
-WORK_OPTIONS = ("top_heads", "heads", "rank_by", "matching_heads")
 SCORES = (
     "alignment",
     "alignment_norm",
@@ -61,39 +45,6 @@ SCORES = (
 )
 #: matching_heads columns correlated with the alignment scores.
 MATCHING_COLUMNS = ("Δ qd_max vs easy", "Δ dq_max vs easy", "Δ qd_max vs hard")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = study_parser(STUDY, __doc__.split("\n\n")[0])
-    g = p.add_argument_group("QK SVD")
-    g.add_argument("--k", type=int, default=3, help="leading directions of the top-k scores")
-    g.add_argument(
-        "--rank-by", default="alignment_norm", choices=SCORES, help="score that picks top heads"
-    )
-    g.add_argument("--top-heads", type=int, default=5, help="heads whose directions are read")
-    g.add_argument("--heads", nargs="*", default=[], help="more heads to read, e.g. 3/7 5/1")
-    g.add_argument("--directions", type=int, default=3, help="singular directions read per head")
-    g.add_argument("--tokens", type=int, default=10, help="tokens listed per direction and sign")
-    g.add_argument(
-        "--token-source",
-        choices=["vocabulary", "pairs"],
-        default="vocabulary",
-        help="read directions on vocabulary embeddings or on residual states of real pairs",
-    )
-    g.add_argument(
-        "--cosine-pairs",
-        type=int,
-        default=200,
-        help="first-stage candidate pairs whose mean query/document states are compared",
-    )
-    g.add_argument(
-        "--matching-heads",
-        type=Path,
-        default=None,
-        help="a matching_heads output directory to correlate with "
-        "(default: results/matching_heads/<same model, dataset, split> if present)",
-    )
-    return p
 
 
 # ---------------------------------------------------------------------- units
@@ -145,71 +96,97 @@ def compute_cosines(
 
 
 # ---------------------------------------------------------------------- the study
-def run_study(args: argparse.Namespace) -> int:
-    shape = model_shape(args)
-    d_head = shape["d_model"] // shape["n_heads"]
-    if not 1 <= args.directions <= d_head or not 1 <= args.k <= d_head:
-        raise UsageError(f"--k and --directions must be within 1..d_head={d_head}")
-    with open_study(STUDY, args, work_options=WORK_OPTIONS) as run:
-        state: dict[str, Any] = {}
+class QKSVD(Study):
+    name = "qk_svd"
+    work_options = ("top_heads", "heads", "rank_by", "matching_heads")
 
-        def model() -> Any:
-            if "model" not in state:
-                state["model"] = load_model(args)
-            return state["model"]
+    @classmethod
+    def add_options(cls, p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("QK SVD")
+        g.add_argument("--k", type=int, default=3, help="leading directions of the top-k scores")
+        g.add_argument(
+            "--rank-by", default="alignment_norm", choices=SCORES, help="score that picks top heads"
+        )
+        g.add_argument("--top-heads", type=int, default=5, help="heads whose directions are read")
+        g.add_argument("--heads", nargs="*", default=[], help="more heads to read, e.g. 3/7 5/1")
+        g.add_argument(
+            "--directions", type=int, default=3, help="singular directions read per head"
+        )
+        g.add_argument(
+            "--tokens", type=int, default=10, help="tokens listed per direction and sign"
+        )
+        g.add_argument(
+            "--token-source",
+            choices=["vocabulary", "pairs"],
+            default="vocabulary",
+            help="read directions on vocabulary embeddings or on residual states of real pairs",
+        )
+        g.add_argument(
+            "--cosine-pairs",
+            type=int,
+            default=200,
+            help="first-stage candidate pairs whose mean query/document states are compared",
+        )
+        g.add_argument(
+            "--matching-heads",
+            type=Path,
+            default=None,
+            help="a matching_heads output directory to correlate with "
+            "(default: results/matching_heads/<same model, dataset, split> if present)",
+        )
 
-        def svd() -> Any:
-            if "svd" not in state:
-                from mechir.circuits import qk_svd
+    def check(self) -> None:
+        d_head = self.shape["d_model"] // self.shape["n_heads"]
+        if not 1 <= self.args.directions <= d_head or not 1 <= self.args.k <= d_head:
+            raise UsageError(f"--k and --directions must be within 1..d_head={d_head}")
 
-                state["svd"] = qk_svd(model())
-            return state["svd"]
+    @cached_property
+    def svd(self) -> Any:
+        from mechir.circuits import qk_svd
 
-        def batch() -> Any:
-            if "batch" not in state:
-                state["batch"] = pairs_batch(model(), args, load_data(args))
-            return state["batch"]
+        return qk_svd(self.model)
 
-        budget = [args.max_units]
+    @cached_property
+    def batch(self) -> Any:
+        return pairs_batch(self.model, self.args, self.collection)
 
-        def phase(units: list[Unit], compute: Any, desc: str) -> bool:
-            before = len(run.store)
-            done = run_units(
-                run.store, units, compute, desc=desc, progress=args.progress, max_units=budget[0]
-            )
-            if budget[0] is not None:
-                budget[0] -= len(run.store) - before
-            return done
-
-        first = [Unit("alignment", "alignment of all heads")]
-        if not phase(first, lambda u: compute_alignment(model(), args), f"{STUDY}: alignment"):
-            return report_incomplete(run, first)
-        alignment = pd.DataFrame(run.store.get("alignment")["table"])
-        heads = selected_heads(alignment, args, shape)
-        token_units = [
+    def stages(self) -> Iterator[Stage]:
+        """The alignment of every head, the token readings of the selected heads' directions,
+        then the part cosines of those heads."""
+        args = self.args
+        yield Stage(
+            "alignment",
+            [Unit("alignment", "alignment of all heads")],
+            lambda u: compute_alignment(self.model, args),
+        )
+        self.alignment = pd.DataFrame(self.store.get("alignment")["table"])
+        self.heads = selected_heads(self.alignment, args, self.shape)
+        self.token_units = [
             Unit(f"tokens:{args.token_source}:{h}:{k}", f"head {h} direction {k}", (h, k))
-            for h in heads
+            for h in self.heads
             for k in range(args.directions)
         ]
         use_pairs = args.token_source == "pairs"
-        if not phase(
-            token_units,
-            lambda u: compute_tokens(model(), args, svd(), batch() if use_pairs else None, *u.spec),
-            f"{STUDY}: tokens",
-        ):
-            return report_incomplete(run, first + token_units)
-        cos_unit = [Unit("cosines:" + ",".join(heads), "part cosines", heads)]
-        if not phase(
-            cos_unit,
-            lambda u: compute_cosines(model(), args, svd(), batch(), u.spec),
-            f"{STUDY}: cosines",
-        ):
-            return report_incomplete(run, first + token_units + cos_unit)
-        if not writes_outputs():  # torchrun: rank 0 writes the outputs
-            return 0
-        summarize(run, alignment, heads, token_units, cos_unit[0], shape)
-        print(run.output / "summary.md")
-    return 0
+        yield Stage(
+            "tokens",
+            self.token_units,
+            lambda u: compute_tokens(
+                self.model, args, self.svd, self.batch if use_pairs else None, *u.spec
+            ),
+        )
+        self.cos_unit = Unit("cosines:" + ",".join(self.heads), "part cosines", self.heads)
+        yield Stage(
+            "cosines",
+            [self.cos_unit],
+            lambda u: compute_cosines(self.model, args, self.svd, self.batch, u.spec),
+        )
+
+    def summarize(self) -> Summary:
+        return summarize(self)
+
+
+build_parser = QKSVD.parser
+main = QKSVD.main
 
 
 # ---------------------------------------------------------------------- summary
@@ -265,14 +242,10 @@ def _token_summary(tables: list[pd.DataFrame], n: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(
-    run: StudyRun,
-    alignment: pd.DataFrame,
-    heads: list[str],
-    token_units: list[Unit],
-    cos_unit: Unit,
-    shape: dict[str, int],
-) -> Summary:
+def summarize(study: QKSVD) -> Summary:
+    """Write the alignment, token and cosine tables and plots of a finished run; its summary."""
+    run, alignment, heads = study.run, study.alignment, study.heads
+    token_units, cos_unit, shape = study.token_units, study.cos_unit, study.shape
     args, out = run.args, run.output
     n_layers, n_heads = shape["n_layers"], shape["n_heads"]
     alignment.to_csv(out / "alignment.csv", index=False)
@@ -293,6 +266,7 @@ def summarize(
     s.facts(
         {
             "model": args.model,
+            "score type": study.score_type,
             "heads": f"{n_layers} layers x {n_heads} heads",
             "top heads by": args.rank_by,
             "directions read per head": args.directions,
@@ -376,13 +350,7 @@ def summarize(
         + (", `correlations.csv`" if mdir is not None else "")
         + ", `results.jsonl`."
     )
-    s.write(out)
     return s
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analyses.qk_svd [options]``."""
-    return study_main(run_study, build_parser(), argv)
 
 
 if __name__ == "__main__":

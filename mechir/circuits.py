@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.display import describe
@@ -324,7 +324,7 @@ def token_embeddings(
         return model.embed.token_states(ids, token_type=token_type, position=position)
 
 
-def _token_strings(model: Any, ids: Iterable[int]) -> list[str]:
+def _token_strings(model: Any, ids: Iterable[int] | Int[Tensor, " n"]) -> list[str]:
     ids = [int(i) for i in ids]
     tok = getattr(model, "tokenizer", None)
     tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [None] * len(ids)

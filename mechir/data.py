@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+import pandas as pd
+
 from mechir.network import offline_mode, unreachable
 
 Qrels = dict[str, dict[str, int]]
@@ -463,3 +466,81 @@ def load_collection(
             f"exist); {_DATA_INSTEAD}"
         )
     return load_irds_collection(str(source), run=run)
+
+
+# ---------------------------------------------------------------------------- sampled pairs
+#: The kinds of pairs built by :func:`matching_pairs`.
+PAIR_KINDS: tuple[str, ...] = ("relevant", "hard_negative", "easy_negative")
+
+
+def matching_pairs(
+    collection: Any,
+    *,
+    query_ids: Iterable[str] | None = None,
+    n_queries: int | None = None,
+    min_rel: int = 1,
+    max_relevant: int | None = None,
+    max_hard: int | None = None,
+    n_easy: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """(query, document) pairs of three kinds for the matching-head analysis.
+
+    - ``relevant``: judged ``>= min_rel`` (``collection.relevant(qid, min_rel)``);
+    - ``hard_negative``: judged non-relevant (``collection.hard_negatives(qid)``: judged 0;
+      :class:`mechir.data.Collection` falls back to unjudged first-stage results for queries
+      whose qrels hold no grade 0, e.g. SciFact or the DL-2019 subset);
+    - ``easy_negative``: random corpus passages (``collection.easy_negatives(qid, n, seed=)``).
+
+    Args:
+        collection: a :class:`mechir.data.Collection` or anything with ``queries``, ``docs``,
+            ``qrels``, ``relevant``, ``hard_negatives`` and ``easy_negatives``.
+        query_ids: queries to use (default: every query with a text and a relevant document).
+        n_queries: keep only the first ``n_queries`` of them.
+        max_relevant, max_hard: at most this many of each per query (seeded sample).
+        n_easy: easy negatives per query (default: as many as relevant pairs kept).
+        seed: for sampling.
+
+    Returns:
+        One row per pair: ``pair`` (0..n-1, the row of the batch built from this table),
+        ``qid, docid, kind, relevance`` (the judgment, -1 for unjudged easy negatives),
+        ``query, document``. Queries without a relevant document are skipped.
+    """
+    qids = list(query_ids) if query_ids is not None else list(collection.queries)
+    rng = random.Random(seed)
+
+    def sample(items: list[str], cap: int | None) -> list[str]:
+        return items if cap is None or len(items) <= cap else sorted(rng.sample(items, cap))
+
+    rows = []
+    used = 0
+    for qid in qids:
+        if n_queries is not None and used >= n_queries:
+            break
+        if qid not in collection.queries:
+            raise ValueError(f"query {qid!r} is not in the collection")
+        relevant = sample(list(collection.relevant(qid, min_rel)), max_relevant)
+        if not relevant:
+            continue
+        used += 1
+        hard = sample(list(collection.hard_negatives(qid)), max_hard)
+        n = len(relevant) if n_easy is None else n_easy
+        easy = list(collection.easy_negatives(qid, n, seed=seed)) if n else []
+        judged = collection.qrels.get(qid, {})
+        for kind, docids in zip(PAIR_KINDS, (relevant, hard, easy)):
+            for docid in docids:
+                rows.append(
+                    {
+                        "qid": qid,
+                        "docid": docid,
+                        "kind": kind,
+                        "relevance": int(judged.get(docid, -1)),
+                        "query": collection.queries[qid],
+                        "document": collection.docs[docid],
+                    }
+                )
+    if not rows:
+        raise ValueError(f"no query has a document judged >= {min_rel}: no pairs to build")
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "pair", np.arange(len(frame)))
+    return frame

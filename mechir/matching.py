@@ -19,13 +19,14 @@ same from a full ``run_with_cache`` with explicit loops.
 
 Matching heads (Vast et al., "Understanding Matching Mechanisms in Cross-Encoders"): heads whose
 ``qd_max`` (or ``dq_max``) is clearly higher for relevant pairs than for negatives
-(:func:`matching_head_deltas`). Pairs come from an IR collection (:func:`matching_pairs`).
+(:func:`matching_head_deltas`). Pairs come from an IR collection
+(:func:`mechir.data.matching_pairs`).
 """
 
 from __future__ import annotations
 
 import math
-import random
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechir.data import PAIR_KINDS
+from mechir.data import matching_pairs as _data_matching_pairs
 from mechir.display import short_list
 from mechir.parts import CrossEncoderBatch, Part
 from mechir.selection import check_layers, head_label
@@ -77,8 +80,8 @@ STATISTICS: tuple[str, ...] = tuple(
     )
 ) + tuple(f"{n}_mass" for n in _NOOP)
 
-#: The kinds of pairs built by :func:`matching_pairs`.
-KINDS: tuple[str, ...] = ("relevant", "hard_negative", "easy_negative")
+#: The kinds of pairs built by :func:`mechir.data.matching_pairs`.
+KINDS: tuple[str, ...] = PAIR_KINDS
 
 
 # ---------------------------------------------------------------------------- exact matches
@@ -170,7 +173,7 @@ class AttentionStatistics:
         grid = np.indices((n_pairs, n_layers, n_heads)).reshape(3, -1)
         layers = np.asarray(self.layers)[grid[1]]
         frame = pd.DataFrame({"pair": grid[0], "layer": layers, "head": grid[2]})
-        frame["label"] = [head_label(a, b) for a, b in zip(layers, grid[2])]
+        frame["label"] = [head_label(int(a), int(b)) for a, b in zip(layers, grid[2])]
         for name in STATISTICS:
             frame[name] = self.values[name].reshape(-1).numpy()
         return frame
@@ -414,77 +417,15 @@ def attention_statistics_reference(
 
 
 # ---------------------------------------------------------------------------- pairs
-def matching_pairs(
-    collection: Any,
-    *,
-    query_ids: Iterable[str] | None = None,
-    n_queries: int | None = None,
-    min_rel: int = 1,
-    max_relevant: int | None = None,
-    max_hard: int | None = None,
-    n_easy: int | None = None,
-    seed: int = 0,
-) -> pd.DataFrame:
-    """(query, document) pairs of three kinds for the matching-head analysis.
-
-    - ``relevant``: judged ``>= min_rel`` (``collection.relevant(qid, min_rel)``);
-    - ``hard_negative``: judged non-relevant (``collection.hard_negatives(qid)``: judged 0;
-      :class:`mechir.data.Collection` falls back to unjudged first-stage results for queries
-      whose qrels hold no grade 0, e.g. SciFact or the DL-2019 subset);
-    - ``easy_negative``: random corpus passages (``collection.easy_negatives(qid, n, seed=)``).
-
-    Args:
-        collection: a :class:`mechir.data.Collection` or anything with ``queries``, ``docs``,
-            ``qrels``, ``relevant``, ``hard_negatives`` and ``easy_negatives``.
-        query_ids: queries to use (default: every query with a text and a relevant document).
-        n_queries: keep only the first ``n_queries`` of them.
-        max_relevant, max_hard: at most this many of each per query (seeded sample).
-        n_easy: easy negatives per query (default: as many as relevant pairs kept).
-        seed: for sampling.
-
-    Returns:
-        One row per pair: ``pair`` (0..n-1, the row of the batch built from this table),
-        ``qid, docid, kind, relevance`` (the judgment, -1 for unjudged easy negatives),
-        ``query, document``. Queries without a relevant document are skipped.
-    """
-    qids = list(query_ids) if query_ids is not None else list(collection.queries)
-    rng = random.Random(seed)
-
-    def sample(items: list[str], cap: int | None) -> list[str]:
-        return items if cap is None or len(items) <= cap else sorted(rng.sample(items, cap))
-
-    rows = []
-    used = 0
-    for qid in qids:
-        if n_queries is not None and used >= n_queries:
-            break
-        if qid not in collection.queries:
-            raise ValueError(f"query {qid!r} is not in the collection")
-        relevant = sample(list(collection.relevant(qid, min_rel)), max_relevant)
-        if not relevant:
-            continue
-        used += 1
-        hard = sample(list(collection.hard_negatives(qid)), max_hard)
-        n = len(relevant) if n_easy is None else n_easy
-        easy = list(collection.easy_negatives(qid, n, seed=seed)) if n else []
-        judged = collection.qrels.get(qid, {})
-        for kind, docids in zip(KINDS, (relevant, hard, easy)):
-            for docid in docids:
-                rows.append(
-                    {
-                        "qid": qid,
-                        "docid": docid,
-                        "kind": kind,
-                        "relevance": int(judged.get(docid, -1)),
-                        "query": collection.queries[qid],
-                        "document": collection.docs[docid],
-                    }
-                )
-    if not rows:
-        raise ValueError(f"no query has a document judged >= {min_rel}: no pairs to build")
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "pair", np.arange(len(frame)))
-    return frame
+def matching_pairs(*args: Any, **kwargs: Any) -> pd.DataFrame:
+    """Deprecated alias of :func:`mechir.data.matching_pairs` (collection sampling lives in the
+    data module); same arguments and result."""
+    warnings.warn(
+        "mechir.matching.matching_pairs moved to mechir.data.matching_pairs; import it from there",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _data_matching_pairs(*args, **kwargs)
 
 
 def filter_correct(
@@ -522,8 +463,9 @@ def matching_head_deltas(
 
     Args:
         stats: :class:`AttentionStatistics` or its :meth:`~AttentionStatistics.table`.
-        pairs: the pairs table (``pair``, ``qid``, ``kind``), e.g. from :func:`matching_pairs`,
-            possibly filtered (:func:`filter_correct`); other pairs are ignored.
+        pairs: the pairs table (``pair``, ``qid``, ``kind``), e.g. from
+            :func:`mechir.data.matching_pairs`, possibly filtered (:func:`filter_correct`);
+            other pairs are ignored.
 
     Returns:
         One row per (statistic, negative, head): ``layer, head, label, statistic, negative,
@@ -601,10 +543,10 @@ def matching_heads(
 ) -> tuple[pd.DataFrame, AttentionStatistics]:
     """Encode ``pairs``, stream their attention statistics and score every head.
 
-    ``pairs`` as from :func:`matching_pairs` (``query``, ``document``, ``qid``, ``kind``; its
-    ``pair`` column is reset to the row order). With ``correct_only`` only correctly classified
-    pairs count (:func:`filter_correct`, the paper's setting). ``delta_kwargs`` go to
-    :func:`matching_head_deltas`.
+    ``pairs`` as from :func:`mechir.data.matching_pairs` (``query``, ``document``, ``qid``,
+    ``kind``; its ``pair`` column is reset to the row order). With ``correct_only`` only
+    correctly classified pairs count (:func:`filter_correct`, the paper's setting).
+    ``delta_kwargs`` go to :func:`matching_head_deltas`.
 
     Returns:
         ``(deltas, stats)``: the :func:`matching_head_deltas` table and the statistics.

@@ -103,5 +103,3 @@ def current_batch(running: list[RunningInput]) -> CrossEncoderBatch:
             "model runs on, so call them through the model (score, run_with_hooks, ...)"
         )
     return running[-1].batch()
-
-

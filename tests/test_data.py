@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 
-from mechir.data import DatasetNotFoundError, load_collection, read_qrels, read_run, write_run
+from mechir.data import (
+    DatasetNotFoundError,
+    load_collection,
+    matching_pairs,
+    read_qrels,
+    read_run,
+    write_run,
+)
 from tests.helpers import DL19, SCIFACT, requires_shared
+from tests.test_matching import toy_collection
 
 
 def make_collection(root):
@@ -152,3 +161,29 @@ def test_shared_collection_repr_is_short():
     requires_shared(SCIFACT)
     text = repr(load_collection(SCIFACT))
     assert len(text) < 1000 and "5183 documents" in text
+
+
+def test_matching_pairs_from_a_collection():
+    col = toy_collection()
+    pairs = matching_pairs(col, seed=1)
+    assert list(pairs.pair) == list(range(len(pairs)))
+    assert set(pairs.qid) == {f"q{i}" for i in range(6)}  # "unjudged" has no relevant document
+    counts = pairs.groupby(["qid", "kind"]).size().unstack()
+    assert (counts["relevant"] == [1 + i % 2 for i in range(6)]).all()
+    assert (counts["easy_negative"] == counts["relevant"]).all() and (
+        counts.hard_negative == 1
+    ).all()
+    assert set(pairs[pairs.kind == "relevant"].relevance) == {1}
+    assert set(pairs[pairs.kind == "hard_negative"].relevance) == {0}
+    assert set(pairs[pairs.kind == "easy_negative"].relevance) == {-1}
+    easy = pairs[pairs.kind == "easy_negative"]
+    assert all(d not in col.qrels[q] for q, d in zip(easy.qid, easy.docid))
+    assert pairs.document.tolist() == [col.docs[d] for d in pairs.docid]
+    pd.testing.assert_frame_equal(pairs, matching_pairs(col, seed=1))  # reproducible
+    small = matching_pairs(col, n_queries=3, max_relevant=1, n_easy=2, max_hard=0)
+    assert small.qid.nunique() == 3 and (small.groupby("qid").size() == 3).all()
+    assert "easy_negative" not in set(matching_pairs(col, n_easy=0).kind)
+    with pytest.raises(ValueError, match="not in the collection"):
+        matching_pairs(col, query_ids=["zzz"])
+    with pytest.raises(ValueError, match="no query has a document judged >= 5"):
+        matching_pairs(col, min_rel=5)

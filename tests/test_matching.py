@@ -12,7 +12,7 @@ import torch
 
 from mechir import cross_encoder_batch_from_tokens, load_cross_encoder
 from mechir import matching as M
-from mechir.data import Collection
+from mechir.data import Collection, matching_pairs
 from tests.helpers import (
     DOCUMENTS,
     QUERIES,
@@ -207,30 +207,11 @@ def toy_collection(n_queries: int = 6, seed: int = 0) -> Collection:
     return Collection("toy", queries, docs, qrels)
 
 
-def test_matching_pairs_from_a_collection():
+def test_matching_pairs_alias_warns_and_matches_the_data_module():
     col = toy_collection()
-    pairs = M.matching_pairs(col, seed=1)
-    assert list(pairs.pair) == list(range(len(pairs)))
-    assert set(pairs.qid) == {f"q{i}" for i in range(6)}  # "unjudged" has no relevant document
-    counts = pairs.groupby(["qid", "kind"]).size().unstack()
-    assert (counts["relevant"] == [1 + i % 2 for i in range(6)]).all()
-    assert (counts["easy_negative"] == counts["relevant"]).all() and (
-        counts.hard_negative == 1
-    ).all()
-    assert set(pairs[pairs.kind == "relevant"].relevance) == {1}
-    assert set(pairs[pairs.kind == "hard_negative"].relevance) == {0}
-    assert set(pairs[pairs.kind == "easy_negative"].relevance) == {-1}
-    easy = pairs[pairs.kind == "easy_negative"]
-    assert all(d not in col.qrels[q] for q, d in zip(easy.qid, easy.docid))
-    assert pairs.document.tolist() == [col.docs[d] for d in pairs.docid]
-    pd.testing.assert_frame_equal(pairs, M.matching_pairs(col, seed=1))  # reproducible
-    small = M.matching_pairs(col, n_queries=3, max_relevant=1, n_easy=2, max_hard=0)
-    assert small.qid.nunique() == 3 and (small.groupby("qid").size() == 3).all()
-    assert "easy_negative" not in set(M.matching_pairs(col, n_easy=0).kind)
-    with pytest.raises(ValueError, match="not in the collection"):
-        M.matching_pairs(col, query_ids=["zzz"])
-    with pytest.raises(ValueError, match="no query has a document judged >= 5"):
-        M.matching_pairs(col, min_rel=5)
+    with pytest.warns(DeprecationWarning, match="mechir.data.matching_pairs"):
+        old = M.matching_pairs(col, seed=1, max_hard=1)
+    pd.testing.assert_frame_equal(old, matching_pairs(col, seed=1, max_hard=1))
 
 
 def test_hand_made_matching_head_comes_out_on_top(tok):
@@ -250,7 +231,7 @@ def test_hand_made_matching_head_comes_out_on_top(tok):
         attn.W_K[head] = 3 * basis
         attn.b_Q[head] = 0
         attn.b_K[head] = 0
-    pairs = M.matching_pairs(toy_collection(), max_hard=1)
+    pairs = matching_pairs(toy_collection(), max_hard=1)
     deltas, stats = M.matching_heads(model, pairs, max_length=64, batch_size=8)
     for negative in ("easy_negative", "hard_negative"):
         # on top of the Q->D scores, the paper's criterion ...
@@ -277,7 +258,7 @@ def test_shared_model_streaming_statistics_on_scifact():
     from mechir.data import load_collection
 
     col = load_collection(SCIFACT, split="quick")
-    pairs = M.matching_pairs(col, n_queries=2, max_relevant=1, max_hard=1, n_easy=1)
+    pairs = matching_pairs(col, n_queries=2, max_relevant=1, max_hard=1, n_easy=1)
     model = load_cross_encoder(SHARED_MODEL, device="cpu")
     batch = model.encode(
         list(pairs["query"]), list(pairs["document"]), max_length=SHARED_MAX_LENGTH

@@ -77,6 +77,7 @@ def test_padding_does_not_change_scores(tiny, tiny_batch):
     torch.testing.assert_close(together, alone, atol=ATOL, rtol=0)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_score_types_two_labels(tmp_path):
     model, hf, _ = tiny_cross_encoder(tmp_path, num_labels=2)
     batch = model.encode(QUERIES, DOCUMENTS, max_length=64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -73,6 +75,7 @@ def test_encode_matches_hf_pair_tokenization(tiny):
         assert torch.equal(b.attention_mask, ref["attention_mask"])
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_select_and_chunk_trim_padding(tiny_batch):
     sub = tiny_batch[[1]]
     assert sub.input_ids.shape[1] == int(tiny_batch.lengths[1])
@@ -86,3 +89,14 @@ def test_part_names():
     assert parse_parts(["cls", Part.SEP2, "cls"]) == (Part.CLS, Part.SEP2)
     with pytest.raises(ValueError, match="valid names are 'cls', 'query'"):
         parse_part("passage")
+
+
+@pytest.mark.skipif(os.environ.get("MECHIR_TYPECHECK") == "0", reason="MECHIR_TYPECHECK=0")
+def test_shapes_are_checked_in_the_test_suite():
+    """tests/conftest.py wraps mechir and patching in jaxtyping + beartype: a tensor whose shape
+    contradicts its annotation fails at the call."""
+    from jaxtyping import TypeCheckError
+
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(TypeCheckError, match="parts"):
+        CrossEncoderBatch(ids, ids, ids, ids[:, :3])

@@ -54,6 +54,7 @@ def test_layer_ranges():
 
 
 # ---------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_end_to_end_outputs(direction_ablation_run, tiny_model_dir, tiny_collection_dir):
     out = direction_ablation_run
     table = pd.read_csv(out / "table.csv")
@@ -92,10 +93,12 @@ def test_end_to_end_outputs(direction_ablation_run, tiny_model_dir, tiny_collect
     for name in images:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Reference rankings" in (out / "summary.md").read_text()
+    assert "- **score type**: logit" in (out / "summary.md").read_text()  # 1-label model
     per_query = pd.read_csv(out / "per_query.csv")
     assert set(per_query.unit) == set(units) and per_query.qid.nunique() == 6
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_table(
     direction_ablation_run, common_argv, tmp_path
 ):
@@ -117,6 +120,7 @@ def test_resume_after_interruption_gives_the_same_table(
     assert (parts / "summary.md").read_text() == (full / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume(direction_ablation_run, common_argv, tmp_path):
     """A real SIGKILL while units are being computed; the rerun completes the same table."""
     out = tmp_path / "killed"
@@ -151,6 +155,7 @@ def test_kill_9_then_resume(direction_ablation_run, common_argv, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_config_mismatch_is_an_error(common_argv, tmp_path):
     out = tmp_path / "out"
     argv = [

@@ -16,6 +16,7 @@ def units(out):
     return [json.loads(line)["unit"] for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_outputs_match_the_library(matching_heads_run, tiny_model_dir, tiny_collection_dir):
     out = matching_heads_run
     # 6 queries' statistics, then baseline + top 2 + each head + 1 random set
@@ -27,8 +28,8 @@ def test_outputs_match_the_library(matching_heads_run, tiny_model_dir, tiny_coll
 
     # the per-query units reassemble exactly what the library computes in one call
     from mechir import load_cross_encoder
-    from mechir.data import load_collection
-    from mechir.matching import matching_heads, matching_pairs
+    from mechir.data import load_collection, matching_pairs
+    from mechir.matching import matching_heads
 
     col = load_collection(tiny_collection_dir, split="test")
     model = load_cross_encoder(tiny_model_dir, device="cpu")
@@ -60,8 +61,10 @@ def test_outputs_match_the_library(matching_heads_run, tiny_model_dir, tiny_coll
         if block["type"] == "image":
             assert (out / block["path"]).read_bytes()[:4] == b"\x89PNG"
     assert "## Head knockout" in (out / "summary.md").read_text()
+    assert "- **score type**: logit" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_resume(matching_heads_run, common_argv, tmp_path):
     out = tmp_path / "parts"
     argv = [*common_argv, *WORK, "--output", str(out)]
@@ -81,6 +84,7 @@ def test_resume(matching_heads_run, common_argv, tmp_path):
         mh.main([*argv, "--max-relevant", "2"])
 
 
+@pytest.mark.slow
 def test_correct_only_is_a_summary_option(matching_heads_run, common_argv, tmp_path):
     """Re-summarising with the paper's filter needs no recomputation: the stored predictions
     decide which pairs count."""

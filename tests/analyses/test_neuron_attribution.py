@@ -31,6 +31,7 @@ def argv(common_argv, tiny_collection_dir, second_collection):
     return [*common_argv, *SMALL, "--attribution-datasets", *datasets]
 
 
+@pytest.mark.slow
 def test_two_datasets_fusion_intersection_pruning(
     argv, tmp_path, tiny_model_dir, tiny_collection_dir
 ):
@@ -79,8 +80,10 @@ def test_two_datasets_fusion_intersection_pruning(
     assert row["points_sum"] > 0 and row["error_count"] == row["count"]
     assert "mean est. rel. error" in text and "mean path points" in text
     assert "the requested steps leave the selection unstable" in text
+    assert "- **score type**: logit" in text
 
 
+@pytest.mark.slow
 def test_resume_and_errors(argv, tmp_path):
     one = [a for a in argv if "second" not in a]  # one attribution dataset
     full, parts = tmp_path / "full", tmp_path / "parts"

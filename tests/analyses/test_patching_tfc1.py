@@ -15,6 +15,7 @@ def units(out):
     return [json.loads(line)["unit"] for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tfc1_heads_and_residual(common_argv, tmp_path, tiny_model_dir, tiny_collection_dir):
     out = tmp_path / "pt"
     assert pt.main([*common_argv, "--unit-pairs", "10", "--output", str(out)]) == 0
@@ -48,8 +49,10 @@ def test_tfc1_heads_and_residual(common_argv, tmp_path, tiny_model_dir, tiny_col
     assert comparison.pearson.between(-1, 1).all()
     text = (out / "summary.md").read_text()
     assert "## Score change per relevance grade" in text and "heatmap_heads_exact.png" in text
+    assert "- **score type**: logit" in text
 
 
+@pytest.mark.slow
 def test_resume_tdc_by_position(common_argv, tmp_path):
     argv = [*common_argv, "--perturbation", "tdc", "--idf-from", "candidates"]
     argv += ["--targets", "mlp_out", "--resid-by", "position", "--unit-pairs", "7"]

@@ -16,6 +16,7 @@ def units(out):
     return [json.loads(line)["unit"] for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_outputs_match_the_library(common_argv, tmp_path, tiny_model_dir, matching_heads_run):
     out = tmp_path / "qk"
     argv = [*common_argv, *WORK, "--heads", "1/2", "--output", str(out)]
@@ -42,8 +43,10 @@ def test_outputs_match_the_library(common_argv, tmp_path, tiny_model_dir, matchi
     assert (corr.heads == 8).all() and corr["pearson r"].between(-1, 1).all()
     text = (out / "summary.md").read_text()
     assert "## Alignment vs matching-head Δ" in text and "alignment_vs_matching.png" in text
+    assert "- **score type**: logit" in text
 
 
+@pytest.mark.slow
 def test_resume_and_missing_matching_run(common_argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no results/matching_heads here
     full, parts = tmp_path / "full", tmp_path / "parts"

@@ -34,6 +34,7 @@ def test_top_neurons_is_global_and_signed():
     assert absolute.neurons() == {2: [9]}
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_top_neurons_maps_rows_to_model_layers():
     sel = top_neurons(scores()[1:], 10, layers=[4, 5], n_layers=6)
     assert sel.mask.shape == (6, 10)

@@ -274,6 +274,7 @@ def test_memory_budget_sets_chunk_rows(tiny, tiny_batch):
     assert_same_attributions(small, large, rel=1e-6)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -296,6 +297,7 @@ def test_bad_arguments_raise(tiny, tiny_batch, kwargs, message):
         neuron_integrated_gradients(model, tiny_batch, **kwargs)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_batch_must_be_a_cross_encoder_batch(tiny, tiny_batch):
     with pytest.raises(ValueError, match="CrossEncoderBatch"):
         neuron_integrated_gradients(tiny[0], tiny_batch.input_ids)

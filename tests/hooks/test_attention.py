@@ -220,6 +220,7 @@ def test_composition_of_disjoint_lists(tiny, tiny_batch):
     torch.testing.assert_close(model.run_with_hooks(tiny_batch, fwd_hooks=a + b), nested)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_validation(tiny, tiny_batch):
     model, _, _ = tiny
     kw = dict(attending="query", attended="document")

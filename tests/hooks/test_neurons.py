@@ -50,6 +50,7 @@ def test_mean_neurons_pre_hook(tiny, tiny_batch):
     torch.testing.assert_close(seen["a"][~d], cache["blocks.1.mlp.hook_pre"][~d])
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_neuron_validation(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="neuron index out of range in layer 0"):

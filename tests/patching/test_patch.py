@@ -144,6 +144,7 @@ def test_default_batch_size_comes_from_the_memory_budget(model, pairs):
     assert_same_cells(small, big)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_target_errors(model, pairs):
     with pytest.raises(ValueError, match="unknown component"):
         resid_target("resid_post")

@@ -79,6 +79,7 @@ def test_split_qkv_input_is_restored(model3):
     assert model3.cfg.use_split_qkv_input is False
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_path_errors(model3, pairs):
     with pytest.raises(ValueError, match="channels"):
         path_patch(model3, pairs, ["2/0"], channels="qx")
