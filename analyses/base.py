@@ -144,7 +144,7 @@ class Study:
         is recorded in (and checked against) the output directory's ``config.json``."""
         model = load_model(self.args)
         if hasattr(self, "run"):
-            record_score_type(self.run.output, model.score_type)
+            record_score_type(self.run.output, model.score_type, model.num_labels)
         return model
 
     @cached_property
@@ -207,6 +207,7 @@ class Study:
         ) as self.run:
             if "score_type" in saved and writes_outputs():  # open_study rewrote config.json
                 _update_record(self.output, score_type=saved["score_type"])
+            self.collection  # noqa: B018 -- a bad --dataset fails before the model loads
             try:
                 for stage in self.stages():
                     self.run_stage(stage)
@@ -263,14 +264,21 @@ def recorded_score_type(output: Path) -> str | None:
     return LEGACY_SCORE_TYPE if results.exists() and results.stat().st_size else None
 
 
-def record_score_type(output: Path, score_type: str) -> None:
+def same_score(a: str, b: str, num_labels: int) -> bool:
+    """Whether score types ``a`` and ``b`` give the same scores (with one label, ``logit`` and
+    ``binary_logit`` are both the logit)."""
+    logits = {"logit", "binary_logit"}
+    return a == b or (num_labels == 1 and a in logits and b in logits)
+
+
+def record_score_type(output: Path, score_type: str, num_labels: int) -> None:
     """Record the score type of the loaded model in ``output/config.json``.
 
     Raises:
-        ConfigMismatchError: the directory's results were computed with another score type.
+        ConfigMismatchError: the directory's results were computed with another score.
     """
     saved = recorded_score_type(output)
-    if saved is not None and saved != score_type:
+    if saved is not None and not same_score(saved, score_type, num_labels):
         raise ConfigMismatchError(
             f"{output} holds results scored as {saved!r}, but the model now scores as "
             f"{score_type!r}; choose another --output or --run-name for the new score"

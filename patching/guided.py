@@ -135,7 +135,7 @@ class _Run:
     target: PatchTarget
     approx: PatchingResult
     est_pair: Float[Tensor, "pair cell"]
-    cells: Int[Tensor, "cell 1+n_sub"]
+    cells: Int[Tensor, "cell cols"]
     valid: Bool[Tensor, "pair cell"]
     clean: Tensor  # [pair], filled in
     corrupted: Tensor  # [pair], filled in

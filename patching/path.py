@@ -38,6 +38,7 @@ from patching.sweep import (
     rows_per_chunk,
     run_from_layers,
 )
+from patching.targets import CleanCache
 
 Channel = Literal["q", "k", "v"]
 CHANNELS: tuple[str, ...] = ("q", "k", "v")
@@ -78,8 +79,8 @@ def _replace_hook(value: Tensor, act: Tensor, hook: Any) -> Tensor:
 
 
 def path_freeze_hooks(
-    clean_cache: Mapping[str, Tensor],
-    corrupted_cache: Mapping[str, Tensor],
+    clean_cache: CleanCache,
+    corrupted_cache: CleanCache,
     sender: HeadLike,
     *,
     n_layers: int,
@@ -239,8 +240,8 @@ def path_patch(
 def _step1(
     model: HookedCrossEncoder,
     group: AlignedPairs,
-    clean: Mapping[str, Tensor],
-    corrupted: Mapping[str, Tensor],
+    clean: CleanCache,
+    corrupted: CleanCache,
     pair_rows: Tensor,
     sender_layers: Tensor,
     sender_heads: Tensor,
@@ -288,7 +289,7 @@ def _step1(
 def _step2(
     model: HookedCrossEncoder,
     group: AlignedPairs,
-    corrupted: Mapping[str, Tensor],
+    corrupted: CleanCache,
     pair_rows: Tensor,
     values: dict[int, Tensor],
     receivers: list[tuple[int, int]],

@@ -261,7 +261,7 @@ def score_cells(
     model: HookedCrossEncoder,
     group: CachedGroup,
     target: PatchTarget,
-    cells: Int[Tensor, "cells 1+n_sub"],
+    cells: Int[Tensor, "cells cols"],
     pair_rows: Int[Tensor, " rows"],
     cell_rows: Int[Tensor, " rows"],
     rows_budget: int,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
+from transformer_lens import ActivationCache
 
 from mechir.model import HookedCrossEncoder, Hooks
 from mechir.parts import PARTS, PartLike, parse_parts
@@ -41,7 +42,8 @@ PART_LABELS: list[str] = [p.name.lower() for p in PARTS]
 _PART_IDS: list[int] = [int(p) for p in PARTS]
 
 Positions = int | Sequence[int] | Bool[Tensor, " pos"] | None
-CleanCache = Mapping[str, Tensor]
+#: Activations by hook name: a dict or TransformerLens's ``ActivationCache`` (not a ``Mapping``).
+CleanCache = Mapping[str, Tensor] | ActivationCache
 
 
 # ====================================================================== plain hook factories
@@ -199,7 +201,7 @@ class PatchTarget:
             coords[dim] = PART_LABELS if dim == "part" else list(range(size))
         return dims, coords
 
-    def cell_rows(self, model: HookedCrossEncoder, width: int) -> Int[Tensor, "cells 1+n_sub"]:
+    def cell_rows(self, model: HookedCrossEncoder, width: int) -> Int[Tensor, "cells cols"]:
         """Selected cells as rows ``(layer, *sub)`` (layer ``n_layers`` for the pooled output)."""
         sizes = self.sub_sizes(model, width)
         mesh = np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij")

@@ -215,6 +215,7 @@ ROWS: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
 ]
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 @pytest.mark.parametrize(
     ("call", "error", "needle"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS]
 )

@@ -115,6 +115,7 @@ def test_run_referencing_a_missing_document(tmp_path):
         c.pair("q1", "d7")
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 @pytest.mark.parametrize("limit", [0, -1, 1.5])
 def test_limit_queries_must_be_positive(tmp_path, limit):
     c = make_collection(tmp_path)

@@ -207,6 +207,7 @@ def test_non_finite_weights_name_the_tensor(tmp_path):
         load_cross_encoder(hf, tokenizer=tiny_tokenizer(tmp_path))
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 @pytest.mark.parametrize(
     ("max_length", "message"),
     [

@@ -62,6 +62,7 @@ def test_every_form_selects_the_same_heads_everywhere(
     )
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 @pytest.mark.parametrize("factory", ["select_heads", *sorted(FACTORIES)])
 @pytest.mark.parametrize("form,layers,message", REJECTED)
 def test_every_bad_form_is_rejected_everywhere_alike(
@@ -81,6 +82,7 @@ def test_every_bad_form_is_rejected_everywhere_alike(
             )
 
 
+@pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors
 def test_layers_and_neurons(tiny):
     model, _, _ = tiny
     assert select_layers(model, None) == select_layers(model, "all") == [0, 1]

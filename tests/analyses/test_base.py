@@ -55,8 +55,8 @@ def test_readme_example_study(common_argv, tmp_path):
     expected = evaluate(run, collection.qrels, ["nDCG@10"]).aggregate["nDCG@10"]
     assert table.set_index("head").loc["1/2", "nDCG@10"] == pytest.approx(expected, abs=1e-9)
     md = (full / "summary.md").read_text()
-    assert "- **score type**: logit" in md and "heatmap.png" in md
-    assert json.loads((full / "config.json").read_text())["score_type"] == "logit"
+    assert "- **score type**: binary_logit" in md and "heatmap.png" in md  # the default
+    assert json.loads((full / "config.json").read_text())["score_type"] == "binary_logit"
     # stopped by --max-units, then resumed: the same table, no unit twice
     assert example.main([*common_argv, "--output", str(parts), "--max-units", "3"]) == 0
     assert len(results_units(parts)) == 3 and not (parts / "summary.md").exists()
@@ -103,19 +103,20 @@ def test_score_type_is_recorded_and_checked(common_argv, tmp_path):
     argv = [*common_argv, "--output", str(out), "--layers", "0"]
     assert example.main(argv) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["score_type"] == "logit"
+    assert config["score_type"] == "binary_logit"
     # units computed under another score type are never mixed with new ones
     (out / "config.json").write_text(json.dumps({**config, "score_type": "prob"}))
-    with pytest.raises(SystemExit, match="scored as 'prob', but the model now scores as 'logit'"):
+    with pytest.raises(SystemExit, match="scored as 'prob', but the model now scores as 'binary_"):
         example.main([*common_argv, "--output", str(out), "--layers", "0", "1"])
-    # a directory from before the score type was recorded: its results were logits
+    # a directory from before the score type was recorded: its results were logits, the same
+    # scores as binary_logit for a 1-label model
     del config["score_type"]
     (out / "config.json").write_text(json.dumps(config))
     assert recorded_score_type(out) == LEGACY_SCORE_TYPE == "logit"
     assert example.main(argv) == 0  # all done: summarised without loading the model
     assert "- **score type**: logit" in (out / "summary.md").read_text()
     assert example.main([*common_argv, "--output", str(out), "--layers", "0", "1"]) == 0
-    assert json.loads((out / "config.json").read_text())["score_type"] == "logit"
+    assert json.loads((out / "config.json").read_text())["score_type"] == "binary_logit"
 
 
 @pytest.mark.slow

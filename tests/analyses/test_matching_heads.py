@@ -61,7 +61,7 @@ def test_outputs_match_the_library(matching_heads_run, tiny_model_dir, tiny_coll
         if block["type"] == "image":
             assert (out / block["path"]).read_bytes()[:4] == b"\x89PNG"
     assert "## Head knockout" in (out / "summary.md").read_text()
-    assert "- **score type**: logit" in (out / "summary.md").read_text()
+    assert "- **score type**: binary_logit" in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_two_datasets_fusion_intersection_pruning(
     assert row["points_sum"] > 0 and row["error_count"] == row["count"]
     assert "mean est. rel. error" in text and "mean path points" in text
     assert "the requested steps leave the selection unstable" in text
-    assert "- **score type**: logit" in text
+    assert "- **score type**: binary_logit" in text
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_tfc1_heads_and_residual(common_argv, tmp_path, tiny_model_dir, tiny_col
     assert comparison.pearson.between(-1, 1).all()
     text = (out / "summary.md").read_text()
     assert "## Score change per relevance grade" in text and "heatmap_heads_exact.png" in text
-    assert "- **score type**: logit" in text
+    assert "- **score type**: binary_logit" in text
 
 
 @pytest.mark.slow

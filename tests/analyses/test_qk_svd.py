@@ -43,7 +43,7 @@ def test_outputs_match_the_library(common_argv, tmp_path, tiny_model_dir, matchi
     assert (corr.heads == 8).all() and corr["pearson r"].between(-1, 1).all()
     text = (out / "summary.md").read_text()
     assert "## Alignment vs matching-head Δ" in text and "alignment_vs_matching.png" in text
-    assert "- **score type**: logit" in text
+    assert "- **score type**: binary_logit" in text
 
 
 @pytest.mark.slow
