@@ -48,6 +48,7 @@ def _scores(frame: pd.DataFrame) -> dict[tuple[str, str], float]:
     return {(q, d): s for q, d, s in zip(frame.qid, frame.docno, frame.score)}
 
 
+@pytest.mark.slow
 def test_pipeline_scores_equal_rerank_and_experiment_compares(setting):
     model, pairs, topics, bm25, qrels = setting
     knockout = head_knockout_hooks(model, heads=["0/1", "2/3"])  # built once

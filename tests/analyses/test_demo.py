@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from analyses.demo import GROUPS
 from mechir.cli import main
@@ -14,6 +15,7 @@ from mechir.data import load_collection
 from mechir.evaluation import evaluate
 
 
+@pytest.mark.slow
 def test_mechir_demo_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output", str(out), "--limit-queries", "3", "--random-shuffles", "5"]
