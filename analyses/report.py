@@ -32,9 +32,21 @@ STUDY_ORDER = (
     "patching_tfc1",
 )
 
+#: Font stack: system UI fonts first, then families with wide Unicode coverage (Noto covers
+#: CJK, Devanagari, Arabic, ...; DejaVu Sans most European and symbol ranges), so tokens of any
+#: script render rather than showing as empty boxes.
+FONTS = (
+    'system-ui, -apple-system, "Segoe UI", "Noto Sans", "Noto Sans CJK SC", "Noto Sans CJK JP", '
+    '"Noto Sans Devanagari", "Noto Sans Arabic", "DejaVu Sans", "Arial Unicode MS", '
+    '"Apple Color Emoji", "Segoe UI Emoji", "Noto Color Emoji", sans-serif'
+)
+MONO_FONTS = '"DejaVu Sans Mono", "Noto Sans Mono", Menlo, Consolas, monospace'
+
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+body { font-family: FONTS; margin: 2rem auto;
        max-width: 1100px; padding: 0 1rem; color: #1b1b1b; line-height: 1.45; }
+div.table-scroll { max-width: 100%; overflow-x: auto; margin: .6rem 0 1.2rem; }
+div.table-scroll > table { margin: 0; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .3rem; }
 section.run { border-top: 1px solid #bbb; margin-top: 2.5rem; padding-top: .5rem; }
 table { border-collapse: collapse; margin: .6rem 0 1.2rem; font-size: .85rem; }
@@ -45,10 +57,11 @@ caption { caption-side: top; text-align: left; font-style: italic; padding-botto
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-style: italic; font-size: .85rem; }
-code { background: #f4f4f4; padding: 0 .2rem; }
+code { background: #f4f4f4; padding: 0 .2rem; font-family: MONO_FONTS; }
+p, li, figcaption { overflow-wrap: anywhere; }
 nav ul { columns: 2; }
 .setting { font-size: .85rem; color: #444; }
-"""
+""".replace("MONO_FONTS", MONO_FONTS).replace("FONTS", FONTS)
 
 
 def find_runs(roots: Sequence[str | Path]) -> list[Path]:
@@ -116,7 +129,11 @@ def render_block(block: dict[str, Any], directory: Path, *, embed: bool, page_di
             for row in block["rows"]
         )
         caption = f"<caption>{inline(block['caption'])}</caption>" if block.get("caption") else ""
-        return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        # wide tables scroll inside their box instead of running past the page
+        return (
+            f'<div class="table-scroll"><table>{caption}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>"
+        )
     if kind == "image":
         path = directory / block["path"]
         caption = block.get("caption") or ""

@@ -131,3 +131,62 @@ def test_report_renders_in_headless_chromium(results_root, tmp_path):
         "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "p2"
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+NON_LATIN = ["日本語", "Ωμέγα", "привет", "عربي", "हिन्दी", "##ß"]
+
+
+@pytest.fixture()
+def wide_root(tmp_path) -> Path:
+    """A summary with a 40-column table and tokens of several scripts."""
+    run = tmp_path / "results" / "qk_svd" / "wide"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"study": "qk_svd", "config": {}}))
+    s = Summary("Wide", "tokens " + " ".join(NON_LATIN))
+    frame = pd.DataFrame({f"column_{i:02d}_with_a_long_name": [i * 1.5] for i in range(40)})
+    frame.insert(0, "token", NON_LATIN[0])
+    s.heading("Wide table").table(frame)
+    s.write(run)
+    return tmp_path / "results"
+
+
+def test_report_wide_tables_scroll_and_non_latin_tokens(wide_root, tmp_path):
+    page = build_report([wide_root], tmp_path / "report.html")
+    raw = page.read_bytes()
+    text = raw.decode("utf-8")  # written as UTF-8, and the page says so
+    assert '<meta charset="utf-8">' in text
+    for token in NON_LATIN:  # verbatim, not mangled or replaced by entities
+        assert token.encode("utf-8") in raw
+    # every table sits in a box that scrolls horizontally
+    assert text.count("<table>") == text.count('<div class="table-scroll"><table>') >= 1
+    css = text[text.index("<style>") : text.index("</style>")]
+    rule = css[css.index("div.table-scroll {") :]
+    assert "overflow-x: auto" in rule[: rule.index("}")]
+    body_rule = css[css.index("body {") :]
+    fonts = body_rule[: body_rule.index(";")]
+    assert '"Noto Sans"' in fonts and '"DejaVu Sans"' in fonts and '"Noto Sans CJK SC"' in fonts
+
+
+CHECK_OVERFLOW = """<script>
+window.addEventListener("load", () => {
+  const box = document.querySelector("div.table-scroll");
+  document.body.dataset.page = document.documentElement.scrollWidth <= window.innerWidth;
+  document.body.dataset.box = box.scrollWidth > box.clientWidth;
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (apt-get install chromium) to load the report",
+)
+def test_report_wide_table_scrolls_in_headless_chromium(wide_root, tmp_path):
+    page = build_report([wide_root], tmp_path / "report.html")
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", CHECK_OVERFLOW), encoding="utf-8")
+    dom = chromium(
+        "--window-size=900,800", "--dump-dom", checked.as_uri(), profile=tmp_path / "profile"
+    ).stdout
+    body = dom[dom.index("<body") : dom.index(">", dom.index("<body"))]
+    assert 'data-page="true"' in body  # the page itself does not scroll sideways
+    assert 'data-box="true"' in body  # the table's box does
