@@ -48,7 +48,9 @@ collection = load_collection(DATASET, split=os.environ.get("MECHIR_SPLIT", "quic
 svd = qk_svd(model)
 print(svd)
 alignment = qk_alignment(model, k=4)
-print(alignment.sort_values("alignment_norm", ascending=False).head(8).to_string(index=False))
+columns = ["label", "sigma_1", "alignment_norm", "alignment_pos_norm", "key_bias_norm"]
+strongest = alignment.sort_values("alignment_norm", ascending=False)
+print(strongest[columns].head(8).to_string(index=False))
 
 # %%
 grid = alignment.pivot(index="layer", columns="head", values="alignment_norm")
@@ -97,3 +99,15 @@ for _, row in both.nlargest(3, "delta").iterrows():
 ax.set_xlabel("QK alignment (normalized)")
 ax.set_ylabel("Delta qd_max (relevant - easy negative)")
 plt.show()
+
+# %% [markdown]
+# Vocabulary embeddings are what layer 0 sees; deeper heads read contextual states. With `batch=`
+# the candidates are the real tokens' residual states entering the head's layer, here for the
+# strongest matching head on the relevant pairs (`example` and `position` locate each token):
+
+# %%
+top_head = matching_head_labels(deltas, threshold=0.0)[0]
+relevant = pairs[pairs["kind"] == "relevant"]
+batch = model.encode(list(relevant["query"]), list(relevant["document"]), max_length=128)
+in_context = singular_direction_tokens(model, top_head, 0, n=4, svd=svd, batch=batch)
+print(in_context[["label", "vector", "sign", "token", "part", "projection"]].to_string(index=False))
