@@ -17,9 +17,10 @@
 # function can read or replace it, and it knows the **part** of every token:
 # CLS | QUERY | SEP1 | DOCUMENT | SEP2.
 #
-# This tutorial loads a small real cross-encoder (MiniLM, 6 layers x 12 heads, fine-tuned on
-# SciFact), scores a few pairs, looks at the parts, and writes a hook by hand on the per-head
-# attention output `blocks.{l}.attn.hook_z`.
+# This tutorial loads a small real cross-encoder, the embedded demo model shipped with mechir
+# (`"demo"`: MiniLM, 6 layers x 12 heads, fine-tuned on SciFact; no download), scores a few
+# pairs, looks at the parts, and writes a hook by hand on the per-head attention output
+# `blocks.{l}.attn.hook_z`.
 #
 # Set `MECHIR_MODEL` to use another model (a local directory or a hub id).
 
@@ -32,7 +33,7 @@ import torch
 import mechir
 from mechir.hooks import head_knockout_hooks, running_batch
 
-MODEL = os.environ.get("MECHIR_MODEL", "../shared/models/minilm-l6-ce-scifact")
+MODEL = os.environ.get("MECHIR_MODEL", "demo")
 model = mechir.load_cross_encoder(MODEL, device="cpu")
 print(model.cfg.n_layers, "layers x", model.cfg.n_heads, "heads, d_head =", model.cfg.d_head)
 

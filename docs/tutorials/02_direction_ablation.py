@@ -34,8 +34,8 @@ from mechir.data import load_collection
 from mechir.evaluation import evaluate, rerank
 from mechir.hooks import cumulative_layer_ranges, direction_ablation_hooks
 
-MODEL = os.environ.get("MECHIR_MODEL", "../shared/models/minilm-l6-ce-scifact")
-DATASET = os.environ.get("MECHIR_DATASET", "../shared/data/scifact")
+MODEL = os.environ.get("MECHIR_MODEL", "demo")
+DATASET = os.environ.get("MECHIR_DATASET", "demo")
 N_QUERIES, DEPTH, MAX_LENGTH = 6, 4, 128  # small, to run in seconds on a CPU
 
 model = mechir.load_cross_encoder(MODEL, device="cpu")

@@ -32,8 +32,8 @@ import mechir
 from mechir.data import load_collection
 from patching import PairBuilder, head_target, patch_sweep, path_patch, plot_patching
 
-MODEL = os.environ.get("MECHIR_MODEL", "../shared/models/minilm-l6-ce-scifact")
-DATASET = os.environ.get("MECHIR_DATASET", "../shared/data/scifact")
+MODEL = os.environ.get("MECHIR_MODEL", "demo")
+DATASET = os.environ.get("MECHIR_DATASET", "demo")
 MAX_LENGTH = 96  # short inputs keep this tutorial fast on a CPU
 
 model = mechir.load_cross_encoder(MODEL, device="cpu")

@@ -33,8 +33,8 @@ from mechir.circuits import qk_alignment, qk_svd, singular_direction_tokens
 from mechir.data import load_collection
 from mechir.matching import matching_head_labels, matching_heads, matching_pairs
 
-MODEL = os.environ.get("MECHIR_MODEL", "../shared/models/minilm-l6-ce-scifact")
-DATASET = os.environ.get("MECHIR_DATASET", "../shared/data/scifact")
+MODEL = os.environ.get("MECHIR_MODEL", "demo")
+DATASET = os.environ.get("MECHIR_DATASET", "demo")
 model = mechir.load_cross_encoder(MODEL, device="cpu")
 collection = load_collection(DATASET, split=os.environ.get("MECHIR_SPLIT", "quick"))
 
