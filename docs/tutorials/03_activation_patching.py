@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 
 import mechir
 from mechir.data import load_collection
-from patching import PairBuilder, head_target, patch_sweep, path_patch, plot_patching
+from patching import PairBuilder, head_target, patch_sweep, path_patch, plot_heatmap
 
 MODEL = os.environ.get("MECHIR_MODEL", "demo")
 DATASET = os.environ.get("MECHIR_DATASET", "demo")
@@ -38,7 +38,7 @@ MAX_LENGTH = 96  # short inputs keep this tutorial fast on a CPU
 
 model = mechir.load_cross_encoder(MODEL, device="cpu")
 collection = load_collection(DATASET, split=os.environ.get("MECHIR_SPLIT", "quick"))
-candidates = collection.candidates(depth=2, query_ids=collection.query_ids(4))
+candidates = collection.candidates(depth=2, query_ids=collection.query_ids(3))
 
 # %% [markdown]
 # ## Perturbed pairs
@@ -63,13 +63,17 @@ print("corrupted tail:", model.tokenizer.decode(list(first.corrupted_ids[-8:])))
 #
 # `head_target()` patches each head's `hook_z` (all positions) per layer x head. `patch_sweep`
 # runs many patched cells per forward pass and returns a `PatchingResult`; `to_frame()` gives a
-# tidy table (one row per pair and cell) and `plot_patching` draws the mean metric, overall and per
-# relevance grade.
+# tidy table (one row per pair and cell); `result.heatmap()` gives the mean metric as a grid
+# (overall, or of one relevance grade) and `plot_heatmap` draws it on any matplotlib axes.
+# (`plot_patching(result)` draws all grades at once on a pyplot-free `Figure`, for `savefig`; in a
+# notebook, end the cell with that figure to see it, since `plt.show()` does not know it.)
 
 # %%
 result = patch_sweep(model, pairs, head_target(), progress=False)
 print(result.clean - result.corrupted)  # the score gain from the added term, per pair
-fig = plot_patching(result)
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.5), layout="constrained")
+plot_heatmap(result.heatmap(), ax=axes[0])
+plot_heatmap(result.heatmap(grade=1), ax=axes[1])
 plt.show()
 
 # %%
@@ -96,5 +100,6 @@ if layer == 0:
     found = f"{layer}/{head}"
 path = path_patch(model, pairs, [found], channels=("q", "k", "v"))
 print(path.to_frame().groupby(["layer", "head"])["value"].mean().nlargest(3))
-fig = plot_patching(path, by_grade=False)
+fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+plot_heatmap(path.heatmap(), ax=ax)
 plt.show()
