@@ -88,6 +88,7 @@ print("hook_z shape:", tuple(z.shape), "= [batch, pos, head, d_head]")
 # batch it is running on. It reads them *inside* the function with `running_batch(hook)`, so the
 # same hook works on any batch, and on the sub-batches of `model.score(..., batch_size=...)`.
 
+
 # %%
 def silence_head_on_document(z, hook):
     # z: [batch, pos, head, d_head]; the mask: [batch, pos]

@@ -61,6 +61,7 @@ print(f"no ablation: nDCG@10 = {baseline:.4f}")
 # `direction_ablation_hooks` is built once: inside the forward pass the hooks read the parts of
 # whatever batch is running, so the same list serves every sub-batch of `rerank`.
 
+
 # %%
 def ndcg(hooks=None) -> float:
     run = rerank(model, pairs, hooks=hooks, max_length=MAX_LENGTH, progress=False)

@@ -83,6 +83,7 @@ plt.show()
 # with a group (here relevant or not). `top_neurons` keeps the top `percent` % of all neurons by
 # signed score, across layers.
 
+
 # %%
 def grade(pair):
     return "relevant" if collection.qrels.get(pair.qid, {}).get(pair.docid, 0) > 0 else "other"
