@@ -17,7 +17,7 @@
 # the document, while the document can still read the query. With the `"zero"` mode the removed
 # attention probabilities are set to 0, `A'_ij = A_ij M_ij`, as in the cross-encoder papers.
 #
-# We rerank BM25's top 5 for a handful of SciFact queries, once per each of the 25 part -> part
+# We rerank BM25's top 4 for a handful of SciFact queries, once per each of the 25 part -> part
 # directions (removed in all layers), and draw the nDCG@10 of each as a 5x5 grid.
 #
 # `MECHIR_MODEL` and `MECHIR_DATASET` (a collection directory or an ir_datasets id) choose another
@@ -36,7 +36,7 @@ from mechir.hooks import cumulative_layer_ranges, direction_ablation_hooks
 
 MODEL = os.environ.get("MECHIR_MODEL", "demo")
 DATASET = os.environ.get("MECHIR_DATASET", "demo")
-N_QUERIES, DEPTH, MAX_LENGTH = 6, 5, 128  # small, to run in seconds on a CPU
+N_QUERIES, DEPTH, MAX_LENGTH = 5, 4, 96  # small, to run in seconds on a CPU
 
 model = mechir.load_cross_encoder(MODEL, device="cpu")
 collection = load_collection(DATASET, split=os.environ.get("MECHIR_SPLIT", "quick"))

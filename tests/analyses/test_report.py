@@ -111,16 +111,21 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     )
 
 
+def rendered_body(page: Path, script: str, tmp_path: Path, *args: str) -> str:
+    """The ``<body ...>`` tag of ``page`` after chromium ran ``script`` (set as its last child)."""
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", script), encoding="utf-8")
+    dom = chromium(*args, "--dump-dom", checked.as_uri(), profile=tmp_path / "profile").stdout
+    return dom[dom.index("<body") : dom.index(">", dom.index("<body"))]
+
+
 @pytest.mark.skipif(
     shutil.which("chromium") is None,
     reason="Debian's chromium is not installed (apt-get install chromium) to load the report",
 )
 def test_report_renders_in_headless_chromium(results_root, tmp_path):
     page = build_report([results_root], tmp_path / "report.html")
-    checked = tmp_path / "checked.html"
-    checked.write_text(page.read_text().replace("</body>", CHECK_IMAGES), encoding="utf-8")
-    dom = chromium("--dump-dom", checked.as_uri(), profile=tmp_path / "profile").stdout
-    body = dom[dom.index("<body") : dom.index(">", dom.index("<body"))]
+    body = rendered_body(page, CHECK_IMAGES, tmp_path)
     attrs = dict(part.split("=") for part in body.split()[1:] if "=" in part)
     images = int(attrs["data-images"].strip('"'))
     assert images == len(parse(page).images) > 0
@@ -182,11 +187,6 @@ window.addEventListener("load", () => {
 )
 def test_report_wide_table_scrolls_in_headless_chromium(wide_root, tmp_path):
     page = build_report([wide_root], tmp_path / "report.html")
-    checked = tmp_path / "checked.html"
-    checked.write_text(page.read_text().replace("</body>", CHECK_OVERFLOW), encoding="utf-8")
-    dom = chromium(
-        "--window-size=900,800", "--dump-dom", checked.as_uri(), profile=tmp_path / "profile"
-    ).stdout
-    body = dom[dom.index("<body") : dom.index(">", dom.index("<body"))]
+    body = rendered_body(page, CHECK_OVERFLOW, tmp_path, "--window-size=900,800")
     assert 'data-page="true"' in body  # the page itself does not scroll sideways
     assert 'data-box="true"' in body  # the table's box does
