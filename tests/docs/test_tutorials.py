@@ -22,6 +22,7 @@ def test_five_tutorials_in_percent_format():
         assert "plt.show()" in text, f"{tutorial.name} shows no plot"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=[t.stem for t in TUTORIALS])
 def test_tutorial_runs(tutorial, tmp_path, monkeypatch):
     import matplotlib
