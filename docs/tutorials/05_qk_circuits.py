@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt
 
 import mechir
 from mechir.circuits import qk_alignment, qk_svd, singular_direction_tokens
-from mechir.data import load_collection
-from mechir.matching import matching_head_labels, matching_heads, matching_pairs
+from mechir.data import load_collection, matching_pairs
+from mechir.matching import matching_head_labels, matching_heads
 
 MODEL = os.environ.get("MECHIR_MODEL", "demo")
 DATASET = os.environ.get("MECHIR_DATASET", "demo")
