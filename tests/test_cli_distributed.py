@@ -167,3 +167,26 @@ def test_scifact_quick_two_processes_equal_one(tmp_path):
     one, two = run_both(argv_of, tmp_path)
     assert len(store_rows(two)) == 5
     assert_same_rerank(two, one)
+
+
+def test_leftover_shards_of_another_world_size_resume_with_two(saved_model, tmp_path):  # noqa: F811
+    """A store and shards left by a killed 4-process run (ranks 0 and 3 had written) resume
+    with 2 processes: merged in query order, the rest split over the 2 ranks, same output."""
+    collection = write_tiny_collection(tmp_path / "col", n_queries=9, depth=5)
+    reference, out = tmp_path / "one" / "run.trec", tmp_path / "left" / "run.trec"
+    ref = one_process(rerank_argv(saved_model, collection, reference))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out.parent.mkdir()
+    meta = reference.with_name("run.trec.mechir.json")
+    out.with_name(meta.name).write_text(json.dumps({**json.loads(meta.read_text()), "written": {}}))
+    lines = reference.with_name("run.trec.mechir.jsonl").read_text().splitlines(keepends=True)
+    out.with_name("run.trec.mechir.jsonl").write_text(lines[1])
+    out.with_name("run.trec.mechir.rank0.jsonl").write_text(lines[4] + lines[0])
+    out.with_name("run.trec.mechir.rank3.jsonl").write_text(lines[3] + lines[7][:25])  # torn
+
+    proc = torchrun(2, "mechir.cli", rerank_argv(saved_model, collection, out))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "merged 3 queries from the shards" in stderr and "resuming: 4 of 9" in stderr
+    assert json.loads(stdout) == json.loads(ref.stdout)
+    assert_same_rerank(out, reference)
