@@ -524,6 +524,10 @@ def _rerank_on_ranks(
         if error is not None:
             raise error
         store_path = RerankOutput.store_path(args.output)
+        if not distributed.is_main():  # no weight-loading bars from the other ranks
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         if todo or score_type is None:
             model = _load_model(args, score_type, store_path)
             if out is not None:
