@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from mechir.data import read_run
 from tests.analyses.conftest import write_tiny_collection
-from tests.distributed_helpers import ROOT, rank_pid, torchrun
+from tests.distributed_helpers import ROOT, kill_rank_when_stored, torchrun
 from tests.helpers import SCIFACT, SHARED_MAX_LENGTH, SHARED_MODEL, requires_shared
-from tests.test_cli import saved_model  # noqa: F401 (fixture)
+from tests.test_cli import rerank_argv, saved_model  # noqa: F401 (fixture)
 
 
 def store_rows(out: Path) -> list[dict]:
@@ -62,24 +60,6 @@ def assert_same_rerank(a: Path, b: Path) -> None:
     assert not leftovers(a) and not leftovers(b)
 
 
-def rerank_argv(model: Path, collection: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "rerank",
-        "--model",
-        str(model),
-        "--dataset",
-        str(collection),
-        "--split",
-        "test",
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
-        "--output",
-        str(out),
-    ]
-
-
 def run_both(argv_of, tmp_path: Path) -> tuple[Path, Path]:
     """The same command with one plain process and with 2 torchrun processes; both succeed, the
     summary is printed once, by rank 0, and rank 1 prints rank-prefixed lines only."""
@@ -113,15 +93,7 @@ def test_kill_rank_one_then_resume_with_one_process(saved_model, tmp_path):  # n
 
     proc = torchrun(2, "mechir.cli", rerank_argv(saved_model, collection, out, "--batch-size", "2"))
     shard = out.with_name("run.trec.mechir.rank1.jsonl")
-    deadline = time.monotonic() + 300
-    killed = None
-    while proc.poll() is None and time.monotonic() < deadline:
-        if shard.exists() and shard.read_bytes().count(b"\n") >= 2:
-            killed = rank_pid(proc, 1)
-            assert killed is not None
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    killed = kill_rank_when_stored(proc, shard, 2)
     proc.communicate(timeout=120)
     assert killed is not None, "the run finished before rank 1 could be killed"
     assert proc.returncode != 0 and not out.exists()
@@ -143,26 +115,8 @@ def test_scifact_quick_two_processes_equal_one(tmp_path):
     requires_shared(SCIFACT)
 
     def argv_of(out: Path) -> list[str]:
-        return [
-            "rerank",
-            "--model",
-            str(SHARED_MODEL),
-            "--dataset",
-            str(SCIFACT),
-            "--split",
-            "quick",
-            "--depth",
-            "20",
-            "--max-length",
-            str(SHARED_MAX_LENGTH),
-            "--limit-queries",
-            "5",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--output",
-            str(out),
-        ]
+        extra = ("--depth", "20", "--max-length", str(SHARED_MAX_LENGTH), "--limit-queries", "5")
+        return rerank_argv(SHARED_MODEL, SCIFACT, out, *extra, split="quick")
 
     one, two = run_both(argv_of, tmp_path)
     assert len(store_rows(two)) == 5
