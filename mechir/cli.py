@@ -296,7 +296,7 @@ class RerankOutput:
         self.output = Path(output)
         self.csv = self.output.with_suffix(".per_query.csv")
         self.meta_path = self.output.with_name(self.output.name + ".mechir.json")
-        store_path = self.output.with_name(self.output.name + ".mechir.jsonl")
+        store_path = self.store_path(self.output)
         saved = (
             json.loads(self.meta_path.read_text(encoding="utf-8"))
             if self.meta_path.exists()
@@ -336,6 +336,12 @@ class RerankOutput:
         self.written = dict(written)
         self._save()
 
+    @staticmethod
+    def store_path(output: Path) -> Path:
+        """The lossless store of ``--output OUTPUT``: ``OUTPUT.mechir.jsonl`` (under torchrun
+        each rank appends to its shard ``OUTPUT.mechir.rank<r>.jsonl`` beside it)."""
+        return Path(output).with_name(Path(output).name + ".mechir.jsonl")
+
     def _save(self) -> None:
         from mechir.store import write_json_atomic
 
@@ -343,14 +349,7 @@ class RerankOutput:
 
     def check_scoring(self, score_type: str) -> None:
         """Record the model's score type, or check it against the stored one."""
-        from mechir.store import ConfigMismatchError
-
-        saved = self.settings.get("score_type")
-        if saved is not None and saved != score_type:
-            raise ConfigMismatchError(
-                f"{self.store.path} holds scores of type {saved!r}, the model now scores "
-                f"{score_type!r}; choose another --output"
-            )
+        check_score_type(self.settings.get("score_type"), score_type, self.store.path)
         self.settings = {**self.settings, "score_type": score_type}
         self._save()
 
@@ -368,6 +367,18 @@ class RerankOutput:
 
     def close(self) -> None:
         self.store.close()
+
+
+def check_score_type(saved: str | None, score_type: str, store_path: Path) -> None:
+    """Raise :class:`~mechir.store.ConfigMismatchError` when the store at ``store_path`` holds
+    scores of another type (``saved``; None: nothing recorded yet) than the model gives now."""
+    from mechir.store import ConfigMismatchError
+
+    if saved is not None and saved != score_type:
+        raise ConfigMismatchError(
+            f"{store_path} holds scores of type {saved!r}, the model now scores "
+            f"{score_type!r}; choose another --output"
+        )
 
 
 def _rerank(args: argparse.Namespace) -> int:
@@ -404,22 +415,58 @@ def _rerank(args: argparse.Namespace) -> int:
         "depth": args.depth,
         "max_length": max_length,
     }
+    if _launched():  # torchrun: one device per local rank unless --device says
+        from mechir import distributed
+
+        args.device = str(distributed.init_from_env(args.device))
+        if distributed.world_size() > 1:
+            status = _rerank_on_ranks(args, col, by_query, max_length, settings)
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            return status
     out = RerankOutput(args.output, settings)
     try:
-        return _rerank_into(args, out, col, by_query, max_length)
+        todo = _unfinished(out, by_query)
+        if todo or "score_type" not in out.settings:
+            model = _load_model(args, out.settings.get("score_type"), out.store.path)
+            out.check_scoring(model.score_type)
+            _score_queries(args, model, out.store, by_query, todo, max_length, unfinished=len(todo))
+        return _finish(args, out, col, by_query)
     finally:
         out.close()
 
 
-def _rerank_into(
-    args: argparse.Namespace,
-    out: RerankOutput,
-    col: Any,
-    by_query: dict[str, list[Any]],
-    max_length: int | None,
-) -> int:
-    from mechir.store import ConfigMismatchError
+def _launched() -> bool:
+    """Whether torchrun (or another launcher) started this process (``RANK`` and
+    ``WORLD_SIZE`` set); checked without importing torch."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
+
+def _log(message: str) -> None:
+    """A line on stderr, prefixed ``[rank r/w]`` under a process group of several ranks."""
+    if _launched():
+        from mechir import distributed
+
+        distributed.log(message)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _unfinished(out: RerankOutput, by_query: dict[str, list[Any]]) -> list[str]:
+    """The selected queries not yet in ``out.store``, after merging the per-rank shards an
+    interrupted torchrun run left (any number of ranks).
+
+    Raises:
+        ConfigMismatchError: a stored query was scored on other candidates than the run gives.
+    """
+    from mechir.store import ConfigMismatchError, merge_shards
+
+    if out.store.dropped_torn_line:
+        _log(f"{out.store.path}: dropped a torn last line left by an interruption")
+    merged = merge_shards(out.store, list(by_query))
+    if merged:
+        _log(f"{out.store.path}: merged {merged} queries from the shards of an earlier run")
     for qid, stored in ((q, out.store.get(q)) for q in by_query):
         if stored is not None and stored["docids"] != [p.docid for p in by_query[qid]]:
             raise ConfigMismatchError(
@@ -428,17 +475,97 @@ def _rerank_into(
             )
     todo = [q for q in by_query if q not in out.store]
     if len(todo) < len(by_query):
-        print(
+        _log(
             f"resuming: {len(by_query) - len(todo)} of {len(by_query)} queries already in "
-            f"{out.store.path}",
-            file=sys.stderr,
+            f"{out.store.path}"
         )
-    if todo or "score_type" not in out.settings:
-        _score_queries(args, out, by_query, todo, max_length)
+    return todo
 
+
+def _load_model(args: argparse.Namespace, saved_score_type: str | None, store_path: Path) -> Any:
+    """The cross-encoder of ``--model``, its score type checked against the stored one."""
+    from mechir.loading import load_cross_encoder
+
+    model = load_cross_encoder(args.model, device=args.device)
+    check_score_type(saved_score_type, model.score_type, store_path)
+    return model
+
+
+def _rerank_on_ranks(
+    args: argparse.Namespace,
+    col: Any,
+    by_query: dict[str, list[Any]],
+    max_length: int | None,
+    settings: dict[str, Any],
+) -> int:
+    """``mechir rerank`` under a process group of several ranks.
+
+    Rank 0 alone opens the output (lock, settings, foreign files; merges shards an interrupted
+    run left) and finds the unfinished queries; every rank learns them (or rank 0's error) from
+    one all-gather. Rank ``r`` of ``w`` scores the unfinished queries ``r, r + w, ...`` into its
+    own shard (no two processes append to one file; ``score_pairs`` runs unsharded inside);
+    after a barrier rank 0 merges the shards in query order and writes the TREC run, the CSV and
+    the summary. The other ranks print rank-prefixed log lines only.
+    """
+    from mechir import distributed
+    from mechir.store import ResultsStore, shard_path
+
+    out: RerankOutput | None = None
+    opened: tuple[Exception | None, list[str], str | None] = (None, [], None)
+    if distributed.is_main():
+        try:
+            out = RerankOutput(args.output, settings)
+            todo = _unfinished(out, by_query)
+            opened = (None, todo, out.settings.get("score_type"))
+        except Exception as err:  # every rank raises it: none waits at a barrier forever
+            opened = (err, [], None)
+    error, todo, score_type = distributed.all_gather_objects(opened)[0]
+    try:
+        if error is not None:
+            raise error
+        store_path = RerankOutput.store_path(args.output)
+        if not distributed.is_main():  # no weight-loading bars from the other ranks
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        if todo or score_type is None:
+            model = _load_model(args, score_type, store_path)
+            if out is not None:
+                out.check_scoring(model.score_type)
+            mine = distributed.shard(todo)
+            shard = ResultsStore(shard_path(store_path, distributed.rank()))
+            try:
+                _score_queries(args, model, shard, by_query, mine, max_length, unfinished=len(todo))
+            finally:
+                shard.close()
+            if not distributed.is_main():
+                distributed.log(f"scored {len(mine)} of {len(todo)} queries into {shard.path}")
+        distributed.barrier()
+        if out is None:
+            return 0
+        return _finish(args, out, col, by_query)
+    finally:
+        if out is not None:
+            out.close()
+
+
+def _finish(
+    args: argparse.Namespace, out: RerankOutput, col: Any, by_query: dict[str, list[Any]]
+) -> int:
+    """Merge the ranks' shards (if any), put the selected queries in query order (as one
+    process writes them), evaluate, write the TREC run and CSV, print the summary."""
     from mechir.evaluation import evaluate
+    from mechir.store import merge_shards
 
+    merge_shards(out.store, list(by_query))
+    out.store.reorder(list(by_query))
     stored = {row["unit"]: dict(zip(row["docids"], row["scores"])) for row in out.store}
+    missing = [q for q in by_query if q not in stored]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} queries (first {missing[0]!r}) are missing from {out.store.path} "
+            "after every rank finished; rerun the same command to compute them"
+        )
     selected = {q: stored[q] for q in by_query}
     result = evaluate(selected, col.qrels, args.measures)
     out.write(stored, result.per_query)
@@ -457,28 +584,43 @@ def _rerank_into(
 
 def _score_queries(
     args: argparse.Namespace,
-    out: RerankOutput,
+    model: Any,
+    store: Any,
     by_query: dict[str, list[Any]],
     todo: list[str],
     max_length: int | None,
+    *,
+    unfinished: int,
 ) -> None:
-    """Score each query's candidates and store the query as one unit (full precision)."""
-    from tqdm.auto import tqdm
+    """Score each query of ``todo`` and add it to ``store`` as one unit (full precision).
 
+    Under a process group each rank passes its share of the unfinished queries; the pairs of
+    one query are scored on this rank alone (no sharding inside), and the progress bar (rank 0
+    only) counts its share times the number of ranks toward the ``unfinished`` queries of all
+    ranks, after the ``len(by_query) - unfinished`` already stored."""
+    from mechir import distributed
     from mechir.evaluation import score_pairs
-    from mechir.loading import load_cross_encoder
 
-    model = load_cross_encoder(args.model, device=args.device)
-    out.check_scoring(model.score_type)
-    for qid in tqdm(todo, desc="reranking", unit="query", disable=not args.progress):
-        pairs = by_query[qid]
-        try:
-            scores = score_pairs(
-                model, pairs, batch_size=args.batch_size, max_length=max_length, progress=False
-            )
-        except ValueError as err:
-            raise ValueError(f"query {qid}: {err}") from err
-        out.store.add(qid, {"docids": [p.docid for p in pairs], "scores": scores.tolist()})
+    with (
+        distributed.progress_bar(
+            len(by_query),
+            initial=len(by_query) - unfinished,
+            desc="reranking",
+            unit="query",
+            disable=not args.progress,
+        ) as bar,
+        distributed.local(),
+    ):
+        for qid in todo:
+            pairs = by_query[qid]
+            try:
+                scores = score_pairs(
+                    model, pairs, batch_size=args.batch_size, max_length=max_length, progress=False
+                )
+            except ValueError as err:
+                raise ValueError(f"query {qid}: {err}") from err
+            store.add(qid, {"docids": [p.docid for p in pairs], "scores": scores.tolist()})
+            bar.update()
 
 
 # ---------------------------------------------------------------------- entry point
@@ -506,7 +648,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return build_parser(user_defaults()).parse_args(argv)
 
-    return run_command(lambda args: COMMANDS[args.command](args), parse, prog=PROG, debug=debug)
+    prog = PROG
+    if _launched() and os.environ["RANK"] != "0":  # torchrun: errors of other ranks are prefixed
+        prog = f"[rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}] {PROG}"
+    return run_command(lambda args: COMMANDS[args.command](args), parse, prog=prog, debug=debug)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,22 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return None
+
+
+def kill_rank_when_stored(
+    launcher: subprocess.Popen, shard: Path, lines: int, *, rank: int = 1, timeout: float = 300
+) -> int | None:
+    """SIGKILL the worker of ``rank`` as soon as its ``shard`` holds ``lines`` lines (polled);
+    its PID, or None when the run ended (or ``timeout`` passed) first."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while launcher.poll() is None and time.monotonic() < deadline:
+        if shard.exists() and shard.read_bytes().count(b"\n") >= lines:
+            pid = rank_pid(launcher, rank)
+            assert pid is not None, f"no worker of rank {rank} under torchrun {launcher.pid}"
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.005)
+    return None

@@ -4,6 +4,7 @@ rerank output that is lossless, locked, settings-checked and never adopts a fore
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -24,26 +25,33 @@ def saved_model(tmp_path):
     return path
 
 
-@pytest.fixture()
-def rerank_argv(saved_model, tmp_path):
-    (tmp_path / "col").mkdir()
-    make_collection(tmp_path / "col")
-    out = tmp_path / "out" / "run.trec"
-    argv = [
+def rerank_argv(
+    model: Path, collection: Path, out: Path, *extra: str, split: str = "test"
+) -> list[str]:
+    """``mechir rerank`` of ``collection``'s ``split`` on the CPU, no progress bar, into ``out``."""
+    return [
         "rerank",
         "--model",
-        str(saved_model),
+        str(model),
         "--dataset",
-        str(tmp_path / "col"),
+        str(collection),
         "--split",
-        "test",
+        split,
         "--device",
         "cpu",
         "--no-progress",
+        *extra,
         "--output",
         str(out),
     ]
-    return argv, out
+
+
+@pytest.fixture(name="rerank_argv")
+def rerank_argv_fixture(saved_model, tmp_path):
+    (tmp_path / "col").mkdir()
+    make_collection(tmp_path / "col")
+    out = tmp_path / "out" / "run.trec"
+    return rerank_argv(saved_model, tmp_path / "col", out), out
 
 
 def store_of(out):

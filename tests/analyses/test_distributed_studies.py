@@ -4,9 +4,6 @@ resume after one rank is killed, with a different number of processes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +12,7 @@ import pytest
 from tests.analyses.conftest import DIRECTION_ABLATION_WORK as WORK
 from tests.analyses.conftest import common_options, write_tiny_collection
 from tests.analyses.conftest import run_direction_ablation as run_study
-from tests.distributed_helpers import rank_pid, torchrun
+from tests.distributed_helpers import kill_rank_when_stored, torchrun
 
 
 def rows(out: Path) -> list[dict]:
@@ -67,16 +64,7 @@ def test_kill_one_rank_then_resume_with_one_process(tiny_model_dir, slow_collect
     proc = torchrun(
         2, "analyses.direction_ablation", [*argv, "--random-shuffles", "20", "--output", str(out)]
     )
-    shard = out / "results.rank1.jsonl"
-    deadline = time.monotonic() + 240
-    killed = None
-    while proc.poll() is None and time.monotonic() < deadline:
-        if shard.exists() and shard.read_bytes().count(b"\n") >= 1:
-            killed = rank_pid(proc, 1)
-            assert killed is not None
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    killed = kill_rank_when_stored(proc, out / "results.rank1.jsonl", 1, timeout=240)
     proc.communicate(timeout=120)
     assert killed is not None, "the run finished before rank 1 could be killed"
     assert proc.returncode != 0 and not (out / "summary.md").exists()
