@@ -53,3 +53,12 @@ def short_list(values: Sequence[Any], n: int = 5) -> str:
     """``[a, b, c, d, e, ...]`` with at most ``n`` elements shown."""
     shown = ", ".join(map(str, values[:n]))
     return f"[{shown}{', ...' if len(values) > n else ''}]"
+
+
+def fields_repr(obj: Any) -> str:
+    """``Name(field=<summary>, ...)`` for a dataclass, every field through :func:`describe`:
+    the default repr of a result holding tensors or tables, kept to a few lines."""
+    from dataclasses import fields
+
+    parts = [f"{f.name}={describe(getattr(obj, f.name))}" for f in fields(obj) if f.repr]
+    return f"{type(obj).__name__}({', '.join(parts)})"

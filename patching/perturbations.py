@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechir.display import fields_repr
 from mechir.parts import CrossEncoderBatch, cross_encoder_batch_from_tokens, pair_layout_of
 
 #: Filler token of MechIR's data collators (``special_token="a"``).
@@ -581,7 +582,7 @@ class PairBuilder:
         return out
 
 
-@dataclass
+@dataclass(repr=False)
 class BuiltPairs:
     """Pairs built by :meth:`PairBuilder.build`, and the ones skipped with the reason."""
 
@@ -627,3 +628,6 @@ __all__ = [
     "is_content_word",
     "pad_differing_span",
 ]
+
+
+BuiltPairs.__repr__ = fields_repr  # type: ignore[method-assign]

@@ -21,6 +21,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechir.display import fields_repr
+
 #: Default threshold on ``|clean - corrupted|`` (score units) below which a pair is excluded.
 DEFAULT_MIN_DELTA = 1e-3
 
@@ -60,7 +62,7 @@ class HeatmapData(NamedTuple):
     title: str
 
 
-@dataclass
+@dataclass(repr=False)
 class PatchingResult:
     """Patched scores of every (pair, cell), with the clean and corrupted scores of each pair.
 
@@ -228,3 +230,6 @@ class PatchingResult:
 
 
 __all__ = ["DEFAULT_MIN_DELTA", "HeatmapData", "PatchingResult", "patching_metric"]
+
+
+PatchingResult.__repr__ = fields_repr  # type: ignore[method-assign]

@@ -95,3 +95,19 @@ def test_pair_repr():
         f"Pair(qid='q1', docid='d1', query='what cat runs', document={'cat ' * 9 + 'c...'!r} "
         "(2000 chars))"
     )
+
+
+def test_attribution_and_patching_result_reprs(tiny, big_batch):
+    from mechir.attribution import neuron_integrated_gradients
+    from mechir.attribution.neuron_selection import top_neurons
+    from patching import head_target, patch_sweep
+
+    model, _, _ = tiny
+    batch = big_batch[:40]
+    result = neuron_integrated_gradients(model, batch, n_steps=2, aggregate="position")
+    selection = top_neurons(result.attributions.sum((0, 2)), 5.0)
+    sweep = patch_sweep(model, AlignedPairs.from_batches(batch, batch), head_target(), progress=False)
+    for obj in (result, selection, sweep):
+        text = repr(obj)
+        assert len(text) < LIMIT and "tensor(" not in text, text[:300]
+        assert type(obj).__name__ in text

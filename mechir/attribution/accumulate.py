@@ -17,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechir.attribution.nig import neuron_integrated_gradients
+from mechir.display import fields_repr
 from mechir.parts import CrossEncoderBatch
 
 
@@ -81,7 +82,7 @@ class StreamingMean:
         return var.clamp_min(0).sqrt().float()
 
 
-@dataclass
+@dataclass(repr=False)
 class GroupedMeans:
     """One :class:`StreamingMean` per group key (insertion order kept)."""
 
@@ -109,7 +110,7 @@ class GroupedMeans:
         return {k: m.count for k, m in self.groups.items()}
 
 
-@dataclass
+@dataclass(repr=False)
 class AttributionMeans:
     """Mean neuron attributions per group, with the completeness seen along the way.
 
@@ -262,3 +263,9 @@ def pair_batches(
             [p.query for p in chunk], [p.document for p in chunk], max_length=max_length
         )
         yield batch, [group_of(p) if group_of else "all" for p in chunk]
+
+
+GroupedMeans.__repr__ = fields_repr  # type: ignore[method-assign]
+
+
+AttributionMeans.__repr__ = fields_repr  # type: ignore[method-assign]

@@ -18,11 +18,13 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechir.display import fields_repr
+
 Sign = Literal["positive", "negative", "absolute"]
 SIGNS: tuple[str, ...] = ("positive", "negative", "absolute")
 
 
-@dataclass
+@dataclass(repr=False)
 class NeuronSelection:
     """A set of FFN neurons with their scores.
 
@@ -194,3 +196,6 @@ def random_control(
         }
     )
     return NeuronSelection(mask, table, f"random (seed {seed}) for {selection.label}")
+
+
+NeuronSelection.__repr__ = fields_repr  # type: ignore[method-assign]

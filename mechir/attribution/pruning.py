@@ -17,11 +17,12 @@ import pandas as pd
 
 from mechir.attribution.neuron_selection import NeuronSelection, random_control
 from mechir.data import Pair, Qrels
+from mechir.display import fields_repr
 from mechir.evaluation import evaluate, paired_ttest, rerank
 from mechir.hooks.neurons import neuron_ablation_hooks
 
 
-@dataclass
+@dataclass(repr=False)
 class PruningResult:
     """Results of :func:`pruning_evaluation`.
 
@@ -116,3 +117,6 @@ def pruning_evaluation(
 
 def _mean(values: Mapping[str, float]) -> float:
     return float(np.mean(list(values.values())))
+
+
+PruningResult.__repr__ = fields_repr  # type: ignore[method-assign]

@@ -40,9 +40,10 @@ from torch import Tensor
 from mechir.attribution.common import AttributionSetup, check_finite
 from mechir.attribution.neuron_selection import SIGNS, n_selected
 from mechir.attribution.targets import AttributionTarget
+from mechir.display import fields_repr
 
 
-@dataclass
+@dataclass(repr=False)
 class NeuronAttributions:
     """Neuron attributions of a batch, with the values that check them.
 
@@ -226,3 +227,6 @@ def make_result(
         n_points=n_points,
         meta=info | (meta or {}),
     )
+
+
+NeuronAttributions.__repr__ = fields_repr  # type: ignore[method-assign]
