@@ -106,7 +106,9 @@ def test_attribution_and_patching_result_reprs(tiny, big_batch):
     batch = big_batch[:40]
     result = neuron_integrated_gradients(model, batch, n_steps=2, aggregate="position")
     selection = top_neurons(result.attributions.sum((0, 2)), 5.0)
-    sweep = patch_sweep(model, AlignedPairs.from_batches(batch, batch), head_target(), progress=False)
+    sweep = patch_sweep(
+        model, AlignedPairs.from_batches(batch, batch), head_target(), progress=False
+    )
     for obj in (result, selection, sweep):
         text = repr(obj)
         assert len(text) < LIMIT and "tensor(" not in text, text[:300]
