@@ -42,13 +42,32 @@ from torch import Tensor
 
 from mechir.parts import BERT_LAYOUT, ROBERTA_LAYOUT, PairLayout
 
-PositionRule = Literal["absolute", "padding_offset"]
+PositionRule = Literal["absolute", "padding_offset", "rotary"]
 HeadActivation = Literal["tanh", "gelu", "relu"]
+BlockKind = Literal["post_ln", "pre_ln"]
 ENCODER_ACTIVATIONS = ("gelu", "relu", "silu", "gelu_new")
+#: Activations of ModernBERT's gated MLP and head (Hugging Face ``ACT2FN`` names).
+MODERN_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "relu", "silu")
 
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not a cross-encoder of a family that mechir can load."""
+
+
+@dataclass(frozen=True)
+class ModernShape:
+    """What a pre-LayerNorm, rotary ModernBERT encoder adds to :class:`EncoderShape`."""
+
+    global_layers: tuple[bool, ...]  #: per layer: global (True) or sliding-window attention
+    window: int  #: local layers attend to keys with ``|i - j| <= window`` (``local_attention // 2``)
+    rope_theta_global: float
+    rope_theta_local: float
+    attention_bias: bool
+    mlp_bias: bool
+    norm_bias: bool
+    classifier_bias: bool
+    pooling: Literal["cls", "mean"]
+    head_activation: str
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ class EncoderShape:
     n_token_types: int  #: 0 when the family has no token-type embedding
     d_embed: int  #: embedding width (== d_model unless projected, ELECTRA-small)
     pad_token_id: int
+    modern: ModernShape | None = None  #: set for ModernBERT (pre-LN, rotary, gated MLP)
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,7 @@ class Family:
     encoder_config: Callable[[Any], EncoderShape]
     state_dict: Callable[[Any, int], dict[str, Tensor]]
     head_keys: tuple[str, ...]  #: HF state-dict prefixes of the trained head
+    blocks: BlockKind = "post_ln"  #: BERT blocks, or ModernBERT's pre-LN rotary gated blocks
 
     def position_offset(self, shape: EncoderShape) -> int:
         """Row of the position table used by the first token (RoBERTa: ``padding_idx + 1``)."""
@@ -138,6 +159,60 @@ def _distilbert_config(config: Any) -> EncoderShape:
         n_token_types=0,
         d_embed=config.dim,
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
+    )
+
+
+def _modernbert_config(config: Any) -> EncoderShape:
+    """ModernBertConfig: global/local layers, rotary thetas, biases, head and pooling."""
+    n_layers = config.num_hidden_layers
+    every = config.global_attn_every_n_layers
+    types = getattr(config, "layer_types", None) or [
+        "full_attention" if i % every == 0 else "sliding_attention" for i in range(n_layers)
+    ]
+    rope = getattr(config, "rope_parameters", None) or {}
+    thetas = {}
+    for kind, legacy in (("full_attention", "global_rope_theta"), ("sliding_attention", "local_rope_theta")):
+        params = rope.get(kind) or {"rope_type": "default", "rope_theta": getattr(config, legacy)}
+        if params.get("rope_type", "default") != "default":
+            raise ValueError(
+                f"ModernBERT rope_type {params['rope_type']!r} is not supported (default only)"
+            )
+        thetas[kind] = float(params["rope_theta"])
+    if config.classifier_pooling not in ("cls", "mean"):
+        raise ValueError(
+            f"classifier_pooling {config.classifier_pooling!r} is not supported: 'cls' or 'mean'"
+        )
+    for act in (config.hidden_activation, config.classifier_activation):
+        if act not in MODERN_ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation {act!r} in the modernbert config: mechir supports "
+                f"{MODERN_ACTIVATIONS}"
+            )
+    modern = ModernShape(
+        global_layers=tuple(t == "full_attention" for t in types),
+        window=getattr(config, "sliding_window", None) or config.local_attention // 2,
+        rope_theta_global=thetas["full_attention"],
+        rope_theta_local=thetas["sliding_attention"],
+        attention_bias=config.attention_bias,
+        mlp_bias=config.mlp_bias,
+        norm_bias=config.norm_bias,
+        classifier_bias=config.classifier_bias,
+        pooling=config.classifier_pooling,
+        head_activation=config.classifier_activation,
+    )
+    return EncoderShape(
+        d_model=config.hidden_size,
+        n_heads=config.num_attention_heads,
+        d_mlp=config.intermediate_size,
+        n_layers=n_layers,
+        n_positions=config.max_position_embeddings,
+        d_vocab=config.vocab_size,
+        eps=config.norm_eps,
+        act_fn=config.hidden_activation,
+        n_token_types=0,
+        d_embed=config.hidden_size,
+        pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
+        modern=modern,
     )
 
 
@@ -225,6 +300,53 @@ def _distilbert_state_dict(hf: Any, n_heads: int) -> dict[str, Tensor]:
     return sd
 
 
+def _weight_and_bias(lin: Any, prefix: str, sd: dict, w: str = "W", b: str = "b") -> None:
+    """``nn.Linear`` -> ``W`` ``[in, out]`` and ``b`` (zeros where the layer has no bias)."""
+    sd[f"{prefix}.{w}"] = lin.weight.T
+    sd[f"{prefix}.{b}"] = lin.bias if lin.bias is not None else lin.weight.new_zeros(len(lin.weight))
+
+
+def _norm(norm: Any, prefix: str, sd: dict) -> None:
+    """``nn.LayerNorm`` (bias-free when ``norm_bias=False``: the bias is stored as zeros)."""
+    sd[f"{prefix}.w"] = norm.weight
+    sd[f"{prefix}.b"] = norm.bias if norm.bias is not None else norm.weight.new_zeros(norm.weight.shape)
+
+
+def _modernbert_state_dict(hf: Any, n_heads: int) -> dict[str, Tensor]:
+    """``Wqkv`` splits into Q, K, V; ``Wi`` into the activated half (``W_in``) and the gate
+    (``W_gate``); layer 0 has no attention norm (``attn_norm`` is the identity)."""
+    enc = hf.model
+    sd: dict[str, Tensor] = {"embed.embed.W_E": enc.embeddings.tok_embeddings.weight}
+    _norm(enc.embeddings.norm, "embed.ln", sd)
+    for i, layer in enumerate(enc.layers):
+        att, mlp, p = layer.attn, layer.mlp, f"blocks.{i}"
+        w = att.Wqkv.weight.view(3, n_heads, -1, att.Wqkv.weight.shape[-1])  # [3, h, d, m]
+        bias = att.Wqkv.bias
+        for j, name in enumerate("QKV"):
+            sd[f"{p}.attn.W_{name}"] = w[j].transpose(1, 2)
+            sd[f"{p}.attn.b_{name}"] = (
+                bias.view(3, n_heads, -1)[j] if bias is not None else w.new_zeros(w.shape[1:3])
+            )
+        sd[f"{p}.attn.W_O"] = einops.rearrange(att.Wo.weight, "m (h d) -> h d m", h=n_heads)
+        sd[f"{p}.attn.b_O"] = (
+            att.Wo.bias if att.Wo.bias is not None else att.Wo.weight.new_zeros(len(att.Wo.weight))
+        )
+        if i > 0:
+            _norm(layer.attn_norm, f"{p}.ln1", sd)
+        _norm(layer.mlp_norm, f"{p}.ln2", sd)
+        d_mlp = mlp.Wo.weight.shape[1]
+        wi = mlp.Wi.weight  # [2 d_mlp, m]: first half activated ("input"), second the gate
+        sd[f"{p}.mlp.W_in"], sd[f"{p}.mlp.W_gate"] = wi[:d_mlp].T, wi[d_mlp:].T
+        bi = mlp.Wi.bias if mlp.Wi.bias is not None else wi.new_zeros(2 * d_mlp)
+        sd[f"{p}.mlp.b_in"], sd[f"{p}.mlp.b_gate"] = bi[:d_mlp], bi[d_mlp:]
+        _weight_and_bias(mlp.Wo, f"{p}.mlp", sd, "W_out", "b_out")
+    _norm(enc.final_norm, "ln_final", sd)
+    _weight_and_bias(hf.head.dense, "pooler", sd)
+    _norm(hf.head.norm, "pooler.ln", sd)
+    _weight_and_bias(hf.classifier, "classifier", sd)
+    return sd
+
+
 # ------------------------------------------------------------------------------ registry
 BERT = Family(
     name="BERT",
@@ -287,7 +409,21 @@ DISTILBERT = Family(
     head_keys=("pre_classifier.", "classifier."),
 )
 
-FAMILIES: tuple[Family, ...] = (BERT, ELECTRA, ROBERTA, XLM_ROBERTA, DISTILBERT)
+MODERNBERT = Family(
+    name="ModernBERT",
+    model_types=("modernbert",),
+    hf_class="ModernBertForSequenceClassification",
+    examples="Alibaba-NLP/gte-reranker-modernbert-base",
+    positions="rotary",
+    head_activation="gelu",  # the default; the checkpoint's classifier_activation is used
+    layout=PairLayout(middle_seps=1, token_types=False),
+    encoder_config=_modernbert_config,
+    state_dict=_modernbert_state_dict,
+    head_keys=("head.", "classifier."),
+    blocks="pre_ln",
+)
+
+FAMILIES: tuple[Family, ...] = (BERT, ELECTRA, ROBERTA, XLM_ROBERTA, DISTILBERT, MODERNBERT)
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 SUPPORTED = (

@@ -38,7 +38,7 @@ from torch import Tensor
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from transformer_lens.ActivationCache import ActivationCache
-    from transformer_lens.components import BertBlock, BertEmbed, BertPooler, LayerNorm
+    from transformer_lens.components import BertBlock, BertEmbed, BertPooler, Embed, LayerNorm
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.HookedEncoder import HookedEncoder
@@ -186,6 +186,220 @@ class CrossEncoderClassifier(nn.Module):
         return self.hook_logits(nn.functional.linear(pooled, self.W.T, self.b))
 
 
+# ---------------------------------------------------------------------- ModernBERT components
+_MODERN_ACTS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": nn.functional.gelu,
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "relu": nn.functional.relu,
+    "silu": nn.functional.silu,
+}
+
+
+class IdentityNorm(nn.Module):
+    """ModernBERT's layer-0 attention norm, the identity, still hooked at ``hook_normalized``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.hook_normalized(x)
+
+
+class ModernEmbed(nn.Module):
+    """ModernBERT embedding: ``LN(W_E[t])`` (no position or token-type embedding: positions
+    enter every attention layer as rotations of queries and keys)."""
+
+    def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape):
+        super().__init__()
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        self.ln = HookAwareLayerNorm(cfg)
+        self.pad_token_id = shape.pad_token_id
+        self.position_offset = 0
+
+    def position_ids(self, input_ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+        """Rotary position of every token: ``0..n-1`` (padding is on the right)."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+    def token_states(
+        self, token_ids: Int[Tensor, " n"], *, token_type: int = 0, position: int | None = None
+    ) -> Float[Tensor, "n d_model"]:
+        """What ``hook_full_embed`` holds for these tokens (the same at every position)."""
+        return self.ln(self.embed.W_E[token_ids][None])[0]
+
+    def forward(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        return self.ln(self.hook_embed(self.embed(input_ids)))
+
+
+def rotate(
+    x: Float[Tensor, "batch pos head d_head"], theta: float, positions: Int[Tensor, " pos"]
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Rotary position embedding (GPT-NeoX / Hugging Face ``rotate_half`` layout): dimension
+    ``j < d/2`` pairs with ``j + d/2``, rotated by ``p * theta^(-2j/d)`` at position ``p``."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float) / d))
+    angles = positions.float()[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [pos, 1, d]
+    cos, sin = angles.cos(), angles.sin()
+    half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], dim=-1)
+    return (x.float() * cos + half.float() * sin).to(x.dtype)
+
+
+class RotaryAttention(nn.Module):
+    """Bidirectional multi-head attention with rotary positions and an optional sliding window.
+
+    ``q = x W_Q + b_Q`` (``hook_q``), rotated (``hook_rot_q``), likewise ``k``; ``v = x W_V + b_V``.
+    ``scores = q k^T / sqrt(d_head) + mask`` (``hook_attn_scores``; the mask is -inf on padding keys
+    and, for a local layer, on keys with ``|i - j| > window``), ``pattern = softmax(scores)``
+    (``hook_pattern``), ``z = pattern v`` (``hook_z``), ``out = sum_h z_h W_O[h] + b_O``. Same
+    parameter shapes and hook names as TransformerLens's ``Attention``.
+    """
+
+    def __init__(self, cfg: HookedTransformerConfig, *, theta: float, window: int | None):
+        super().__init__()
+        h, m, d = cfg.n_heads, cfg.d_model, cfg.d_head
+        for name in ("Q", "K", "V"):
+            setattr(self, f"W_{name}", nn.Parameter(torch.empty(h, m, d, dtype=cfg.dtype)))
+            setattr(self, f"b_{name}", nn.Parameter(torch.zeros(h, d, dtype=cfg.dtype)))
+        self.W_O = nn.Parameter(torch.empty(h, d, m, dtype=cfg.dtype))
+        self.b_O = nn.Parameter(torch.zeros(m, dtype=cfg.dtype))
+        self.theta, self.window = theta, window
+        self.attn_scale = d**0.5
+        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        additive_attention_mask: Float[Tensor, "batch 1 1 pos"] | None,
+        n_query: int | None = None,
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """Attention of the first ``n_query`` positions (default all) to every position."""
+        n = x.shape[1]
+        nq = n if n_query is None else n_query
+        positions = torch.arange(n, device=x.device)
+        q = self.hook_q(torch.einsum("bpm,hmd->bphd", x[:, :nq], self.W_Q) + self.b_Q)
+        k = self.hook_k(torch.einsum("bpm,hmd->bphd", x, self.W_K) + self.b_K)
+        v = self.hook_v(torch.einsum("bpm,hmd->bphd", x, self.W_V) + self.b_V)
+        q = self.hook_rot_q(rotate(q, self.theta, positions[:nq]))
+        k = self.hook_rot_k(rotate(k, self.theta, positions))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / self.attn_scale
+        if additive_attention_mask is not None:
+            scores = scores + additive_attention_mask
+        if self.window is not None:
+            far = (positions[:nq, None] - positions[None]).abs() > self.window
+            scores = scores.masked_fill(far, -torch.inf)
+        scores = self.hook_attn_scores(scores)
+        pattern = scores.softmax(-1)
+        pattern = self.hook_pattern(torch.where(pattern.isnan(), 0.0, pattern))
+        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))
+        return torch.einsum("bqhd,hdm->bqm", z, self.W_O) + self.b_O
+
+
+class GatedMLP(nn.Module):
+    """ModernBERT's GLU: ``hook_pre = x W_in + b_in`` (the activated half of HF's ``Wi``),
+    ``hook_pre_linear = x W_gate + b_gate`` (the gate half), and the **neuron**
+    ``hook_post = act(hook_pre) * hook_pre_linear`` ``[batch, pos, d_mlp]``, the input of
+    ``W_out``: zeroing neuron ``n`` there removes row ``n`` of ``W_out`` exactly, as in BERT.
+    (TransformerLens's ``GatedMLP`` calls the activated half ``W_gate``; mechir follows HF.)"""
+
+    def __init__(self, cfg: HookedTransformerConfig, act: str):
+        super().__init__()
+        m, n = cfg.d_model, cfg.d_mlp
+        self.W_in = nn.Parameter(torch.empty(m, n, dtype=cfg.dtype))
+        self.b_in = nn.Parameter(torch.zeros(n, dtype=cfg.dtype))
+        self.W_gate = nn.Parameter(torch.empty(m, n, dtype=cfg.dtype))
+        self.b_gate = nn.Parameter(torch.zeros(n, dtype=cfg.dtype))
+        self.W_out = nn.Parameter(torch.empty(n, m, dtype=cfg.dtype))
+        self.b_out = nn.Parameter(torch.zeros(m, dtype=cfg.dtype))
+        self.act = _MODERN_ACTS[act]
+        self.hook_pre, self.hook_pre_linear, self.hook_post = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        gate = self.hook_pre_linear(x @ self.W_gate + self.b_gate)
+        return self.hook_post(self.act(pre) * gate) @ self.W_out + self.b_out
+
+
+class ModernBlock(nn.Module):
+    """A pre-LayerNorm ModernBERT block, hooked with BERT's names::
+
+        resid_pre -> ln1 -> attn -> hook_attn_out; hook_resid_mid = resid_pre + attn_out
+        -> ln2 -> mlp -> hook_mlp_out; hook_resid_post = resid_mid + mlp_out  (the block output)
+
+    Unlike BERT (post-LN, output ``hook_normalized_resid_post``) the block output is the
+    un-normalized ``hook_resid_post``; ``ln1`` is the identity in layer 0."""
+
+    def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape, layer: int):
+        super().__init__()
+        modern = shape.modern
+        assert modern is not None
+        is_global = modern.global_layers[layer]
+        self.ln1: nn.Module = IdentityNorm() if layer == 0 else HookAwareLayerNorm(cfg)
+        self.ln2 = HookAwareLayerNorm(cfg)
+        self.attn = RotaryAttention(
+            cfg,
+            theta=modern.rope_theta_global if is_global else modern.rope_theta_local,
+            window=None if is_global else modern.window,
+        )
+        self.mlp = GatedMLP(cfg, shape.act_fn)
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        additive_attention_mask: Float[Tensor, "batch 1 1 pos"] | None = None,
+        n_query: int | None = None,
+    ) -> Float[Tensor, "batch query_pos d_model"]:
+        """The block on ``resid``; with ``n_query`` only the first positions are computed."""
+        resid = self.hook_resid_pre(resid)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), additive_attention_mask, n_query))
+        resid_mid = self.hook_resid_mid(resid[:, : attn_out.shape[1]] + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class ModernHead(nn.Module):
+    """ModernBERT's head as mechir's pooler: pool (``[CLS]``, or the mean over the real tokens
+    of :attr:`HookedCrossEncoder.running_batch`), then ``LN(act(pooled W + b))``, hooked at
+    ``hook_pooler_out`` (the input of the classifier)."""
+
+    def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape, running: list):
+        super().__init__()
+        modern = shape.modern
+        assert modern is not None
+        self.W = nn.Parameter(torch.empty(cfg.d_model, cfg.d_model, dtype=cfg.dtype))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.act = _MODERN_ACTS[modern.head_activation]
+        self.ln = HookAwareLayerNorm(cfg)
+        self.pooling = modern.pooling
+        self._running = running
+        self.hook_pooled = HookPoint()
+        self.hook_pooler_out = HookPoint()
+
+    def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
+        if self.pooling == "cls":
+            pooled = resid[:, 0]
+        else:
+            mask = current_batch(self._running).attention_mask.to(resid)
+            if mask.shape != resid.shape[:2]:
+                raise ValueError(
+                    f"mean pooling reads the running batch's attention mask {tuple(mask.shape)}, "
+                    f"which does not match the hidden states {tuple(resid.shape[:2])}: run the "
+                    "head inside model.running_on(batch) of these rows"
+                )
+            pooled = (resid * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        pooled = self.hook_pooled(pooled)
+        return self.hook_pooler_out(self.ln(self.act(pooled @ self.W + self.b)))
+
+
 class HookedCrossEncoder(HookedEncoder):
     """TransformerLens ``HookedEncoder`` whose forward pass returns cross-encoder relevance scores.
 
@@ -240,11 +454,24 @@ class HookedCrossEncoder(HookedEncoder):
         self.score_type = DEFAULT_SCORE_TYPE if score_type is None else score_type
         self._running: list[RunningInput] = []
         self.family = family
-        self.embed = CrossEncoderEmbed(cfg, shape or _bert_shape(cfg), family)
-        self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
-        for block in self.blocks:
-            block.ln1, block.ln2 = HookAwareLayerNorm(cfg), HookAwareLayerNorm(cfg)
-        self.pooler = CrossEncoderPooler(cfg, family.head_activation)
+        shape = shape or _bert_shape(cfg)
+        self.ln_final: nn.Module | None = None
+        if family.blocks == "pre_ln":
+            if shape.modern is None:
+                raise ValueError(f"{family.name} needs an EncoderShape with .modern set")
+            self.embed = ModernEmbed(cfg, shape)
+            self.blocks = TypedModuleList(
+                [ModernBlock(cfg, shape, layer) for layer in range(cfg.n_layers)]
+            )
+            self.ln_final = HookAwareLayerNorm(cfg)
+            self.hook_final_hidden = HookPoint()
+            self.pooler = ModernHead(cfg, shape, self._running)
+        else:
+            self.embed = CrossEncoderEmbed(cfg, shape, family)
+            self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
+            for block in self.blocks:
+                block.ln1, block.ln2 = HookAwareLayerNorm(cfg), HookAwareLayerNorm(cfg)
+            self.pooler = CrossEncoderPooler(cfg, family.head_activation)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_full_embed = HookPoint()
         self.hook_score = HookPoint()
@@ -360,7 +587,7 @@ class HookedCrossEncoder(HookedEncoder):
                 else self.additive_attention_mask(running.attention_mask)
             )
             for layer in range(start, stop):
-                resid = self.blocks[layer](resid, additive)
+                resid = self._finish(layer, self.blocks[layer](resid, additive))
             if stop_at_layer is not None or return_type == "resid":
                 return resid
             pooled = self.pooler(resid)
@@ -460,7 +687,10 @@ class HookedCrossEncoder(HookedEncoder):
         because such hooks may expect every position.
         """
         block = self.blocks[layer]
-        if not (cls_only and self._cls_only_is_safe(layer)):
+        cls_only = cls_only and self._cls_only_is_safe(layer)
+        if isinstance(block, ModernBlock):
+            return self._finish(layer, block(resid, additive_mask, 1 if cls_only else None))
+        if not cls_only:
             return block(resid, additive_mask)
         query = resid[:, :1]
         attn_out = block.hook_attn_out(
@@ -471,7 +701,38 @@ class HookedCrossEncoder(HookedEncoder):
         resid_post = block.hook_resid_post(normalized + block.hook_mlp_out(block.mlp(normalized)))
         return block.hook_normalized_resid_post(block.ln2(resid_post))
 
+    def _finish(
+        self, layer: int, resid: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """A block's output as the next block reads it; after the last block of a pre-LN model
+        (ModernBERT) that is the final norm's output ``hook_final_hidden``."""
+        if self.ln_final is None or layer != self.cfg.n_layers - 1:
+            return resid
+        return self.hook_final_hidden(self.ln_final(resid))
+
+    @property
+    def final_hidden_name(self) -> str:
+        """Hook of the final hidden states, the input of the score head: BERT blocks'
+        ``blocks.{L-1}.hook_normalized_resid_post``; ModernBERT's ``hook_final_hidden`` (the
+        output of the final norm ``ln_final``, whose ``hook_normalized`` is before its weight)."""
+        if self.ln_final is not None:
+            return "hook_final_hidden"
+        return self.block_output_name(self.cfg.n_layers - 1)
+
+    def block_output_name(self, layer: int) -> str:
+        """Hook of block ``layer``'s output (post-LN BERT: ``hook_normalized_resid_post``;
+        pre-LN ModernBERT: ``hook_resid_post``, before the final norm for the last block)."""
+        if self.family.blocks == "pre_ln":
+            return f"blocks.{layer}.hook_resid_post"
+        return f"blocks.{layer}.hook_normalized_resid_post"
+
     def _cls_only_is_safe(self, layer: int) -> bool:
+        if getattr(self.pooler, "pooling", "cls") != "cls":
+            return False  # mean pooling reads every position
+        if self.ln_final is not None and layer == self.cfg.n_layers - 1:
+            final = [*self.ln_final.modules(), self.hook_final_hidden]
+            if any(m._forward_hooks or m._forward_pre_hooks for m in final):
+                return False
         cfg = self.cfg
         if cfg.use_split_qkv_input or cfg.use_hook_mlp_in or cfg.use_attn_in:
             return False

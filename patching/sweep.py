@@ -153,7 +153,7 @@ def _run_rows(
 
 def final_name(model: HookedCrossEncoder) -> str:
     """The cached input of the score head (the start of rows patched after the last block)."""
-    return f"blocks.{model.cfg.n_layers - 1}.hook_normalized_resid_post"
+    return model.final_hidden_name
 
 
 def _start_names(model: HookedCrossEncoder, layers: Iterable[int]) -> list[str]:

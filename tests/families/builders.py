@@ -117,6 +117,36 @@ def _roberta_like(config_class: str, vocab: int, max_length: int) -> Any:
     )
 
 
+def _modernbert(vocab: int, max_length: int, *, pooling: str) -> Any:
+    """Global attention in layers 0, 2, ...; local layers see ``|i - j| <= 2`` (windows much
+    shorter than the inputs); biases everywhere except the norms (``norm_bias=False``)."""
+    return transformers.ModernBertConfig(
+        vocab_size=vocab,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        intermediate_size=4 * D_MODEL,
+        max_position_embeddings=max_length,
+        global_attn_every_n_layers=2,
+        local_attention=4,
+        attention_bias=True,
+        mlp_bias=True,
+        norm_bias=False,
+        classifier_bias=True,
+        classifier_pooling=pooling,
+        pad_token_id=0,
+        cls_token_id=2,
+        sep_token_id=3,
+        bos_token_id=2,
+        eos_token_id=3,
+        initializer_range=0.3,
+        embedding_dropout=0.0,
+        attention_dropout=0.0,
+        mlp_dropout=0.0,
+        classifier_dropout=0.0,
+    )
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """How to build one family's tiny checkpoint."""
@@ -185,6 +215,14 @@ SPECS: dict[str, FamilySpec] = {
             False,
             1,
         ),
+        FamilySpec(
+            "modernbert",
+            "ModernBertForSequenceClassification",
+            lambda: wordpiece_tokenizer(token_types=False),
+            lambda v, n: _modernbert(v, n, pooling="mean"),
+            False,
+            1,
+        ),
     )
 }
 FAMILY_NAMES = tuple(SPECS)
@@ -203,7 +241,7 @@ def save_tiny_family(
     model = getattr(transformers, spec.model_class)(config)
     with torch.no_grad():  # non-trivial LayerNorm and bias parameters, so none of them is idle
         for pname, p in model.named_parameters():
-            if "LayerNorm.weight" in pname or "layer_norm.weight" in pname:
+            if "LayerNorm.weight" in pname or pname.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif pname.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))

@@ -26,9 +26,9 @@ def test_every_hidden_state_and_the_score_match_hf(family):
     name, model, hf, batch = family
     assert batch.attention_mask.sum(-1).unique().numel() > 1, "batch must contain padding"
     logits, hidden = hf_forward(hf, batch, SPECS[name])
-    names = ["hook_full_embed"] + [
-        f"blocks.{i}.hook_normalized_resid_post" for i in range(model.cfg.n_layers)
-    ]
+    last = model.cfg.n_layers - 1  # HF's last hidden state is the final norm's (ModernBERT)
+    names = ["hook_full_embed"]
+    names += [model.block_output_name(i) for i in range(last)] + [model.final_hidden_name]
     with torch.no_grad():
         mine, cache = model.run_with_cache(batch, return_type="logits", names_filter=names)
     assert len(hidden) == len(names)
