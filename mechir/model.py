@@ -389,6 +389,8 @@ class ModernHead(nn.Module):
             pooled = resid[:, 0]
         else:
             mask = current_batch(self._running).attention_mask.to(resid)
+            if len(mask) == 1:  # rows grown from one example (as the attention mask broadcasts)
+                mask = mask.expand(len(resid), -1)
             if mask.shape != resid.shape[:2]:
                 raise ValueError(
                     f"mean pooling reads the running batch's attention mask {tuple(mask.shape)}, "

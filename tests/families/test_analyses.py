@@ -41,11 +41,18 @@ def hf_scores(hf, batch, name):
 
 def hf_attention_modules(hf):
     """The self-attention modules of a HF encoder, in layer order."""
-    return [m for m in hf.modules() if type(m).__name__.endswith("SelfAttention")]
+    return [
+        m
+        for m in hf.modules()
+        if type(m).__name__.endswith("SelfAttention") or type(m).__name__ == "ModernBertAttention"
+    ]
 
 
 def hf_linear(hf, layer, which):
     """The HF linear layer reading the heads (``"attn_out"``) or the neurons (``"mlp_out"``)."""
+    if hasattr(hf, "model") and hasattr(hf.model, "layers"):  # ModernBERT
+        block = hf.model.layers[layer]
+        return block.attn.Wo if which == "attn_out" else block.mlp.Wo
     names = {
         "attn_out": ("attention.output.dense", "attention.out_lin"),
         "mlp_out": ("output.dense", "ffn.lin2"),
@@ -179,9 +186,12 @@ def test_qk_alignment_equals_trace_of_hf_query_key_weights(family):
     h, d = model.cfg.n_heads, model.cfg.d_head
     expected = []
     for attn in hf_attention_modules(hf):
-        q = getattr(attn, "query", None) or attn.q_lin
-        k = getattr(attn, "key", None) or attn.k_lin
-        wq, wk = (lin.weight.detach().double().view(h, d, -1) for lin in (q, k))
+        if hasattr(attn, "Wqkv"):  # ModernBERT: fused [Q; K; V] rows, positions ignored
+            wq, wk, _ = attn.Wqkv.weight.detach().double().view(3, h, d, -1)
+        else:
+            q = getattr(attn, "query", None) or attn.q_lin
+            k = getattr(attn, "key", None) or attn.k_lin
+            wq, wk = (lin.weight.detach().double().view(h, d, -1) for lin in (q, k))
         expected.append((wq * wk).sum((1, 2)))
     torch.testing.assert_close(
         torch.tensor(table["alignment"].to_numpy()), torch.cat(expected), rtol=1e-10, atol=1e-10
