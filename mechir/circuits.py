@@ -27,6 +27,13 @@ for all heads of all layers in one batched call. In the singular basis
 lies along ``u_k`` attend to keys along ``v_k``. When ``u_k`` and ``v_k`` point the same way
 (``u_k . v_k > 0``) the head attends from a token to tokens *like itself*, the signature of a
 matching head; :func:`qk_alignment` scores how much of a head's spectrum does so.
+
+**Rotary models (ModernBERT).** There the score is ``(R_i q_i) . (R_j k_j)`` with ``R_p`` the
+rotation of position ``p``, so the bilinear form between positions ``i`` and ``j`` is
+``W_Q R_{j-i} W_K^T``, not ``W_Q W_K^T``. Everything here reads ``W_Q W_K^T``, i.e. the QK circuit
+at **relative distance 0** (``R_0 = I``), a position-free reading of the head's content matching;
+at other distances each 2-d rotary plane is turned by ``(j - i) theta_k``. The bias terms likewise
+hold at distance 0 only. :func:`token_embeddings` of a rotary model ignores ``position``.
 """
 
 from __future__ import annotations

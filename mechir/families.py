@@ -59,7 +59,7 @@ class ModernShape:
     """What a pre-LayerNorm, rotary ModernBERT encoder adds to :class:`EncoderShape`."""
 
     global_layers: tuple[bool, ...]  #: per layer: global (True) or sliding-window attention
-    window: int  #: local layers attend to keys with ``|i - j| <= window`` (``local_attention // 2``)
+    window: int  #: local layers see keys with ``|i - j| <= window`` (``local_attention // 2``)
     rope_theta_global: float
     rope_theta_local: float
     attention_bias: bool
@@ -171,7 +171,10 @@ def _modernbert_config(config: Any) -> EncoderShape:
     ]
     rope = getattr(config, "rope_parameters", None) or {}
     thetas = {}
-    for kind, legacy in (("full_attention", "global_rope_theta"), ("sliding_attention", "local_rope_theta")):
+    for kind, legacy in (
+        ("full_attention", "global_rope_theta"),
+        ("sliding_attention", "local_rope_theta"),
+    ):
         params = rope.get(kind) or {"rope_type": "default", "rope_theta": getattr(config, legacy)}
         if params.get("rope_type", "default") != "default":
             raise ValueError(
@@ -300,16 +303,19 @@ def _distilbert_state_dict(hf: Any, n_heads: int) -> dict[str, Tensor]:
     return sd
 
 
+def _bias(module: Any, size: int) -> Tensor:
+    """A layer's bias, or zeros where it has none (``*_bias=False``: adding zeros is exact)."""
+    return module.bias if module.bias is not None else module.weight.new_zeros(size)
+
+
 def _weight_and_bias(lin: Any, prefix: str, sd: dict, w: str = "W", b: str = "b") -> None:
-    """``nn.Linear`` -> ``W`` ``[in, out]`` and ``b`` (zeros where the layer has no bias)."""
-    sd[f"{prefix}.{w}"] = lin.weight.T
-    sd[f"{prefix}.{b}"] = lin.bias if lin.bias is not None else lin.weight.new_zeros(len(lin.weight))
+    """``nn.Linear`` -> ``W`` ``[in, out]`` and ``b``."""
+    sd[f"{prefix}.{w}"], sd[f"{prefix}.{b}"] = lin.weight.T, _bias(lin, len(lin.weight))
 
 
 def _norm(norm: Any, prefix: str, sd: dict) -> None:
-    """``nn.LayerNorm`` (bias-free when ``norm_bias=False``: the bias is stored as zeros)."""
-    sd[f"{prefix}.w"] = norm.weight
-    sd[f"{prefix}.b"] = norm.bias if norm.bias is not None else norm.weight.new_zeros(norm.weight.shape)
+    """``nn.LayerNorm`` (bias-free when ``norm_bias=False``)."""
+    sd[f"{prefix}.w"], sd[f"{prefix}.b"] = norm.weight, _bias(norm, len(norm.weight))
 
 
 def _modernbert_state_dict(hf: Any, n_heads: int) -> dict[str, Tensor]:
@@ -321,23 +327,18 @@ def _modernbert_state_dict(hf: Any, n_heads: int) -> dict[str, Tensor]:
     for i, layer in enumerate(enc.layers):
         att, mlp, p = layer.attn, layer.mlp, f"blocks.{i}"
         w = att.Wqkv.weight.view(3, n_heads, -1, att.Wqkv.weight.shape[-1])  # [3, h, d, m]
-        bias = att.Wqkv.bias
+        bias = _bias(att.Wqkv, len(att.Wqkv.weight)).view(3, n_heads, -1)
         for j, name in enumerate("QKV"):
-            sd[f"{p}.attn.W_{name}"] = w[j].transpose(1, 2)
-            sd[f"{p}.attn.b_{name}"] = (
-                bias.view(3, n_heads, -1)[j] if bias is not None else w.new_zeros(w.shape[1:3])
-            )
+            sd[f"{p}.attn.W_{name}"], sd[f"{p}.attn.b_{name}"] = w[j].transpose(1, 2), bias[j]
         sd[f"{p}.attn.W_O"] = einops.rearrange(att.Wo.weight, "m (h d) -> h d m", h=n_heads)
-        sd[f"{p}.attn.b_O"] = (
-            att.Wo.bias if att.Wo.bias is not None else att.Wo.weight.new_zeros(len(att.Wo.weight))
-        )
+        sd[f"{p}.attn.b_O"] = _bias(att.Wo, len(att.Wo.weight))
         if i > 0:
             _norm(layer.attn_norm, f"{p}.ln1", sd)
         _norm(layer.mlp_norm, f"{p}.ln2", sd)
         d_mlp = mlp.Wo.weight.shape[1]
         wi = mlp.Wi.weight  # [2 d_mlp, m]: first half activated ("input"), second the gate
         sd[f"{p}.mlp.W_in"], sd[f"{p}.mlp.W_gate"] = wi[:d_mlp].T, wi[d_mlp:].T
-        bi = mlp.Wi.bias if mlp.Wi.bias is not None else wi.new_zeros(2 * d_mlp)
+        bi = _bias(mlp.Wi, 2 * d_mlp)
         sd[f"{p}.mlp.b_in"], sd[f"{p}.mlp.b_gate"] = bi[:d_mlp], bi[d_mlp:]
         _weight_and_bias(mlp.Wo, f"{p}.mlp", sd, "W_out", "b_out")
     _norm(enc.final_norm, "ln_final", sd)

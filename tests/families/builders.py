@@ -223,6 +223,14 @@ SPECS: dict[str, FamilySpec] = {
             False,
             1,
         ),
+        FamilySpec(
+            "modernbert-cls",
+            "ModernBertForSequenceClassification",
+            lambda: wordpiece_tokenizer(token_types=False),
+            lambda v, n: _modernbert(v, n, pooling="cls"),
+            False,
+            1,
+        ),
     )
 }
 FAMILY_NAMES = tuple(SPECS)

@@ -41,7 +41,8 @@ def test_every_hidden_state_and_the_score_match_hf(family):
 
 def test_family_is_recognised(family):
     name, model, _, _ = family
-    assert name in model.family.model_types
+    assert model.family.hf_class == SPECS[name].model_class
+    assert name.split("-cls")[0] in model.family.model_types
 
 
 def test_padding_does_not_change_scores(family):
