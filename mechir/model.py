@@ -18,6 +18,31 @@ The relevance computation, with the hook point of every step::
 For ELECTRA, RoBERTa and XLM-R the "pooler" is the classification head's ``dense`` layer and the
 classifier its ``out_proj``; for DistilBERT they are ``pre_classifier`` and ``classifier``.
 RoBERTa/XLM-R position ids start at ``padding_idx + 1`` (``embed.position_offset``).
+
+**ModernBERT** cannot be expressed by TransformerLens's blocks; its blocks here are built from
+``HookPoint`` s with BERT's hook names where they mean the same thing. What differs::
+
+    embed.hook_embed -> embed.ln -> hook_full_embed      no position / token-type embedding
+    blocks.{l}: hook_resid_pre -> ln1 (identity in layer 0) -> attn -> hook_attn_out
+                hook_resid_mid = resid_pre + attn_out -> ln2 -> mlp -> hook_mlp_out
+                hook_resid_post = resid_mid + mlp_out            (pre-LN: the block output)
+    ln_final -> hook_final_hidden                        after the last block (the head's input)
+    -> pooler.hook_pooled (resid[:, 0], or the mean over the running batch's real tokens)
+    -> pooler.hook_pooler_out = LN(act(pooled W + b)) -> classifier.hook_logits -> hook_score
+
+* Pre- vs post-LN: a BERT block's output is ``hook_normalized_resid_post``, a ModernBERT block's
+  is ``hook_resid_post`` (``model.block_output_name(l)``); the score head reads
+  ``model.final_hidden_name`` (BERT: the last block's output; ModernBERT: ``hook_final_hidden``,
+  the output of ``ln_final``, whose own ``hook_normalized`` is before its weight, as in TL).
+* Rotary attention: ``attn.hook_q/hook_k`` are before the rotation, ``attn.hook_rot_q/hook_rot_k``
+  after it; ``hook_attn_scores`` includes the padding mask and, in local layers (all but every
+  ``global_attn_every_n_layers``-th), -inf on keys with ``|i - j| > local_attention // 2``;
+  global and local layers use their own theta. The QK circuit ``W_Q W_K^T`` is the one at
+  relative distance 0 (see :mod:`mechir.circuits`).
+* Gated MLP: ``mlp.hook_pre = x W_in + b_in`` (the activated half of HF's ``Wi``),
+  ``mlp.hook_pre_linear = x W_gate + b_gate`` (the gate half), and the neuron
+  ``mlp.hook_post = act(hook_pre) * hook_pre_linear``, the input of ``W_out``.
+* Norms without bias (``norm_bias=False``) and linear layers without bias get zero biases.
 """
 
 from __future__ import annotations

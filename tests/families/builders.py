@@ -117,9 +117,9 @@ def _roberta_like(config_class: str, vocab: int, max_length: int) -> Any:
     )
 
 
-def _modernbert(vocab: int, max_length: int, *, pooling: str) -> Any:
-    """Global attention in layers 0, 2, ...; local layers see ``|i - j| <= 2`` (windows much
-    shorter than the inputs); biases everywhere except the norms (``norm_bias=False``)."""
+def _modernbert(vocab: int, max_length: int, *, pooling: str, local_attention: int = 4) -> Any:
+    """Global attention in layers 0, 2, ...; local layers see ``|i - j| <= local_attention // 2``
+    (windows shorter than the inputs); biases everywhere except the norms (``norm_bias=False``)."""
     return transformers.ModernBertConfig(
         vocab_size=vocab,
         hidden_size=D_MODEL,
@@ -128,7 +128,7 @@ def _modernbert(vocab: int, max_length: int, *, pooling: str) -> Any:
         intermediate_size=4 * D_MODEL,
         max_position_embeddings=max_length,
         global_attn_every_n_layers=2,
-        local_attention=4,
+        local_attention=local_attention,
         attention_bias=True,
         mlp_bias=True,
         norm_bias=False,
@@ -227,7 +227,9 @@ SPECS: dict[str, FamilySpec] = {
             "modernbert-cls",
             "ModernBertForSequenceClassification",
             lambda: wordpiece_tokenizer(token_types=False),
-            lambda v, n: _modernbert(v, n, pooling="cls"),
+            # [CLS] pooling: a wider window (|i - j| <= 8), so the last (local) layer's [CLS]
+            # still reads document tokens and an ablation in layer 0 reaches the score
+            lambda v, n: _modernbert(v, n, pooling="cls", local_attention=16),
             False,
             1,
         ),
