@@ -299,6 +299,12 @@ class RotaryAttention(nn.Module):
         for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z"):
             setattr(self, f"hook_{name}", HookPoint())
 
+    def rotate_positions(
+        self, x: Float[Tensor, "batch pos head d_head"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """``hook_q``/``hook_k``-shaped ``x`` rotated as at positions ``0..pos-1`` (linear)."""
+        return rotate(x, self.theta, torch.arange(x.shape[1], device=x.device))
+
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],

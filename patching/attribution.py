@@ -18,6 +18,7 @@ well it agrees with exact patching (:func:`patching.sweep.patch_sweep`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -110,9 +111,10 @@ def attribution_patch(
             if clean_grads is not None:
                 grad = (grad + clean_grads[i_layer]) / 2
             if qk:
-                scale = model.blocks[layer].attn.attn_scale
+                attn = model.blocks[layer].attn
+                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
                 reduced = _qk_softmax_estimate(
-                    target, qk, layer, clean[name], acts, grad, parts, scale
+                    target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation
                 )
             else:
                 prod = (clean[name] - acts[name].detach()).double() * grad.double()
@@ -159,11 +161,13 @@ def _qk_softmax_estimate(
     grad_pattern: Float[Tensor, "batch head query key"],
     parts: Int[Tensor, "batch pos"],
     scale: float,
+    rotation: Callable[[Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "batch head ..."]:
     """AtP* for a query/key cell: ``sum (softmax(S + dS) - P) * dF/dP`` per (head, position set).
 
     For keys patched at positions ``m``: ``dS[b, h, q, k] = q[b, q, h] . (k_clean - k)[b, k, h]
-    m[b, k] / scale``; for queries the same with the roles of ``q`` and ``k`` swapped.
+    m[b, k] / scale``; for queries the same with the roles of ``q`` and ``k`` swapped. With rotary
+    positions ``q``, ``k`` and the difference are first rotated (``rotation``, linear per position).
     """
     pre = f"blocks.{layer}.attn."
     q, k = acts[pre + "hook_q"].detach(), acts[pre + "hook_k"].detach()
@@ -171,13 +175,15 @@ def _qk_softmax_estimate(
     pattern = acts[pre + "hook_pattern"].detach()
     own = k if which == "k" else q
     diff = clean.to(own.dtype) - own
+    rotate = rotation or (lambda x: x)
+    q, k = rotate(q), rotate(k)
     b, width, n_heads, _ = own.shape
     n_sub = 1 if len(target.cells) == 1 else (width if target.cells[1] == "position" else 5)
     out = torch.zeros(b, n_heads, n_sub, dtype=torch.float64)
     for j in range(n_sub):
         sub = torch.tensor([[0] + ([j] if len(target.cells) > 1 else [])] * b, device=own.device)
         mask = target.row_mask(sub, parts, own).expand(b, width, n_heads, 1)[:, :, 0, 0]
-        d = diff * mask[:, :, None, None].to(diff.dtype)
+        d = rotate(diff * mask[:, :, None, None].to(diff.dtype))
         if which == "k":
             d_scores = torch.einsum("bqhd,bkhd->bhqk", q, d) / scale
         else:

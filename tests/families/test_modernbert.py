@@ -124,3 +124,35 @@ def test_unsupported_rope_type_is_a_clear_error(family_dirs):
     }
     with pytest.raises(ValueError, match="rope_type 'linear' is not supported"):
         load_cross_encoder(hf, tokenizer=wordpiece_tokenizer(token_types=False), device="cpu")
+
+
+def _affine(ln):
+    """A LayerNorm that keeps its centring and weight but not its (nonlinear) scaling."""
+    return lambda x: (x - x.mean(-1, keepdim=True)) * ln.w + ln.b
+
+
+def test_atp_star_on_rotary_queries_and_keys_is_exact_on_a_linear_tail(family_dirs):
+    """AtP* rotates q, k and the patched difference: exact when the score is affine in the last
+    layer's pattern (affine norms, gate fixed to 1 and identity activations after it)."""
+    from patching import attribution_patch, patch_sweep, qk_target
+    from tests.families.test_analyses import corrupted_pairs
+
+    model = load_cross_encoder(family_dirs("modernbert-cls"), device="cpu")
+    last = model.blocks[-1]
+    with torch.no_grad():
+        last.mlp.W_gate.zero_()
+        last.mlp.b_gate.fill_(1.0)
+    last.mlp.act = lambda x: x
+    for ln in (last.ln1, last.ln2, model.ln_final, model.pooler.ln):
+        ln.forward = _affine(ln)
+    model.pooler.act = lambda x: x
+    pairs = corrupted_pairs(model, model.encode(QUERIES, DOCUMENTS))
+    for target in (qk_target("k", heads=["1/0", "1/1"]), qk_target("q", by="part", heads=["1/3"])):
+        exact = patch_sweep(model, pairs, target)
+        approx = attribution_patch(model, pairs, target, batch_size=3)
+        scale = max(1.0, float(exact.patched.nan_to_num().abs().max()))
+        torch.testing.assert_close(
+            approx.patched, exact.patched, atol=1e-5 * scale, rtol=0, equal_nan=True
+        )
+        effect = exact.patched - exact.corrupted.view(-1, *[1] * (exact.patched.dim() - 1))
+        assert effect.nan_to_num().abs().max() > 1e-2
