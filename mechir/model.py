@@ -95,7 +95,7 @@ class HookAwareLayerNorm(LayerNorm):
     Same parameters, same hook names, same results up to float rounding; about 6 fewer passes
     over the activations."""
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         hooked = any(
             point._forward_hooks or point._backward_hooks or point._backward_pre_hooks
             for point in (self.hook_scale, self.hook_normalized)
@@ -308,7 +308,7 @@ class RotaryAttention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        additive_attention_mask: Float[Tensor, "batch 1 1 pos"] | None,
+        additive_attention_mask: Float[Tensor, "#batch 1 1 pos"] | None,
         n_query: int | None = None,
     ) -> Float[Tensor, "batch query_pos d_model"]:
         """Attention of the first ``n_query`` positions (default all) to every position."""
@@ -386,10 +386,11 @@ class ModernBlock(nn.Module):
     def forward(
         self,
         resid: Float[Tensor, "batch pos d_model"],
-        additive_attention_mask: Float[Tensor, "batch 1 1 pos"] | None = None,
+        additive_attention_mask: Float[Tensor, "#batch 1 1 pos"] | None = None,
         n_query: int | None = None,
-    ) -> Float[Tensor, "batch query_pos d_model"]:
-        """The block on ``resid``; with ``n_query`` only the first positions are computed."""
+    ) -> Float[Tensor, "rows query_pos d_model"]:
+        """The block on ``resid``; with ``n_query`` only the first positions are computed.
+        (``rows`` may exceed ``batch``: hooks may add rows inside the block, as NIG does.)"""
         resid = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid), additive_attention_mask, n_query))
         resid_mid = self.hook_resid_mid(resid[:, : attn_out.shape[1]] + attn_out)
