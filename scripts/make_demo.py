@@ -57,10 +57,13 @@ def convert_model(src: Path, dst: Path, dtype: torch.dtype = torch.float16) -> d
 
 
 def copy_collection(src: Path, dst: Path) -> dict[str, int]:
-    """The quick split, stored unsplit, with only the documents its run uses."""
+    """The quick split, stored unsplit, with only the documents its run uses or its qrels judge
+    (so that every judged document, e.g. for ``matching_pairs``, is in the collection)."""
     dst.mkdir(parents=True, exist_ok=True)
     run_lines = (src / "run.bm25.quick.trec").read_text(encoding="utf-8").splitlines()
     used = {line.split()[2] for line in run_lines if line.strip()}
+    qrels = (src / "qrels.quick.txt").read_text(encoding="utf-8").splitlines()
+    used |= {line.split()[2] for line in qrels if line.strip()}
     n_docs = 0
     with (
         open(src / "docs.tsv", encoding="utf-8") as fin,
@@ -71,7 +74,7 @@ def copy_collection(src: Path, dst: Path) -> dict[str, int]:
                 fout.write(line)
                 n_docs += 1
     if n_docs != len(used):
-        raise RuntimeError(f"{len(used) - n_docs} documents of the run are not in docs.tsv")
+        raise RuntimeError(f"{len(used) - n_docs} documents of the run/qrels are not in docs.tsv")
     shutil.copyfile(src / "queries.quick.tsv", dst / "queries.tsv")
     shutil.copyfile(src / "qrels.quick.txt", dst / "qrels.txt")
     shutil.copyfile(src / "run.bm25.quick.trec", dst / "run.bm25.trec")

@@ -40,7 +40,10 @@ def test_demo_collection():
     assert len(col.queries) == 50 and len(col.query_ids()) == 50
     pairs = col.candidates(depth=20)
     assert len(pairs) == 1000
-    assert len(col.docs) == len({p.docid for p in pairs}) == 782
+    ranked = {p.docid for p in pairs}
+    judged = {d for docs in col.qrels.values() for d in docs}
+    assert len(ranked) == 782 and len(col.docs) == len(ranked | judged) == 789
+    assert judged <= set(col.docs)  # every judged document is there (matching_pairs needs them)
     assert load_collection("demo", split="quick").queries == col.queries
     with pytest.raises(ValueError, match="only the 'quick' split"):
         load_collection("demo", split="test")

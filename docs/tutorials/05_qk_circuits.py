@@ -80,12 +80,7 @@ print(tokens[["label", "vector", "sign", "rank", "token", "projection"]].to_stri
 # (reduced inside the forward pass: no cache of patterns is kept) and scores every head.
 
 # %%
-# The demo collection keeps only the documents its BM25 run ranks, so a judged relevant document
-# may be absent; we use the queries whose relevant documents are all there.
-complete = [
-    q for q in collection.query_ids() if all(d in collection.docs for d in collection.qrels[q])
-]
-pairs = matching_pairs(collection, query_ids=complete[:6], max_relevant=1, max_hard=1, n_easy=2)
+pairs = matching_pairs(collection, n_queries=6, max_relevant=1, max_hard=1, n_easy=2)
 print(pairs["kind"].value_counts().to_dict())
 deltas, stats = matching_heads(model, pairs, max_length=128)
 qd = deltas[(deltas["statistic"] == "qd_max") & (deltas["negative"] == "easy_negative")]
