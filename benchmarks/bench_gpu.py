@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from assets import default_model, hf_model, quick_set
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODEL = ROOT.parent / "shared" / "models" / "minilm-l6-ce-scifact"
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
 
 def timed(fn: Callable[[], Any], device: str, repeats: int = 1) -> tuple[float, Any]:
@@ -52,7 +51,6 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def scoring(args: argparse.Namespace, pairs: list, cpu_model: Any) -> dict[str, Any]:
     """Pre-encoded pairs (tokenisation not timed), the same sub-batches for every model."""
-    from transformers import AutoModelForSequenceClassification
 
     from mechir import load_cross_encoder
 
@@ -70,7 +68,7 @@ def scoring(args: argparse.Namespace, pairs: list, cpu_model: Any) -> dict[str, 
     t, s16 = timed(lambda: bf16.score(batch, batch_size=bs), args.device, args.repeats)
     out["hooked_bf16_pairs_per_s"] = len(pairs) / t
     out["max_abs_diff_bf16_vs_fp32"] = max_diff(s16, s32)
-    hf = AutoModelForSequenceClassification.from_pretrained(args.model, attn_implementation="eager")
+    hf = hf_model(args.model)
     hf = hf.to(args.device).eval()
 
     def hf_scores() -> torch.Tensor:
@@ -150,9 +148,8 @@ def patching(args: argparse.Namespace, cpu_model: Any) -> dict[str, Any]:
 
     model = load_cross_encoder(args.model, device=args.device)
     builder = PairBuilder(model.tokenizer, max_length=160, choose="first")
-    from mechir.data import load_collection
 
-    col = load_collection(SCIFACT, split="quick")
+    col = quick_set()
     built = []
     for p in col.candidates(depth=20):
         try:
@@ -181,7 +178,7 @@ def patching(args: argparse.Namespace, cpu_model: Any) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(SHARED_MODEL))
+    ap.add_argument("--model", default=default_model())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -193,10 +190,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mechir import load_cross_encoder
-    from mechir.data import load_collection
 
     cpu_model = load_cross_encoder(args.model, device="cpu")
-    pairs = load_collection(SCIFACT, split="quick").candidates(depth=20)[: args.pairs]
+    pairs = quick_set().candidates(depth=20)[: args.pairs]
     record: dict[str, Any] = {
         "benchmark": "GPU check: scoring, NIG, patching (each against the CPU)",
         "model": args.model,

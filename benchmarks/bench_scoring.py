@@ -18,16 +18,15 @@ import time
 from pathlib import Path
 
 import torch
+from assets import default_model, hf_model, quick_set
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODEL = ROOT.parent / "shared" / "models" / "minilm-l6-ce-scifact"
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(SHARED_MODEL))
+    ap.add_argument("--model", default=default_model())
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=160)
@@ -35,19 +34,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    from transformers import AutoModelForSequenceClassification
-
     from mechir import load_cross_encoder
-    from mechir.data import load_collection
     from mechir.hooks import direction_ablation_hooks
 
     model = load_cross_encoder(args.model, device=args.device)
-    hf = (
-        AutoModelForSequenceClassification.from_pretrained(args.model, attn_implementation="eager")
-        .to(args.device)
-        .eval()
-    )
-    pairs = load_collection(SCIFACT, split="quick").candidates(depth=20)[: args.pairs]
+    hf = hf_model(args.model).to(args.device).eval()
+    pairs = quick_set().candidates(depth=20)[: args.pairs]
     batch = model.encode(
         [p.query for p in pairs], [p.document for p in pairs], max_length=args.max_length
     )

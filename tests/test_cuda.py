@@ -77,19 +77,27 @@ def test_patch_sweep_matches_cpu(models):
         torch.testing.assert_close(b.patched, a.patched, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
-@needs_cuda
-@pytest.mark.shared
-def test_shared_model_scores_match_cpu_in_fp32_and_bf16():
-    requires_shared()
+def _real_model_and_pairs(source: str) -> tuple:
+    """The shared SciFact model and quick set, or their embedded demo copies (no ../shared)."""
     from mechir.data import load_collection
+
+    if source == "shared":
+        requires_shared()
+        return SHARED_MODEL, load_collection(SCIFACT, split="quick").candidates(depth=20)[:64]
+    return "demo", load_collection("demo").candidates(depth=20)[:64]
+
+
+@needs_cuda
+@pytest.mark.parametrize("source", [pytest.param("shared", marks=pytest.mark.shared), "demo"])
+def test_real_model_scores_match_cpu_in_fp32_and_bf16(source):
     from mechir.evaluation import score_pairs
 
-    pairs = load_collection(SCIFACT, split="quick").candidates(depth=20)[:64]
+    model_name, pairs = _real_model_and_pairs(source)
     kw = dict(batch_size=32, max_length=160, progress=False)
-    ref = score_pairs(load_cross_encoder(SHARED_MODEL, device="cpu"), pairs, **kw)
-    fp32 = score_pairs(load_cross_encoder(SHARED_MODEL, device="cuda"), pairs, **kw)
+    ref = score_pairs(load_cross_encoder(model_name, device="cpu"), pairs, **kw)
+    fp32 = score_pairs(load_cross_encoder(model_name, device="cuda"), pairs, **kw)
     torch.testing.assert_close(fp32, ref, atol=1e-4, rtol=1e-4)
-    bf16_model = load_cross_encoder(SHARED_MODEL, device="cuda", dtype=torch.bfloat16)
+    bf16_model = load_cross_encoder(model_name, device="cuda", dtype=torch.bfloat16)
     bf16 = score_pairs(bf16_model, pairs, **kw)
     assert (bf16 - ref).abs().max() < 0.1  # bf16: 8 mantissa bits
     assert torch.corrcoef(torch.stack([bf16, ref]))[0, 1] > 0.999
