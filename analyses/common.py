@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechir import distributed
 from mechir.cli import (
     OneLineParser,
     add_execution_options,
@@ -44,6 +43,7 @@ from mechir.cli import (
     resolve_max_length,
     run_command,
 )
+from mechir.lazy import lazy_import
 from mechir.store import (
     ConfigMismatchError,
     ResultsStore,
@@ -51,6 +51,8 @@ from mechir.store import (
     merge_shards,
     shard_path,
 )
+
+distributed = lazy_import("mechir.distributed")
 
 DEFAULT_MODEL = "castorini/monobert-large-msmarco"
 DEFAULT_DATASET = "msmarco-passage/trec-dl-2019/judged"

@@ -32,9 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from analyses import plots
 from analyses.base import Study, StudyRun, Unit
 from analyses.reranking import (
     compare_to_baseline,
@@ -51,8 +49,12 @@ from mechir.hooks import (
     direction_ablation_hooks,
     sliding_layer_windows,
 )
+from mechir.lazy import lazy_import
 from mechir.parts import PARTS, Part, parse_parts
 from mechir.selection import check_layers
+
+pd = lazy_import("pandas")
+plots = lazy_import("analyses.plots")
 
 BASELINE = "none"
 

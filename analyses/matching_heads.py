@@ -28,10 +28,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
 
-from analyses import plots
 from analyses.base import Stage, Study, StudyRun, Unit, UsageError
 from analyses.common import writes_outputs
 from analyses.reranking import (
@@ -43,6 +40,7 @@ from analyses.reranking import (
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.data import matching_pairs
+from mechir.lazy import lazy_import
 from mechir.matching import (
     STATISTICS,
     AttentionStatistics,
@@ -52,6 +50,10 @@ from mechir.matching import (
     matching_head_labels,
 )
 from mechir.selection import head_label, parse_head
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
+plots = lazy_import("analyses.plots")
 
 #: The statistics whose relevant-vs-negative Delta is tabulated.
 DELTA_STATISTICS = (

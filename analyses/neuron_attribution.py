@@ -27,15 +27,17 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
 
-from analyses import plots
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.data import Pair, load_collection
+from mechir.lazy import lazy_import
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
+plots = lazy_import("analyses.plots")
 
 CLASSES = ("relevant", "non_relevant")
 PRUNE_KINDS = ("relevant", "non_relevant", "fused", "intersection")

@@ -27,14 +27,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
 
-from analyses import plots
 from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
+from mechir.lazy import lazy_import
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
+plots = lazy_import("analyses.plots")
 
 TARGETS = ("heads", "resid_pre", "attn_out", "mlp_out")
 

@@ -27,13 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from analyses import plots
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import DEFAULT_RESULTS, candidate_pairs, default_run_name
 from analyses.summary import Summary
+from mechir.lazy import lazy_import
 from mechir.selection import check_heads, head_label, parse_head
+
+pd = lazy_import("pandas")
+plots = lazy_import("analyses.plots")
 
 SCORES = (
     "alignment",

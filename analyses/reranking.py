@@ -10,10 +10,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from analyses.floors import first_stage_run, random_ranking_floor, worst_ranking_run
 from mechir.data import Pair, Qrels, Run
+from mechir.lazy import lazy_import
+
+pd = lazy_import("pandas")
 
 if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
     from mechir.model import HooksArg

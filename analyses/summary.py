@@ -12,7 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from mechir.lazy import lazy_import
+
+pd = lazy_import("pandas")
+
 
 Formats = Mapping[str, str] | str
 

@@ -1,5 +1,6 @@
 """Start-up latency of the command line: ``import mechir``, ``mechir --help``, ``mechir rerank
---help``, a study's ``--help`` and an argument error, each in a fresh Python process.
+--help``, every study's ``--help``, the report's, and argument errors, each in a fresh Python
+process.
 
 Each command runs in a new interpreter (what a user waits for), interleaved across the measured
 trees so machine load affects them alike; the median of ``--repeats`` runs is reported, plus
@@ -24,6 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+STUDIES = (
+    "direction_ablation",
+    "neuron_attribution",
+    "patching_tfc1",
+    "matching_heads",
+    "qk_svd",
+    "reranking",
+    "demo",
+)
 COMMANDS: dict[str, list[str]] = {
     "import mechir": ["-c", "import mechir"],
     "mechir --help": ["-m", "mechir.cli", "--help"],
@@ -41,9 +51,20 @@ COMMANDS: dict[str, list[str]] = {
         "--batch-size",
         "0",
     ],  # fmt: skip
-    "python -m analyses.direction_ablation --help": ["-m", "analyses.direction_ablation", "--help"],
+    "mechir demo --help": ["-m", "mechir.cli", "demo", "--help"],
+    **{
+        f"python -m analyses.{study} --help": ["-m", f"analyses.{study}", "--help"]
+        for study in STUDIES
+    },
+    "python -m analyses.direction_ablation --mode bogus (argument error)": [
+        "-m",
+        "analyses.direction_ablation",
+        "--mode",
+        "bogus",
+    ],  # fmt: skip
+    "python -m analyses.report --help": ["-m", "analyses.report", "--help"],
 }
-HEAVY = ("torch", "transformers", "transformer_lens")
+HEAVY = ("torch", "transformers", "transformer_lens", "pandas", "matplotlib")
 
 
 def run_once(tree: Path, args: list[str]) -> tuple[float, int]:

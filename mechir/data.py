@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 
+from mechir.lazy import lazy_import
 from mechir.network import offline_mode, unreachable
+
+pd = lazy_import("pandas")
 
 Qrels = dict[str, dict[str, int]]
 #: A ranking: query id -> document id -> score (the ir_measures / pytrec_eval dict format).

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import torch
 
 from mechir.data import Pair, Qrels, Run
 from mechir.display import describe
+from mechir.lazy import lazy_import
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
 
 if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
     from mechir.model import HookedCrossEncoder, HooksArg

@@ -32,16 +32,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
 from jaxtyping import Bool, Float
-from torch import Tensor
 
 from mechir.data import PAIR_KINDS
 from mechir.data import matching_pairs as _data_matching_pairs
 from mechir.display import short_list
+from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, Part
 from mechir.selection import check_layers, head_label
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
 
 __all__ = [
     "DIRECTIONS",
@@ -105,7 +106,7 @@ def wordpiece_words(tokens: Sequence[str]) -> list[str]:
     return words
 
 
-def _word_keys(batch: CrossEncoderBatch, tokenizer: Any) -> Tensor:
+def _word_keys(batch: CrossEncoderBatch, tokenizer: Any) -> torch.Tensor:
     """Integer id of the whole word of every query/document token (-1 elsewhere)."""
     keys = torch.full_like(batch.input_ids, -1, device="cpu")
     vocab: dict[str, int] = {}
@@ -122,7 +123,7 @@ def _word_keys(batch: CrossEncoderBatch, tokenizer: Any) -> Tensor:
 
 def exact_match_mask(
     batch: CrossEncoderBatch, *, whole_words: bool = False, tokenizer: Any = None
-) -> Bool[Tensor, "batch pos pos"]:
+) -> Bool[torch.Tensor, "batch pos pos"]:
     """``M[b, i, j]``: tokens ``i`` and ``j`` are an exact query/document match.
 
     True when one of ``i, j`` is a query token and the other a document token and they have the
@@ -154,7 +155,7 @@ class AttentionStatistics:
             ``n_query``, ``n_document``, ``n_matches`` (exact-match Q->D entries).
     """
 
-    values: dict[str, Float[Tensor, "pair layer head"]]
+    values: dict[str, Float[torch.Tensor, "pair layer head"]]
     layers: list[int]
     pairs: pd.DataFrame = field(repr=False)
 
@@ -179,7 +180,7 @@ class AttentionStatistics:
         return frame
 
 
-def _predicted_relevant(model: Any, logits: Float[Tensor, "batch n_labels"]) -> Tensor:
+def _predicted_relevant(model: Any, logits: Float[torch.Tensor, "batch n_labels"]) -> torch.Tensor:
     """1 label: logit > 0 (probability > 0.5); several: the relevant label has the top logit."""
     if model.num_labels == 1:
         return logits[:, 0] > 0
@@ -187,8 +188,12 @@ def _predicted_relevant(model: Any, logits: Float[Tensor, "batch n_labels"]) -> 
 
 
 def _pair_info(
-    batch: CrossEncoderBatch, match: Tensor, logits: Tensor, score: Tensor, model: Any
-) -> dict[str, Tensor]:
+    batch: CrossEncoderBatch,
+    match: torch.Tensor,
+    logits: torch.Tensor,
+    score: torch.Tensor,
+    model: Any,
+) -> dict[str, torch.Tensor]:
     is_q = batch.mask(Part.QUERY)
     return {
         "score": score.float().cpu(),
@@ -199,7 +204,7 @@ def _pair_info(
     }
 
 
-def _masked_max(pattern: Tensor, mask: Tensor) -> Tensor:
+def _masked_max(pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Max of ``pattern [b, h, q, k]`` over the entries where ``mask [b, q, k]`` (NaN if none)."""
     filled = pattern.masked_fill(~mask[:, None], -math.inf).amax((-2, -1))
     return filled.masked_fill(filled == -math.inf, math.nan)
@@ -216,11 +221,11 @@ class _Reduction:
     """
 
     mass_names: tuple[str, ...]
-    weights: Float[Tensor, "batch pos_pos n_masses"]
-    max_masks: dict[str, Bool[Tensor, "batch pos pos"]]
+    weights: Float[torch.Tensor, "batch pos_pos n_masses"]
+    max_masks: dict[str, Bool[torch.Tensor, "batch pos pos"]]
 
     @classmethod
-    def build(cls, parts: Tensor, match: Tensor) -> _Reduction:
+    def build(cls, parts: torch.Tensor, match: torch.Tensor) -> _Reduction:
         masks = {p: parts == int(p) for p in Part}
         names, weights, max_masks = [], [], {}
         for name, (src_part, tgt_part) in DIRECTIONS.items():
@@ -240,8 +245,8 @@ class _Reduction:
         return cls(tuple(names), stacked, max_masks)
 
     def __call__(
-        self, pattern: Float[Tensor, "batch head pos pos"]
-    ) -> dict[str, Float[Tensor, "batch head"]]:
+        self, pattern: Float[torch.Tensor, "batch head pos pos"]
+    ) -> dict[str, Float[torch.Tensor, "batch head"]]:
         pattern = pattern.float()  # no copy for float32; sums of half-precision values drift
         masses = torch.bmm(pattern.flatten(2), self.weights)  # [batch, head, n_masses]
         out = dict(zip(self.mass_names, masses.unbind(-1)))
@@ -253,10 +258,10 @@ class _Reduction:
 
 
 def pattern_statistics(
-    pattern: Float[Tensor, "batch head pos pos"],
+    pattern: Float[torch.Tensor, "batch head pos pos"],
     batch: CrossEncoderBatch,
-    match: Bool[Tensor, "batch pos pos"] | None = None,
-) -> dict[str, Float[Tensor, "batch head"]]:
+    match: Bool[torch.Tensor, "batch pos pos"] | None = None,
+) -> dict[str, Float[torch.Tensor, "batch head"]]:
     """The :data:`STATISTICS` of one layer's attention pattern (e.g. from a cache) for ``batch``.
 
     ``match`` defaults to :func:`exact_match_mask` of the batch (token ids only).
@@ -266,10 +271,12 @@ def pattern_statistics(
     return _Reduction.build(batch.parts, match)(pattern)
 
 
-def _reducing_hook(values: dict[str, Tensor], rows: Tensor, li: int, reduction: _Reduction):
+def _reducing_hook(
+    values: dict[str, torch.Tensor], rows: torch.Tensor, li: int, reduction: _Reduction
+):
     """Hook on ``hook_pattern``: reduce the pattern and store it in ``values[...][rows, li]``."""
 
-    def hook(pattern: Tensor, hook: Any) -> None:
+    def hook(pattern: torch.Tensor, hook: Any) -> None:
         reduced = reduction(pattern)
         stacked = torch.stack([reduced[name] for name in STATISTICS]).cpu()  # one device copy
         for name, value in zip(STATISTICS, stacked):
@@ -278,8 +285,8 @@ def _reducing_hook(values: dict[str, Tensor], rows: Tensor, li: int, reduction: 
     return hook
 
 
-def _capture_hook(store: dict[str, Tensor], key: str):
-    def hook(activation: Tensor, hook: Any) -> None:
+def _capture_hook(store: dict[str, torch.Tensor], key: str):
+    def hook(activation: torch.Tensor, hook: Any) -> None:
         store[key] = activation.detach()
 
     return hook
@@ -317,7 +324,7 @@ def attention_statistics(
     n, n_heads = len(batch), model.cfg.n_heads
     device = model.cfg.device
     values = {name: torch.empty(n, len(layers), n_heads) for name in STATISTICS}
-    info: dict[str, list[Tensor]] = {}
+    info: dict[str, list[torch.Tensor]] = {}
     order = torch.arange(n)
     if sort_by_length:
         order = torch.sort(batch.lengths.cpu(), stable=True).indices
@@ -327,7 +334,7 @@ def attention_statistics(
         chunk = batch[rows].to(device)
         match = exact_match_mask(chunk, whole_words=whole_words, tokenizer=tokenizer)
         reduction = _Reduction.build(chunk.parts, match)
-        captured: dict[str, Tensor] = {}
+        captured: dict[str, torch.Tensor] = {}
         hooks = [
             (f"blocks.{layer}.attn.hook_pattern", _reducing_hook(values, rows, li, reduction))
             for li, layer in enumerate(layers)

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from jaxtyping import Bool, Int
-from torch import Tensor
+
+from mechir.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 
 class Part(enum.IntEnum):
@@ -129,10 +131,10 @@ class CrossEncoderBatch:
         parts: the :class:`Part` of every token (``Part.PAD`` on padding).
     """
 
-    input_ids: Int[Tensor, "batch pos"]
-    token_type_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    parts: Int[Tensor, "batch pos"]
+    input_ids: Int[torch.Tensor, "batch pos"]
+    token_type_ids: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    parts: Int[torch.Tensor, "batch pos"]
 
     def __post_init__(self) -> None:
         shapes = {f.name: tuple(getattr(self, f.name).shape) for f in fields(self)}
@@ -158,17 +160,17 @@ class CrossEncoderBatch:
         return self.input_ids.device
 
     @property
-    def lengths(self) -> Int[Tensor, " batch"]:
+    def lengths(self) -> Int[torch.Tensor, " batch"]:
         """Number of real (non-padding) tokens of each example."""
         return self.attention_mask.sum(-1)
 
-    def mask(self, parts: PartLike | Iterable[PartLike]) -> Bool[Tensor, "batch pos"]:
+    def mask(self, parts: PartLike | Iterable[PartLike]) -> Bool[torch.Tensor, "batch pos"]:
         """Boolean mask of the tokens that belong to any of ``parts``."""
         ids = torch.tensor([int(p) for p in parse_parts(parts)], device=self.device)
         return torch.isin(self.parts, ids)
 
     @property
-    def part_masks(self) -> Bool[Tensor, "batch 5 pos"]:
+    def part_masks(self) -> Bool[torch.Tensor, "batch 5 pos"]:
         """One boolean mask per real part, stacked in :data:`PARTS` order."""
         return torch.stack([self.parts == int(p) for p in PARTS], dim=1)
 
@@ -288,12 +290,12 @@ def cross_encoder_batch_from_tokens(
 
 
 def infer_parts(
-    input_ids: Int[Tensor, "batch pos"],
-    attention_mask: Int[Tensor, "batch pos"],
+    input_ids: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
     *,
     cls_token_id: int,
     sep_token_id: int,
-) -> Int[Tensor, "batch pos"]:
+) -> Int[torch.Tensor, "batch pos"]:
     """Part ids of already-built ``[CLS] q [SEP]+ d [SEP]`` inputs, from their special tokens.
 
     Position 0 is CLS; the tokens before the first separator are the query; that separator and

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch import Tensor
-
+from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, infer_parts
+
+torch = lazy_import("torch")
 
 HookFn = Callable[..., Any]
 #: What every hook factory returns: TransformerLens ``(hook_name, fn)`` pairs (compose with +).
@@ -28,7 +28,10 @@ class RunningInput:
     __slots__ = ("batch_", "tokens", "token_type_ids", "attention_mask", "tokenizer")
 
     def __init__(
-        self, batch: CrossEncoderBatch | None = None, tokenizer: Any = None, **ids: Tensor | None
+        self,
+        batch: CrossEncoderBatch | None = None,
+        tokenizer: Any = None,
+        **ids: torch.Tensor | None,
     ):
         self.batch_ = batch
         self.tokenizer = tokenizer
@@ -46,9 +49,9 @@ class RunningInput:
     def of(
         cls,
         model: Any,
-        input: CrossEncoderBatch | Tensor,
-        token_type_ids: Tensor | None,
-        attention_mask: Tensor | None,
+        input: CrossEncoderBatch | torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
     ) -> RunningInput:
         device = model.cfg.device
         if isinstance(input, CrossEncoderBatch):

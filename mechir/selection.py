@@ -29,15 +29,16 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from jaxtyping import Bool
-from torch import Tensor
+
+from mechir.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 Head = tuple[int, int]
 HeadLike = Head | str
 LayerSelection = int | Iterable[int] | str | None
 HeadSelection = HeadLike | Iterable[HeadLike | int] | Mapping[int, Any] | None
-NeuronSelection = Mapping[int, Iterable[int]] | Bool[Tensor, "n_layers d_mlp"]
 
 _TL_HEAD = re.compile(r"^L(\d+)H(\d+)$")
 _PAPER_HEAD = re.compile(r"^(\d+)/(\d+)$")
@@ -192,12 +193,15 @@ def heads_by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
 
 
 def select_neurons(
-    model_or_cfg: Any, neurons: NeuronSelection, *, allow_empty: bool = False
-) -> Bool[Tensor, "n_layers d_mlp"]:
+    model_or_cfg: Any,
+    neurons: Mapping[int, Iterable[int]] | Bool[torch.Tensor, "n_layers d_mlp"],
+    *,
+    allow_empty: bool = False,
+) -> Bool[torch.Tensor, "n_layers d_mlp"]:
     """A boolean ``[n_layers, d_mlp]`` mask from ``{layer: indices}`` or a mask (validated)."""
     cfg = _cfg(model_or_cfg)
     shape = (cfg.n_layers, cfg.d_mlp)
-    if isinstance(neurons, Tensor):
+    if isinstance(neurons, torch.Tensor):
         if tuple(neurons.shape) != shape or neurons.dtype != torch.bool:
             raise ValueError(
                 f"neuron mask must be a bool tensor of shape {shape}, got "
@@ -208,7 +212,7 @@ def select_neurons(
         mask = torch.zeros(shape, dtype=torch.bool)
         for layer, idx in neurons.items():
             layer = check_layer(cfg, layer)
-            if isinstance(idx, Tensor):
+            if isinstance(idx, torch.Tensor):
                 idx = idx.flatten().tolist()
             idx = [_index(i, f"neuron index in layer {layer}") for i in idx]
             bad = [i for i in idx if not 0 <= i < cfg.d_mlp]
@@ -244,3 +248,10 @@ def check_heads(
 
 
 neuron_mask = select_neurons
+
+
+def __getattr__(name: str) -> Any:
+    # ``NeuronSelection`` names torch.Tensor, so it is built on first use (torch loads lazily)
+    if name == "NeuronSelection":
+        return Mapping[int, Iterable[int]] | Bool[torch.Tensor, "n_layers d_mlp"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

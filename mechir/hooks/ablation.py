@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import torch
 from jaxtyping import Bool, Float
-from torch import Tensor
 
+from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, PartLike, parse_parts
 from mechir.running import running_batch
+
+torch = lazy_import("torch")
 
 T = TypeVar("T")
 
@@ -33,7 +34,7 @@ def per_forward(compute: Callable[[CrossEncoderBatch], T]) -> Callable[[Any], T]
 
 def part_positions(
     parts: PartLike | Iterable[PartLike] | None,
-) -> Callable[[Any], Bool[Tensor, "batch pos"]] | None:
+) -> Callable[[Any], Bool[torch.Tensor, "batch pos"]] | None:
     """``get(hook) -> [batch, pos]`` mask of the running batch's tokens in ``parts`` (None: no
     restriction)."""
     if parts is None:
@@ -68,21 +69,21 @@ def activation_means(
     *,
     batch_size: int = 32,
     parts: PartLike | Iterable[PartLike] | None = None,
-) -> dict[str, Float[Tensor, "..."]]:
+) -> dict[str, Float[torch.Tensor, "..."]]:
     """Mean of each named activation over every real token of ``batch`` (or over the tokens of
     ``parts``), streamed sub-batch by sub-batch: only running sums are kept, never a cache.
 
     For an activation ``[batch, pos, *rest]`` the result has shape ``rest``:
     ``mean = sum_{b,p in tokens} act[b, p] / #tokens``.
     """
-    sums: dict[str, Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     for chunk in batch.chunks(batch_size):
         tokens = chunk.mask(parts) if parts is not None else chunk.attention_mask.bool()
         tokens = tokens.to(model.cfg.device)
         count += int(tokens.sum())
 
-        def accumulate(act: Tensor, hook: Any, tokens: Tensor = tokens) -> None:
+        def accumulate(act: torch.Tensor, hook: Any, tokens: torch.Tensor = tokens) -> None:
             s = act[tokens].double().sum(0)
             sums[hook.name] = sums[hook.name] + s if hook.name in sums else s
 
@@ -94,11 +95,11 @@ def activation_means(
 
 
 def masked_replace(
-    act: Float[Tensor, "batch pos ..."],
-    selected: Bool[Tensor, "..."],
-    positions: Bool[Tensor, "batch pos"] | None,
-    value: Float[Tensor, "..."] | None,
-) -> Float[Tensor, "batch pos ..."]:
+    act: Float[torch.Tensor, "batch pos ..."],
+    selected: Bool[torch.Tensor, "..."],
+    positions: Bool[torch.Tensor, "batch pos"] | None,
+    value: Float[torch.Tensor, "..."] | None,
+) -> Float[torch.Tensor, "batch pos ..."]:
     """``act`` with the ``selected`` trailing entries replaced by ``value`` (zero when None), at
     ``positions`` only (every position when None). Out of place, so gradients flow."""
     where = selected.to(act.device)[None, None]

@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-import torch
 from jaxtyping import Bool, Float
-from torch import Tensor
 
 from mechir.hooks.ablation import bound_to, per_forward
+from mechir.lazy import lazy_import
 from mechir.parts import PARTS, CrossEncoderBatch, Part, PartLike, parse_parts
 from mechir.running import HookFn, Hooks
 from mechir.selection import (
@@ -28,6 +27,8 @@ from mechir.selection import (
     select_heads,
     select_layers,
 )
+
+torch = lazy_import("torch")
 
 AblationMode = Literal["zero", "renormalize"]
 #: One direction: (attending part(s), attended part(s)).
@@ -82,7 +83,7 @@ def sliding_layer_windows(n_layers: int, width: int, stride: int = 1) -> list[li
 
 def direction_mask(
     batch: CrossEncoderBatch, directions: Sequence[Direction]
-) -> Bool[Tensor, "batch query_pos key_pos"]:
+) -> Bool[torch.Tensor, "batch query_pos key_pos"]:
     """``True`` where attention is removed: row token in an attending part and column token in
     the matching attended part, for any of ``directions`` (padding is never selected)."""
     removed = torch.zeros(
@@ -181,7 +182,7 @@ def _direction_hooks(
     point = "hook_pattern" if mode == "zero" else "hook_attn_scores"
 
     def make_hook(head_idx: list[int] | None) -> HookFn:
-        def hook(act: Float[Tensor, "batch head q k"], hook: Any) -> Tensor:
+        def hook(act: Float[torch.Tensor, "batch head q k"], hook: Any) -> torch.Tensor:
             if check is not None:
                 check(hook)
             rm = removed(hook).to(act.device)[:, None]

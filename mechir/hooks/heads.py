@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-import torch
 from jaxtyping import Float
-from torch import Tensor
 
 from mechir.hooks.ablation import activation_means, bound_to, masked_replace, part_positions
+from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, PartLike
 from mechir.running import Hooks
 from mechir.selection import HeadSelection, LayerSelection, heads_by_layer, select_heads
+
+torch = lazy_import("torch")
 
 KnockoutMode = Literal["zero", "mean"]
 
@@ -23,7 +24,7 @@ def head_output_means(
     *,
     batch_size: int = 32,
     parts: PartLike | Iterable[PartLike] | None = None,
-) -> Float[Tensor, "n_layers n_heads d_head"]:
+) -> Float[torch.Tensor, "n_layers n_heads d_head"]:
     """Mean ``z`` (head value-weighted output before ``W_O``) of every head over the real tokens
     of a reference batch (or the tokens of ``parts``), streamed without a cache."""
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
@@ -37,7 +38,9 @@ def head_knockout_hooks(
     *,
     layers: LayerSelection = None,
     mode: KnockoutMode = "zero",
-    means: Float[Tensor, "n_layers n_heads d_head"] | Mapping[str, Tensor] | None = None,
+    means: Float[torch.Tensor, "n_layers n_heads d_head"]
+    | Mapping[str, torch.Tensor]
+    | None = None,
     parts: PartLike | Iterable[PartLike] | None = None,
     batch: CrossEncoderBatch | None = None,
 ) -> Hooks:
@@ -67,7 +70,7 @@ def head_knockout_hooks(
         if mode == "mean":
             value = means[name] if isinstance(means, Mapping) else means[layer]
 
-        def hook(z: Tensor, hook: Any, selected=selected, value=value) -> Tensor:
+        def hook(z: torch.Tensor, hook: Any, selected=selected, value=value) -> torch.Tensor:
             if check is not None:
                 check(hook)
             where = None if positions is None else positions(hook)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
+from jaxtyping import Bool, Float
 
 from mechir.hooks.ablation import activation_means, bound_to, masked_replace, part_positions
+from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, PartLike
 from mechir.running import Hooks
-from mechir.selection import NeuronSelection, select_neurons
+from mechir.selection import select_neurons
+
+torch = lazy_import("torch")
 
 NeuronMode = Literal["zero", "mean"]
 NeuronHook = Literal["post", "pre"]
@@ -31,7 +32,7 @@ def neuron_means(
     hook: NeuronHook = "post",
     batch_size: int = 32,
     parts: PartLike | Iterable[PartLike] | None = None,
-) -> Float[Tensor, "n_layers d_mlp"]:
+) -> Float[torch.Tensor, "n_layers d_mlp"]:
     """Mean activation of every FFN neuron over the real tokens of a reference batch (or the
     tokens of ``parts``), streamed without a cache."""
     names = [f"blocks.{layer}.mlp.hook_{_check_hook(hook)}" for layer in range(model.cfg.n_layers)]
@@ -41,10 +42,10 @@ def neuron_means(
 
 def neuron_ablation_hooks(
     model: Any,
-    neurons: NeuronSelection | None = None,
+    neurons: Mapping[int, Iterable[int]] | Bool[torch.Tensor, "n_layers d_mlp"] | None = None,
     *,
     mode: NeuronMode = "zero",
-    means: Float[Tensor, "n_layers d_mlp"] | None = None,
+    means: Float[torch.Tensor, "n_layers d_mlp"] | None = None,
     hook: NeuronHook = "post",
     parts: PartLike | Iterable[PartLike] | None = None,
     batch: CrossEncoderBatch | None = None,
@@ -68,7 +69,7 @@ def neuron_ablation_hooks(
     for layer in mask.any(-1).nonzero().flatten().tolist():
         value = means[layer] if mode == "mean" else None
 
-        def fn(act: Tensor, hook: Any, selected=mask[layer], value=value) -> Tensor:
+        def fn(act: torch.Tensor, hook: Any, selected=mask[layer], value=value) -> torch.Tensor:
             if check is not None:
                 check(hook)
             where = None if positions is None else positions(hook)
