@@ -64,10 +64,29 @@ def attribution_patch(
         A :class:`PatchingResult` with ``method="attribution"``, on the same grid as
         :func:`patching.sweep.patch_sweep` for the same target.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if gradient not in ("corrupted", "mean"):
         raise ValueError(f"unknown gradient={gradient!r}: choose 'corrupted' or 'mean'")
+    return attribution_estimates(
+        model, pairs, target, batch_size=batch_size, atp_star=atp_star, gradients=(gradient,)
+    )[gradient]
+
+
+def attribution_estimates(
+    model: HookedCrossEncoder,
+    pairs: AlignedPairs,
+    target: PatchTarget,
+    *,
+    batch_size: int = 16,
+    atp_star: bool = True,
+    gradients: tuple[str, ...] = ("corrupted", "mean"),
+) -> dict[str, PatchingResult]:
+    """:func:`attribution_patch` with several ``gradient`` rules from the same runs (one clean
+    backward pass serves every rule that needs it): ``{rule: result}``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for gradient in gradients:
+        if gradient not in ("corrupted", "mean"):
+            raise ValueError(f"unknown gradient={gradient!r}: choose 'corrupted' or 'mean'")
     width = pairs.clean.input_ids.shape[1]
     dims, coords = target.grid(model, width)
     shape = tuple(len(coords[d]) for d in dims)
@@ -80,7 +99,8 @@ def attribution_patch(
     extra = [f"blocks.{lay}.attn.hook_{x}" for lay in layers for x in ("q", "k", "attn_scores")]
     patterns = [f"blocks.{lay}.attn.hook_pattern" for lay in layers] if qk else []
     n = len(pairs)
-    patched = torch.full((n, int(np.prod(shape)) if shape else 1), float("nan"))
+    size = int(np.prod(shape)) if shape else 1
+    patched = {g: torch.full((n, size), float("nan")) for g in gradients}
     clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
     for g0 in range(0, n, batch_size):
         group = pairs[g0 : g0 + batch_size]
@@ -88,7 +108,7 @@ def attribution_patch(
         with torch.no_grad():
             c_score, clean = model.run_with_cache(group.clean, names_filter=names)
         clean_grads = None
-        if gradient == "mean" and not qk:
+        if "mean" in gradients and not qk:
             c_acts: dict[str, Tensor] = {}
             c_hooks = [("hook_full_embed", _leaf_hook)] + [
                 (nm, partial(_store_hook, c_acts)) for nm in names
@@ -106,42 +126,47 @@ def attribution_patch(
             wrt = patterns if qk else names
             grads = torch.autograd.grad(k_score.sum(), [acts[nm] for nm in wrt])
         parts = group.corrupted.parts.to(k_score.device)
-        dense = torch.zeros(b, *shape, dtype=torch.float64)
-        for i_layer, (layer, name, grad) in enumerate(zip(layers, names, grads)):
-            if clean_grads is not None:
-                grad = (grad + clean_grads[i_layer]) / 2
-            if qk:
-                attn = model.blocks[layer].attn
-                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
-                reduced = _qk_softmax_estimate(
-                    target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation
-                )
-            else:
-                prod = (clean[name] - acts[name].detach()).double() * grad.double()
-                reduced = target.reduce(prod, parts).cpu()
-            if target.has_layer_dim:
-                dense[:, layer] = _fit(reduced, dense.shape[2:])
-            else:
-                dense[:] = _fit(reduced, dense.shape[1:])
         k = k_score.detach().double().cpu()
-        estimate = (k.view(-1, *([1] * len(shape))) + dense).reshape(b, -1)
         rows = torch.arange(g0, g0 + b)
-        for i in range(b):
-            cs = valid[rows[i]].nonzero()[:, 0]
-            patched[rows[i], flat[cs]] = estimate[i, flat[cs]].float()
+        for gradient in gradients:
+            dense = torch.zeros(b, *shape, dtype=torch.float64)
+            for i_layer, (layer, name, grad) in enumerate(zip(layers, names, grads)):
+                if gradient == "mean" and clean_grads is not None:
+                    grad = (grad + clean_grads[i_layer]) / 2
+                if qk:
+                    attn = model.blocks[layer].attn
+                    rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
+                    reduced = _qk_softmax_estimate(
+                        target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale,
+                        rotation,
+                    )  # fmt: skip
+                else:
+                    prod = (clean[name] - acts[name].detach()).double() * grad.double()
+                    reduced = target.reduce(prod, parts).cpu()
+                if target.has_layer_dim:
+                    dense[:, layer] = _fit(reduced, dense.shape[2:])
+                else:
+                    dense[:] = _fit(reduced, dense.shape[1:])
+            estimate = (k.view(-1, *([1] * len(shape))) + dense).reshape(b, -1)
+            for i in range(b):
+                cs = valid[rows[i]].nonzero()[:, 0]
+                patched[gradient][rows[i], flat[cs]] = estimate[i, flat[cs]].float()
         clean_scores[g0 : g0 + b] = c_score.float().cpu()
         corrupted_scores[g0 : g0 + b] = k.float()
-    return PatchingResult(
-        target=target.name,
-        dims=dims,
-        coords=coords,
-        patched=patched.reshape(n, *shape),
-        clean=clean_scores,
-        corrupted=corrupted_scores,
-        pair_ids=list(pairs.pair_ids),
-        grades=list(pairs.grades),
-        method="attribution",
-    )
+    return {
+        gradient: PatchingResult(
+            target=target.name,
+            dims=dims,
+            coords=coords,
+            patched=patched[gradient].reshape(n, *shape),
+            clean=clean_scores,
+            corrupted=corrupted_scores,
+            pair_ids=list(pairs.pair_ids),
+            grades=list(pairs.grades),
+            method="attribution",
+        )
+        for gradient in gradients
+    }
 
 
 def _qk_input(target: PatchTarget) -> str | None:
@@ -246,4 +271,4 @@ def _corr(fn: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float(fn(x, y)[0])
 
 
-__all__ = ["attribution_patch", "attribution_vs_exact"]
+__all__ = ["attribution_estimates", "attribution_patch", "attribution_vs_exact"]

@@ -45,7 +45,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechir.model import HookedCrossEncoder
-from patching.attribution import attribution_patch
+from patching.attribution import attribution_estimates
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA, PatchingResult
 from patching.sweep import (
@@ -67,6 +67,8 @@ class TopCells:
         exact: ``[unit, *grid]`` exact effects of the verified cells (NaN elsewhere): score
             change ``s_patch - s_corr`` per pair, or the mean normalized metric when averaged.
         estimate: ``[unit, *grid]`` attribution-patching estimates of the same quantity.
+        uncertainty: ``[unit, *grid]`` half-width ``w`` of each estimate's interval (``spread``
+            times the gap between the corrupted- and mean-gradient estimates).
         verified: ``[unit, *grid]`` which cells were patched exactly.
         top: ``[unit, k]`` flat grid indices of the k largest ``|exact|``, largest first
             (-1 where a unit has fewer than k cells).
@@ -83,6 +85,7 @@ class TopCells:
     measure: str
     exact: Float[Tensor, "unit ..."]
     estimate: Float[Tensor, "unit ..."]
+    uncertainty: Float[Tensor, "unit ..."]
     verified: Bool[Tensor, "unit ..."]
     top: Int[Tensor, "unit k"]
     certified: Bool[Tensor, " unit"]
@@ -135,6 +138,7 @@ class _Run:
     target: PatchTarget
     approx: PatchingResult
     est_pair: Float[Tensor, "pair cell"]
+    width_pair: Float[Tensor, "pair cell"]
     cells: Int[Tensor, "cell cols"]
     valid: Bool[Tensor, "pair cell"]
     clean: Tensor  # [pair], filled in
@@ -148,26 +152,26 @@ class _Run:
     min_delta: float
 
 
-def _stop(
-    est_abs: Tensor, exact_abs: Tensor, error: Tensor, verified: Tensor, k: int, rule: tuple
-) -> bool:
+def _stop(est: Tensor, width: Tensor, exact: Tensor, verified: Tensor, k: int, rule: tuple) -> bool:
     """The stopping rule for one unit over its valid cells (1-D tensors; module docstring)."""
     if bool(verified.all()):
         return True
     if int(verified.sum()) < k:
         return False
     rtol, atol, window = rule
-    kth = exact_abs[verified].topk(k).values[-1]
-    largest = est_abs[~verified].max()
-    comparable = verified & (est_abs <= window * largest)
-    seen = error[comparable].max() if comparable.any() else largest.new_zeros(())
+    bound = est.abs() + width
+    kth = exact.abs()[verified].topk(k).values[-1]
+    largest = bound[~verified].max()
+    comparable = verified & (bound <= window * largest)
+    outside = (exact - est).abs() - width  # how far an exact effect fell outside its interval
+    seen = outside[comparable].max() if comparable.any() else largest.new_zeros(())
     return bool(kth > largest + torch.maximum(rtol * largest + atol, seen))
 
 
-def _next_cells(est_abs: Tensor, verified: Tensor, valid: Tensor, n: int) -> Tensor:
-    """Indices of the ``n`` unverified valid cells with the largest ``|estimate|``."""
+def _next_cells(bound: Tensor, verified: Tensor, valid: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` unverified valid cells with the largest bound ``|estimate| + w``."""
     free = (valid & ~verified).nonzero()[:, 0]
-    order = torch.argsort(est_abs[free], descending=True, stable=True)
+    order = torch.argsort(bound[free], descending=True, stable=True)
     return free[order[:n]]
 
 
@@ -178,16 +182,17 @@ def patch_top_cells(
     k: int = 10,
     *,
     average: bool = False,
-    rtol: float = 0.25,
+    rtol: float = 0.5,
     atol: float = 0.0,
     window: float = 2.0,
+    spread: float = 1.0,
     step: int | None = None,
     max_cells: int | None = None,
     min_delta: float = DEFAULT_MIN_DELTA,
     batch_size: int | None = None,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
     attribution_batch_size: int = 16,
-    gradient: Literal["corrupted", "mean"] = "mean",
+    gradient: Literal["corrupted", "mean"] = "corrupted",
     progress: bool | None = None,
 ) -> TopCells:
     """The exact top-``k`` cells of ``target`` per pair (or averaged over pairs), patching only
@@ -200,26 +205,32 @@ def patch_top_cells(
             s_corr)`` over the pairs with ``|s_clean - s_corr| >= min_delta`` (one unit), instead
             of the score change ``s_patch - s_corr`` of each pair (one unit per pair).
         rtol, atol, window: the safety margin of the stopping rule: relative to the largest
-            unverified estimate ``M``; absolute, in the units of the measure; and at least the
-            largest error seen on verified cells whose estimate is at most ``window * M``.
-        step: cells verified per unit in each round after the first ``k`` (default ``ceil(k/2)``).
+            unverified bound ``M``; absolute, in the units of the measure; and at least the
+            largest amount by which an exact effect fell outside its interval on verified cells
+            whose bound is at most ``window * M``.
+        spread: the half-width of each estimate's interval, ``w = spread * |ê_corr - ê_mean|``
+            (the corrupted- and the mean-gradient estimates); 0: point estimates (and, with
+            ``gradient="corrupted"``, no backward pass on the clean inputs).
+        step: cells verified per unit in each round after the first ``k`` (default ``ceil(k/5)``).
         max_cells: at most this many cells verified per unit (default: no limit).
         batch_size, memory_budget: rows per exact forward pass (as in :func:`patch_sweep`).
-        gradient: the estimates' gradient (:func:`attribution_patch`): ``"mean"`` of the
-            corrupted and clean runs' (default; one more backward pass, about half the error of
-            ``"corrupted"`` on the shared model's head x part cells) or the corrupted run's.
+        gradient: the centre of the intervals (:func:`~patching.attribution.attribution_patch`):
+            the corrupted run's gradient (default; on the shared model's head and head x part
+            cells a third of the mean absolute error of ``"mean"``) or the mean of the corrupted
+            and clean runs' gradients.
         progress: a bar over pairs done (over cells verified when averaged); None: shown for
             sweeps of >= 2000 (pair, cell)s.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if rtol < 0 or atol < 0 or window < 0:
+    if rtol < 0 or atol < 0 or window < 0 or spread < 0:
         raise ValueError(
-            f"the safety margin must be >= 0, got rtol={rtol}, atol={atol}, window={window}"
+            f"the safety margin must be >= 0, got rtol={rtol}, atol={atol}, window={window}, "
+            f"spread={spread}"
         )
     rule = (rtol, atol, window)
     check_batch_size(batch_size)
-    step = step or -(-k // 2)
+    step = step or -(-k // 5)
     width = pairs.clean.input_ids.shape[1]
     dims, coords = target.grid(model, width)
     shape = tuple(len(coords[d]) for d in dims)
@@ -229,30 +240,40 @@ def patch_top_cells(
     rows_budget = batch_size or rows_per_chunk(model, width, memory_budget)
     n = len(pairs)
 
-    approx = attribution_patch(
-        model, pairs, target, batch_size=attribution_batch_size, gradient=gradient
+    rules = ("corrupted", "mean") if spread > 0 else (gradient,)
+    approx = attribution_estimates(
+        model, pairs, target, batch_size=attribution_batch_size, gradients=rules
     )
-    est_pair = approx.patched.reshape(n, -1)[:, flat].double() - approx.corrupted.double()[:, None]
+
+    def effects(result: PatchingResult) -> Tensor:
+        return result.patched.reshape(n, -1)[:, flat].double() - result.corrupted.double()[:, None]
+
+    est_pair = effects(approx[gradient])
+    width_pair = torch.zeros_like(est_pair)
+    if spread > 0:
+        width_pair = spread * (effects(approx["corrupted"]) - effects(approx["mean"])).abs()
     clean, corrupted = torch.empty(n), torch.empty(n)
     limit = max_cells or len(cells)
     show = int(valid.sum()) >= 2000 if progress is None else progress
 
     run = _Run(
-        model, pairs, target, approx, est_pair, cells, valid, clean, corrupted,
-        k, step, limit, rule, rows_budget, show, min_delta,
+        model, pairs, target, approx[gradient], est_pair, width_pair, cells, valid, clean,
+        corrupted, k, step, limit, rule, rows_budget, show, min_delta,
     )  # fmt: skip
     verify = _averaged if average else _per_pair
-    est, exact, verified, unit_valid, certified, units, n_rows = verify(run)
+    est, w, exact, verified, unit_valid, certified, units, n_rows = verify(run)
     return _result(
         target, dims, coords, shape, k, units, "metric" if average else "effect", flat,
-        est, exact, verified, unit_valid, certified, clean, corrupted, n_rows, int(valid.sum()),
+        est, w, exact, verified, unit_valid, certified, clean, corrupted, n_rows,
+        int(valid.sum()),
     )  # fmt: skip
 
 
-def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
+def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
     """Verify pair by pair, in rounds over the pairs of each cached group."""
     n = len(s.pairs)
-    est, exact = s.est_pair, torch.full_like(s.est_pair, float("nan"))
+    est, width, exact = s.est_pair, s.width_pair, torch.full_like(s.est_pair, float("nan"))
+    bound = est.abs() + width
     verified = torch.zeros_like(s.valid)
     certified = torch.zeros(n, dtype=torch.bool)
     n_rows = 0
@@ -268,7 +289,7 @@ def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str
                 for i in active:
                     p = int(group.index[i])
                     room = s.limit - int(verified[p].sum())
-                    new = _next_cells(est[p].abs(), verified[p], s.valid[p], min(want, room))
+                    new = _next_cells(bound[p], verified[p], s.valid[p], min(want, room))
                     p_rows.append(torch.full((len(new),), i))
                     c_rows.append(new)
                 pr, cr = torch.cat(p_rows), torch.cat(c_rows)
@@ -281,19 +302,19 @@ def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str
                 for i in active:
                     p = int(group.index[i])
                     v = s.valid[p]
-                    e, x = est[p, v], exact[p, v]
-                    done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[p, v], s.k, s.rule)
+                    done = _stop(est[p, v], width[p, v], exact[p, v], verified[p, v], s.k, s.rule)
                     if done or int(verified[p].sum()) >= s.limit:
                         certified[p] = done
                         bar.update(1)
                     else:
                         still.append(i)
                 active, want = still, s.step
-    return est, exact, verified, s.valid, certified, list(s.pairs.pair_ids), n_rows
+    return est, width, exact, verified, s.valid, certified, list(s.pairs.pair_ids), n_rows
 
 
-def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
-    """Verify the mean normalized metric: every included pair patched for each chosen cell."""
+def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
+    """Verify the mean normalized metric: every included pair patched for each chosen cell (the
+    mean's interval half-width is the mean of the pairs' ``w / |s_clean - s_corr|``)."""
     delta = s.approx.clean.double() - s.approx.corrupted.double()
     keep = delta.abs() >= s.min_delta
     if not keep.any():
@@ -303,8 +324,11 @@ def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str
     weights = (s.valid & keep[:, None]).double()
     count = weights.sum(0)
     unit_valid = (count > 0)[None]
-    metric_est = (s.est_pair / delta.where(keep, 1.0)[:, None]).nan_to_num() * weights
+    scale = delta.where(keep, 1.0)[:, None]
+    metric_est = (s.est_pair / scale).nan_to_num() * weights
     est = (metric_est.sum(0) / count.clamp(min=1))[None]
+    width = ((s.width_pair / scale.abs()).nan_to_num() * weights).sum(0)[None] / count.clamp(min=1)
+    bound = est.abs() + width
     exact = torch.full_like(est, float("nan"))
     verified = torch.zeros_like(unit_valid)
     certified = torch.zeros(1, dtype=torch.bool)
@@ -319,7 +343,7 @@ def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str
     with progress_bar(len(s.cells), s.show, f"top-{s.k} {s.target.name} (mean)", "cell") as bar:
         while True:
             room = s.limit - int(verified.sum())
-            new = _next_cells(est[0].abs(), verified[0], unit_valid[0], min(want, room))
+            new = _next_cells(bound[0], verified[0], unit_valid[0], min(want, room))
             total = torch.zeros(len(new), dtype=torch.float64)
             for group in groups:
                 g_pairs = kept_index[group.index]
@@ -334,13 +358,12 @@ def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[str
             verified[0, new] = True
             bar.update(len(new))
             v = unit_valid[0]
-            e, x = est[0, v], exact[0, v]
-            done = _stop(e.abs(), x.abs(), (x - e).abs(), verified[0, v], s.k, s.rule)
+            done = _stop(est[0, v], width[0, v], exact[0, v], verified[0, v], s.k, s.rule)
             if done or int(verified.sum()) >= s.limit:
                 certified[0] = done
                 break
             want = s.step
-    return est, exact, verified, unit_valid, certified, ["mean"], n_rows
+    return est, width, exact, verified, unit_valid, certified, ["mean"], n_rows
 
 
 def _result(
@@ -353,6 +376,7 @@ def _result(
     measure: str,
     flat: Tensor,
     est: Tensor,
+    width: Tensor,
     exact: Tensor,
     verified: Tensor,
     unit_valid: Tensor,
@@ -371,6 +395,7 @@ def _result(
         return out
 
     est = est.where(unit_valid.expand_as(est), float("nan"))
+    width = width.where(unit_valid.expand_as(width), float("nan"))
     g_exact = grid(exact, float("nan"))
     ranked = g_exact.abs().nan_to_num(-1.0)
     order = torch.argsort(ranked, dim=1, descending=True, stable=True)[:, :k]
@@ -387,6 +412,7 @@ def _result(
         measure=measure,
         exact=g_exact.float().reshape(u, *shape),
         estimate=grid(est, float("nan")).float().reshape(u, *shape),
+        uncertainty=grid(width, float("nan")).float().reshape(u, *shape),
         verified=grid(verified, False).reshape(u, *shape),
         top=top,
         certified=certified,
