@@ -15,7 +15,7 @@ A typical study::
     top = patch_top_cells(model, pairs, head_target(by="part"), k=10)  # exact top 10, guided
 """
 
-from patching.attribution import attribution_patch, attribution_vs_exact
+from patching.attribution import attribution_estimates, attribution_patch, attribution_vs_exact
 from patching.guided import TopCells, patch_top_cells
 from patching.path import (
     CHANNELS,
@@ -91,6 +91,7 @@ __all__ = [
     "PooledTarget",
     "TermStatistics",
     "TopCells",
+    "attribution_estimates",
     "attribution_patch",
     "attribution_vs_exact",
     "default_analyzer",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patching import (
+    attribution_estimates,
     attribution_patch,
     attribution_vs_exact,
     head_target,
@@ -122,3 +123,14 @@ def test_mean_gradient_estimate_against_a_hand_written_two_run_formula(model, pa
     assert ((plain.patched[:, 1] - approx.patched[:, 1]).abs() > 1e-4).any()  # not the same rule
     with pytest.raises(ValueError, match="unknown gradient"):
         attribution_patch(model, pairs, target, gradient="clean")
+
+
+@pytest.mark.parametrize("target", [head_target(by="part"), qk_target("k", by="part")])
+def test_several_gradient_rules_from_one_pass_equal_one_rule_each(model, pairs, target):
+    both = attribution_estimates(model, pairs, target, batch_size=3)
+    for gradient in ("corrupted", "mean"):
+        one = attribution_patch(model, pairs, target, gradient=gradient, batch_size=3)
+        torch.testing.assert_close(both[gradient].patched, one.patched, atol=1e-6, rtol=0)
+        torch.testing.assert_close(both[gradient].corrupted, one.corrupted)
+    with pytest.raises(ValueError, match="unknown gradient"):
+        attribution_estimates(model, pairs, target, gradients=("corrupted", "clean"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patching import (
+    attribution_patch,
     head_target,
     neuron_target,
     patch_sweep,
@@ -15,6 +16,7 @@ from patching import (
     qk_target,
     resid_target,
 )
+from patching.guided import _next_cells, _stop
 
 #: Targets of the last layer of ``linear_tail``: the score is affine in them (or, for keys, in
 #: the pattern, which AtP* recomputes), so the estimates are exact and the answer is known.
@@ -78,19 +80,73 @@ def test_top_cells_equal_the_full_sweep_where_estimates_are_exact(linear_tail, p
 def test_the_certificate_holds_when_estimates_are_poor(model, pairs, name):
     """Where attribution patching misjudges cells the top k can differ from the sweep's (the
     documented failure mode), but the result is what the rule promises: exact values for the
-    verified cells, their top k, and every unverified estimate below the margin."""
+    verified cells, their top k, and every unverified bound |estimate| + w below the margin."""
     target, k, rtol = NONLINEAR[name], 3, 0.25
     full = patch_sweep(model, pairs, target)
     guided = patch_top_cells(model, pairs, target, k=k, rtol=rtol, batch_size=7)
     effects = full_effects(full)
     check_verified_and_top(guided, effects, k)
     est = guided.estimate.reshape(len(pairs), -1).double()
+    bound = est.abs() + guided.uncertainty.reshape(len(pairs), -1).double()
     done = guided.verified.reshape(len(pairs), -1)
     for p in range(len(pairs)):
         free = ~done[p] & ~est[p].isnan()
         if free.any():
             kth = effects[p][done[p]].abs().topk(k).values[-1]
-            assert kth > (1 + rtol) * est[p][free].abs().max()
+            assert kth > (1 + rtol) * bound[p][free].max()
+
+
+def test_intervals_are_the_gap_between_the_two_gradient_rules(model, pairs):
+    """``estimate`` is the corrupted-gradient attribution patch, ``uncertainty`` ``spread`` times
+    its distance to the mean-gradient one (both from :func:`attribution_patch`)."""
+    target = head_target(by="part")
+    n = len(pairs)
+    plain = full_effects(attribution_patch(model, pairs, target))
+    mean = full_effects(attribution_patch(model, pairs, target, gradient="mean"))
+    guided = patch_top_cells(model, pairs, target, k=3, spread=2.0)
+    torch.testing.assert_close(guided.estimate.reshape(n, -1).double(), plain, atol=1e-6, rtol=0)
+    width = guided.uncertainty.reshape(n, -1).double()
+    torch.testing.assert_close(width, 2 * (plain - mean).abs(), atol=1e-6, rtol=0)
+    assert (width > 1e-3).any()  # the random model's two rules disagree
+    point = patch_top_cells(model, pairs, target, k=3, spread=0)
+    assert (point.uncertainty.reshape(n, -1) == 0).all()
+
+
+def _rule_inputs(exact, estimate, width, verified):
+    return [torch.tensor(v, dtype=torch.float64) for v in (estimate, width, exact)] + [
+        torch.tensor(verified)
+    ]
+
+
+def test_a_cell_the_point_estimate_misses_is_verified_through_its_interval():
+    """The shared model's failure (issue 14): a head x part cell whose exact effect is in the top
+    k but whose corrupted-gradient estimate is near 0 while the mean-gradient estimate is not.
+    Point estimates rank it last and certify without it; its interval puts it first."""
+    exact = [0.9, 0.8, 0.7, 0.05, 0.75]
+    estimate = [0.85, 0.8, 0.72, 0.04, 0.02]
+    width = [0.01, 0.0, 0.02, 0.01, 0.6]  # |ê_corr - ê_mean|: cell 4's estimates disagree
+    k, rule = 3, (0.25, 0.0, 2.0)
+    first3 = [True, True, True, False, False]
+    est, w, ex, ver = _rule_inputs(exact, estimate, width, first3)
+    assert _stop(est, torch.zeros_like(w), ex, ver, k, rule)  # the point rule certifies wrongly
+    assert not _stop(est, w, ex, ver, k, rule)
+    everything = torch.ones(5, dtype=torch.bool)
+    assert _next_cells(est.abs() + w, ver, everything, 1).tolist() == [4]
+    assert _next_cells(est.abs(), ver, everything, 1).tolist() == [3]  # by point estimate
+    ver[4] = True
+    assert _stop(est, w, ex, ver, k, rule)  # cell 3's bound 0.05 is below 0.75 / 1.25
+
+
+def test_an_exact_effect_outside_its_interval_widens_the_margin():
+    """``seen``: cell 2 fell 0.3 outside its interval; an unverified cell of comparable bound
+    (0.5) then needs the k-th effect above 0.5 + 0.3, not only above 1.25 * 0.5."""
+    k, rule = 2, (0.25, 0.0, 2.0)
+    estimate, width = [0.9, 0.7, 0.4, 0.5], [0.0, 0.0, 0.1, 0.0]
+    ver = [True, True, True, False]
+    est, w, ex, v = _rule_inputs([0.9, 0.7, 0.8, float("nan")], estimate, width, ver)
+    assert not _stop(est, w, ex, v, k, rule)  # 0.8 (k-th) < 0.5 + 0.3
+    est, w, ex, v = _rule_inputs([0.9, 0.7, 0.45, float("nan")], estimate, width, ver)
+    assert _stop(est, w, ex, v, k, rule)  # nothing fell outside: 0.7 > 1.25 * 0.5
 
 
 def test_a_huge_margin_reproduces_the_full_sweep_on_any_model(model, pairs):
