@@ -105,17 +105,19 @@ def attribution_estimates(
     for g0 in range(0, n, batch_size):
         group = pairs[g0 : g0 + batch_size]
         b = len(group)
-        with torch.no_grad():
-            c_score, clean = model.run_with_cache(group.clean, names_filter=names)
         clean_grads = None
-        if "mean" in gradients and not qk:
+        if "mean" in gradients and not qk:  # one clean run gives the activations and gradients
             c_acts: dict[str, Tensor] = {}
             c_hooks = [("hook_full_embed", _leaf_hook)] + [
                 (nm, partial(_store_hook, c_acts)) for nm in names
             ]
             with torch.enable_grad(), model.hooks(fwd_hooks=c_hooks):
-                c_out = model(group.clean)
-                clean_grads = torch.autograd.grad(c_out.sum(), [c_acts[nm] for nm in names])
+                c_score = model(group.clean)
+                clean_grads = torch.autograd.grad(c_score.sum(), [c_acts[nm] for nm in names])
+            c_score, clean = c_score.detach(), {nm: c_acts[nm].detach() for nm in names}
+        else:
+            with torch.no_grad():
+                c_score, clean = model.run_with_cache(group.clean, names_filter=names)
         acts: dict[str, Tensor] = {}
         stored = names + (extra + patterns if qk else [])
         hooks = [("hook_full_embed", _leaf_hook)] + [
