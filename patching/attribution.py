@@ -19,6 +19,7 @@ well it agrees with exact patching (:func:`patching.sweep.patch_sweep`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -93,68 +94,22 @@ def attribution_estimates(
     cells = target.cell_rows(model, width)
     flat = target.flat_index(model, cells, width)
     valid = target.valid(cells, pairs.lengths)
-    layers = target.target_layers(model)
-    names = [target.hook_name(layer) for layer in layers]
-    qk = _qk_input(target) if atp_star else None
-    extra = [f"blocks.{lay}.attn.hook_{x}" for lay in layers for x in ("q", "k", "attn_scores")]
-    patterns = [f"blocks.{lay}.attn.hook_pattern" for lay in layers] if qk else []
     n = len(pairs)
     size = int(np.prod(shape)) if shape else 1
     patched = {g: torch.full((n, size), float("nan")) for g in gradients}
     clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
     for g0 in range(0, n, batch_size):
-        group = pairs[g0 : g0 + batch_size]
-        b = len(group)
-        clean_grads = None
-        if "mean" in gradients and not qk:  # one clean run gives the activations and gradients
-            c_acts: dict[str, Tensor] = {}
-            c_hooks = [("hook_full_embed", _leaf_hook)] + [
-                (nm, partial(_store_hook, c_acts)) for nm in names
-            ]
-            with torch.enable_grad(), model.hooks(fwd_hooks=c_hooks):
-                c_score = model(group.clean)
-                clean_grads = torch.autograd.grad(c_score.sum(), [c_acts[nm] for nm in names])
-            c_score, clean = c_score.detach(), {nm: c_acts[nm].detach() for nm in names}
-        else:
-            with torch.no_grad():
-                c_score, clean = model.run_with_cache(group.clean, names_filter=names)
-        acts: dict[str, Tensor] = {}
-        stored = names + (extra + patterns if qk else [])
-        hooks = [("hook_full_embed", _leaf_hook)] + [
-            (nm, partial(_store_hook, acts)) for nm in dict.fromkeys(stored)
-        ]
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-            k_score = model(group.corrupted)
-            wrt = patterns if qk else names
-            grads = torch.autograd.grad(k_score.sum(), [acts[nm] for nm in wrt])
-        parts = group.corrupted.parts.to(k_score.device)
-        k = k_score.detach().double().cpu()
-        rows = torch.arange(g0, g0 + b)
-        for gradient in gradients:
-            dense = torch.zeros(b, *shape, dtype=torch.float64)
-            for i_layer, (layer, name, grad) in enumerate(zip(layers, names, grads)):
-                if gradient == "mean" and clean_grads is not None:
-                    grad = (grad + clean_grads[i_layer]) / 2
-                if qk:
-                    attn = model.blocks[layer].attn
-                    rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
-                    reduced = _qk_softmax_estimate(
-                        target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale,
-                        rotation,
-                    )  # fmt: skip
-                else:
-                    prod = (clean[name] - acts[name].detach()).double() * grad.double()
-                    reduced = target.reduce(prod, parts).cpu()
-                if target.has_layer_dim:
-                    dense[:, layer] = _fit(reduced, dense.shape[2:])
-                else:
-                    dense[:] = _fit(reduced, dense.shape[1:])
-            estimate = (k.view(-1, *([1] * len(shape))) + dense).reshape(b, -1)
-            for i in range(b):
-                cs = valid[rows[i]].nonzero()[:, 0]
-                patched[gradient][rows[i], flat[cs]] = estimate[i, flat[cs]].float()
-        clean_scores[g0 : g0 + b] = c_score.float().cpu()
-        corrupted_scores[g0 : g0 + b] = k.float()
+        group = group_estimates(
+            model, pairs[g0 : g0 + batch_size], target, gradients, atp_star, width=width
+        )
+        k = group.corrupted_scores
+        for i, row in enumerate(range(g0, g0 + len(k))):
+            cs = flat[valid[row].nonzero()[:, 0]]
+            for gradient in gradients:
+                estimate = k[i] + group.effects[gradient][i].reshape(-1)[cs]
+                patched[gradient][row, cs] = estimate.float()
+        clean_scores[g0 : g0 + len(k)] = group.clean_scores.float()
+        corrupted_scores[g0 : g0 + len(k)] = k.float()
     return {
         gradient: PatchingResult(
             target=target.name,
@@ -169,6 +124,98 @@ def attribution_estimates(
         )
         for gradient in gradients
     }
+
+
+@dataclass
+class GroupEstimates:
+    """Attribution patching of one group of pairs, and what its runs leave for exact patching.
+
+    Attributes:
+        effects: per gradient rule, ``[batch, *grid]`` estimated ``s_patch - s_corr`` (float64,
+            CPU; 0 at positions past the group's width).
+        clean_scores, corrupted_scores: ``[batch]`` scores (float64, CPU).
+        clean: the target's activations in the clean run (the patches' sources).
+        corrupted: the activations named in ``keep`` of the corrupted run.
+    """
+
+    effects: dict[str, Tensor]
+    clean_scores: Float[Tensor, " batch"]
+    corrupted_scores: Float[Tensor, " batch"]
+    clean: dict[str, Tensor]
+    corrupted: dict[str, Tensor]
+
+
+def group_estimates(
+    model: HookedCrossEncoder,
+    group: AlignedPairs,
+    target: PatchTarget,
+    gradients: tuple[str, ...] = ("corrupted",),
+    atp_star: bool = True,
+    keep: tuple[str, ...] = (),
+    width: int | None = None,
+) -> GroupEstimates:
+    """One batch of :func:`attribution_estimates`: a clean run (with gradients when a rule needs
+    them), a corrupted run with gradients, and the estimates of every cell per rule, on the grid
+    of inputs ``width`` tokens wide (default: the group's)."""
+    dims, coords = target.grid(model, width or group.clean.input_ids.shape[1])
+    layers = target.target_layers(model)
+    names = [target.hook_name(layer) for layer in layers]
+    qk = _qk_input(target) if atp_star else None
+    extra = [f"blocks.{lay}.attn.hook_{x}" for lay in layers for x in ("q", "k", "attn_scores")]
+    patterns = [f"blocks.{lay}.attn.hook_pattern" for lay in layers] if qk else []
+    b = len(group)
+    clean_grads = None
+    if "mean" in gradients and not qk:  # one clean run gives the activations and gradients
+        c_acts: dict[str, Tensor] = {}
+        c_hooks = [("hook_full_embed", _leaf_hook)] + [
+            (nm, partial(_store_hook, c_acts)) for nm in names
+        ]
+        with torch.enable_grad(), model.hooks(fwd_hooks=c_hooks):
+            c_score = model(group.clean)
+            clean_grads = torch.autograd.grad(c_score.sum(), [c_acts[nm] for nm in names])
+        c_score, clean = c_score.detach(), {nm: c_acts[nm].detach() for nm in names}
+    else:
+        with torch.no_grad():
+            c_score, cache = model.run_with_cache(group.clean, names_filter=names)
+        clean = {nm: cache[nm] for nm in names}
+    acts: dict[str, Tensor] = {}
+    stored = names + (extra + patterns if qk else []) + list(keep)
+    hooks = [("hook_full_embed", _leaf_hook)] + [
+        (nm, partial(_store_hook, acts)) for nm in dict.fromkeys(stored)
+    ]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        k_score = model(group.corrupted)
+        wrt = patterns if qk else names
+        grads = torch.autograd.grad(k_score.sum(), [acts[nm] for nm in wrt])
+    parts = group.corrupted.parts.to(k_score.device)
+    shape = tuple(len(coords[d]) for d in dims)
+    effects = {}
+    for gradient in gradients:
+        dense = torch.zeros(b, *shape, dtype=torch.float64)
+        for i_layer, (layer, name, grad) in enumerate(zip(layers, names, grads)):
+            if gradient == "mean" and clean_grads is not None:
+                grad = (grad + clean_grads[i_layer]) / 2
+            if qk:
+                attn = model.blocks[layer].attn
+                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
+                reduced = _qk_softmax_estimate(
+                    target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation
+                )
+            else:
+                prod = (clean[name] - acts[name].detach()).double() * grad.double()
+                reduced = target.reduce(prod, parts).cpu()
+            if target.has_layer_dim:
+                dense[:, layer] = _fit(reduced, dense.shape[2:])
+            else:
+                dense[:] = _fit(reduced, dense.shape[1:])
+        effects[gradient] = dense
+    return GroupEstimates(
+        effects,
+        c_score.detach().double().cpu(),
+        k_score.detach().double().cpu(),
+        clean,
+        {nm: acts[nm].detach() for nm in keep},
+    )
 
 
 def _qk_input(target: PatchTarget) -> str | None:
@@ -273,4 +320,10 @@ def _corr(fn: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float(fn(x, y)[0])
 
 
-__all__ = ["attribution_estimates", "attribution_patch", "attribution_vs_exact"]
+__all__ = [
+    "GroupEstimates",
+    "attribution_estimates",
+    "attribution_patch",
+    "attribution_vs_exact",
+    "group_estimates",
+]

@@ -45,16 +45,19 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechir.model import HookedCrossEncoder
-from patching.attribution import attribution_estimates
+from patching.attribution import GroupEstimates, group_estimates
 from patching.perturbations import AlignedPairs
-from patching.results import DEFAULT_MIN_DELTA, PatchingResult
+from patching.results import DEFAULT_MIN_DELTA
 from patching.sweep import (
     DEFAULT_MEMORY_BUDGET,
+    CachedGroup,
     cached_groups,
     check_batch_size,
+    group_slices,
     progress_bar,
     rows_per_chunk,
     score_cells,
+    start_names,
 )
 from patching.targets import PatchTarget
 
@@ -136,10 +139,14 @@ class _Run:
     model: HookedCrossEncoder
     pairs: AlignedPairs
     target: PatchTarget
-    approx: PatchingResult
+    rules: tuple[str, ...]
+    gradient: str
+    spread: float
+    attribution_batch_size: int
     est_pair: Float[Tensor, "pair cell"]
     width_pair: Float[Tensor, "pair cell"]
     cells: Int[Tensor, "cell cols"]
+    flat: Int[Tensor, " cell"]
     valid: Bool[Tensor, "pair cell"]
     clean: Tensor  # [pair], filled in
     corrupted: Tensor  # [pair], filled in
@@ -241,24 +248,16 @@ def patch_top_cells(
     n = len(pairs)
 
     rules = ("corrupted", "mean") if spread > 0 else (gradient,)
-    approx = attribution_estimates(
-        model, pairs, target, batch_size=attribution_batch_size, gradients=rules
-    )
-
-    def effects(result: PatchingResult) -> Tensor:
-        return result.patched.reshape(n, -1)[:, flat].double() - result.corrupted.double()[:, None]
-
-    est_pair = effects(approx[gradient])
+    est_pair = torch.full((n, len(cells)), float("nan"), dtype=torch.float64)
     width_pair = torch.zeros_like(est_pair)
-    if spread > 0:
-        width_pair = spread * (effects(approx["corrupted"]) - effects(approx["mean"])).abs()
     clean, corrupted = torch.empty(n), torch.empty(n)
     limit = max_cells or len(cells)
     show = int(valid.sum()) >= 2000 if progress is None else progress
 
     run = _Run(
-        model, pairs, target, approx[gradient], est_pair, width_pair, cells, valid, clean,
-        corrupted, k, step, limit, rule, rows_budget, show, min_delta,
+        model, pairs, target, rules, gradient, spread, attribution_batch_size, est_pair,
+        width_pair, cells, flat, valid, clean, corrupted, k, step, limit, rule, rows_budget, show,
+        min_delta,
     )  # fmt: skip
     verify = _averaged if average else _per_pair
     est, w, exact, verified, unit_valid, certified, units, n_rows = verify(run)
@@ -269,19 +268,50 @@ def patch_top_cells(
     )  # fmt: skip
 
 
+def _estimate(s: _Run, start: int, stop: int, keep: tuple[str, ...] = ()) -> GroupEstimates:
+    """Attribution patching of pairs ``start:stop``: fills their estimates, interval half-widths
+    and scores into ``s``; the runs' activations named in ``keep`` come back with the rest."""
+    width = s.pairs.clean.input_ids.shape[1]
+    group = group_estimates(s.model, s.pairs[start:stop], s.target, s.rules, keep=keep, width=width)
+    for i, p in enumerate(range(start, stop)):
+        cs = s.valid[p].nonzero()[:, 0]
+
+        def at(effects: Tensor, i: int = i, cs: Tensor = cs) -> Tensor:
+            return effects[i].reshape(-1)[s.flat[cs]]
+
+        s.est_pair[p, cs] = at(group.effects[s.gradient])
+        if s.spread > 0:
+            s.width_pair[p, cs] = (
+                s.spread * (at(group.effects["corrupted"]) - at(group.effects["mean"])).abs()
+            )
+    s.clean[start:stop] = group.clean_scores.float()
+    s.corrupted[start:stop] = group.corrupted_scores.float()
+    return group
+
+
 def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
-    """Verify pair by pair, in rounds over the pairs of each cached group."""
+    """Estimate and verify group by group (the attribution runs are the exact rows' caches), in
+    rounds over the pairs of each group."""
     n = len(s.pairs)
     est, width, exact = s.est_pair, s.width_pair, torch.full_like(s.est_pair, float("nan"))
-    bound = est.abs() + width
     verified = torch.zeros_like(s.valid)
     certified = torch.zeros(n, dtype=torch.bool)
     n_rows = 0
     first = torch.minimum(s.valid.sum(1), torch.tensor(2 * s.k))
+    keep = tuple(start_names(s.model, s.target))
+    slices = [
+        (lo, min(lo + s.attribution_batch_size, stop))
+        for start, stop in group_slices(first, s.rows_budget)
+        for lo in range(start, stop, s.attribution_batch_size)
+    ]
     with progress_bar(n, s.show, f"top-{s.k} {s.target.name}", "pair") as bar:
-        for group in cached_groups(s.model, s.pairs, s.target, first, s.rows_budget):
-            s.clean[group.index] = group.clean_scores
-            s.corrupted[group.index] = group.corrupted_scores
+        for start, stop in slices:
+            runs = _estimate(s, start, stop, keep)
+            group = CachedGroup(
+                s.pairs[start:stop], torch.arange(start, stop), s.clean[start:stop],
+                s.corrupted[start:stop], runs.clean, runs.corrupted,
+            )  # fmt: skip
+            bound = est.abs() + width
             active = list(range(len(group.index)))
             want = s.k
             while active:
@@ -315,7 +345,10 @@ def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
 def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[str], int]:
     """Verify the mean normalized metric: every included pair patched for each chosen cell (the
     mean's interval half-width is the mean of the pairs' ``w / |s_clean - s_corr|``)."""
-    delta = s.approx.clean.double() - s.approx.corrupted.double()
+    n = len(s.pairs)
+    for start in range(0, n, s.attribution_batch_size):
+        _estimate(s, start, min(start + s.attribution_batch_size, n))
+    delta = s.clean.double() - s.corrupted.double()
     keep = delta.abs() >= s.min_delta
     if not keep.any():
         raise ValueError(
@@ -338,7 +371,6 @@ def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
     for group in groups:
         s.clean[kept_index[group.index]] = group.clean_scores
         s.corrupted[kept_index[group.index]] = group.corrupted_scores
-    s.clean[~keep], s.corrupted[~keep] = s.approx.clean[~keep], s.approx.corrupted[~keep]
     n_rows, want = 0, s.k
     with progress_bar(len(s.cells), s.show, f"top-{s.k} {s.target.name} (mean)", "cell") as bar:
         while True:

@@ -156,8 +156,10 @@ def final_name(model: HookedCrossEncoder) -> str:
     return model.final_hidden_name
 
 
-def _start_names(model: HookedCrossEncoder, layers: Iterable[int]) -> list[str]:
+def start_names(model: HookedCrossEncoder, target: PatchTarget) -> list[str]:
+    """The corrupted activations rows of ``target`` start from: each target layer's input."""
     n = model.cfg.n_layers
+    layers = target.target_layers(model)
     return [final_name(model) if lay == n else f"blocks.{lay}.hook_resid_pre" for lay in layers]
 
 
@@ -185,15 +187,9 @@ def cached_groups(
 ) -> Iterator[CachedGroup]:
     """Consecutive pairs whose rows fit ``budget_rows`` (at least one pair), with the caches the
     engine needs: the target's hooks (clean) and the start of each target layer (corrupted)."""
-    layers = target.target_layers(model)
     clean_names = set(target.hook_names(model))
-    corrupted_names = set(_start_names(model, layers)) | set(extra_corrupted)
-    start, n = 0, len(pairs)
-    while start < n:
-        stop, total = start + 1, int(rows_per_pair[start])
-        while stop < n and total + int(rows_per_pair[stop]) <= budget_rows:
-            total += int(rows_per_pair[stop])
-            stop += 1
+    corrupted_names = set(start_names(model, target)) | set(extra_corrupted)
+    for start, stop in group_slices(rows_per_pair, budget_rows):
         group = pairs[start:stop]
         with torch.no_grad():
             clean_scores, clean = model.run_with_cache(
@@ -210,7 +206,19 @@ def cached_groups(
             dict(clean.cache_dict),
             dict(corrupted.cache_dict),
         )
+
+
+def group_slices(rows_per_pair: Int[Tensor, " pair"], budget_rows: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive pairs whose rows fit ``budget_rows`` (at least one pair)."""
+    out, start, n = [], 0, len(rows_per_pair)
+    while start < n:
+        stop, total = start + 1, int(rows_per_pair[start])
+        while stop < n and total + int(rows_per_pair[stop]) <= budget_rows:
+            total += int(rows_per_pair[stop])
+            stop += 1
+        out.append((start, stop))
         start = stop
+    return out
 
 
 # ====================================================================== scoring rows
@@ -372,6 +380,8 @@ __all__ = [
     "PROGRESS_MIN_CELLS",
     "CachedGroup",
     "cached_groups",
+    "group_slices",
+    "start_names",
     "patch_sweep",
     "rows_per_chunk",
     "batch_rows",
