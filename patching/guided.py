@@ -36,7 +36,8 @@ Known failure modes of the rule (it trusts the intervals of the cells it does no
   both gradients agree but the effect is far from linear (saturated GELU/LayerNorm/softmax
   beyond q/k, interactions that a first-order term misses). On the shared model this is layer-0
   heads underestimated about 2x (exact 0.062, both estimates 0.026-0.033); ``rtol`` is the
-  guard (0.5 recovers all but 1 of 40 pairs' head top-10s, 1.0 all of them);
+  guard (replaying the rule on 40 study pairs' full sweeps: 0.5 recovers all but 1 of their
+  head top-10s, 1.0 all of them);
   ``attribution_error`` reports the largest ``|e - ê|`` on verified cells;
 * for query/key targets both gradient rules give the same AtP* estimate (``w = 0``): point
   estimates, as before;
