@@ -65,8 +65,6 @@ def attribution_patch(
         A :class:`PatchingResult` with ``method="attribution"``, on the same grid as
         :func:`patching.sweep.patch_sweep` for the same target.
     """
-    if gradient not in ("corrupted", "mean"):
-        raise ValueError(f"unknown gradient={gradient!r}: choose 'corrupted' or 'mean'")
     return attribution_estimates(
         model, pairs, target, batch_size=batch_size, atp_star=atp_star, gradients=(gradient,)
     )[gradient]
