@@ -223,3 +223,18 @@ def test_errors(model, pairs):
         patch_top_cells(model, pairs, head_target(), k=0)
     with pytest.raises(ValueError, match="safety margin"):
         patch_top_cells(model, pairs, head_target(), rtol=-1)
+
+
+def test_averaged_intervals_are_the_mean_of_the_pairs_normalized_widths(model, pairs):
+    """The mean metric's half-width: the mean over included pairs of ``w / |s_clean - s_corr|``
+    (a bound on the mean's distance to its estimate when each pair's effect is in its interval)."""
+    target, n = head_target(by="part"), len(pairs)
+    per_pair = patch_top_cells(model, pairs, target, k=2, max_cells=2)
+    mean = patch_top_cells(model, pairs, target, k=2, average=True, min_delta=0.0)
+    delta = (per_pair.clean - per_pair.corrupted).double()[:, None]
+    width = per_pair.uncertainty.reshape(n, -1).double() / delta.abs()
+    estimate = per_pair.estimate.reshape(n, -1).double() / delta
+    got_w, got_e = (r.reshape(1, -1).double() for r in (mean.uncertainty, mean.estimate))
+    torch.testing.assert_close(got_w[0], width.nanmean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_e[0], estimate.nanmean(0), atol=1e-5, rtol=1e-4)
+    assert (got_w > 0).any()
