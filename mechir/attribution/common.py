@@ -32,6 +32,9 @@ DEFAULT_CPU_BUDGET = 2 * 1024**3
 DEFAULT_MAX_STEPS = 1024
 #: ``n_steps="auto"``: the first grid (intervals); the estimate needs three nested levels.
 AUTO_START = 8
+#: ``n_steps="auto"`` on the input path: the first grid at which refinement may stop (an estimate
+#: from 4 and 8 midpoint cells is too coarse to trust).
+AUTO_MIN_GRID = 16
 
 
 @dataclass
@@ -104,8 +107,9 @@ def prepare(
     if n_steps == "auto":
         if method not in (None, "auto"):
             raise ValueError(
-                f"n_steps='auto' refines its own nested rule (midpoint cells with Richardson "
-                f"extrapolation): leave method unset or 'auto', got method={method!r}"
+                f"n_steps='auto' refines its own nested rule (midpoint cells on the input "
+                f"path, Romberg on the activation path): leave method unset or 'auto', got "
+                f"method={method!r}"
             )
         rule = companion = None
     else:

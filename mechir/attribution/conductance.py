@@ -18,10 +18,15 @@ error expansion in even powers of ``1/m``.
 ``j/N``, ``N = 8, 16, 32, ...``. Every grid point is the node of exactly one midpoint level
 (``j`` odd on grid ``N``: level ``m = N/2``, cell ``[(j-1)/N, (j+1)/N]``), so doubling ``N``
 evaluates only the new odd points and reuses every activation already computed. The reported
-value is the Richardson extrapolation ``R(m) = (4 A(m) - A(m/2)) / 3``; its error estimate is
-``|R(m) - R(m/2)|`` per neuron (see :mod:`mechir.attribution.result`); refinement stops per
-example when the largest estimate is below ``rtol`` times the example's largest per-neuron
-attribution (or at ``max_steps``, with a warning). Reuse has a memory price: the activations
+value is the finest midpoint sum ``A(m)``, its error estimate ``|A(m) - A(m/2)|`` per neuron
+(see :mod:`mechir.attribution.result`; in the asymptotic regime the error of ``A(m)`` is a third
+of it, so the estimate carries a safety factor of about 3); refinement stops per example, from
+``N = 16`` on, when the largest estimate is below ``rtol`` times the example's largest per-neuron
+attribution (or at ``max_steps``, with a warning). Richardson extrapolation
+``(4 A(m) - A(m/2)) / 3`` is not applied: on the shared SciFact model it was 5-14x *less*
+accurate than ``A(m)`` itself up to ``N = 64`` (the integrand is not yet in its asymptotic
+regime there; ``benchmarks/bench_nig_accuracy.py``), which made refinement run two grids longer.
+Reuse has a memory price: the activations
 at every grid point stay in memory until the example is done (``(N + 1) x layers x tokens x
 d_mlp`` float32 values per example: ~0.8 GB at ``N = 128`` for 6 layers, 160 tokens, 1536
 neurons).
@@ -37,6 +42,7 @@ import torch
 from torch import Tensor
 
 from mechir.attribution.common import (
+    AUTO_MIN_GRID,
     AUTO_START,
     EMBEDDING_HOOK,
     AttributionSetup,
@@ -269,14 +275,6 @@ def _level(alpha: float) -> int:
     return Fraction(alpha).denominator // 2
 
 
-def _richardson(levels: dict[int, Any], m: int) -> Any:
-    """``(4 A(m) - A(m/2)) / 3`` (lists of per-layer tensors, or tensors)."""
-    fine, coarse = levels[m], levels[m // 2]
-    if isinstance(fine, list):
-        return [(4 * f - c) / 3 for f, c in zip(fine, coarse)]
-    return (4 * fine - coarse) / 3
-
-
 def _auto(model: Any, s: AttributionSetup, max_batch: int, ac: Any) -> NeuronAttributions:
     out = torch.zeros(output_shape(s, model), dtype=torch.float32)
     n_layers, d_mlp = len(s.layers), model.cfg.d_mlp
@@ -327,25 +325,25 @@ def _auto(model: Any, s: AttributionSetup, max_batch: int, ac: Any) -> NeuronAtt
             still = []
             for i in active:
                 levels = st[i]["levels"]
-                fine = torch.stack(_richardson(levels, m)).sum(1)  # [layer, d_mlp]
-                prev = torch.stack(_richardson(levels, m // 2)).sum(1)
+                fine = torch.stack(levels[m]).sum(1)  # [layer, d_mlp]: A(m)
+                prev = torch.stack(levels[m // 2]).sum(1)  # A(m/2)
                 e = ex[i]
                 error[e] = (fine - prev).abs().max(-1).values.cpu() / AUTO_SAFETY
                 coarse[e] = prev.cpu()
                 n_points[e] = grid - 1
                 relative[e] = error[e].max() / fine.abs().max().clamp_min(1e-30).cpu()
-                if relative[e] > s.rtol and grid < s.max_steps:
+                if (relative[e] > s.rtol or grid < AUTO_MIN_GRID) and grid < s.max_steps:
                     still.append(i)
             active = still
         for i, e in enumerate(ex):
             n_tok, levels = lengths[i], st[i]["levels"]
             m = int(n_points[e] + 1) // 2
-            attr = torch.stack(_richardson(levels, m)).cpu()
+            attr = torch.stack(levels[m]).cpu()
             out[e] = aggregate_positions(
                 attr, gb.parts[i, :n_tok].cpu(), s.aggregate, out.shape[-2]
             )
             diff = (emb_x[i, :n_tok] - emb_b[i, :n_tok]).float()
-            emb_ig[e] = float((diff * _richardson(st[i]["emb"], m)).sum())
+            emb_ig[e] = float((diff * st[i]["emb"][m]).sum())
         forwards += runner.forwards
     warn_unconverged(relative, s)
     return make_result(
@@ -359,7 +357,7 @@ def _auto(model: Any, s: AttributionSetup, max_batch: int, ac: Any) -> NeuronAtt
         coarse=coarse,
         error=error,
         n_points=n_points,
-        meta={"rule": "riemann_middle cells + Richardson", "rtol": s.rtol, "forwards": forwards},
+        meta={"rule": "nested riemann_middle cells", "rtol": s.rtol, "forwards": forwards},
     )
 
 

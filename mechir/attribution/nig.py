@@ -94,8 +94,8 @@ def neuron_integrated_gradients(
         activation_baseline: activation path: ``a' = 0`` or the baseline input's activation.
         method, n_steps: a fixed rule (:func:`mechir.attribution.integration_rule`; default
             ``riemann_right``, the paper's recipe, at 50 steps), or ``n_steps="auto"``: nested
-            refinement until the estimated error is below ``rtol`` (midpoint cells with
-            Richardson extrapolation on the input path, Romberg on the activation path).
+            refinement until the estimated error is below ``rtol`` (nested midpoint cells on the
+            input path, Romberg on the activation path).
         rtol: ``"auto"``: target of ``max_l error[b, l] / max_i |A_i|`` per example.
         max_steps: ``"auto"``: the most path intervals refinement may reach (then it warns).
         error_estimate: fixed rules: also evaluate the half-step rule for ``result.error`` (free

@@ -161,7 +161,8 @@ class NeuronAttributions:
         return pd.DataFrame(columns, index=index).reset_index()
 
 
-#: ``n_steps="auto"``: the error estimate is ``|R(m) - R(m/2)| / AUTO_SAFETY`` (module doc).
+#: ``n_steps="auto"``: the error estimate is ``|A(m) - A(m/2)| / AUTO_SAFETY`` on the input path
+#: and ``|R(N) - R(N/2)| / AUTO_SAFETY`` on the activation path (their modules' docs).
 AUTO_SAFETY = 1.0
 _ERROR_FACTORS = {"riemann_right": 2.0, "riemann_left": 2.0}
 

@@ -29,7 +29,9 @@ def test_auto_reuses_the_points_it_has(tiny, tiny_batch):
     assert result.meta["forwards"] == len(tiny_batch) * 31
 
 
-def test_auto_equals_richardson_of_two_fixed_midpoint_runs(tiny, tiny_batch):
+def test_auto_equals_the_finest_of_two_fixed_midpoint_runs(tiny, tiny_batch):
+    """``auto`` stopped at grid 16 reports the midpoint sum on 8 cells; its error estimate is
+    the difference from the one on 4 cells (the run's ``coarse``)."""
     with pytest.warns(UserWarning, match="max_steps"):
         auto = neuron_integrated_gradients(
             tiny[0], tiny_batch, n_steps="auto", rtol=1e-9, max_steps=16, aggregate="position"
@@ -40,10 +42,18 @@ def test_auto_equals_richardson_of_two_fixed_midpoint_runs(tiny, tiny_batch):
     coarse = neuron_integrated_gradients(
         tiny[0], tiny_batch, method="riemann_middle", n_steps=4, aggregate="position"
     )
-    want = (4 * fine.attributions - coarse.attributions) / 3
-    scale = want.abs().max()
-    assert (auto.attributions - want).abs().max() <= 1e-5 * scale
+    scale = fine.attributions.abs().max()
+    assert (auto.attributions - fine.attributions).abs().max() <= 1e-5 * scale
+    assert (auto.coarse - coarse.per_neuron()).abs().max() <= 1e-5 * scale
+    want = (fine.per_neuron() - coarse.per_neuron()).abs().max(-1).values
+    torch.testing.assert_close(auto.error, want, atol=1e-5 * float(scale), rtol=1e-4)
     torch.testing.assert_close(auto.scores, fine.scores)
+
+
+def test_auto_does_not_stop_before_grid_16(tiny, tiny_batch):
+    """A loose tolerance still refines to 16 intervals (15 path points) before it may stop."""
+    result = neuron_integrated_gradients(tiny[0], tiny_batch, n_steps="auto", rtol=0.99)
+    assert result.n_points.tolist() == [15] * len(tiny_batch)
 
 
 @pytest.mark.parametrize(
