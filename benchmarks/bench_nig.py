@@ -82,18 +82,19 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def build(shape: str):
+def build(shape: str, device: str = "cpu"):
+    """Model, batch and [PAD] baseline of a setting, on ``device`` (the shared model: its demo
+    copy where ../shared is absent)."""
     import torch
+    from assets import default_model, quick_set
 
     from mechir import cross_encoder_batch_from_tokens, load_cross_encoder
     from mechir.attribution import baseline_batch
     from mechir.model import hooked_cross_encoder_from_hf
 
     if shape == "shared":
-        from mechir.data import load_collection
-
-        model = load_cross_encoder(str(SHARED_MODEL), device="cpu")
-        pairs = load_collection(SCIFACT, split="quick").candidates(depth=20)
+        model = load_cross_encoder(default_model(), device=device)
+        pairs = quick_set().candidates(depth=20)
         pairs = pairs[:: 20 // SETTINGS[shape]["pairs"]][: SETTINGS[shape]["pairs"]]
         batch = model.encode(
             [p.query for p in pairs],
@@ -114,7 +115,7 @@ def build(shape: str):
         architectures=["BertForSequenceClassification"],
     )
     hf = BertForSequenceClassification(cfg).eval()
-    model = hooked_cross_encoder_from_hf(hf, None, device="cpu")
+    model = hooked_cross_encoder_from_hf(hf, None, device=device)
     del hf
     gen = torch.Generator().manual_seed(0)
     n = SETTINGS[shape]["max_length"]

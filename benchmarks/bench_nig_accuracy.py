@@ -17,7 +17,7 @@ each figure ``measured`` (the run itself met the tolerance at about that cost) o
 (checked here), so it shares that rule's errors and ``m_tol``.
 
     python benchmarks/bench_nig_accuracy.py [--ref-grid 1024] [--threads 1]
-        [--out benchmarks/results/nig_accuracy_cpu.json]
+        [--device cpu] [--out benchmarks/results/nig_accuracy_<device>.json]
 """
 
 from __future__ import annotations
@@ -75,14 +75,15 @@ def main() -> None:
     ap.add_argument("--reference-cache", default=None, help="save/load the reference (.pt)")
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=160)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/nig_accuracy_cpu.json"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (then results/..._cuda.json)")
+    ap.add_argument("--out", default=None, help="(benchmarks/results/nig_accuracy_<device>.json)")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     import bench_nig
-    from bench_nig import build, captum_conductance
+    from bench_nig import SHARED_MODEL, build, captum_conductance
 
     from mechir.attribution import (
         neuron_integrated_gradients,
@@ -90,7 +91,10 @@ def main() -> None:
     )
 
     bench_nig.SETTINGS["shared"] |= {"pairs": args.pairs, "max_length": args.max_length}
-    model, batch, base = build("shared")
+    model, batch, base = build("shared", args.device)
+    batch, base = batch.to(args.device), base.to(args.device)
+    if args.out is None:
+        args.out = str(ROOT / f"benchmarks/results/nig_accuracy_{args.device.split(':')[0]}.json")
     layers = list(range(model.cfg.n_layers))
     nig = lambda **kw: neuron_integrated_gradients(model, batch, **kw)  # noqa: E731
 
@@ -107,7 +111,8 @@ def main() -> None:
     rows = []
     report = {
         "setting": {
-            "model": "shared minilm-l6-ce-scifact", "pairs": len(batch),
+            "model": f"minilm-l6-ce-scifact ({'shared' if SHARED_MODEL.exists() else 'demo copy'})",
+            "device": args.device, "pairs": len(batch),
             "max_length": int(batch.input_ids.shape[1]), "layers": layers, "path": "input",
             "baseline": "pad", "neurons": "post", "per_neuron": "summed over positions",
         },

@@ -5,8 +5,12 @@
 #   gpu_cuda.json         scoring fp32/bf16 vs HF eager, NIG kernel vs naive vs captum, patching
 #                         sweep vs per-cell, each against the CPU      (benchmarks/bench_gpu.py)
 #   scoring_cuda.json     hooked vs HF eager throughput                (benchmarks/bench_scoring.py)
+#   nig_accuracy_cuda.json NIG time to 1% / 5% error: auto vs fixed rules, naive loop, captum
+#                         (benchmarks/bench_nig_accuracy.py, issue 14)
+#   guided_patching_gpu.json guided exact top-10 patching vs the full sweep, heads and heads x part
+#                         (benchmarks/bench_guided_patching.py, issue 14)
 #   distributed_cuda.json 1..N GPUs data-parallel rerank + NIG, when N > 1 GPUs are visible
-# Sized for < 8 minutes on one H100/H200 (each step has its own time limit). Without CUDA it says
+# Sized for < 10 minutes on one H100/H200 (each step has its own time limit). Without CUDA it says
 # so and exits 0.   Usage: bash benchmarks/gpu_check.sh   (from any directory)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +39,8 @@ step 150 bash -c '"$0" -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 |
     tee benchmarks/results/gpu_check_tests.txt; exit "${PIPESTATUS[0]}"' "$PY"
 step 150 "$PY" benchmarks/bench_gpu.py --device cuda
 step 60 "$PY" benchmarks/bench_scoring.py --device cuda --pairs 1000 --batch-size 64 --repeats 3
+step 240 "$PY" benchmarks/bench_nig_accuracy.py --device cuda
+step 150 "$PY" benchmarks/bench_guided_patching.py --device cuda --repeats 3
 if [ "$GPUS" -gt 1 ]; then
     procs=1; n=2
     while [ "$n" -le "$GPUS" ]; do procs="$procs,$n"; n=$((n * 2)); done
