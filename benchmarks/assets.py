@@ -1,7 +1,8 @@
 """The real model and collection the benchmarks run on: ``../shared``'s SciFact cross-encoder and
 quick set where present (the project's machines), else their embedded demo copies (a user's machine
-or the GPU machine, which get no ``../shared``): the same model stored in float16 and the same
-1,000 pairs. A result JSON records which one ran."""
+or the GPU machine, which get no ``../shared``): the same model stored in compact block codes
+(every score within 1e-3 of the float32 model's) and the same 1,000 pairs. A result JSON records
+which one ran."""
 
 from __future__ import annotations
 

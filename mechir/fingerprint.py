@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,23 @@ def files_fingerprint(paths: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def state_dict_fingerprint(module: Any) -> str:
-    """``sha256:`` over a module's state dict: names (sorted), dtypes, shapes and raw bytes.
-
-    Accepts anything with ``state_dict()`` (a ``torch.nn.Module``, a HookedCrossEncoder)."""
+def tensors_fingerprint(state: Mapping[str, Any]) -> str:
+    """``sha256:`` over a state dict's tensors: names (sorted), dtypes, shapes and raw bytes."""
     import torch
 
     h = hashlib.sha256()
-    state = module.state_dict()
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
+
+
+def state_dict_fingerprint(module: Any) -> str:
+    """``sha256:`` over a module's state dict: names (sorted), dtypes, shapes and raw bytes.
+
+    Accepts anything with ``state_dict()`` (a ``torch.nn.Module``, a HookedCrossEncoder)."""
+    return tensors_fingerprint(module.state_dict())
 
 
 def local_model_directory(model: str | os.PathLike) -> Path | None:

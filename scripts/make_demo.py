@@ -2,17 +2,21 @@
 
     python scripts/make_demo.py                  # convert, copy, measure, write the model card
     python scripts/make_demo.py --skip-measure   # convert and copy only (card keeps its figures)
+    python scripts/make_demo.py --format float32 # store the exact float32 weights (91 MB)
 
-- ``mechir_demo/model/``: ``../shared/models/minilm-l6-ce-scifact`` with every floating-point
-  tensor stored as float16 (upcast to float32 when mechir or Hugging Face loads it: the config
-  keeps ``dtype: float32``), its tokenizer files (``model_max_length`` set to the training length
-  160) and a model card (``README.md``) with the measured figures.
+- ``mechir_demo/model/``: ``../shared/models/minilm-l6-ce-scifact`` with its weight matrices in
+  :mod:`mechir.compact`'s block format (``model.blockint16.safetensors``, layout
+  :data:`LAYOUT`; 1-D and small tensors float32), dequantized to a float32 Hugging Face directory
+  on first use (:func:`mechir.demo.demo_model_dir`); its config, tokenizer files
+  (``model_max_length`` set to the training length 160) and a model card (``README.md``) with
+  the measured figures.
 - ``mechir_demo/scifact-quick/``: the SciFact quick set (``queries.quick.tsv``,
   ``qrels.quick.txt``, ``run.bm25.quick.trec`` of ``../shared/data/scifact``, stored unsplit as
   ``queries.tsv``, ``qrels.txt``, ``run.bm25.trec``) and only the documents its 1,000 pairs use,
   with the data's licence and attribution in its README.
 
-Measured (float16 demo against the float32 shared model, both through mechir, max_length 160):
+Measured (the dequantized demo against the float32 shared model, both through mechir,
+max_length 160):
 max |score difference| over the 1,000 pairs, and nDCG@10 of both reranked runs (ir_measures).
 The figures go to ``mechir_demo/model/measured.json`` and into the model card.
 """
@@ -21,11 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import textwrap
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from mechir.compact import save_compact
+from mechir.demo import DEMO_WEIGHTS
+from mechir.fingerprint import weights_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -37,14 +46,41 @@ MAX_LENGTH = 160
 REFERENCE_NDCG = 0.7684  # ../shared/README.md: the float32 model, plain Hugging Face
 
 
-def convert_model(src: Path, dst: Path, dtype: torch.dtype = torch.float16) -> dict[str, int]:
-    """``dtype`` copy of the weights, the config (dtype float32: upcast at load), the tokenizer."""
+#: Block layout of the demo's weight matrices, ``(block size G, code bits)``: the encoder's
+#: matrices (and the pooler) at LAYOUT["default"], the embedding matrices as named. Chosen by
+#: measurement (see the model card): finer codes where scores are most sensitive (the encoder
+#: matrices), coarser where they are not (the 30,522-row word embeddings, half the parameters).
+LAYOUT: dict[str, tuple[int, int]] = {
+    "default": (16, 17),
+    "bert.embeddings.word_embeddings.weight": (64, 16),
+    "bert.embeddings.position_embeddings.weight": (16, 16),
+}
+
+
+def convert_model(src: Path, dst: Path, fmt: str = "compact") -> dict[str, int | str]:
+    """The compact copy of the weights (``fmt="float32"``: every tensor kept exactly), the
+    config, the tokenizer (``model_max_length`` = the training length)."""
     dst.mkdir(parents=True, exist_ok=True)
+    for old in ("model.safetensors",):  # the earlier float16 copy
+        (dst / old).unlink(missing_ok=True)
     state = load_file(src / "model.safetensors")
-    half = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    save_file(half, dst / "model.safetensors", metadata={"format": "pt"})
+    options: dict = (
+        {"min_numel": math.inf}
+        if fmt == "float32"
+        else {
+            "group": LAYOUT["default"][0],
+            "bits": LAYOUT["default"][1],
+            "per_tensor": {k: v for k, v in LAYOUT.items() if k != "default"},
+        }
+    )
+    meta = save_compact(
+        dst / DEMO_WEIGHTS,
+        state,
+        metadata={"source": src.name, "source_fingerprint": str(weights_fingerprint(src))},
+        **options,
+    )
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    config["dtype"] = "float32"  # load (upcast) in float32 by default
+    config["dtype"] = "float32"
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     tok_config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
     tok_config["model_max_length"] = MAX_LENGTH  # the training length
@@ -53,7 +89,16 @@ def convert_model(src: Path, dst: Path, dtype: torch.dtype = torch.float16) -> d
     )
     for name in (*TOKENIZER_FILES, "training_config.json"):
         shutil.copyfile(src / name, dst / name)
-    return {"tensors": len(half), "parameters": sum(v.numel() for v in half.values())}
+    layout = json.loads(meta["layout"])
+    return {
+        "source_mb": (src / "model.safetensors").stat().st_size / 1e6,
+        "tensors": len(state),
+        "parameters": sum(v.numel() for v in state.values()),
+        "quantized_parameters": sum(state[k].numel() for k in layout),
+        "weights_mb": (dst / DEMO_WEIGHTS).stat().st_size / 1e6,
+        "state_sha256": meta["state_sha256"],
+        "source_fingerprint": meta["source_fingerprint"],
+    }
 
 
 def copy_collection(src: Path, dst: Path) -> dict[str, int]:
@@ -83,7 +128,7 @@ def copy_collection(src: Path, dst: Path) -> dict[str, int]:
 
 
 def measure(batch_size: int = 32) -> dict[str, float | int]:
-    """Score the quick set with the float32 shared model and the float16 demo (mechir)."""
+    """Score the quick set with the float32 shared model and the demo (mechir)."""
     from mechir import load_cross_encoder
     from mechir.data import load_collection
     from mechir.evaluation import evaluate, score_pairs
@@ -109,25 +154,53 @@ def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def write_card(dst: Path, model_info: dict[str, int], figures: dict[str, float | int]) -> None:
+def layout_text(model_info: dict) -> str:
+    """The card's sentence on how the weights are stored."""
+    if model_info["quantized_parameters"] == 0:
+        return "Every tensor is stored exactly, in float32."
+    default = LAYOUT["default"]
+    rest = "; ".join(
+        f"`{k.removeprefix('bert.embeddings.')}`: G={g}, b={b}"
+        for k, (g, b) in LAYOUT.items()
+        if k != "default"
+    )
+    extra = default[1] - 16
+    low = "one more low bit" if extra == 1 else f"{extra} more low bits"
+    return (
+        f"The {model_info['quantized_parameters']:,} parameters of the weight matrices are "
+        "stored as block integer codes (`mechir.compact`, format `mechir.blockint16`): each row "
+        "is cut into blocks of G consecutive weights with one float16 block maximum m each, a "
+        "weight w is stored as the b-bit integer `q=round(w/s)`, `s=m/(2^(b-1)-1)`, and read as "
+        "`q·s`, so it moves by at most `s/2` (about `m·1.5e-5` for b=16). The encoder's and the "
+        f"pooler's matrices use G={default[0]}, b={default[1]} (int16 codes plus {low}, packed "
+        f"apart); {rest}. The other "
+        f"{model_info['parameters'] - model_info['quantized_parameters']:,} parameters "
+        "(LayerNorm, biases, token-type embeddings, classifier) are kept in float32."
+    )
+
+
+def write_card(dst: Path, model_info: dict, figures: dict[str, float | int]) -> None:
     if figures["max_abs_diff"] <= 1e-3:
-        precision = "Every score is within 1e-3 of the float32 model's."
+        precision = textwrap.fill(
+            f"Every score is within 1e-3 of the float32 model's (largest difference "
+            f"{figures['max_abs_diff']:.2e}), and nDCG@10 is within 0.002 of the reference.",
+            width=100,
+        )
     else:
         precision = (
-            "**Precision.** Float16 storage moves single scores by up to "
-            f"{figures['max_abs_diff']:.1e}, above the 1e-3 target, while "
-            "the rankings, and so nDCG@10, stay the same to within 0.001. Rounding the "
-            "word-embedding matrix alone already moves scores by up to 1.6e-3 (200 of the pairs, "
-            "every other tensor float32), so no float16 copy of this model stays within 1e-3; "
-            "`python scripts/make_demo.py --dtype float32` stores the exact weights (91 MB)."
+            f"**Precision.** Single scores move by up to {figures['max_abs_diff']:.2e}, above "
+            "the 1e-3 target; `python scripts/make_demo.py --format float32` stores the exact "
+            "weights (91 MB)."
         )
     text = MODEL_CARD.format(
-        **model_info,
+        **{**model_info, **figures},
+        layout=textwrap.fill(
+            "- Storage. " + layout_text(model_info), width=100, subsequent_indent="  "
+        ),
         precision=precision,
         size=size_mb(dst),
         max_length=MAX_LENGTH,
         ref=REFERENCE_NDCG,
-        **figures,
     )
     (dst / "README.md").write_text(text, encoding="utf-8")
 
@@ -137,22 +210,26 @@ def main() -> None:
     parser.add_argument("--skip-measure", action="store_true", help="keep measured.json")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--dtype",
-        choices=["float16", "float32"],
-        default="float16",
-        help="storage dtype of the weights (float32: exact, twice the size)",
+        "--format",
+        choices=["compact", "float32"],
+        default="compact",
+        help="storage of the weights (float32: exact, twice the size)",
     )
     args = parser.parse_args()
     if not SHARED_MODEL.is_dir() or not SHARED_DATA.is_dir():
         raise SystemExit(f"{SHARED}: the shared assets are needed to rebuild the demo")
-    model_info = convert_model(SHARED_MODEL, OUT / "model", getattr(torch, args.dtype))
+    model_info = convert_model(SHARED_MODEL, OUT / "model", args.format)
     data_info = copy_collection(SHARED_DATA, OUT / "scifact-quick")
     print(f"model: {model_info}; collection: {data_info}")
     measured = OUT / "model" / "measured.json"
     if args.skip_measure:
         figures = json.loads(measured.read_text(encoding="utf-8"))
     else:
+        # a placeholder card and figures first: the demo directory copies them
+        measured.write_text("{}\n", encoding="utf-8")
+        (OUT / "model" / "README.md").touch()
         figures = measure(args.batch_size)
+        figures["weights_mb"] = round(model_info["weights_mb"], 2)
         measured.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(figures, indent=2))
     write_card(OUT / "model", model_info, figures)
@@ -161,17 +238,23 @@ def main() -> None:
 
 
 MODEL_CARD = """\
-# mechir demo model — MiniLM-L6 cross-encoder fine-tuned on SciFact (float16 copy)
+# mechir demo model — MiniLM-L6 cross-encoder fine-tuned on SciFact (compact copy)
 
 `[CLS] query [SEP] passage [SEP]` → one relevance logit (BertForSequenceClassification,
 num_labels = 1; the score is the logit). Load it with `mechir.load_cross_encoder("demo")`.
 
 ## What it is
-- A float16 copy of the project's shared test model `minilm-l6-ce-scifact`: BERT, 6 layers,
+- A compact copy of the project's shared test model `minilm-l6-ce-scifact`: BERT, 6 layers,
   12 heads, hidden 384, FFN 1536, uncased WordPiece vocabulary 30,522, {parameters:,} parameters
-  in {tensors} tensors. Every weight is stored as float16 and upcast to float32 at load (the
-  config keeps `dtype: float32`, so plain Hugging Face loading upcasts too). Directory size
-  {size:.1f} MB.
+  in {tensors} tensors, in `model.blockint16.safetensors` ({weights_mb:.1f} MB; the float32
+  original is {source_mb:.1f} MB; this directory {size:.1f} MB).
+{layout}
+- Loading. On first use `mechir.demo.demo_model_dir()` dequantizes the weights once into a
+  plain float32 Hugging Face directory in the cache (`$MECHIR_CACHE`, else
+  `~/.cache/mechir`, `demo-model-<digest>/`), checked against the digest of the dequantized
+  weights recorded in the file (`{state_sha256}`); `load_cross_encoder("demo")`, the CLI's
+  `--model demo`, Hugging Face and sentence-transformers all read that directory.
+  Source: `{source_fingerprint}` (`mechir.fingerprint` of the float32 checkpoint).
 - Base model: `sentence-transformers/all-MiniLM-L6-v2` (licence Apache-2.0), fine-tuned
   MonoBERT-style on the SciFact train claims (759 queries / 864 positive pairs; BM25 and random
   negatives; pointwise BCE + listwise softmax loss; 3 epochs) — `training_config.json` holds every
@@ -179,22 +262,22 @@ num_labels = 1; the score is the logit). Load it with `mechir.load_cross_encoder
 - Maximum length: trained with **max_length = {max_length}** and `truncation="only_second"`
   (`tokenizer_config.json` records `model_max_length: {max_length}`); pass the same when scoring.
 
-## Measured quality of this float16 copy (`python scripts/make_demo.py`)
+## Measured quality of this copy (`python scripts/make_demo.py`)
 Reranking the SciFact quick set (the demo collection: 50 test claims × BM25 top-20 = {pairs:,}
 pairs), both models loaded with mechir on the CPU, max_length {max_length}:
 
 | | value |
 | --- | --- |
-| max \\|float16 score − float32 score\\| over the {pairs:,} pairs | {max_abs_diff:.2e} |
+| max \\|demo score − float32 score\\| over the {pairs:,} pairs | {max_abs_diff:.2e} |
 | mean \\|score difference\\| | {mean_abs_diff:.2e} |
-| nDCG@10, float16 demo | {ndcg10_demo:.4f} |
+| nDCG@10, demo copy | {ndcg10_demo:.4f} |
 | nDCG@10, float32 model | {ndcg10_float32:.4f} |
 | nDCG@10 reference (float32, plain Hugging Face, `../shared/README.md`) | {ref:.4f} |
 
 {precision}
 
 `tests/test_demo.py` (shared tier) re-measures both models and asserts nDCG@10 within 0.002 of
-{ref:.4f} and the score difference within the bound stated here. The full float32 model scores
+{ref:.4f} and every score within 1e-3 of the float32 model's. The full float32 model scores
 nDCG@10 0.6600 on the 300 SciFact test claims (BM25 top-100; BM25 alone 0.6523) and 0.6257 on a
 TREC DL-2019 passage subset.
 
