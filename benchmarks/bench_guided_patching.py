@@ -155,7 +155,7 @@ def main() -> None:
         "benchmark": "patch_top_cells (guided exact top-k) vs patch_sweep (full exact sweep)",
         "device": args.device,
         "model": f"{'demo' if args.model == 'demo' else Path(args.model).name} "
-        "(minilm-l6-ce-scifact: ../shared's, or the demo's float16 copy; 6 layers x 12 heads)",
+        "(minilm-l6-ce-scifact: ../shared's, or the demo's compact copy; 6 layers x 12 heads)",
         "pairs": f"TFC1, scifact quick, depth {args.depth}, max_length {args.max_length}",
         "pair_ids": list(pairs.pair_ids),
         "seq_len": int(pairs.clean.input_ids.shape[1]),
