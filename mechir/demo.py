@@ -185,6 +185,8 @@ def _materialize(stored: Path, root: Path, target: Path, digest: str) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for file in DEMO_MODEL_FILES:
             shutil.copyfile(stored / file, tmp / file)
+        os.chmod(tmp / "model.safetensors", 0o644)  # readable like the copied files
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared MECHIR_CACHE needs more
         if target.exists() and _is_demo_copy(target, stored, digest):
             return  # another process made it meanwhile: keep theirs (it may be in use)
         if target.exists():  # a stale or damaged copy: move it aside, then replace it

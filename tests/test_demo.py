@@ -99,6 +99,8 @@ def test_demo_model_dir_is_made_once_in_the_cache(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporary left
     names = {p.name for p in first.iterdir()}
     assert names == {"model.safetensors", *DEMO_MODEL_FILES}
+    assert first.stat().st_mode & 0o777 == 0o755  # readable by all, as a shared cache needs
+    assert (first / "model.safetensors").stat().st_mode & 0o444 == 0o444
     weights = first / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert _fresh_demo_dir(monkeypatch, tmp_path) == first
