@@ -63,7 +63,14 @@ from torch import Tensor
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from transformer_lens.ActivationCache import ActivationCache
-    from transformer_lens.components import BertBlock, BertEmbed, BertPooler, Embed, LayerNorm
+    from transformer_lens.components import (
+        Attention,
+        BertBlock,
+        BertEmbed,
+        BertPooler,
+        Embed,
+        LayerNorm,
+    )
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
     from transformer_lens.hook_points import HookPoint
     from transformer_lens.HookedEncoder import HookedEncoder
@@ -103,6 +110,52 @@ class HookAwareLayerNorm(LayerNorm):
         if hooked or self.cfg.dtype not in (torch.float32, torch.float64):
             return super().forward(x)
         return nn.functional.layer_norm(x, (self.length,), self.w, self.b, self.eps)
+
+
+class EncoderAttention(Attention):
+    """TransformerLens's bidirectional attention -- the same parameters, hook points and hook
+    values -- in fewer passes over the ``[batch, head, query, key]`` scores: ``1/sqrt(d_head)``
+    scales the queries instead of the scores, and fully masked rows (softmax NaN) become zeros in
+    one op. A configuration this path does not cover (a cache, attention results, rotary/ALiBi
+    positions, a causal mask, QK norm, ...) runs TransformerLens's own forward."""
+
+    def _lean(self) -> bool:
+        c = self.cfg
+        return (
+            c.positional_embedding_type == "standard"
+            and (self._attention_dir_override or c.attention_dir) == "bidirectional"
+            and not (c.use_attn_result or c.load_in_4bit or c.use_qk_norm or c.use_logn_attn)
+            and not c.use_attention_sinks
+            and c.clip_qkv is None
+            and not c.attn_scores_soft_cap > 0
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        query_input: Tensor,
+        key_input: Tensor,
+        value_input: Tensor,
+        past_kv_cache_entry: Any = None,
+        additive_attention_mask: Float[Tensor, "#batch 1 1 kv_pos"] | None = None,
+        attention_mask: Tensor | None = None,
+        position_bias: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``softmax(q k^T / sqrt(d_head) + mask) v W_O + b_O``, hooks as in TransformerLens."""
+        if past_kv_cache_entry is not None or position_bias is not None or not self._lean():
+            return super().forward(
+                query_input, key_input, value_input, past_kv_cache_entry,
+                additive_attention_mask, attention_mask, position_bias,
+            )  # fmt: skip
+        q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        scores = (q / self.attn_scale).transpose(1, 2) @ k.permute(0, 2, 3, 1)
+        if additive_attention_mask is not None:
+            scores = scores + additive_attention_mask
+        scores = self.hook_attn_scores(scores)  # [batch, head, query_pos, key_pos]
+        pattern = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        pattern = self.hook_pattern(pattern).to(dtype=v.dtype)
+        z = self.calculate_z_scores(v, pattern)  # [batch, pos, head, d_head], hook_z
+        w_o = self.W_O.reshape(-1, self.cfg.d_model).T.contiguous()  # [d_model, head * d_head]
+        return nn.functional.linear(z.reshape(*z.shape[:2], -1), w_o, self.b_O)
 
 
 class CrossEncoderEmbed(BertEmbed):
@@ -505,6 +558,7 @@ class HookedCrossEncoder(HookedEncoder):
             self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
             for block in self.blocks:
                 block.ln1, block.ln2 = HookAwareLayerNorm(cfg), HookAwareLayerNorm(cfg)
+                block.attn = EncoderAttention(cfg)
             self.pooler = CrossEncoderPooler(cfg, family.head_activation)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_full_embed = HookPoint()

@@ -177,7 +177,8 @@ def test_block_level_api_equals_forward(tiny, tiny_batch):
         cls = model.run_block(model.cfg.n_layers - 1, x, additive, cls_only=True)
         torch.testing.assert_close(full, resid)
         assert cls.shape[1] == 1
-        torch.testing.assert_close(cls[:, 0], resid[:, 0], atol=1e-6, rtol=0)
+        # float32 round-off only: a 1-query matmul accumulates in another order than a 160-query one
+        torch.testing.assert_close(cls[:, 0], resid[:, 0], atol=5e-6, rtol=0)
         torch.testing.assert_close(model.score_from_resid(cls), model(tiny_batch))
 
 
