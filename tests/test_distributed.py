@@ -59,13 +59,15 @@ def test_group_primitives(two_ranks):
 
 
 def test_sharded_scores_and_rerank_equal_one_process(two_ranks, one_process):
+    # equal up to float32 round-off: a rank's sub-batches pad to other lengths than one process's,
+    # so the attention matmuls accumulate over other key counts (differences ~1e-6 on scores ~1)
     for res in two_ranks:
-        torch.testing.assert_close(res["scores"], one_process["scores"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(res["scores"], one_process["scores"], rtol=0, atol=1e-5)
         assert res["run"].keys() == one_process["run"].keys()
         for qid, docs in one_process["run"].items():
             assert list(res["run"][qid]) == list(docs)
             for did, s in docs.items():
-                assert abs(res["run"][qid][did] - s) <= 1e-6
+                assert abs(res["run"][qid][did] - s) <= 1e-5
 
 
 def test_sharded_nig_means_equal_one_process(two_ranks, one_process):
