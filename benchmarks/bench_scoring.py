@@ -1,8 +1,10 @@
 """Scoring throughput (pairs/s): HookedCrossEncoder without hooks, with a direction-ablation hook,
-and plain Hugging Face ``BertForSequenceClassification`` (eager attention) on the same inputs.
+and plain Hugging Face ``BertForSequenceClassification`` (eager attention) on the same inputs;
+for the BERT-like families also the same model with TransformerLens's own attention forward in
+place of :class:`mechir.model.EncoderAttention` (with and without the hook).
 
-Runs are interleaved (HF, hooked, hooked+ablation, repeated) and medians reported, so that load
-from other processes affects all three alike. Writes ``benchmarks/results/scoring_<device>.json``.
+Runs are interleaved (HF, hooked, hooked+ablation, ..., repeated) and medians reported, so that
+load from other processes (and this machine's drifting speed) affects all alike. Writes ``benchmarks/results/scoring_<device>.json``.
 
     python benchmarks/bench_scoring.py [--model DIR] [--pairs 256] [--batch-size 32] [--repeats 5]
 """
@@ -34,8 +36,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
+    from transformer_lens.components import Attention
+
     from mechir import load_cross_encoder
     from mechir.hooks import direction_ablation_hooks
+    from mechir.model import EncoderAttention
 
     model = load_cross_encoder(args.model, device=args.device)
     hf = hf_model(args.model).to(args.device).eval()
@@ -66,11 +71,32 @@ def main() -> None:
     def run_hooked(hooks=None) -> torch.Tensor:
         return torch.cat([model.score(c, hooks=hooks) for c in chunks])
 
+    def with_attention(cls: type, fn):
+        """``fn`` with every block's attention computed by ``cls``'s forward (same module)."""
+
+        def run() -> torch.Tensor:
+            kept = [block.attn.__class__ for block in model.blocks]
+            for block in model.blocks:
+                block.attn.__class__ = cls
+            try:
+                return fn()
+            finally:
+                for block, k in zip(model.blocks, kept):
+                    block.attn.__class__ = k
+
+        return run
+
     variants = {
         "hf_eager": run_hf,
         "hooked_no_hooks": run_hooked,
         "hooked_direction_ablation": lambda: run_hooked(ablate),
     }
+    if isinstance(model.blocks[0].attn, EncoderAttention):  # the BERT-like families
+        # the same model with TransformerLens's own attention forward, side by side
+        variants["hooked_tl_attention"] = with_attention(Attention, run_hooked)
+        variants["hooked_tl_attention_direction_ablation"] = with_attention(
+            Attention, lambda: run_hooked(ablate)
+        )
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -99,6 +125,18 @@ def main() -> None:
         "pairs_per_second": {k: len(pairs) / v for k, v in med.items()},
         "hooked_over_hf_time": med["hooked_no_hooks"] / med["hf_eager"],
         "ablation_over_hooked_time": med["hooked_direction_ablation"] / med["hooked_no_hooks"],
+        **(
+            {
+                "tl_attention_over_encoder_attention_time": med["hooked_tl_attention"]
+                / med["hooked_no_hooks"],
+                "tl_attention_over_encoder_attention_time_ablation": med[
+                    "hooked_tl_attention_direction_ablation"
+                ]
+                / med["hooked_direction_ablation"],
+            }
+            if "hooked_tl_attention" in med
+            else {}
+        ),
         "target_hooked_over_hf_time": 1.25,
         "max_abs_score_diff_hooked_vs_hf": max_diff,
         "gpu": "not available in this environment" if args.device == "cpu" else args.device,
