@@ -4,7 +4,8 @@ for the BERT-like families also the same model with TransformerLens's own attent
 place of :class:`mechir.model.EncoderAttention` (with and without the hook).
 
 Runs are interleaved (HF, hooked, hooked+ablation, ..., repeated) and medians reported, so that
-load from other processes (and this machine's drifting speed) affects all alike. Writes ``benchmarks/results/scoring_<device>.json``.
+load from other processes (and this machine's drifting speed) affects all alike. Writes
+``benchmarks/results/scoring_<device>.json``.
 
     python benchmarks/bench_scoring.py [--model DIR] [--pairs 256] [--batch-size 32] [--repeats 5]
 """
