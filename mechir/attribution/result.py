@@ -11,12 +11,13 @@ example and layer, ``error[b, l] ~= max_i |A_i - A_i(exact)|`` over the per-neur
   that for the first-order rules (``riemann_right``/``riemann_left``: ``c = 2``) and ``c = 1`` for
   the others (midpoint cells are second order, but the activation path reaches that regime late),
   a safety margin measured in ``tests/attribution/test_result.py``;
-* ``n_steps="auto"``: ``|R(m) - R(m/2)|``, the change of the extrapolated value at the last
-  doubling. It bounds ``R(m)``'s error whenever the error at least halves per doubling (first
-  order); asymptotically the extrapolation converges at fourth order, so it is then conservative
-  (10-30x on the tiny model), but on the shared model at 160 tokens the 32-interval grid is not
-  yet asymptotic: dividing by 3 (assuming second order) under-estimated there (4.2% estimated,
-  6.9% true), so no division is made.
+* ``n_steps="auto"``, input path: ``|A(m) - A(m/2)|``, the change of the nested midpoint sum at
+  the last doubling, and the reported value is ``A(m)``. Once second-order convergence sets in
+  the error of ``A(m)`` is a third of this (so the estimate is conservative); before that, on the
+  shared model at 160 tokens, Richardson extrapolation of ``A`` was 5-14x *less* accurate than
+  ``A(m)`` itself, so none is applied (``benchmarks/README.md``, time to accuracy);
+* ``n_steps="auto"``, activation path: ``|R(N) - R(N/2)|`` for Romberg's first extrapolation
+  ``R`` of the nested trapezoid sums (Simpson's rule), with no division either.
 
 The estimate is asymptotic: at very few steps (``m <= 4``) it can miss the true error.
 
