@@ -30,11 +30,10 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from assets import SCIFACT, SHARED_MODEL  # benchmarks/ is on the path of a script run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODEL = ROOT.parent / "shared" / "models" / "minilm-l6-ce-scifact"
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
 
 def _free_port() -> int:

@@ -34,10 +34,10 @@ import threading
 import time
 from pathlib import Path
 
+from assets import SHARED_MODEL  # benchmarks/ is on the path of a script run
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODEL = ROOT.parent / "shared" / "models" / "minilm-l6-ce-scifact"
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 sys.path.insert(0, str(ROOT))
 
 SETTINGS = {

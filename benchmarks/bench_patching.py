@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from assets import SCIFACT, SHARED_MODEL  # benchmarks/ is on the path of a script run
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MODEL = ROOT.parent / "shared" / "models" / "minilm-l6-ce-scifact"
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 
 
 # ---------------------------------------------------------------------- memory
