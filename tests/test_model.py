@@ -165,6 +165,73 @@ def test_layer_norm_fast_path_equals_hooked_path(tiny, tiny_batch):
     assert all((x > 0).all() and x.shape[-1] == 1 for x in seen[1:])  # scales, after embed.ln
 
 
+ATTENTION_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
+
+
+def _attention_run(model, batch, attention_cls, extra_hooks=()):
+    """Scores and every attention hook value with each block's attention forward taken from
+    ``attention_cls`` (same module, same parameters)."""
+    kept = [block.attn.__class__ for block in model.blocks]
+    seen = {}
+
+    def keep(x, hook):
+        seen[hook.name] = x.detach().clone()
+
+    names = [f"blocks.{i}.attn.{h}" for i in range(model.cfg.n_layers) for h in ATTENTION_HOOKS]
+    try:
+        for block in model.blocks:
+            block.attn.__class__ = attention_cls
+        scores = model.score(batch, hooks=[*extra_hooks, *((n, keep) for n in names)])
+    finally:
+        for block, cls in zip(model.blocks, kept):
+            block.attn.__class__ = cls
+    return scores, seen
+
+
+@pytest.mark.parametrize("mask_a_row", [False, True])
+def test_encoder_attention_equals_transformer_lens_attention(tiny, tiny_batch, mask_a_row):
+    """The lean attention forward gives TransformerLens's hook values and scores, including a
+    fully masked row (-inf everywhere: NaN after the softmax, zeros in both)."""
+    from transformer_lens.components import Attention
+
+    from mechir.model import EncoderAttention
+
+    model, _, _ = tiny
+    assert all(type(block.attn) is EncoderAttention for block in model.blocks)
+
+    def mask_row(scores, hook):
+        scores = scores.clone()
+        scores[:, :, 1, :] = -torch.inf  # query position 1 reads nothing
+        return scores
+
+    extra = [("blocks.0.attn.hook_attn_scores", mask_row)] if mask_a_row else []
+    lean, lean_seen = _attention_run(model, tiny_batch, EncoderAttention, extra)
+    ref, ref_seen = _attention_run(model, tiny_batch, Attention, extra)
+    torch.testing.assert_close(lean, ref, atol=1e-5, rtol=1e-5)
+    assert lean_seen.keys() == ref_seen.keys() and len(ref_seen) == 6 * model.cfg.n_layers
+    for name, value in ref_seen.items():
+        torch.testing.assert_close(lean_seen[name], value, atol=1e-5, rtol=1e-5)
+    if mask_a_row:
+        assert (lean_seen["blocks.0.attn.hook_pattern"][:, :, 1] == 0).all()
+
+
+def test_encoder_attention_falls_back_where_it_does_not_cover(tiny, tiny_batch):
+    """With per-head results on (``use_attn_result``) TransformerLens's own forward runs, so
+    ``hook_result`` fires, and the scores are unchanged."""
+    model, _, _ = tiny
+    plain = model.score(tiny_batch)
+    seen = []
+    model.cfg.use_attn_result = True
+    try:
+        got = model.score(
+            tiny_batch, hooks=[("blocks.0.attn.hook_result", lambda x, hook: seen.append(x.shape))]
+        )
+    finally:
+        model.cfg.use_attn_result = False
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
+    assert seen and seen[0][2] == model.cfg.n_heads  # [batch, pos, head, d_model]
+
+
 def test_block_level_api_equals_forward(tiny, tiny_batch):
     model, _, _ = tiny
     with torch.no_grad():
