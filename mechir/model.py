@@ -48,6 +48,7 @@ RoBERTa/XLM-R position ids start at ``padding_idx + 1`` (``embed.position_offset
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import difflib
 import re
@@ -72,14 +73,26 @@ with warnings.catch_warnings():
         LayerNorm,
     )
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
-    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.hook_points import HookPoint, LensHandle
     from transformer_lens.HookedEncoder import HookedEncoder
     from transformer_lens.HookedRootModule import HookedRootModule
     from transformer_lens.utilities import TypedModuleList
 
 from mechir.families import BERT, EncoderShape, Family, family_of
 from mechir.parts import CrossEncoderBatch, check_max_length, encode
-from mechir.running import HookFn, Hooks, RunningInput, current_batch, running_batch
+from mechir.running import (
+    Frame,
+    HookFn,
+    Hooks,
+    RunningInput,
+    RunningKey,
+    current_batch,
+    hook_scope,
+    running,
+    running_batch,
+    running_frames,
+    scope_active,
+)
 
 __all__ = ["HookFn", "Hooks", "HookedCrossEncoder", "running_batch"]
 
@@ -93,6 +106,72 @@ SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
 #: is ``z_rel - logsumexp(z_other)`` (``z1 - z0`` for MonoBERT), which ranks exactly like the
 #: softmax probability and, for two labels, is linear in the classifier.
 DEFAULT_SCORE_TYPE: ScoreType = "binary_logit"
+
+
+class FrameAwareHookPoint(HookPoint):
+    """A TransformerLens ``HookPoint`` whose backward hooks run in the execution context of the
+    forward pass that built their graph, so :func:`running_batch` works in them too (that
+    forward pass has returned, possibly on another thread, by the time gradients flow).
+
+    A backward hook ``fn(grad, hook)`` is registered as a forward hook that runs after every
+    other forward hook and puts a tensor hook on the final output: ``fn`` receives the gradient
+    of that output (what TransformerLens's full backward hook receives) and may return a
+    replacement, as there. The handle is listed among the backward hooks (``has_hooks``,
+    ``remove_hooks`` and ``reset_hooks`` treat it as one). :meth:`add_hook` returns the handle it
+    added."""
+
+    def add_hook(  # type: ignore[override]
+        self,
+        hook: HookFn,
+        dir: Literal["fwd", "bwd"] = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+        alias_names: list[str] | None = None,
+    ) -> LensHandle:
+        if dir != "bwd" or alias_names is not None or self.backward_scale != 1.0:
+            super().add_hook(hook, dir, is_permanent, level, prepend, alias_names)
+            self._keep_gradient_hooks_last()
+            handles = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
+            return handles[0 if prepend else -1]
+
+        def on_forward(module: nn.Module, args: Any, output: Tensor) -> None:
+            if not (isinstance(output, Tensor) and output.requires_grad):
+                return
+            context = contextvars.copy_context()
+            output.register_hook(lambda grad: context.run(hook, grad, hook=self))
+
+        pt_handle = self.register_forward_hook(on_forward)
+        handle = LensHandle(pt_handle, is_permanent, level, user_hook=hook)
+        ids = self.__dict__.setdefault("_mechir_gradient_hook_ids", [])
+        if prepend:
+            ids.insert(0, pt_handle.id)
+            self.bwd_hooks.insert(0, handle)
+        else:
+            ids.append(pt_handle.id)
+            self.bwd_hooks.append(handle)
+        self._keep_gradient_hooks_last()
+        return handle
+
+    def _keep_gradient_hooks_last(self) -> None:
+        """Forward hooks run in insertion order: move the gradient hooks to the end (in their
+        own order) so they see the output after every forward hook has replaced it."""
+        ids = self.__dict__.get("_mechir_gradient_hook_ids", ())
+        ids = [i for i in ids if i in self._forward_hooks]
+        self.__dict__["_mechir_gradient_hook_ids"] = ids
+        for hook_id in ids:
+            self._forward_hooks.move_to_end(hook_id)
+
+
+def _scoped_hook(fn: HookFn, scope: object) -> HookFn:
+    """``fn``, firing only where the hook scope ``scope`` is active (see
+    :meth:`HookedCrossEncoder.hooks`)."""
+
+    def hook(act: Any, hook: HookPoint) -> Any:
+        return fn(act, hook=hook) if scope_active(scope) else None
+
+    hook.__name__ = getattr(fn, "__name__", "hook")
+    return hook
 
 
 class HookAwareLayerNorm(LayerNorm):
@@ -456,7 +535,7 @@ class ModernHead(nn.Module):
     of :attr:`HookedCrossEncoder.running_batch`), then ``LN(act(pooled W + b))``, hooked at
     ``hook_pooler_out`` (the input of the classifier)."""
 
-    def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape, running: list):
+    def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape, key: RunningKey):
         super().__init__()
         modern = shape.modern
         assert modern is not None
@@ -465,7 +544,7 @@ class ModernHead(nn.Module):
         self.act = _MODERN_ACTS[modern.head_activation]
         self.ln = HookAwareLayerNorm(cfg)
         self.pooling = modern.pooling
-        self._running = running
+        self._running_key = key
         self.hook_pooled = HookPoint()
         self.hook_pooler_out = HookPoint()
 
@@ -473,7 +552,7 @@ class ModernHead(nn.Module):
         if self.pooling == "cls":
             pooled = resid[:, 0]
         else:
-            mask = current_batch(self._running).attention_mask.to(resid)
+            mask = current_batch(self._running_key).attention_mask.to(resid)
             if len(mask) == 1:  # rows grown from one example (as the attention mask broadcasts)
                 mask = mask.expand(len(resid), -1)
             if mask.shape != resid.shape[:2]:
@@ -539,7 +618,7 @@ class HookedCrossEncoder(HookedEncoder):
         self.num_labels = num_labels
         self.relevant_label = relevant_label if num_labels > 1 else 0
         self.score_type = DEFAULT_SCORE_TYPE if score_type is None else score_type
-        self._running: list[RunningInput] = []
+        self._running_key = RunningKey()
         self.family = family
         shape = shape or _bert_shape(cfg)
         self.ln_final: nn.Module | None = None
@@ -552,7 +631,7 @@ class HookedCrossEncoder(HookedEncoder):
             )
             self.ln_final = HookAwareLayerNorm(cfg)
             self.hook_final_hidden = HookPoint()
-            self.pooler = ModernHead(cfg, shape, self._running)
+            self.pooler = ModernHead(cfg, shape, self._running_key)
         else:
             self.embed = CrossEncoderEmbed(cfg, shape, family)
             self.blocks = TypedModuleList([BertBlock(cfg) for _ in range(cfg.n_layers)])
@@ -568,11 +647,14 @@ class HookedCrossEncoder(HookedEncoder):
         self.setup()
 
     def setup(self) -> None:
-        """TransformerLens's hook-point registry; each hook point also knows its model (weakly),
-        so a hook function can read the batch it runs on with :func:`running_batch`."""
+        """TransformerLens's hook-point registry; each hook point also carries its model's running
+        key, so a hook function can read the batch it runs on with :func:`running_batch`, and
+        becomes a :class:`FrameAwareHookPoint` (backward hooks read the batch too)."""
         super().setup()
         for point in self.hook_dict.values():
-            point.__dict__["_mechir_running"] = self._running
+            point.__dict__["_mechir_running"] = self._running_key
+            if type(point) is HookPoint:
+                point.__class__ = FrameAwareHookPoint
 
     @property
     def score_type(self) -> ScoreType:
@@ -595,18 +677,20 @@ class HookedCrossEncoder(HookedEncoder):
         Raises:
             RuntimeError: no forward pass is running (a hook called outside the model).
         """
-        return current_batch(self._running)
+        return current_batch(self._running_key)
+
+    @property
+    def _running(self) -> tuple[Frame, ...]:
+        """This model's running frames in the current execution context, innermost last."""
+        return running_frames(self._running_key)
 
     @contextlib.contextmanager
     def running_on(self, batch: CrossEncoderBatch) -> Iterator[CrossEncoderBatch]:
         """Make ``batch`` the :attr:`running_batch` for code that runs blocks itself (e.g. a
         patching engine calling :meth:`run_block`); :meth:`forward` does this on its own."""
         batch = batch.to(self.cfg.device)
-        self._running.append(RunningInput(batch=batch))
-        try:
+        with running(self._running_key, RunningInput(batch=batch)):
             yield batch
-        finally:
-            self._running.pop()
 
     # ------------------------------------------------------------------ forward
     def scores_from_logits(
@@ -653,7 +737,7 @@ class HookedCrossEncoder(HookedEncoder):
             stop_at_layer: run blocks before this layer only and return the input of block
                 ``stop_at_layer`` ``[batch, pos, d_model]`` (``return_type`` is ignored).
         """
-        running = RunningInput.of(self, input, token_type_ids, attention_mask)
+        input_now = RunningInput.of(self, input, token_type_ids, attention_mask)
         n_layers = self.cfg.n_layers
         start = 0 if start_at_layer is None else self._layer_arg("start_at_layer", start_at_layer)
         stop = (
@@ -663,16 +747,17 @@ class HookedCrossEncoder(HookedEncoder):
             raise ValueError(f"start_at_layer {start} is after stop_at_layer {stop}")
         if (start_at_layer is None) != (resid is None):
             raise ValueError("pass resid= (the input of block start_at_layer) with start_at_layer")
-        self._running.append(running)
-        try:
+        with running(self._running_key, input_now):
             if resid is None:
-                resid = self.hook_full_embed(self.embed(running.tokens, running.token_type_ids))
+                resid = self.hook_full_embed(
+                    self.embed(input_now.tokens, input_now.token_type_ids)
+                )
             else:
                 resid = resid.to(self.cfg.device)
             additive = (
                 None
-                if running.attention_mask is None
-                else self.additive_attention_mask(running.attention_mask)
+                if input_now.attention_mask is None
+                else self.additive_attention_mask(input_now.attention_mask)
             )
             for layer in range(start, stop):
                 resid = self._finish(layer, self.blocks[layer](resid, additive))
@@ -686,8 +771,6 @@ class HookedCrossEncoder(HookedEncoder):
                 return logits
             score = self.hook_score(self.scores_from_logits(logits))
             return score if return_type == "score" else None
-        finally:
-            self._running.pop()
 
     def _layer_arg(self, what: str, layer: int) -> int:
         n = self.cfg.n_layers
@@ -717,6 +800,54 @@ class HookedCrossEncoder(HookedEncoder):
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: Any) -> None:  # type: ignore[override]
         self._check_hook_name(name)
         super()._enable_hook_with_name(name, hook, dir)
+
+    def _hook_points(self, name: str | Callable[[str], bool]) -> list[HookPoint]:
+        """The hook points a hook list entry names: one name, or every name a filter accepts."""
+        if isinstance(name, str):
+            self._check_hook_name(name)
+            return [self.mod_dict[name]]
+        return [point for point_name, point in self.hook_dict.items() if name(point_name)]
+
+    @contextlib.contextmanager
+    def hooks(  # type: ignore[override]
+        self,
+        fwd_hooks: Hooks = (),  # type: ignore[assignment]
+        bwd_hooks: Hooks = (),  # type: ignore[assignment]
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator[HookedCrossEncoder]:
+        """TransformerLens's ``hooks`` context, scoped to the execution context that enters it.
+
+        The hooks fire only for forward passes (and their backward passes) of this thread or
+        asyncio task while the block runs, so threads scoring the same model at once with
+        different hooks never run each other's hooks; on exit exactly the hooks this block added
+        are removed, whatever other blocks (other threads, nested blocks) do meanwhile. With
+        ``reset_hooks_end=False`` the hooks stay, unscoped, as in TransformerLens (they then fire
+        for every forward pass until ``model.reset_hooks()``)."""
+        if not reset_hooks_end:
+            for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for name, fn in pairs:
+                    for point in self._hook_points(name):
+                        point.add_hook(fn, dir=direction)
+            yield self
+            return
+        added: list[tuple[HookPoint, LensHandle]] = []
+        with hook_scope() as scope:
+            try:
+                for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                    for name, fn in pairs:
+                        scoped = _scoped_hook(fn, scope)
+                        for point in self._hook_points(name):
+                            added.append((point, point.add_hook(scoped, dir=direction)))
+                yield self
+            finally:
+                for point, handle in added:
+                    handle.hook.remove()
+                    for handles in (point.fwd_hooks, point.bwd_hooks):
+                        if any(h is handle for h in handles):
+                            handles[:] = [h for h in handles if h is not handle]
+                    if clear_contexts:
+                        point.clear_context()
 
     def run_with_cache(  # type: ignore[override]
         self,

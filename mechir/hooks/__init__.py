@@ -4,7 +4,7 @@
 the input parts read them from the batch the model runs on (:func:`running_batch`), so a list is
 built once and reused for every batch."""
 
-from mechir.hooks.ablation import activation_means, per_forward
+from mechir.hooks.ablation import activation_means
 from mechir.hooks.attention import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,
@@ -18,7 +18,7 @@ from mechir.hooks.attention import (
 )
 from mechir.hooks.heads import head_knockout_hooks, head_output_means
 from mechir.hooks.neurons import neuron_ablation_hooks, neuron_means
-from mechir.running import Hooks, running_batch
+from mechir.running import Hooks, per_forward, running_batch
 
 __all__ = [
     "ALL_DIRECTIONS",

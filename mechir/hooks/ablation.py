@@ -4,32 +4,15 @@ means and masked replacement."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from jaxtyping import Bool, Float
 
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, PartLike, parse_parts
-from mechir.running import running_batch
+from mechir.running import per_forward, running_batch
 
 torch = lazy_import("torch")
-
-T = TypeVar("T")
-
-
-def per_forward(compute: Callable[[CrossEncoderBatch], T]) -> Callable[[Any], T]:
-    """``get(hook) -> compute(running batch)``, computed once per forward pass and shared by
-    every hook of a factory (e.g. one attention mask for all layers), recomputed for the next
-    batch. This is how part-dependent hooks read the parts of the batch they run on."""
-    last: list[Any] = [None, None]  # (batch, value) of the latest forward pass
-
-    def get(hook: Any) -> T:
-        batch = running_batch(hook)
-        if last[0] is not batch:
-            last[0], last[1] = batch, compute(batch)
-        return last[1]
-
-    return get
 
 
 def part_positions(

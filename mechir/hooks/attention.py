@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from jaxtyping import Bool, Float
 
-from mechir.hooks.ablation import bound_to, per_forward
+from mechir.hooks.ablation import bound_to
 from mechir.lazy import lazy_import
 from mechir.parts import PARTS, CrossEncoderBatch, Part, PartLike, parse_parts
-from mechir.running import HookFn, Hooks
+from mechir.running import HookFn, Hooks, per_forward
 from mechir.selection import (
     HeadSelection,
     LayerSelection,
