@@ -749,9 +749,7 @@ class HookedCrossEncoder(HookedEncoder):
             raise ValueError("pass resid= (the input of block start_at_layer) with start_at_layer")
         with running(self._running_key, input_now):
             if resid is None:
-                resid = self.hook_full_embed(
-                    self.embed(input_now.tokens, input_now.token_type_ids)
-                )
+                resid = self.hook_full_embed(self.embed(input_now.tokens, input_now.token_type_ids))
             else:
                 resid = resid.to(self.cfg.device)
             additive = (
