@@ -51,7 +51,7 @@ from mechir.hooks import (
 )
 from mechir.lazy import lazy_import
 from mechir.parts import PARTS, Part, parse_parts
-from mechir.selection import check_layers
+from mechir.selection import select_layers
 
 pd = lazy_import("pandas")
 plots = lazy_import("analyses.plots")
@@ -168,9 +168,9 @@ def parse_layer_ranges(tokens: Sequence[str], n_layers: int) -> list[list[int]]:
         elif m := re.fullmatch(r"(\d+)-(\d+)", t):
             if int(m[1]) > int(m[2]):
                 raise ValueError(f"layer range {t!r} is empty (write low-high)")
-            found = [check_layers(cfg, range(int(m[1]), int(m[2]) + 1))]
+            found = [select_layers(cfg, range(int(m[1]), int(m[2]) + 1))]
         elif re.fullmatch(r"\d+(,\d+)*", t):
-            found = [check_layers(cfg, [int(x) for x in t.split(",")])]
+            found = [select_layers(cfg, [int(x) for x in t.split(",")])]
         else:
             raise ValueError(
                 f"unknown layer range {token!r}: use 'cumulative', 'all', 'window:W[:S]', "

@@ -32,7 +32,7 @@ from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import DEFAULT_RESULTS, candidate_pairs, default_run_name
 from analyses.summary import Summary
 from mechir.lazy import lazy_import
-from mechir.selection import check_heads, head_label, parse_head
+from mechir.selection import head_label, parse_head, select_heads
 
 pd = lazy_import("pandas")
 plots = lazy_import("analyses.plots")
@@ -61,7 +61,7 @@ def selected_heads(alignment: pd.DataFrame, args: argparse.Namespace, shape: dic
     top = alignment.sort_values(args.rank_by, ascending=False).label.head(args.top_heads).tolist()
     cfg = argparse.Namespace(n_layers=shape["n_layers"], n_heads=shape["n_heads"])
     try:
-        extra = [head_label(*h) for h in check_heads(cfg, args.heads, allow_empty=True)]
+        extra = [head_label(*h) for h in select_heads(cfg, args.heads, allow_empty=True)]
     except ValueError as err:
         raise UsageError(str(err)) from None
     return list(dict.fromkeys([*top, *extra]))

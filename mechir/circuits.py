@@ -50,7 +50,7 @@ from torch import Tensor
 
 from mechir.display import describe
 from mechir.parts import PARTS, CrossEncoderBatch, Part
-from mechir.selection import HeadLike, check_heads, check_layer, check_layers, head_label
+from mechir.selection import HeadLike, check_layer, head_label, select_heads, select_layers
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -456,7 +456,7 @@ def singular_direction_tokens(
     Returns:
         :func:`top_tokens`' columns plus ``layer, head, label, k, sigma, vector ("u"/"v")``.
     """
-    (layer, h), *_ = check_heads(model, [head])
+    (layer, h), *_ = select_heads(model, [head])
     svd = svd if svd is not None else qk_svd(model)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < svd.rank:
         raise ValueError(f"k={k!r} out of range: directions are 0-indexed, 0-{svd.rank - 1}")
@@ -487,7 +487,7 @@ def mean_part_residuals(
     ``PARTS[p]`` (CLS, QUERY, SEP1, DOCUMENT, SEP2) of every example, accumulated in the forward
     pass (no activation cache); float32 on the CPU. ``layers=None`` means all layers.
     """
-    layers = check_layers(model, layers)
+    layers = select_layers(model, layers)
     d_model = model.cfg.d_model
     sums = torch.zeros(len(layers), len(PARTS), d_model, dtype=torch.float64)
     counts = torch.zeros(len(PARTS), dtype=torch.float64)
@@ -541,7 +541,7 @@ def singular_direction_part_cosines(
     if heads is None:
         selected = [(a, b) for a in range(model.cfg.n_layers) for b in range(model.cfg.n_heads)]
     else:
-        selected = check_heads(model, heads)
+        selected = select_heads(model, heads)
     layers = sorted({layer for layer, _ in selected})
     means = mean_part_residuals(model, batch, layers, batch_size=batch_size)
     q_idx, d_idx = PARTS.index(Part.QUERY), PARTS.index(Part.DOCUMENT)

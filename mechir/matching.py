@@ -39,7 +39,7 @@ from mechir.data import matching_pairs as _data_matching_pairs
 from mechir.display import short_list
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, Part
-from mechir.selection import check_layers, head_label
+from mechir.selection import head_label, select_layers
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -317,7 +317,7 @@ def attention_statistics(
         tokenizer: for ``whole_words``; default ``model.tokenizer``.
         sort_by_length: run pairs in order of length (less padding); results keep batch order.
     """
-    layers = check_layers(model, layers)
+    layers = select_layers(model, layers)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (or None for one pass), got {batch_size}")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -362,7 +362,7 @@ def attention_statistics_reference(
 ) -> AttentionStatistics:
     """Naive reference for :func:`attention_statistics`: a full ``run_with_cache`` of the batch,
     then explicit per-pair index selection and loops over token pairs."""
-    layers = check_layers(model, layers)
+    layers = select_layers(model, layers)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if whole_words and tokenizer is None:
         raise ValueError("whole_words=True needs the tokenizer (to join WordPieces)")

@@ -860,9 +860,12 @@ class HookedCrossEncoder(HookedEncoder):
         """TransformerLens ``run_with_cache``. With ``incl_bwd=True`` the cached gradients
         (``<name>_grad``) are those of the **summed** output, e.g. ``sum_b score_b`` for a batch of
         scores. Pairs do not interact in the encoder, so each pair's cached gradient is the
-        gradient of its own score."""
+        gradient of its own score.
+
+        Run on a :class:`CrossEncoderBatch`, the cache records it as ``cache.batch``, so it can be
+        the source of patching hooks (:func:`mechir.hooks.patch_hooks`)."""
         if not incl_bwd:
-            return super().run_with_cache(
+            out, cache = super().run_with_cache(
                 *model_args,
                 names_filter=names_filter,
                 device=device,
@@ -870,14 +873,18 @@ class HookedCrossEncoder(HookedEncoder):
                 return_cache_object=return_cache_object,
                 **model_kwargs,
             )
-        cache, fwd, bwd = self.get_caching_hooks(
-            names_filter, True, device, remove_batch_dim=remove_batch_dim
-        )
-        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-            out = self(*model_args, **model_kwargs)
-            out.sum().backward()
-        if return_cache_object:
-            return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        else:
+            cache, fwd, bwd = self.get_caching_hooks(
+                names_filter, True, device, remove_batch_dim=remove_batch_dim
+            )
+            with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+                out = self(*model_args, **model_kwargs)
+                out.sum().backward()
+            if return_cache_object:
+                cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        batch = model_args[0] if model_args else model_kwargs.get("input")
+        if return_cache_object and not remove_batch_dim and isinstance(batch, CrossEncoderBatch):
+            cache.batch = batch
         return out, cache
 
     # ------------------------------------------------------------------ block-level API
@@ -970,19 +977,22 @@ class HookedCrossEncoder(HookedEncoder):
         documents: str | Sequence[str],
         *,
         max_length: int | None = None,
+        pair_ids: Sequence[str] | None = None,
     ) -> CrossEncoderBatch:
         """Tokenize pairs with this model's tokenizer (see :func:`mechir.encode`).
 
         ``max_length`` defaults to :attr:`max_length` and may not exceed it; the pair layout is
-        the family's.
+        the family's. ``pair_ids`` (one per pair) identify the examples (see
+        :class:`~mechir.parts.CrossEncoderBatch`).
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass one to load_cross_encoder")
         length = self.max_length if max_length is None else max_length
         check_max_length(length, self.max_length)
-        return encode(
+        batch = encode(
             self.tokenizer, queries, documents, max_length=length, layout=self.family.layout
         )
+        return batch if pair_ids is None else batch.with_pair_ids(pair_ids)
 
     @property
     def max_length(self) -> int:

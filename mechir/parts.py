@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from jaxtyping import Bool, Int
 
@@ -129,17 +129,35 @@ class CrossEncoderBatch:
             (all 0 for families without token types, see :class:`PairLayout`).
         attention_mask: 1 for real tokens, 0 for padding.
         parts: the :class:`Part` of every token (``Part.PAD`` on padding).
+        pair_ids: optional identity of every example (e.g. ``"q1/d7"``), kept through indexing,
+            sub-batches and devices. Patching hooks use it to find an example's cached source
+            activations (clean and corrupted inputs of one pair share its id); without it they
+            match examples by their token ids.
     """
 
     input_ids: Int[torch.Tensor, "batch pos"]
     token_type_ids: Int[torch.Tensor, "batch pos"]
     attention_mask: Int[torch.Tensor, "batch pos"]
     parts: Int[torch.Tensor, "batch pos"]
+    pair_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        shapes = {f.name: tuple(getattr(self, f.name).shape) for f in fields(self)}
+        shapes = {name: tuple(getattr(self, name).shape) for name in self.TENSORS}
         if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
             raise ValueError(f"all batch tensors must share one [batch, pos] shape, got {shapes}")
+        if self.pair_ids is not None:
+            self.pair_ids = tuple(str(p) for p in self.pair_ids)
+            if len(self.pair_ids) != len(self):
+                raise ValueError(
+                    f"{len(self.pair_ids)} pair ids for {len(self)} examples: give one per example"
+                )
+
+    #: The ``[batch, pos]`` tensors of a batch.
+    TENSORS: ClassVar[tuple[str, ...]] = ("input_ids", "token_type_ids", "attention_mask", "parts")
+
+    def with_pair_ids(self, pair_ids: Sequence[str]) -> CrossEncoderBatch:
+        """The same batch with these pair ids (one per example)."""
+        return CrossEncoderBatch(*(getattr(self, n) for n in self.TENSORS), tuple(pair_ids))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -175,17 +193,23 @@ class CrossEncoderBatch:
         return torch.stack([self.parts == int(p) for p in PARTS], dim=1)
 
     def to(self, device: torch.device | str) -> CrossEncoderBatch:
-        return CrossEncoderBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        tensors = (getattr(self, name).to(device) for name in self.TENSORS)
+        return CrossEncoderBatch(*tensors, self.pair_ids)
 
     def __getitem__(self, index: Any) -> CrossEncoderBatch:
         """Select examples (int, slice, index list or tensor); padding is trimmed to the longest."""
         if isinstance(index, int):
             index = slice(index, index + 1) if index != -1 else slice(-1, None)
-        selected = {f.name: getattr(self, f.name)[index] for f in fields(self)}
+        selected = {name: getattr(self, name)[index] for name in self.TENSORS}
         width = (
             int(selected["attention_mask"].sum(-1).max().item()) if len(selected["parts"]) else 0
         )
-        return CrossEncoderBatch(**{k: v[:, :width] for k, v in selected.items()})
+        ids = None
+        if self.pair_ids is not None:
+            picked = index.cpu() if isinstance(index, torch.Tensor) else index
+            rows = torch.arange(len(self))[picked]
+            ids = tuple(self.pair_ids[i] for i in rows.reshape(-1).tolist())
+        return CrossEncoderBatch(*(v[:, :width] for v in selected.values()), ids)
 
     def chunks(self, size: int | None) -> Iterable[CrossEncoderBatch]:
         """Consecutive sub-batches of at most ``size`` examples (the whole batch for None)."""

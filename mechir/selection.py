@@ -232,24 +232,6 @@ def select_neurons(
     return mask
 
 
-# Older names, kept so existing code keeps working; they are the same functions.
-def check_layers(
-    model_or_cfg: Any, layers: LayerSelection, *, allow_empty: bool = False
-) -> list[int]:
-    """Alias of :func:`select_layers`."""
-    return select_layers(model_or_cfg, layers, allow_empty=allow_empty)
-
-
-def check_heads(
-    model_or_cfg: Any, heads: HeadSelection, *, allow_empty: bool = False
-) -> list[Head]:
-    """Alias of :func:`select_heads` without ``layers``."""
-    return select_heads(model_or_cfg, heads, allow_empty=allow_empty)
-
-
-neuron_mask = select_neurons
-
-
 def __getattr__(name: str) -> Any:
     # ``NeuronSelection`` names torch.Tensor, so it is built on first use (torch loads lazily)
     if name == "NeuronSelection":

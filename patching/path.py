@@ -27,8 +27,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechir.hooks.patch import ActivationSource, patch_hooks
 from mechir.model import HookedCrossEncoder, Hooks
-from mechir.selection import HeadLike, check_heads, head_label, heads_by_layer, parse_head
+from mechir.parts import CrossEncoderBatch
+from mechir.selection import HeadLike, HeadSelection, head_label, heads_by_layer, select_heads
 from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult
 from patching.sweep import (
@@ -65,62 +67,63 @@ def _check_channels(channels: Iterable[str]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------- hook factories
-def _freeze_z_hook(
-    corrupted: Tensor, clean: Tensor | None, head: int | None, act: Tensor, hook: Any
-) -> Tensor:
-    out = corrupted.to(act.dtype).clone()
-    if clean is not None and head is not None:
-        out[:, :, head] = clean[:, :, head].to(act.dtype)
-    return out
-
-
-def _replace_hook(value: Tensor, act: Tensor, hook: Any) -> Tensor:
-    return value.to(act.dtype)
-
-
 def path_freeze_hooks(
-    clean_cache: CleanCache,
-    corrupted_cache: CleanCache,
+    model: HookedCrossEncoder,
+    clean: CleanCache | ActivationSource,
+    corrupted: CleanCache | ActivationSource,
     sender: HeadLike,
     *,
-    n_layers: int,
     freeze_mlps: bool = False,
 ) -> Hooks:
-    """Step 1 of path patching: the sender's ``z`` from the clean run, every other head's ``z``
-    (and every MLP output, with ``freeze_mlps``) frozen to the corrupted run."""
-    s_layer, s_head = parse_head(sender)
-    if not 0 <= s_layer < n_layers:
-        raise ValueError(f"sender layer {s_layer} out of range: model has {n_layers} layers")
-    hooks: Hooks = []
-    for layer in range(n_layers):
-        name = f"blocks.{layer}.attn.hook_z"
-        is_sender = layer == s_layer
-        clean = clean_cache[name] if is_sender else None
-        head = s_head if is_sender else None
-        hooks.append((name, partial(_freeze_z_hook, corrupted_cache[name], clean, head)))
-        if freeze_mlps:
-            mlp = f"blocks.{layer}.hook_mlp_out"
-            hooks.append((mlp, partial(_replace_hook, corrupted_cache[mlp])))
+    """Step 1 of path patching, on the corrupted input: the sender's ``z`` patched from the
+    clean run, every other head's ``z`` (and every MLP output, with ``freeze_mlps``) frozen to
+    the corrupted run. ``clean`` and ``corrupted`` are caches of ``model.run_with_cache`` on the
+    two inputs of the same pairs (their examples are matched by pair id: the patch intervention
+    of :func:`mechir.hooks.patch_hooks`)."""
+    ((s_layer, s_head),) = select_heads(model, [sender])
+    others = [
+        (layer, head)
+        for layer in range(model.cfg.n_layers)
+        for head in range(model.cfg.n_heads)
+        if (layer, head) != (s_layer, s_head)
+    ]
+    hooks = patch_hooks(model, corrupted, "z", units=others)
+    hooks += patch_hooks(model, clean, "z", units=[(s_layer, s_head)])
+    if freeze_mlps:
+        hooks += patch_hooks(model, corrupted, "mlp_out")
     return hooks
 
 
 def receiver_input_hooks(
+    model: HookedCrossEncoder,
+    batch: CrossEncoderBatch,
     values: Mapping[int, Float[Tensor, "batch pos d_model"]],
-    receivers: Iterable[HeadLike],
+    receivers: HeadSelection,
     channels: Iterable[Channel] = CHANNELS,
 ) -> Hooks:
-    """Step 2 of path patching: set receivers' q/k/v inputs to ``values[layer]``.
+    """Step 2 of path patching: set the receivers' q/k/v inputs to ``values[layer]``, the
+    residual streams recorded in step 1 on ``batch`` (running the hooks on other inputs is an
+    error).
 
     Needs :func:`split_qkv_input` active (the hooks ``blocks.{l}.hook_{c}_input`` have shape
     ``[batch, pos, n_heads, d_model]``; only the receivers' head slots are replaced).
     """
     channels = _check_channels(channels)
-    hooks: Hooks = []
-    for layer, heads in heads_by_layer(parse_head(h) for h in receivers).items():
-        for c in channels:
-            hook = partial(_receiver_hook, values[layer], heads)
-            hooks.append((f"blocks.{layer}.hook_{c}_input", hook))
-    return hooks
+    heads = select_heads(model, receivers)
+    n_heads = model.cfg.n_heads
+    acts = {
+        f"blocks.{layer}.hook_{c}_input": values[layer][:, :, None, :].expand(-1, -1, n_heads, -1)
+        for layer in {layer for layer, _ in heads}
+        for c in channels
+    }
+    source = ActivationSource(batch, acts, model)
+    return [
+        hook for c in channels for hook in patch_hooks(model, source, f"{c}_input", units=heads)
+    ]
+
+
+def _replace_hook(value: Tensor, act: Tensor, hook: Any) -> Tensor:
+    return value.to(act.dtype)
 
 
 def _receiver_hook(value: Tensor, heads: list[int], act: Tensor, hook: Any) -> Tensor:
@@ -134,7 +137,7 @@ def _senders(
     model: HookedCrossEncoder, receivers: list[tuple[int, int]], senders: Iterable[HeadLike] | None
 ) -> list[tuple[int, int]]:
     if senders is not None:
-        return check_heads(model, senders)
+        return select_heads(model, senders)
     last = max(layer for layer, _ in receivers)
     return [(lay, h) for lay in range(last) for h in range(model.cfg.n_heads)]
 
@@ -193,7 +196,7 @@ def path_patch(
         A :class:`PatchingResult` over a ``(layer, head)`` grid of senders (``method="path"``).
     """
     channels = _check_channels(channels)
-    recv = check_heads(model, receivers)
+    recv = select_heads(model, receivers)
     send = _senders(model, recv, senders)
     recv_layers = sorted({layer for layer, _ in recv})
     stop = recv_layers[-1]
@@ -304,7 +307,12 @@ def _step2(
     def initial(layer: int, rows: Tensor) -> Tensor:
         return corrupted[f"blocks.{layer}.hook_resid_pre"][idx[rows.to(device)]]
 
-    hooks = receiver_input_hooks(values, receivers, channels)
+    hooks: Hooks = []
+    for layer, heads in heads_by_layer(receivers).items():
+        for c in channels:
+            hooks.append(
+                (f"blocks.{layer}.hook_{c}_input", partial(_receiver_hook, values[layer], heads))
+            )
     with split_qkv_input(model), model.hooks(fwd_hooks=hooks):
         return run_from_layers(model, starts, initial, batch_rows(group.corrupted, pair_rows))
 
@@ -325,10 +333,9 @@ def path_patch_reference(
 ) -> PatchingResult:
     """The oracle of :func:`path_patch`: two full forwards per (pair, sender), plain hooks."""
     channels = _check_channels(channels)
-    recv = check_heads(model, receivers)
+    recv = select_heads(model, receivers)
     send = _senders(model, recv, senders)
     recv_layers = sorted({layer for layer, _ in recv})
-    n_layers = model.cfg.n_layers
     n = len(pairs)
     patched = torch.empty(n, len(send))
     clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
@@ -340,18 +347,15 @@ def path_patch_reference(
             clean_scores[i], corrupted_scores[i] = float(c_score[0]), float(k_score[0])
             for j, sender in enumerate(send):
                 values: dict[int, Tensor] = {}
-                hooks = path_freeze_hooks(
-                    clean, corrupted, sender, n_layers=n_layers, freeze_mlps=freeze_mlps
-                )
+                hooks = path_freeze_hooks(model, clean, corrupted, sender, freeze_mlps=freeze_mlps)
                 hooks += [
                     (f"blocks.{layer}.hook_resid_pre", partial(_store_hook, values, layer))
                     for layer in recv_layers
                 ]
                 model.run_with_hooks(pair.corrupted, fwd_hooks=hooks)
                 with split_qkv_input(model):
-                    score = model.run_with_hooks(
-                        pair.corrupted, fwd_hooks=receiver_input_hooks(values, recv, channels)
-                    )
+                    recv_hooks = receiver_input_hooks(model, pair.corrupted, values, recv, channels)
+                    score = model.run_with_hooks(pair.corrupted, fwd_hooks=recv_hooks)
                 patched[i, j] = float(score[0])
     return _result(model, pairs, send, patched, clean_scores, corrupted_scores, recv, channels)
 

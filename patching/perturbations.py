@@ -149,6 +149,10 @@ class AlignedPairs:
                     f"pairs {bad[:5]} are not aligned: clean and corrupted {name} differ (the "
                     "inputs must have identical length and part layout)"
                 )
+        # both inputs of a pair carry its id, so patching hooks find a pair's cached source
+        ids = tuple(str(p) for p in self.pair_ids)
+        self.clean = self.clean.with_pair_ids(ids)
+        self.corrupted = self.corrupted.with_pair_ids(ids)
 
     @classmethod
     def from_batches(
@@ -159,12 +163,15 @@ class AlignedPairs:
         pair_ids: Sequence[str] | None = None,
         grades: Sequence[int | None] | None = None,
     ) -> AlignedPairs:
-        """Wrap two already-aligned batches (checked)."""
+        """Wrap two already-aligned batches (checked). ``pair_ids`` default to the clean batch's
+        own, else ``"0", "1", ...``."""
         n = len(clean)
+        if pair_ids is None:
+            pair_ids = clean.pair_ids or [str(i) for i in range(n)]
         return cls(
             clean,
             corrupted,
-            [str(i) for i in range(n)] if pair_ids is None else [str(p) for p in pair_ids],
+            [str(p) for p in pair_ids],
             [None] * n if grades is None else list(grades),
         )
 

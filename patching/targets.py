@@ -1,7 +1,8 @@
 """Patch targets: what is patched, described as data.
 
-A target is a hook name (``blocks.{layer}.attn.hook_z``), the axes of the activation at that hook
-(after the batch axis, e.g. ``("position", "head", "d_head")``) and the cell dimensions: which of
+A target is a site (:mod:`mechir.hooks.site`: the hook name ``blocks.{layer}.attn.hook_z`` and the
+axes of its activation after the batch axis, e.g. ``("position", "head", "d_head")``), and the
+cell dimensions: which of
 those axes is indexed one entry per cell (``"head"``), or ``"part"`` (the tokens of one part of
 the input, CLS | query | SEP | document | SEP, read from the batch the hook runs on). Axes that no
 cell dimension names are patched whole. Cell ``c = (layer, i_1, ..., i_m)`` patches::
@@ -13,13 +14,14 @@ patching) derives its masks and reductions from this description; adding a targe
 of :class:`PatchTarget` (see :func:`head_target` ... :func:`qk_target`).
 
 This module also keeps plain hook factories (:func:`resid_patch_hooks`, :func:`head_patch_hooks`,
-...) for patching one cell by hand from a clean cache.
+...) for patching one cell by hand from a clean cache: each is the patch intervention of
+:func:`mechir.hooks.patch_hooks` on one site, which checks that the cache holds the examples it
+runs on.
 """
 
 from __future__ import annotations
 
 import string
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -31,9 +33,11 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from mechir.hooks.patch import ActivationSource, as_source, patch_hooks
+from mechir.hooks.site import SITES, PartSelection, Positions, Site
 from mechir.model import HookedCrossEncoder, Hooks
 from mechir.parts import PARTS, PartLike, parse_parts
-from mechir.selection import HeadLike, check_heads, check_layers, neuron_mask
+from mechir.selection import HeadSelection, select_heads, select_layers, select_neurons
 
 Component = Literal["resid_pre", "attn_out", "mlp_out"]
 COMPONENTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
@@ -41,83 +45,89 @@ COMPONENTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
 PART_LABELS: list[str] = [p.name.lower() for p in PARTS]
 _PART_IDS: list[int] = [int(p) for p in PARTS]
 
-Positions = int | Sequence[int] | Bool[Tensor, " pos"] | None
 #: Activations by hook name: a dict or TransformerLens's ``ActivationCache`` (not a ``Mapping``).
 CleanCache = Mapping[str, Tensor] | ActivationCache
 
 
 # ====================================================================== plain hook factories
-def _positions_mask(positions: Positions, width: int, device: torch.device) -> Bool[Tensor, " pos"]:
-    if positions is None:
-        return torch.ones(width, dtype=torch.bool, device=device)
-    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        return positions.reshape(-1).to(device)
-    idx = torch.as_tensor([positions] if isinstance(positions, int) else list(positions))
-    if idx.numel() and (idx.min() < 0 or idx.max() >= width):
-        raise ValueError(f"position out of range: the input has {width} positions (0-{width - 1})")
-    mask = torch.zeros(width, dtype=torch.bool, device=device)
-    mask[idx.to(device)] = True
-    return mask
+def _model_of(source: CleanCache | ActivationSource) -> HookedCrossEncoder:
+    model = as_source(source).model
+    if model is None:
+        raise ValueError("the patching source does not know its model: use activation_source(...)")
+    return model
+
+
+def resid_patch_hooks(
+    source: CleanCache | ActivationSource,
+    component: Component,
+    layer: int,
+    positions: Positions = None,
+    *,
+    parts: PartSelection = None,
+) -> Hooks:
+    """Patch ``blocks.{layer}.hook_{component}`` ``[batch, pos, d_model]`` at ``positions`` (or the
+    tokens of ``parts``) from ``source`` (the cache of ``model.run_with_cache(batch)``): the
+    patch intervention of :func:`mechir.hooks.patch_hooks` on that site."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}: choose one of {COMPONENTS}")
+    return patch_hooks(
+        _model_of(source), source, component, layers=layer, parts=parts, positions=positions
+    )
+
+
+def head_patch_hooks(
+    source: CleanCache | ActivationSource,
+    layer: int,
+    head: int,
+    positions: Positions = None,
+    *,
+    parts: PartSelection = None,
+) -> Hooks:
+    """Patch head ``layer/head``'s output ``hook_z`` ``[batch, pos, head, d_head]`` at positions."""
+    model = _model_of(source)
+    return patch_hooks(model, source, "z", units=[(layer, head)], parts=parts, positions=positions)
+
+
+def pattern_patch_hooks(
+    source: CleanCache | ActivationSource,
+    layer: int,
+    head: int,
+    query_positions: Positions = None,
+    *,
+    parts: PartSelection = None,
+) -> Hooks:
+    """Patch rows of head ``layer/head``'s attention pattern ``[batch, head, query, key]``."""
+    model = _model_of(source)
+    return patch_hooks(
+        model, source, "pattern", units=[(layer, head)], parts=parts, positions=query_positions
+    )
+
+
+def neuron_patch_hooks(
+    source: CleanCache | ActivationSource,
+    layer: int,
+    neurons: Sequence[int] | int,
+    positions: Positions = None,
+    *,
+    parts: PartSelection = None,
+) -> Hooks:
+    """Patch FFN neurons (``mlp.hook_post`` ``[batch, pos, d_mlp]``) of a layer at positions."""
+    which = [neurons] if isinstance(neurons, int) else list(neurons)
+    return patch_hooks(
+        _model_of(source), source, "neuron", units={layer: which}, parts=parts,
+        positions=positions,
+    )  # fmt: skip
+
+
+def pooled_patch_hooks(
+    source: CleanCache | ActivationSource, dims: Sequence[int] | int | None = None
+) -> Hooks:
+    """Patch the pooled output ``pooler.hook_pooler_out`` ``[batch, d_model]`` (dims or all)."""
+    return patch_hooks(_model_of(source), source, "pooled", units=dims)
 
 
 def _where_hook(clean: Tensor, mask: Tensor, act: Tensor, hook: Any) -> Tensor:
     return torch.where(mask, clean.to(act.device, act.dtype), act)
-
-
-def resid_patch_hooks(
-    clean_cache: CleanCache, component: Component, layer: int, positions: Positions = None
-) -> Hooks:
-    """Patch ``blocks.{layer}.hook_{component}`` ``[batch, pos, d_model]`` at ``positions``."""
-    if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}: choose one of {COMPONENTS}")
-    name = f"blocks.{layer}.hook_{component}"
-    clean = clean_cache[name]
-    mask = _positions_mask(positions, clean.shape[1], clean.device)[None, :, None]
-    return [(name, partial(_where_hook, clean, mask))]
-
-
-def head_patch_hooks(
-    clean_cache: CleanCache, layer: int, head: int, positions: Positions = None
-) -> Hooks:
-    """Patch head ``layer/head``'s output ``hook_z`` ``[batch, pos, head, d_head]`` at positions."""
-    name = f"blocks.{layer}.attn.hook_z"
-    clean = clean_cache[name]
-    pos = _positions_mask(positions, clean.shape[1], clean.device)
-    heads = torch.arange(clean.shape[2], device=clean.device) == head
-    mask = (pos[:, None] & heads[None, :])[None, :, :, None]
-    return [(name, partial(_where_hook, clean, mask))]
-
-
-def pattern_patch_hooks(
-    clean_cache: CleanCache, layer: int, head: int, query_positions: Positions = None
-) -> Hooks:
-    """Patch rows of head ``layer/head``'s attention pattern ``[batch, head, query, key]``."""
-    name = f"blocks.{layer}.attn.hook_pattern"
-    clean = clean_cache[name]
-    rows = _positions_mask(query_positions, clean.shape[2], clean.device)
-    heads = torch.arange(clean.shape[1], device=clean.device) == head
-    mask = (heads[:, None] & rows[None, :])[None, :, :, None]
-    return [(name, partial(_where_hook, clean, mask))]
-
-
-def neuron_patch_hooks(
-    clean_cache: CleanCache, layer: int, neurons: Sequence[int] | int, positions: Positions = None
-) -> Hooks:
-    """Patch FFN neurons (``mlp.hook_post`` ``[batch, pos, d_mlp]``) of a layer at positions."""
-    name = f"blocks.{layer}.mlp.hook_post"
-    clean = clean_cache[name]
-    pos = _positions_mask(positions, clean.shape[1], clean.device)
-    which = _positions_mask(neurons, clean.shape[2], clean.device)
-    mask = (pos[:, None] & which[None, :])[None]
-    return [(name, partial(_where_hook, clean, mask))]
-
-
-def pooled_patch_hooks(clean_cache: CleanCache, dims: Sequence[int] | int | None = None) -> Hooks:
-    """Patch the pooled output ``pooler.hook_pooler_out`` ``[batch, d_model]`` (dims or all)."""
-    name = "pooler.hook_pooler_out"
-    clean = clean_cache[name]
-    mask = _positions_mask(dims, clean.shape[1], clean.device)[None]
-    return [(name, partial(_where_hook, clean, mask))]
 
 
 # ====================================================================== the target description
@@ -142,8 +152,9 @@ class PatchTarget:
 
     Attributes:
         name: label of the target in results, e.g. ``"z/part"``.
-        hook: hook name, with ``{layer}`` for per-layer hooks (``"blocks.{layer}.attn.hook_z"``).
-        axes: the activation's axes after the batch axis; ``"position"`` is the token axis.
+        site: where it patches (:data:`mechir.hooks.SITES`): its ``hook`` (with ``{layer}`` for
+            per-layer hooks) and ``axes`` (after the batch axis; ``"position"`` is the token
+            axis).
         cells: the cell dimensions: names from ``axes`` (one cell per index) or ``"part"``.
         layers: the layers patched (None = all); ignored for hooks without ``{layer}``.
         select: optional ``model -> Bool[layer, n]`` mask over (layer, first cell dimension),
@@ -152,8 +163,7 @@ class PatchTarget:
     """
 
     name: str
-    hook: str
-    axes: tuple[str, ...]
+    site: Site
     cells: tuple[str, ...] = ()
     layers: tuple[int, ...] | None = None
     select: Callable[[HookedCrossEncoder], Tensor] | None = None
@@ -165,6 +175,14 @@ class PatchTarget:
                 raise ValueError(f"cell dimension {dim!r} is not an axis of {self.axes} or 'part'")
         if ("part" in self.cells or self.only_parts) and "position" not in self.axes:
             raise ValueError(f"target {self.name!r}: parts need a 'position' axis")
+
+    @property
+    def hook(self) -> str:
+        return self.site.hook
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return self.site.axes
 
     # ------------------------------------------------------------ the grid
     @property
@@ -179,7 +197,7 @@ class PatchTarget:
         """Layers with selected cells (``[n_layers]`` for a hook after the last block)."""
         if not self.has_layer_dim:
             return [model.cfg.n_layers]
-        layers = check_layers(model, self.layers)
+        layers = select_layers(model, self.layers)
         if self.select is not None:
             keep = self.select(model).reshape(model.cfg.n_layers, -1).any(-1)
             layers = [lay for lay in layers if keep[lay]]
@@ -324,19 +342,22 @@ def _check_by(by: str, allowed: tuple[str, ...]) -> None:
 _BY = {"all": (), "position": ("position",), "part": ("part",)}
 
 
-def _head_mask(heads: tuple[HeadLike, ...], model: HookedCrossEncoder) -> Tensor:
+def _head_mask(heads: HeadSelection, model: HookedCrossEncoder) -> Tensor:
     mask = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
-    for layer, head in check_heads(model, heads):
+    for layer, head in select_heads(model, heads):
         mask[layer, head] = True
     return mask
 
 
 def _neuron_mask(neurons: Any, model: HookedCrossEncoder) -> Tensor:
-    return neuron_mask(model, neurons)
+    return select_neurons(model, neurons)
 
 
-def _heads_select(heads: Iterable[HeadLike] | None) -> Callable | None:
-    return None if heads is None else partial(_head_mask, tuple(heads))
+def _heads_select(heads: HeadSelection) -> Callable | None:
+    if heads is None:
+        return None
+    frozen = heads if isinstance(heads, (str, tuple, Mapping)) else tuple(heads)
+    return partial(_head_mask, frozen)
 
 
 def resid_target(
@@ -350,29 +371,23 @@ def resid_target(
         raise ValueError(f"unknown component {component!r}: choose one of {COMPONENTS}")
     _check_by(by, tuple(_BY))
     sel = None if layers is None else tuple([layers] if isinstance(layers, int) else layers)
-    return PatchTarget(
-        f"{component}/{by}", f"blocks.{{layer}}.hook_{component}", ("position", "d_model"),
-        _BY[by], layers=sel,
-    )  # fmt: skip
+    return PatchTarget(f"{component}/{by}", SITES[component], _BY[by], layers=sel)
 
 
 def head_target(
-    *, by: Literal["all", "position", "part"] = "all", heads: Iterable[HeadLike] | None = None
+    *, by: Literal["all", "position", "part"] = "all", heads: HeadSelection = None
 ) -> PatchTarget:
     """Head outputs ``hook_z`` (before ``W_O``) per layer x head (all positions), x position, or
     x part; ``heads`` restricts the heads (any head selection form; default all)."""
     _check_by(by, tuple(_BY))
-    return PatchTarget(
-        f"z/{by}", "blocks.{layer}.attn.hook_z", ("position", "head", "d_head"),
-        ("head", *_BY[by]), select=_heads_select(heads),
-    )  # fmt: skip
+    return PatchTarget(f"z/{by}", SITES["z"], ("head", *_BY[by]), select=_heads_select(heads))
 
 
 def qk_target(
     which: Literal["q", "k"],
     *,
     by: Literal["all", "position", "part"] = "all",
-    heads: Iterable[HeadLike] | None = None,
+    heads: HeadSelection = None,
 ) -> PatchTarget:
     """Head queries or keys (``hook_q`` / ``hook_k``) per layer x head (x position or x part):
     the targets where attribution patching recomputes the attention softmax (AtP*)."""
@@ -380,18 +395,19 @@ def qk_target(
         raise ValueError(f"unknown input {which!r}: choose 'q' or 'k'")
     _check_by(by, tuple(_BY))
     return PatchTarget(
-        f"{which}/{by}", f"blocks.{{layer}}.attn.hook_{which}", ("position", "head", "d_head"),
-        ("head", *_BY[by]), select=_heads_select(heads),
-    )  # fmt: skip
+        f"{which}/{by}", SITES[which], ("head", *_BY[by]), select=_heads_select(heads)
+    )
 
 
-def pattern_target(*, heads: Iterable[HeadLike] | None = None) -> PatchTarget:
+def pattern_target(*, heads: HeadSelection = None) -> PatchTarget:
     """Attention patterns of heads, one cell per (layer, head, query position): the whole row of
     attention weights of that query position is patched."""
     return PatchTarget(
-        "pattern/query_position", "blocks.{layer}.attn.hook_pattern",
-        ("head", "position", "key"), ("head", "position"), select=_heads_select(heads),
-    )  # fmt: skip
+        "pattern/query_position",
+        SITES["pattern"],
+        ("head", "position"),
+        select=_heads_select(heads),
+    )
 
 
 def neuron_target(
@@ -408,67 +424,18 @@ def neuron_target(
             frozen = {layer: tuple(which) for layer, which in neurons.items()}
         select = partial(_neuron_mask, frozen)
     only = None if parts is None else tuple(int(p) for p in parse_parts(parts))
-    return PatchTarget(
-        "neuron", "blocks.{layer}.mlp.hook_post", ("position", "neuron"), ("neuron",),
-        select=select, only_parts=only,
-    )  # fmt: skip
+    return PatchTarget("neuron", SITES["neuron"], ("neuron",), select=select, only_parts=only)
 
 
 def pooled_target(*, by: Literal["all", "dimension"] = "all") -> PatchTarget:
     """The pooled [CLS] output ``pooler.hook_pooler_out``, whole or per dimension."""
     _check_by(by, ("all", "dimension"))
     cells = () if by == "all" else ("dimension",)
-    return PatchTarget(f"pooled/{by}", "pooler.hook_pooler_out", ("dimension",), cells)
-
-
-# ====================================================================== deprecated aliases
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"{old} is deprecated: targets are PatchTarget descriptions; use {new}",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-
-def HeadTarget(by: Any = "all", heads: Any = None) -> PatchTarget:  # noqa: N802
-    """Deprecated: :func:`head_target`."""
-    _deprecated("HeadTarget", "head_target(by=..., heads=...)")
-    return head_target(by=by, heads=heads)
-
-
-def ResidTarget(  # noqa: N802
-    component: Any = "resid_pre", by: Any = "position", layer_selection: Any = None
-) -> PatchTarget:
-    """Deprecated: :func:`resid_target`."""
-    _deprecated("ResidTarget", "resid_target(component, by=..., layers=...)")
-    return resid_target(component, by=by, layers=layer_selection)
-
-
-def PatternTarget(heads: Any = None) -> PatchTarget:  # noqa: N802
-    """Deprecated: :func:`pattern_target`."""
-    _deprecated("PatternTarget", "pattern_target(heads=...)")
-    return pattern_target(heads=heads)
-
-
-def NeuronTarget(neurons: Any = None, parts: Any = None) -> PatchTarget:  # noqa: N802
-    """Deprecated: :func:`neuron_target`."""
-    _deprecated("NeuronTarget", "neuron_target(neurons, parts=...)")
-    return neuron_target(neurons, parts=parts)
-
-
-def PooledTarget(by: Any = "all") -> PatchTarget:  # noqa: N802
-    """Deprecated: :func:`pooled_target`."""
-    _deprecated("PooledTarget", "pooled_target(by=...)")
-    return pooled_target(by=by)
+    return PatchTarget(f"pooled/{by}", SITES["pooled"], cells)
 
 
 __all__ = [
     "COMPONENTS",
-    "HeadTarget",
-    "NeuronTarget",
-    "PatternTarget",
-    "PooledTarget",
-    "ResidTarget",
     "PART_LABELS",
     "PatchTarget",
     "head_patch_hooks",

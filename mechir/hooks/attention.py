@@ -11,26 +11,20 @@ still read the query. The hooks read the parts of whatever batch the model runs 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 
-from mechir.hooks.ablation import bound_to
+from mechir.hooks.site import SITES, Mode, action_for, site_hooks
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import PARTS, CrossEncoderBatch, Part, PartLike, parse_parts
-from mechir.running import HookFn, Hooks, per_forward
-from mechir.selection import (
-    HeadSelection,
-    LayerSelection,
-    heads_by_layer,
-    select_heads,
-    select_layers,
-)
+from mechir.running import Hooks
+from mechir.selection import HeadSelection, LayerSelection
 
 torch = lazy_import("torch")
 
-AblationMode = Literal["zero", "renormalize"]
 #: One direction: (attending part(s), attended part(s)).
 Direction = tuple[PartLike | Iterable[PartLike], PartLike | Iterable[PartLike]]
 
@@ -100,25 +94,38 @@ def direction_mask(
     return removed
 
 
-_UNBOUNDED = type("_Unbounded", (), {"n_layers": 1 << 30, "n_heads": 1 << 30})()
+def _parse_directions(
+    attending: Any, attended: Any, directions: Sequence[Direction] | str | None
+) -> list[tuple[tuple[Part, ...], tuple[Part, ...]]]:
+    if isinstance(directions, str):
+        directions = direction_group(directions)
+    if directions is None:
+        if attending is None or attended is None:
+            raise ValueError("give attending= and attended=, or directions=")
+        directions = [(attending, attended)]
+    elif attending is not None or attended is not None:
+        raise ValueError("give either attending=/attended= or directions=, not both")
+    return [(tuple(parse_parts(a)), tuple(parse_parts(b))) for a, b in directions]
 
 
 def direction_ablation_hooks(
-    model: Any,
+    model: HookedReranker,
     *,
     attending: PartLike | Iterable[PartLike] | None = None,
     attended: PartLike | Iterable[PartLike] | None = None,
     directions: Sequence[Direction] | str | None = None,
     layers: LayerSelection = None,
     heads: HeadSelection = None,
-    mode: AblationMode = "zero",
+    mode: Mode = "zero",
 ) -> Hooks:
     """Hooks removing attention from ``attending`` parts to ``attended`` parts, built once and
     correct for every batch: each hook reads the parts of the batch the model runs on.
 
     Give either ``attending`` + ``attended`` or ``directions`` (a list of (attending, attended)
     pairs, or the name of a :data:`DIRECTION_GROUPS` entry). ``layers`` (None = all) and
-    ``heads`` (None = all heads of those layers) follow :mod:`mechir.selection`.
+    ``heads`` (None = all heads of those layers) follow :mod:`mechir.selection`. This is the
+    intervention on the attention site with rows (``"position"``) in ``attending`` and columns
+    (``"key"``) in ``attended`` (:mod:`mechir.hooks.site`).
 
     Modes, with ``S`` the attention scores of a row, ``A = softmax(S)`` and ``M`` its 0/1
     keep-mask:
@@ -136,98 +143,12 @@ def direction_ablation_hooks(
                                          layers=[0, 1, 2])
         scores = model.score(batch, hooks=hooks)        # any batch, any batch_size
     """
-    return _direction_hooks(
-        model,
-        attending=attending,
-        attended=attended,
-        directions=directions,
-        layers=layers,
-        heads=heads,
-        mode=mode,
-    )
-
-
-def _direction_hooks(
-    model: Any,
-    *,
-    attending: Any,
-    attended: Any,
-    directions: Any,
-    layers: Any,
-    heads: Any,
-    mode: str,
-    check: Callable[[Any], None] | None = None,
-) -> Hooks:
     if mode not in ("zero", "renormalize"):
-        raise ValueError(f"unknown mode {mode!r}: use 'zero' or 'renormalize'")
-    if isinstance(directions, str):
-        directions = direction_group(directions)
-    if directions is None:
-        if attending is None or attended is None:
-            raise ValueError("give attending= and attended=, or directions=")
-        directions = [(attending, attended)]
-    elif attending is not None or attended is not None:
-        raise ValueError("give either attending=/attended= or directions=, not both")
-    directions = [(parse_parts(a), parse_parts(b)) for a, b in directions]
-    if model is None and layers is None:
-        raise ValueError("layers=None (all layers) needs model=... to know the number of layers")
-    cfg = _UNBOUNDED if model is None else model
-    layer_list = select_layers(cfg, layers)
-    per_layer: dict[int, list[int] | None] = (
-        dict.fromkeys(layer_list)
-        if heads is None
-        else heads_by_layer(select_heads(cfg, heads, layers=layer_list))
-    )
-    removed = per_forward(lambda batch: direction_mask(batch, directions))
-    point = "hook_pattern" if mode == "zero" else "hook_attn_scores"
-
-    def make_hook(head_idx: list[int] | None) -> HookFn:
-        def hook(act: Float[torch.Tensor, "batch head q k"], hook: Any) -> torch.Tensor:
-            if check is not None:
-                check(hook)
-            rm = removed(hook).to(act.device)[:, None]
-            if mode == "zero":
-                new = act.masked_fill(rm, 0.0)
-            else:
-                new = act.masked_fill(rm, -torch.inf)
-            if head_idx is None or len(head_idx) == act.shape[1]:
-                return new
-            if max(head_idx) >= act.shape[1]:
-                raise ValueError(
-                    f"{hook.name}: head {max(head_idx)} out of range, the layer has "
-                    f"{act.shape[1]} heads"
-                )
-            sel = torch.zeros(act.shape[1], dtype=torch.bool, device=act.device)
-            sel[head_idx] = True
-            return torch.where(sel[None, :, None, None], new, act)
-
-        return hook
-
-    return [(f"blocks.{layer}.attn.{point}", make_hook(hs)) for layer, hs in per_layer.items()]
-
-
-def direction_ablation(
-    batch: CrossEncoderBatch,
-    *,
-    attending: PartLike | Iterable[PartLike] | None = None,
-    attended: PartLike | Iterable[PartLike] | None = None,
-    directions: Sequence[Direction] | str | None = None,
-    layers: LayerSelection = None,
-    heads: HeadSelection = None,
-    mode: AblationMode = "zero",
-    model: Any = None,
-) -> Hooks:
-    """Deprecated: use :func:`direction_ablation_hooks` (built once, for every batch).
-
-    The hooks are bound to ``batch``: running them on a batch with other parts raises a
-    ``ValueError`` instead of ablating the wrong tokens."""
-    return _direction_hooks(
-        model,
-        attending=attending,
-        attended=attended,
-        directions=directions,
-        layers=layers,
-        heads=heads,
-        mode=mode,
-        check=bound_to(batch, "direction-ablation"),
-    )
+        raise ValueError(
+            f"unknown mode {mode!r}: use 'zero' or 'renormalize' for direction ablation"
+        )
+    pairs = _parse_directions(attending, attended, directions)
+    site = SITES["pattern" if mode == "zero" else "attn_scores"]
+    action = action_for(site, mode, what="direction ablation")
+    boxes = [{"position": rows, "key": cols} for rows, cols in pairs]
+    return site_hooks(model, site, action=action, layers=layers, units=heads, parts=boxes)

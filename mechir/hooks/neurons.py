@@ -1,32 +1,34 @@
-"""Neuron ablation: set chosen FFN neurons (``blocks.{l}.mlp.hook_post`` / ``hook_pre``)."""
+"""Neuron interventions on FFN neurons (``blocks.{l}.mlp.hook_post`` / ``hook_pre``): ablation to
+zero or the reference mean, and partial scaling."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 from jaxtyping import Bool, Float
 
-from mechir.hooks.ablation import activation_means, bound_to, masked_replace, part_positions
+from mechir.hooks.means import activation_means
+from mechir.hooks.site import SITES, Mode, PartSelection, action_for, site_hooks
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, PartLike
 from mechir.running import Hooks
-from mechir.selection import select_neurons
 
 torch = lazy_import("torch")
 
-NeuronMode = Literal["zero", "mean"]
 NeuronHook = Literal["post", "pre"]
+_SITE = {"post": "neuron", "pre": "neuron_pre"}
 
 
-def _check_hook(hook: str) -> str:
-    if hook not in ("post", "pre"):
+def _site_of(hook: str) -> str:
+    if hook not in _SITE:
         raise ValueError(f"unknown neuron hook {hook!r}: use 'post' (after GELU) or 'pre'")
-    return hook
+    return _SITE[hook]
 
 
 def neuron_means(
-    model: Any,
+    model: HookedReranker,
     reference: CrossEncoderBatch,
     *,
     hook: NeuronHook = "post",
@@ -35,45 +37,32 @@ def neuron_means(
 ) -> Float[torch.Tensor, "n_layers d_mlp"]:
     """Mean activation of every FFN neuron over the real tokens of a reference batch (or the
     tokens of ``parts``), streamed without a cache."""
-    names = [f"blocks.{layer}.mlp.hook_{_check_hook(hook)}" for layer in range(model.cfg.n_layers)]
+    site = SITES[_site_of(hook)]
+    names = [site.hook_name(layer) for layer in range(model.cfg.n_layers)]
     means = activation_means(model, reference, names, batch_size=batch_size, parts=parts)
     return torch.stack([means[n] for n in names])
 
 
 def neuron_ablation_hooks(
-    model: Any,
+    model: HookedReranker,
     neurons: Mapping[int, Iterable[int]] | Bool[torch.Tensor, "n_layers d_mlp"] | None = None,
     *,
-    mode: NeuronMode = "zero",
+    mode: Mode = "zero",
     means: Float[torch.Tensor, "n_layers d_mlp"] | None = None,
+    factor: float | None = None,
     hook: NeuronHook = "post",
-    parts: PartLike | Iterable[PartLike] | None = None,
-    batch: CrossEncoderBatch | None = None,
+    parts: PartSelection = None,
 ) -> Hooks:
     """Hooks setting ``neurons`` (``{layer: indices}`` or a ``[n_layers, d_mlp]`` bool mask) to 0
-    (``mode="zero"``, on ``hook_post`` exactly zeroing their rows of ``W_out``) or to their
-    reference mean (``mode="mean"``, ``means`` from :func:`neuron_means`). With ``parts`` only the
-    positions of those parts change, read from the batch the model runs on. ``batch`` is
-    deprecated; when given, running the hooks on another batch raises."""
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"unknown mode {mode!r}: use 'zero' or 'mean'")
-    if mode == "mean" and means is None:
-        raise ValueError("mode='mean' needs means=neuron_means(model, reference_batch)")
+    (``mode="zero"``, on ``hook_post`` exactly zeroing their rows of ``W_out``), to their
+    reference mean (``mode="mean"``, ``means`` from :func:`neuron_means`), or scaling them by
+    ``factor`` (partial ablation: ``a <- factor * a``; 1 is the identity, 0 equals
+    ``mode="zero"``). With ``parts`` only the positions of those parts change, read from the
+    batch the model runs on."""
     if neurons is None:
         raise ValueError("name the neurons to ablate: neurons={layer: [indices]} or a bool mask")
-    mask = select_neurons(model, neurons)
-    point = _check_hook(hook)
-    positions = part_positions(parts)
-    check = None if batch is None else bound_to(batch, "neuron-ablation")
-    hooks = []
-    for layer in mask.any(-1).nonzero().flatten().tolist():
-        value = means[layer] if mode == "mean" else None
-
-        def fn(act: torch.Tensor, hook: Any, selected=mask[layer], value=value) -> torch.Tensor:
-            if check is not None:
-                check(hook)
-            where = None if positions is None else positions(hook)
-            return masked_replace(act, selected, where, value)
-
-        hooks.append((f"blocks.{layer}.mlp.hook_{point}", fn))
-    return hooks
+    site = SITES[_site_of(hook)]
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))):
+        raise ValueError(f"factor must be a number, got {factor!r}")
+    action = action_for(site, mode, means=means, factor=factor, what="neuron ablation")
+    return site_hooks(model, site, action=action, units=neurons, parts=parts)

@@ -189,7 +189,7 @@ def test_batch_dependent_hooks_on_the_input_path(tiny, tiny_batch):
     model, _, _ = tiny
 
     def hooks(sub):  # ablate a neuron on document tokens only: masks built per sub-batch
-        return neuron_ablation_hooks(model, {1: [2]}, batch=sub, parts="document")
+        return neuron_ablation_hooks(model, {1: [2]}, parts="document")
 
     kwargs = dict(n_steps=3, aggregate="part", hooks=hooks)
     got = neuron_integrated_gradients(model, tiny_batch, max_batch=5, **kwargs)

@@ -10,7 +10,7 @@ from mechir.hooks import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,
     cumulative_layer_ranges,
-    direction_ablation,
+
     direction_ablation_hooks,
     direction_group,
     direction_mask,
@@ -153,17 +153,6 @@ def test_hooks_built_once_read_each_batch_parts(tiny, mode):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_batch_bound_hooks_refuse_another_batch(tiny):
-    model, _, _ = tiny
-    a, b = same_shape_batches(model)
-    hooks = direction_ablation(a, attending="query", attended="document", layers=[0], model=model)
-    model.score(a, hooks=hooks)  # the batch they were built for: fine
-    with pytest.raises(ValueError, match="built for another batch"):
-        model.score(b, hooks=hooks)
-    with pytest.raises(ValueError, match="built for another batch"):
-        model.score(a, hooks=hooks, batch_size=1)
-
-
 def extreme_logit_model(tmp_path, dtype):
     """A tiny model whose layer-0 attention logits are scaled by 40: kept probabilities of
     ablated rows underflow, so renormalizing the post-softmax pattern would give zero rows."""
@@ -234,17 +223,10 @@ def test_validation(tiny, tiny_batch):
         direction_ablation_hooks(model, layers=[], **kw)
     with pytest.raises(ValueError, match="unknown mode"):
         direction_ablation_hooks(model, layers=[0], mode="drop", **kw)
-    # the deprecated batch-bound form without a model: types are still checked up front, and
-    # a layer the model lacks is a clear error when the hooks are added
-    with pytest.raises(ValueError, match="needs model"):
-        direction_ablation(tiny_batch, **kw)
     with pytest.raises(ValueError, match="layer must be an int, got 2.7"):
-        direction_ablation(tiny_batch, layers=[2.7], **kw)
-    with pytest.raises(ValueError, match="head index must be an int|out of range"):
-        direction_ablation(tiny_batch, layers=[0], heads=[-1], **kw)
-    hooks = direction_ablation(tiny_batch, layers=[99], **kw)
-    with pytest.raises(ValueError, match="layer 99 out of range, the model has 2 layers"):
-        model.score(tiny_batch, hooks=hooks)
+        direction_ablation_hooks(model, layers=[2.7], **kw)
+    with pytest.raises(ValueError, match="mode 'mean'"):
+        direction_ablation_hooks(model, layers=[0], mode="mean", **kw)
     with pytest.raises(ValueError, match="unknown direction group"):
         direction_group("q2d")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from mechir.hooks import direction_ablation
+from mechir.hooks import direction_ablation_hooks
 
 # (condition, directions, layers, nDCG@10); "no ablation" (0.7684) is checked through the
 # `mechir rerank` command in tests/test_evaluation.py.
@@ -48,7 +48,7 @@ def ablated_run(shared_setup, directions, layers):
     return rerank(
         model,
         col.candidates(depth=20),
-        hooks=lambda b: direction_ablation(b, directions=directions, layers=layers),
+        hooks=direction_ablation_hooks(model, directions=directions, layers=layers),
         max_length=SHARED_MAX_LENGTH,
         batch_size=50,
         progress=False,
@@ -78,7 +78,7 @@ def test_cls_reads_nothing_makes_every_score_equal(shared_setup):
     from tests.reference_bert import reference_logits
 
     model, col = shared_setup
-    hooks = lambda b: direction_ablation(b, directions="cls_reads_nothing", layers=range(6))  # noqa: E731
+    hooks = direction_ablation_hooks(model, directions="cls_reads_nothing", layers=range(6))
     run = ablated_run(shared_setup, "cls_reads_nothing", range(6))
     scores = torch.tensor([s for docs in run.values() for s in docs.values()])
     assert len(scores) == 1000

@@ -38,7 +38,7 @@ def test_mean_neurons_pre_hook(tiny, tiny_batch):
     )
     seen = {}
     hooks = neuron_ablation_hooks(
-        model, {1: [3]}, mode="mean", means=means, hook="pre", batch=tiny_batch, parts="document"
+        model, {1: [3]}, mode="mean", means=means, hook="pre", parts="document"
     )
     model.run_with_hooks(
         tiny_batch,

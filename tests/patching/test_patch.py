@@ -170,21 +170,6 @@ def test_progress_counts_cells_with_a_total(model, pairs, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_old_target_classes_are_deprecated_aliases(model, pairs):
-    from patching import HeadTarget, NeuronTarget, PooledTarget, ResidTarget
-
-    with pytest.deprecated_call():
-        old = HeadTarget("part", ("0/1",))
-    assert old.name == "z/part" and old.cells == ("head", "part")
-    assert old.cell_rows(model, 8).tolist() == [[0, 1, p] for p in range(5)]
-    with pytest.deprecated_call():
-        assert ResidTarget("attn_out", "part").name == "attn_out/part"
-    with pytest.deprecated_call():
-        assert NeuronTarget({0: [1]}, ("document",)).only_parts is not None
-    with pytest.deprecated_call():
-        assert PooledTarget("dimension").cells == ("dimension",)
-
-
 def test_part_dependent_hooks_on_the_model_read_each_row_parts(model, pairs):
     """Hooks built once that read the running batch's parts (direction ablation) stay active
     through the batched engine: it runs its rows as the model's running batch."""

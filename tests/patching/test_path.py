@@ -63,7 +63,7 @@ def test_step1_residual_by_hand(model3, pairs):
         mid = block.ln1(corr["blocks.0.hook_resid_pre"] + attn_out)
         expected = block.ln2(mid + corr["blocks.0.hook_mlp_out"])
         stored = {}
-        hooks = path_freeze_hooks(clean, corr, "0/2", n_layers=3, freeze_mlps=True)
+        hooks = path_freeze_hooks(model3, clean, corr, "0/2", freeze_mlps=True)
         hooks.append(("blocks.1.hook_resid_pre", lambda act, hook: stored.setdefault("x", act)))
         model3.run_with_hooks(pair.corrupted, fwd_hooks=hooks)
     torch.testing.assert_close(stored["x"], expected, atol=1e-5, rtol=1e-5)
@@ -85,5 +85,5 @@ def test_path_errors(model3, pairs):
         path_patch(model3, pairs, ["2/0"], channels="qx")
     with pytest.raises(ValueError, match="head 9 out of range"):
         path_patch(model3, pairs, ["2/9"])
-    with pytest.raises(ValueError, match="sender layer 5 out of range"):
-        path_freeze_hooks({}, {}, "5/0", n_layers=3)
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        path_freeze_hooks(model3, {}, {}, "5/0")

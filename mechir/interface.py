@@ -1,0 +1,70 @@
+"""What every hooked reranker offers the tools: the :class:`HookedReranker` protocol.
+
+Hook factories, attribution, circuits, patching and the studies take ``model: HookedReranker``:
+any model with TransformerLens hook points that scores (query, document) pairs and knows the
+parts of the batch it runs on (:class:`mechir.model.HookedCrossEncoder` and every family mechir
+loads). This module imports no model library, so annotating with it costs nothing at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
+
+from mechir.parts import CrossEncoderBatch
+
+
+@runtime_checkable
+class HookedReranker(Protocol):
+    """A hooked reranker: TransformerLens hook points, pair encoding, scoring, running batch.
+
+    Attributes:
+        cfg: the TransformerLens config (``n_layers``, ``n_heads``, ``d_model``, ``d_head``,
+            ``d_mlp``, ``device``, ``dtype``).
+        tokenizer: the Hugging Face tokenizer (or None).
+        family: the :class:`~mechir.families.Family` the model was loaded as.
+        hook_dict: hook name -> ``HookPoint``.
+    """
+
+    cfg: Any
+    tokenizer: Any
+    family: Any
+    hook_dict: dict[str, Any]
+
+    def encode(
+        self,
+        queries: str | Sequence[str],
+        documents: str | Sequence[str],
+        *,
+        max_length: int | None = None,
+        pair_ids: Sequence[str] | None = None,
+    ) -> CrossEncoderBatch: ...
+
+    def score(
+        self,
+        batch: CrossEncoderBatch,
+        *,
+        batch_size: int | None = None,
+        hooks: Any = None,
+        check_finite: bool = True,
+    ) -> Any: ...
+
+    def hooks(
+        self,
+        fwd_hooks: Any = (),
+        bwd_hooks: Any = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> AbstractContextManager[Any]: ...
+
+    def run_with_hooks(self, *model_args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, Any]: ...
+
+    def running_on(self, batch: CrossEncoderBatch) -> AbstractContextManager[CrossEncoderBatch]: ...
+
+    def block_output_name(self, layer: int) -> str: ...
+
+
+__all__ = ["HookedReranker"]
