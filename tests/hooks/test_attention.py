@@ -10,7 +10,6 @@ from mechir.hooks import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,
     cumulative_layer_ranges,
-
     direction_ablation_hooks,
     direction_group,
     direction_mask,
