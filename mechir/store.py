@@ -70,6 +70,10 @@ class CorruptStoreError(ValueError):
     an incomplete last line does not start like one. The file is left as it is."""
 
 
+_NOT_A_STORE = (
+    "this is not a results store, or it was edited (only a torn last line is dropped): "
+    "move the file away or choose another path"
+)
 #: Every line the store writes starts with these bytes (a compact JSON object, ``"unit"`` first).
 LINE_START = b'{"unit":'
 
@@ -177,9 +181,8 @@ class ResultsStore:
             if newline < 0:  # an incomplete last line: torn by a kill, or being written
                 if not _starts_like_a_line(data[pos:]):
                     raise CorruptStoreError(
-                        f"{self.path}: its last line (byte {pos}) is incomplete and is not a "
-                        "results row; this is not a results store or it was edited: move it "
-                        "away or choose another path"
+                        f"{self.path}: unreadable line at byte {pos} (incomplete, and not the "
+                        f"start of a results row); {_NOT_A_STORE}"
                     )
                 break
             line = data[pos : newline + 1]
@@ -212,8 +215,7 @@ class ResultsStore:
                 row["unit"] = unit_key(row["unit"])
                 return row
         raise CorruptStoreError(
-            f"{self.path}: the line at byte {pos} is {reason}; this is not a results store or "
-            "it was edited (only a torn last line is dropped): move it away or choose another path"
+            f"{self.path}: unreadable line at byte {pos} ({reason}); {_NOT_A_STORE}"
         )
 
     def _add_row(self, rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> None:
