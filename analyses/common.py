@@ -184,6 +184,9 @@ def prepare_output(
 ) -> dict[str, Any]:
     """Create ``output`` and its ``config.json``, or check an existing one matches ``config``.
 
+    The caller holds the lock of ``output``'s results store (:func:`open_study` takes it first),
+    so that no other run checks or writes ``config.json`` in between.
+
     Raises:
         ConfigMismatchError: the directory belongs to another study, was computed with other
             result-determining options, or holds results without a ``config.json``.
@@ -315,11 +318,19 @@ def open_study(
 def _open_store(
     output: Path, study: str, config: dict[str, Any], runtime: dict[str, Any], command: str
 ) -> ResultsStore:
-    prepare_output(output, study, config, runtime, command)
-    store = ResultsStore(output / "results.jsonl")
-    if store.dropped_torn_line:
-        print(f"{output}: dropped a torn last line left by an interruption", file=sys.stderr)
-    merged = merge_shards(store)
+    """Take the results store's lock, then check or write ``config.json`` and merge the shards
+    of an earlier run: two runs started at once never both pass the check, so ``config.json``
+    and ``results.jsonl`` always describe one setting."""
+    output.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(output / "results.jsonl")  # the lock first (StoreLockedError)
+    try:
+        prepare_output(output, study, config, runtime, command)
+        if store.dropped_torn_line:
+            print(f"{output}: dropped a torn last line left by an interruption", file=sys.stderr)
+        merged = merge_shards(store)
+    except BaseException:
+        store.close()
+        raise
     if merged:
         print(f"{output}: merged {merged} units from the shards of an earlier run", file=sys.stderr)
     return store

@@ -1,24 +1,53 @@
-"""A compact, near-lossless storage format for float32 checkpoints: block int16.
+"""A compact, near-lossless storage format for float checkpoints: block integer codes.
 
 Each floating-point tensor with at least two dimensions (and at least ``min_numel`` elements) is
 cut along its last dimension into blocks of ``G`` consecutive elements (the last block of a row
-may be shorter) and stored as int16 codes with one float16 *block maximum* per block:
+may be shorter) and stored as ``b``-bit integer codes (``b`` in 16, 17, 18, 20; ``qmax =
+2**(b-1) - 1``) with one 2-byte *block maximum* per block:
 
-    m_b = fp16_up(max_{i in b} |w_i|)          (rounded up, so m_b >= max |w_i|)
-    s_b = fp32(m_b) / 32767                    (the block's step, computed in float32)
-    q_i = round(w_i / s_b)  in [-32767, 32767]
+    m_b = max(up(max_{i in b} |w_i|), M_min)   (rounded up, so m_b >= max |w_i|; 0 for a zero block)
+    s_b = fp32(m_b) / qmax                     (the block's step, computed in float32)
+    q_i = round(w_i / s_b)  in [-qmax, qmax]
     w'_i = q_i * s_b                           (dequantized, float32)
 
-so ``|w_i - w'_i| <= s_b / 2`` (plus the float32 rounding of the product): about 1.5e-5 of the
-block's largest magnitude. Because the step is computed from the *stored* float16 maximum, the
-dequantized weights are exactly those the codes were made for: every reader gets the same bits.
+Because the step is computed from the *stored* maximum, the dequantized weights are exactly those
+the codes were made for: every reader gets the same bits.
+
+**Error bound.** For every weight, with float32 rounding of the division and the product included
+(:func:`block_error_bounds` gives it per block, from the stored maxima)::
+
+    |w_i - w'_i| <= s_b / 2 + 2**-23 (1 + 2**-20) m_b
+
+The block maxima are stored
+
+- in format version 2 (written now) as bfloat16, float32's range: ``up`` rounds up to bfloat16
+  (``m_b <= max|w| (1 + 2**-7)``) and ``M_min = up(qmax * 2**-126)`` keeps every step a normal
+  float32. So ``|w_i - w'_i| <= c_b max_b |w|`` with ``c_b`` = 1.550e-5, 7.81e-6, 3.97e-6, 1.082e-6
+  for b = 16, 17, 18, 20, for every block whose maximum is at least ``M_min`` (3.9e-34 for
+  b = 16, 6.2e-33 for b = 20); below that floor the error is at most the bound at ``m_b =
+  M_min``, under 6.7e-39 (about float32's smallest normal / 2). Magnitudes up to bfloat16's
+  largest (3.39e38) are stored;
+- in format version 1 (files written before; still read) as float16: ``up`` rounds up to float16
+  and float16's smallest subnormal, 2**-24 = 6e-8, is the smallest maximum it stores, so
+  ``m_b <= max|w| (1 + 2**-10) + 2**-24``. So ``|w_i - w'_i| <= c_b max_b |w| + f_b`` with
+  ``c_b`` = 1.54e-5 and the floor ``f_b`` = 9.2e-13 for b = 16: the bound is relative only for
+  blocks whose maximum is well above 6e-8 (at most c_b when it is at least 2**-14 = 6.1e-5); a
+  block with maximum 1e-10 can be off by 1e-2 of it. Magnitudes above 65504 cannot be stored.
+
 Other tensors (1-D LayerNorm weights, biases, small tensors, integer buffers) are stored
-unchanged. Storage: ``2 + 2/G`` bytes per quantized element, against 4 for float32.
+unchanged. A quantized tensor is returned in the dtype it was given (format version 2; version 1
+returned float32): float16 and bfloat16 checkpoints stay float16 and bfloat16, ``w'`` being
+rounded once more to that dtype; as ``w`` itself is one of the values that rounding can pick,
+the error after it is at most twice the bound (float64 tensors are coded from their float32
+rounding, which adds its own relative 2**-24). Storage:
+``b / 8 + 2 / G`` bytes per quantized element, against 4 for float32.
 
 The file is plain safetensors: a kept tensor under its own name, a quantized one as
-``<name>::codes`` (int16, the tensor's shape) and ``<name>::absmax`` (float16, the shape with
-the last dimension replaced by the number of blocks); the header metadata holds the format name,
-the block size of every quantized tensor and, for provenance, whatever the writer adds.
+``<name>::codes`` (int16, the tensor's shape: the high 16 bits of the codes), ``<name>::low``
+(the other ``b - 16`` bits, packed; only when ``b > 16``) and ``<name>::absmax`` (the block
+maxima, shaped as the tensor with the last dimension replaced by the number of blocks); the
+header metadata holds the format name and version, the block size, code width and dtype of
+every quantized tensor and, for provenance, whatever the writer adds.
 """
 
 from __future__ import annotations
@@ -36,20 +65,32 @@ from mechir.fingerprint import tensors_fingerprint
 
 #: The format's name, recorded in the file's metadata.
 FORMAT = "mechir.blockint16"
-FORMAT_VERSION = "1"
+#: The version written now; every version in :data:`SCALE_DTYPES` is read.
+FORMAT_VERSION = "2"
+#: The dtype of the stored block maxima, by format version.
+SCALE_DTYPES = {"1": torch.float16, "2": torch.bfloat16}
 #: Code widths: int16 codes, optionally with k = 1, 2 or 4 more low bits packed apart.
 BITS = (16, 17, 18, 20)
 CODES = "::codes"
 LOW = "::low"
 ABSMAX = "::absmax"
+#: The float32 rounding of the division and the product, per unit of the block maximum.
+_ROUNDING = 2.0**-23 * (1 + 2.0**-20)
 
 
-def _fp16_up(x: Float[Tensor, "*any"]) -> Float[Tensor, "*any"]:
-    """float16 values >= ``x`` (float32, non-negative, below 65504): round, then step up where
+def _round_up(x: Float[Tensor, "*any"], dtype: torch.dtype) -> Float[Tensor, "*any"]:
+    """Values of ``dtype`` >= ``x`` (float32, non-negative): round, then step up where
     rounding went down."""
-    h = x.to(torch.float16)
+    h = x.to(dtype)
     low = h.float() < x
     return torch.where(low, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+
+
+def min_block_max(bits: int = 16, scale_dtype: torch.dtype = torch.bfloat16) -> float:
+    """``M_min``: the smallest stored block maximum of a non-zero block, ``up(qmax * 2**-126)``
+    in ``scale_dtype``, so that every step ``m_b / qmax`` is a normal float32."""
+    floor = torch.tensor(_qmax(bits) * 2.0**-126, dtype=torch.float32)
+    return float(_round_up(floor, scale_dtype))
 
 
 def _blocks(w: Tensor, group: int) -> Tensor:
@@ -64,10 +105,21 @@ def _blocks(w: Tensor, group: int) -> Tensor:
 def block_steps(
     absmax: Float[Tensor, "*rows blocks"], bits: int = 16
 ) -> Float[Tensor, "*rows blocks"]:
-    """Each block's step ``s_b = fp32(m_b) / (2**(bits-1) - 1)`` from its stored float16
+    """Each block's step ``s_b = fp32(m_b) / (2**(bits-1) - 1)`` from its stored block
     maximum; an all-zero block gets step 1 (its codes are 0)."""
     m = absmax.float()
     return torch.where(m > 0, m / _qmax(bits), torch.ones_like(m))
+
+
+def block_error_bounds(
+    absmax: Float[Tensor, "*rows blocks"], bits: int = 16
+) -> Float[Tensor, "*rows blocks"]:
+    """The largest ``|w_i - w'_i|`` of each block from its stored maximum (float32 rounding of
+    ``w / s_b`` and ``q * s_b`` included; the quantized weights before any cast back to float16
+    or bfloat16): ``s_b / 2 + 2**-23 (1 + 2**-20) m_b``, 0 for an all-zero block."""
+    m = absmax.float()
+    bound = block_steps(absmax, bits) / 2 + _ROUNDING * m
+    return torch.where(m > 0, bound, torch.zeros_like(m))
 
 
 def _qmax(bits: int) -> int:
@@ -77,18 +129,26 @@ def _qmax(bits: int) -> int:
 
 
 def quantize_blocks(
-    w: Float[Tensor, "*rows n"], group: int, bits: int = 16
+    w: Float[Tensor, "*rows n"],
+    group: int,
+    bits: int = 16,
+    *,
+    scale_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[Int32[Tensor, "*rows n"], Float[Tensor, "*rows blocks"]]:
-    """Block codes of ``w`` (``|q| <= 2**(bits-1) - 1``, held as int32) and the float16 block
-    maxima (``blocks = ceil(n / group)``).
+    """Block codes of ``w`` (``|q| <= 2**(bits-1) - 1``, held as int32) and the block maxima
+    in ``scale_dtype`` (``blocks = ceil(n / group)``): bfloat16 as format version 2 writes
+    them, or float16 as version 1 did (see the module docstring for the bound of each).
 
     Raises:
-        ValueError: ``group`` < 1, ``bits`` not in :data:`BITS`, ``w`` is not floating point
-            or not finite, or a magnitude is beyond float16's range (65504).
+        ValueError: ``group`` < 1, ``bits`` not in :data:`BITS`, ``scale_dtype`` is neither
+            float16 nor bfloat16, ``w`` is not floating point or not finite, or a magnitude is
+            beyond ``scale_dtype``'s range.
     """
     qmax = _qmax(bits)
     if group < 1:
         raise ValueError(f"block size must be >= 1, got {group}")
+    if scale_dtype not in SCALE_DTYPES.values():
+        raise ValueError(f"block maxima are float16 or bfloat16, got {scale_dtype}")
     if not w.is_floating_point():
         raise ValueError(f"only floating-point tensors are quantized, got {w.dtype}")
     w = w.detach().to("cpu", torch.float32)
@@ -98,12 +158,15 @@ def quantize_blocks(
         raise ValueError("the tensor has NaN or infinite values; block codes cannot store them")
     blocks = _blocks(w, group)
     peak = blocks.abs().amax(dim=-1)
-    if peak.numel() and float(peak.max()) > 65504:
+    top = torch.finfo(scale_dtype).max
+    if peak.numel() and float(peak.max()) > top:
         raise ValueError(
-            f"a magnitude of {float(peak.max()):.3g} is beyond float16's range (65504); "
+            f"a magnitude of {float(peak.max()):.3g} is beyond {scale_dtype}'s range ({top:.6g}); "
             "keep this tensor as is (raise min_numel or store it unquantized)"
         )
-    absmax = _fp16_up(peak)
+    absmax = _round_up(peak, scale_dtype)
+    floor = torch.tensor(min_block_max(bits, scale_dtype), dtype=scale_dtype)
+    absmax = torch.where(peak > 0, torch.maximum(absmax, floor), absmax)
     step = block_steps(absmax, bits).unsqueeze(-1)
     codes = torch.round(blocks / step).clamp(-qmax, qmax).to(torch.int32)
     codes = codes.reshape(*w.shape[:-1], -1)[..., : w.shape[-1]]
@@ -117,7 +180,7 @@ def dequantize_blocks(
     bits: int = 16,
 ) -> Float[Tensor, "*rows n"]:
     """``w'_i = q_i * fp32(m_b) / (2**(bits-1) - 1)`` (float32), the inverse of
-    :func:`quantize_blocks`.
+    :func:`quantize_blocks` (block maxima of either format version).
 
     Raises:
         ValueError: the shapes of ``codes`` and ``absmax`` do not match ``group``.
@@ -176,10 +239,11 @@ def compress_state_dict(
     per_tensor: Mapping[str, tuple[int, int] | None] | None = None,
     min_numel: int = 4096,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A state dict in block codes (see the module docstring): tensors and safetensors metadata.
+    """A state dict in block codes (see the module docstring): tensors and safetensors metadata
+    (format version :data:`FORMAT_VERSION`).
 
     Args:
-        state: the float32 (or other) tensors.
+        state: the float32 (or float16, bfloat16, other) tensors.
         group: block size ``G`` along the last dimension.
         bits: code width (:data:`BITS`).
         per_tensor: ``name -> (group, bits)`` replacing the defaults for that tensor, or
@@ -188,7 +252,8 @@ def compress_state_dict(
             they are.
 
     Returns:
-        ``(tensors, metadata)`` for :func:`safetensors.torch.save_file`.
+        ``(tensors, metadata)`` for :func:`safetensors.torch.save_file` (kept tensors that
+        share memory, such as tied weights, are copied apart, as safetensors requires).
 
     Raises:
         ValueError: a name of ``per_tensor`` is not in ``state``, a name contains ``"::"``, or
@@ -198,21 +263,27 @@ def compress_state_dict(
     unknown = sorted(set(per_tensor) - set(state))
     if unknown:
         raise ValueError(f"per_tensor names tensors that are not in the state dict: {unknown[:5]}")
+    scale_dtype = SCALE_DTYPES[FORMAT_VERSION]
     tensors: dict[str, Tensor] = {}
-    layout: dict[str, tuple[int, int]] = {}
+    layout: dict[str, tuple[int, int, str]] = {}
+    storages: set[int] = set()
     for name, t in state.items():
         if "::" in name:
             raise ValueError(f"tensor name {name!r} contains '::', reserved by the format")
         spec = per_tensor.get(name, (group, bits))
         if spec is not None and t.is_floating_point() and t.ndim >= 2 and t.numel() >= min_numel:
             g, b = spec
-            codes, tensors[name + ABSMAX] = quantize_blocks(t, g, b)
+            codes, tensors[name + ABSMAX] = quantize_blocks(t, g, b, scale_dtype=scale_dtype)
             tensors[name + CODES], low = split_codes(codes, b)
             if low is not None:
                 tensors[name + LOW] = low
-            layout[name] = (g, b)
+            layout[name] = (g, b, str(t.dtype).removeprefix("torch."))
         else:
-            tensors[name] = t.detach().to("cpu").contiguous()
+            kept = t.detach().to("cpu").contiguous()
+            if kept.numel() and kept.untyped_storage().data_ptr() in storages:
+                kept = kept.clone()  # tied to a tensor kept before
+            storages.add(kept.untyped_storage().data_ptr())
+            tensors[name] = kept
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -221,33 +292,60 @@ def compress_state_dict(
     return tensors, metadata
 
 
+def _layout_dtype(name: str, spec: list) -> torch.dtype:
+    """The dtype a quantized tensor is returned in: ``[group, bits]`` (version 1: float32) or
+    ``[group, bits, dtype]``."""
+    if len(spec) == 2:
+        return torch.float32
+    dtype = getattr(torch, str(spec[2]), None)
+    if len(spec) != 3 or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{name}: layout {spec} is not [group, bits] or [group, bits, dtype]")
+    return dtype
+
+
 def decompress_state_dict(
     tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
 ) -> dict[str, Tensor]:
-    """The float32 state dict stored by :func:`compress_state_dict` (kept tensors unchanged).
+    """The state dict stored by :func:`compress_state_dict`: kept tensors unchanged, quantized
+    ones dequantized in the dtype they were given (float32 for format version 1 files).
 
     Raises:
-        ValueError: the metadata does not name this format, or a quantized tensor's parts are
-            missing or unnamed by the metadata.
+        ValueError: the metadata does not name this format or a version it reads, or a
+            quantized tensor's parts are missing, of the wrong dtype, or unnamed by the layout.
     """
     if metadata.get("format") != FORMAT:
         raise ValueError(
             f"not a {FORMAT} checkpoint (metadata format {metadata.get('format')!r}); "
             "load it with safetensors directly"
         )
-    layout: dict[str, list[int]] = json.loads(metadata["layout"])
+    version = metadata.get("format_version", "1")
+    if version not in SCALE_DTYPES:
+        raise ValueError(
+            f"{FORMAT} version {version!r} is not one this mechir reads ({sorted(SCALE_DTYPES)}); "
+            "upgrade mechir"
+        )
+    layout: dict[str, list] = json.loads(metadata["layout"])
     state: dict[str, Tensor] = {}
     for key, t in tensors.items():
         if "::" in key:
-            if key.rsplit("::", 1)[0] not in layout:
-                raise ValueError(f"{key}: its tensor has no layout in the metadata")
+            name, part = key.rsplit("::", 1)
+            if name not in layout or "::" + part not in (CODES, LOW, ABSMAX):
+                raise ValueError(f"{key}: not a part of a quantized tensor named by the layout")
             continue
         state[key] = t
-    for name, (g, b) in layout.items():
+    for name, spec in layout.items():
+        g, b = int(spec[0]), int(spec[1])
+        dtype = _layout_dtype(name, spec)
         if name + CODES not in tensors or name + ABSMAX not in tensors:
             raise ValueError(f"{name}: its codes or block maxima are missing from the file")
+        absmax = tensors[name + ABSMAX]
+        if absmax.dtype != SCALE_DTYPES[version]:
+            raise ValueError(
+                f"{name}: block maxima in {absmax.dtype}, but format version {version} stores "
+                f"them in {SCALE_DTYPES[version]}"
+            )
         codes = join_codes(tensors[name + CODES], tensors.get(name + LOW), b)
-        state[name] = dequantize_blocks(codes, tensors[name + ABSMAX], g, b)
+        state[name] = dequantize_blocks(codes, absmax, g, b).to(dtype)
     return state
 
 
@@ -272,7 +370,8 @@ def save_compact(
 
 
 def load_compact(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The float32 state dict in a block int16 safetensors file, and the file's metadata."""
+    """The state dict in a block int16 safetensors file (any format version), and the file's
+    metadata."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

@@ -1,7 +1,9 @@
 """Running mechir under ``torchrun``: process-group state, sharding and gathering.
 
 A plain ``python`` run has no process group: every function here then describes a world of one
-process (rank 0 of 1), :func:`sharding` is False and the library runs exactly as before. Under
+process (rank 0 of 1), :func:`sharding` is False and the library runs exactly as before. A world
+of one behaves the same with and without a process group: the gathering functions make the
+same checks (rows per rank, picklable objects) and return the same fresh copies. Under
 ``torchrun`` (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``),
 :func:`init_from_env` starts the group (gloo on CPU, nccl with ``cuda:{LOCAL_RANK}`` on CUDA) and
 library calls (:func:`mechir.evaluation.score_pairs`, :func:`~mechir.evaluation.rerank`,
@@ -20,6 +22,7 @@ import contextlib
 import contextvars
 import datetime
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -103,9 +106,20 @@ def init_from_env(
     when CUDA is available, else the CPU; a bare ``"cuda"`` becomes ``cuda:{LOCAL_RANK}``. The
     backend is nccl for CUDA devices and gloo otherwise, unless ``backend`` says.
     Calling it again returns the device without re-initialising.
+
+    Raises:
+        ValueError: ``RANK`` and ``WORLD_SIZE`` are set but ``MASTER_ADDR`` or ``MASTER_PORT``
+            is not (the group cannot meet), or a local rank has no GPU.
     """
     if not launched():
         return None if device is None else torch.device(device)
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing and not is_initialized():
+        raise ValueError(
+            f"RANK and WORLD_SIZE are set but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: start the run with torchrun (it sets "
+            "them all), set them, or unset RANK and WORLD_SIZE to run as one process"
+        )
     lr = local_rank()
     if device is None:
         dev = torch.device(f"cuda:{lr}" if torch.cuda.is_available() else "cpu")
@@ -161,10 +175,11 @@ def _comm_device() -> torch.device:
 
 
 def all_gather_objects(obj: T) -> list[T]:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    """Every rank's ``obj`` (picklable), in rank order, unpickled copies (without a process
+    group too: ``[copy of obj]``, so an object that cannot be pickled fails alike)."""
     d = _dist()
     if d is None:
-        return [obj]
+        return [pickle.loads(pickle.dumps(obj))]
     out: list[Any] = [None] * d.get_world_size()
     d.all_gather_object(out, obj)
     return out
@@ -172,10 +187,12 @@ def all_gather_objects(obj: T) -> list[T]:
 
 def all_gather_tensors(tensor: Shaped[Tensor, "n ..."] | None) -> list[Tensor]:
     """Every rank's tensor (lengths along dim 0 may differ; ``None`` = no rows, shape taken from
-    another rank), in rank order, on the CPU. Padded to the longest and all-gathered."""
+    another rank), in rank order, on the CPU, as new tensors. Padded to the longest and
+    all-gathered; without a process group ``[copy of tensor]`` (``[torch.empty(0)]`` for None,
+    as a group whose ranks all have no rows gives)."""
     d = _dist()
     if d is None:
-        return [] if tensor is None else [tensor.detach().cpu()]
+        return [torch.empty(0) if tensor is None else tensor.detach().cpu().clone()]
     meta = (None, None) if tensor is None else (tuple(tensor.shape), tensor.dtype)
     metas = all_gather_objects(meta)
     known = [m for m in metas if m[0] is not None]
@@ -201,9 +218,12 @@ def all_gather_tensors(tensor: Shaped[Tensor, "n ..."] | None) -> list[Tensor]:
 
 def gather_in_order(local_part: Shaped[Tensor, "k ..."] | None, n: int) -> Shaped[Tensor, "n ..."]:
     """Reassemble the per-rank results of a strided shard (:func:`shard_indices`) of ``n``
-    items in input order: ``out[r + i * world] = part_r[i]``."""
-    if not is_initialized():
-        return torch.empty(0) if local_part is None else local_part.detach().cpu()
+    items in input order: ``out[r + i * world] = part_r[i]`` (a new CPU tensor; with or
+    without a process group).
+
+    Raises:
+        ValueError: a rank's part does not have one row per item of its shard.
+    """
     parts = all_gather_tensors(local_part)
     w = len(parts)
     out = torch.empty((n, *parts[0].shape[1:]), dtype=parts[0].dtype)
@@ -227,11 +247,11 @@ def map_sharded(fn: Callable[[list[T]], Tensor], items: Sequence[T]) -> Tensor:
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """The sum of ``tensor`` over ranks (a new tensor on ``tensor``'s device; itself without a
-    process group)."""
+    """The sum of ``tensor`` over ranks (a new, detached tensor on ``tensor``'s device; a copy
+    of it in a world of one, with or without a process group)."""
     d = _dist()
     if d is None:
-        return tensor
+        return tensor.detach().clone()
     buf = tensor.detach().to(_comm_device(), copy=True)
     d.all_reduce(buf)
     return buf.to(tensor.device)

@@ -1,17 +1,33 @@
 """Append-only JSONL results store, one line per finished unit of work, safe against kill -9.
 
-Every line is one JSON object ``{"unit": <id>, ...}`` written with a single ``write`` and flushed
-to disk before the next unit starts. A run killed mid-write leaves at most one torn last line,
-which is dropped (and cut from the file) the next time the store is opened; a unit whose line is
+Every line is one JSON object ``{"unit": "<id>", ...}`` (the ``"unit"`` key first, unit ids
+normalised to strings) written with a single ``write`` and flushed to disk before the next unit
+starts. A run killed mid-write leaves at most one torn last line: bytes without a newline that
+start like a store line (a prefix of, or beginning with, ``{"unit":``). The next *writer*
+(``lock=True``, holding the lock) drops it and cuts it from the file; a unit whose line is
 complete is never recomputed, so rerunning after an interruption neither loses nor duplicates
 rows. One process at a time may write a store (an advisory lock on ``<file>.lock``, removed
-again when the store is closed).
+again when the store is closed; a lock file left by a killed process is taken over).
+
+What is never modified:
+
+- a file that is not the store's own: a complete line that is not a JSON object with a
+  ``"unit"`` key (a JSON export, a TREC run, ...), or a last line without a newline that does not
+  start like a store line, raises :class:`CorruptStoreError` naming the file, which is left as
+  it is;
+- any file opened by a *reader* (``lock=False``): it ignores an incomplete last line (a writer
+  may be in the middle of it) and cannot add rows.
+
+An empty file is an empty store; a file holding only a torn first line of the store's form
+(``{"unit":...`` without a newline) is the store of a run killed during its first write and is
+emptied by the next writer.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -50,7 +66,38 @@ class StoreLockedError(RuntimeError):
 
 
 class CorruptStoreError(ValueError):
-    """A results file has an unreadable line that is not a torn last line."""
+    """A file is not a results store (or was edited): a complete line is not a results row, or
+    an incomplete last line does not start like one. The file is left as it is."""
+
+
+_NOT_A_STORE = (
+    "this is not a results store, or it was edited (only a torn last line is dropped): "
+    "move the file away or choose another path"
+)
+#: Every line the store writes starts with these bytes (a compact JSON object, ``"unit"`` first).
+LINE_START = b'{"unit":'
+
+
+def unit_key(unit: object) -> str:
+    """The stored form of a unit id: a string as it is, an integer as its decimal string (so
+    ``3`` and ``"3"`` name one unit, before and after a reopen).
+
+    Raises:
+        TypeError: ``unit`` is neither a string nor an integer (bools and floats included).
+    """
+    if isinstance(unit, str):
+        return unit
+    if isinstance(unit, numbers.Integral) and not isinstance(unit, bool):
+        return str(int(unit))
+    raise TypeError(
+        f"unit ids are str or int, got {type(unit).__name__} {unit!r}; pass a string id"
+    )
+
+
+def _starts_like_a_line(tail: bytes) -> bool:
+    """Whether ``tail`` (bytes after the last newline) can be the store's own line torn by an
+    interruption: it begins with :data:`LINE_START`, or is a shorter piece of it."""
+    return tail.startswith(LINE_START) or LINE_START.startswith(tail)
 
 
 def _acquire_lock(lock_path: Path, path: Path) -> Any:
@@ -82,12 +129,19 @@ class ResultsStore:
 
     Args:
         path: the ``.jsonl`` file (created on the first :meth:`add`).
-        lock: take an exclusive advisory lock on ``<path>.lock`` (released by :meth:`close`).
+        lock: ``True`` (a writer): take an exclusive advisory lock on ``<path>.lock`` (released
+            by :meth:`close`) and cut a torn last line from the file. ``False`` (a reader):
+            no lock, the file is never modified (an incomplete last line is ignored, see
+            :attr:`ignored_partial_line`) and :meth:`add` / :meth:`reorder` refuse. Where
+            ``fcntl`` is missing (Windows) a writer takes no lock: run one writer at a time.
+
+    Unit ids are strings; integers are accepted everywhere and stored as their decimal string
+    (:func:`unit_key`).
 
     Raises:
         StoreLockedError: another process holds the lock.
-        CorruptStoreError: a line before the last one is not valid JSON (the file was edited or
-            written by something else; nothing is repaired silently).
+        CorruptStoreError: the file is not a results store or was edited (see the module
+            docstring); nothing is repaired silently and the file is not modified.
 
     Example::
 
@@ -100,58 +154,81 @@ class ResultsStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = None
+        self.writable = lock
         self.lock_path = self.path.with_suffix(self.path.suffix + ".lock")
         if lock and fcntl is not None:
             self._lock_file = _acquire_lock(self.lock_path, self.path)
         self._rows: dict[str, dict[str, Any]] = {}
+        #: A writer found a torn last line and cut it from the file.
         self.dropped_torn_line = False
-        self._load()
+        #: A reader found an incomplete last line (being written, or torn) and ignored it.
+        self.ignored_partial_line = False
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ reading
     def _load(self) -> None:
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        good_end = 0
+        rows: dict[str, dict[str, Any]] = {}
         pos = 0
         while pos < len(data):
             newline = data.find(b"\n", pos)
-            end = len(data) if newline < 0 else newline + 1
-            line = data[pos:end]
-            is_last = end == len(data)
-            try:
-                if newline < 0:
-                    raise ValueError("no newline")
-                row = json.loads(line) if line.strip() else None
-                if row is not None and (not isinstance(row, dict) or "unit" not in row):
-                    raise ValueError("not a unit row")
-            except ValueError as err:
-                if is_last:  # torn by an interruption: drop it
-                    self.dropped_torn_line = True
-                    break
-                raise CorruptStoreError(
-                    f"{self.path}: unreadable line at byte {pos} ({err}); only the last line may "
-                    "be torn by an interruption. Fix or remove the file."
-                ) from None
-            if row is not None:
-                unit = str(row["unit"])
-                if unit in self._rows:
-                    warnings.warn(
-                        f"{self.path}: unit {unit!r} appears twice; keeping the first",
-                        stacklevel=2,
+            if newline < 0:  # an incomplete last line: torn by a kill, or being written
+                if not _starts_like_a_line(data[pos:]):
+                    raise CorruptStoreError(
+                        f"{self.path}: unreadable line at byte {pos} (incomplete, and not the "
+                        f"start of a results row); {_NOT_A_STORE}"
                     )
-                else:
-                    self._rows[unit] = row
-            good_end = end
-            pos = end
-        if good_end < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
+                break
+            line = data[pos : newline + 1]
+            if line.strip():
+                self._add_row(rows, self._parse(line, pos))
+            pos = newline + 1
+        self._rows = rows
+        if pos < len(data):
+            if not self.writable:
+                self.ignored_partial_line = True
+                return
+            with open(self.path, "r+b") as f:  # only the lock holder cuts
+                f.truncate(pos)
                 f.flush()
                 os.fsync(f.fileno())
+            self.dropped_torn_line = True
+
+    def _parse(self, line: bytes, pos: int) -> dict[str, Any]:
+        """One complete line as a row whose unit id is normalised (:func:`unit_key`)."""
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            reason = f"not JSON ({err})"
+        else:
+            if not isinstance(row, dict) or "unit" not in row:
+                reason = 'not a JSON object with a "unit" key'
+            elif isinstance(row["unit"], bool) or not isinstance(row["unit"], (str, int)):
+                reason = f"unit id {row['unit']!r} is not a string or an integer"
+            else:
+                row["unit"] = unit_key(row["unit"])
+                return row
+        raise CorruptStoreError(
+            f"{self.path}: unreadable line at byte {pos} ({reason}); {_NOT_A_STORE}"
+        )
+
+    def _add_row(self, rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> None:
+        unit = row["unit"]
+        if unit in rows:
+            warnings.warn(
+                f"{self.path}: unit {unit!r} appears twice; keeping the first", stacklevel=4
+            )
+        else:
+            rows[unit] = row
 
     def __contains__(self, unit: object) -> bool:
-        return unit in self._rows
+        return unit_key(unit) in self._rows
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -159,28 +236,38 @@ class ResultsStore:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self._rows.values())
 
-    def get(self, unit: str) -> dict[str, Any] | None:
-        """The stored row of ``unit`` (with its ``"unit"`` key), or None."""
-        return self._rows.get(unit)
+    def get(self, unit: str | int) -> dict[str, Any] | None:
+        """The stored row of ``unit`` (with its ``"unit"`` key, a string), or None."""
+        return self._rows.get(unit_key(unit))
 
     @property
     def units(self) -> list[str]:
-        """Finished unit ids, in the order they were written."""
+        """Finished unit ids (strings), in the order they were written."""
         return list(self._rows)
 
     # ------------------------------------------------------------------ writing
-    def add(self, unit: str, data: dict[str, Any]) -> None:
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ValueError(
+                f"{self.path} was opened to read (lock=False); open it with lock=True to write"
+            )
+
+    def add(self, unit: str | int, data: dict[str, Any]) -> None:
         """Persist one finished unit (durably: flushed and fsynced before returning).
 
         Raises:
-            ValueError: the unit is already stored (rows are never duplicated or overwritten).
+            ValueError: the unit is already stored (rows are never duplicated or overwritten),
+                or the store was opened to read.
+            TypeError: ``unit`` is neither a string nor an integer.
         """
-        if unit in self._rows:
-            raise ValueError(f"unit {unit!r} is already in {self.path}")
+        self._check_writable()
+        key = unit_key(unit)
+        if key in self._rows:
+            raise ValueError(f"unit {key!r} is already in {self.path}")
         if "unit" in data:
             raise ValueError("data must not contain the key 'unit' (it holds the unit id)")
-        row = {"unit": unit, **data}
-        line = (json.dumps(row, separators=(",", ":"), allow_nan=True) + "\n").encode()
+        row = {"unit": key, **data}
+        line = _line(row)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = memoryview(line)
@@ -190,26 +277,25 @@ class ResultsStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._rows[unit] = row
+        self._rows[key] = row
 
-    def reorder(self, units: Sequence[str]) -> bool:
+    def reorder(self, units: Sequence[str | int]) -> bool:
         """Put the rows of ``units`` in that order, in the places they occupy now (other rows
         stay put), rewriting the file atomically with the same lines; True when it changed.
 
         Units finished by several processes (or merged from the shards of a killed run) come in
         completion order; this restores the order a single process writes them in.
         """
-        chosen = {u for u in units if u in self._rows}
-        wanted = [u for u in dict.fromkeys(units) if u in chosen]
+        self._check_writable()
+        keys = [unit_key(u) for u in units]
+        chosen = {u for u in keys if u in self._rows}
+        wanted = [u for u in dict.fromkeys(keys) if u in chosen]
         current = list(self._rows)
         if [u for u in current if u in chosen] == wanted:
             return False
         order = iter(wanted)
         new = [next(order) if u in chosen else u for u in current]
-        data = b"".join(
-            (json.dumps(self._rows[u], separators=(",", ":"), allow_nan=True) + "\n").encode()
-            for u in new
-        )
+        data = b"".join(_line(self._rows[u]) for u in new)
         tmp = self.path.with_name(self.path.name + ".reorder.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
@@ -221,7 +307,7 @@ class ResultsStore:
 
     def reload(self) -> None:
         """Read the file again (a reader that does not hold the lock, after the writer added)."""
-        self._rows = {}
+        self.dropped_torn_line = self.ignored_partial_line = False
         self._load()
 
     def close(self) -> None:
@@ -248,6 +334,12 @@ class ResultsStore:
             self.close()
         except Exception:
             pass
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    """A row as the store writes it: compact JSON, ``"unit"`` first, one newline."""
+    row = {"unit": row["unit"], **{k: v for k, v in row.items() if k != "unit"}}
+    return (json.dumps(row, separators=(",", ":"), allow_nan=True) + "\n").encode()
 
 
 class ConfigMismatchError(ValueError):
@@ -299,36 +391,53 @@ def shard_path(path: str | Path, rank: int) -> Path:
 
 
 def shard_paths(path: str | Path) -> list[Path]:
-    """Every shard file next to the store ``path`` (any rank, any earlier run)."""
+    """Every shard file next to the store ``path`` (any rank, any earlier run), by rank."""
+    return [p for p in _shards(path) if p.exists()]
+
+
+def _shards(path: str | Path) -> list[Path]:
+    """The shards of ``path`` that exist or whose lock file exists (a rank killed before it
+    stored its first unit leaves only ``results.rank<r>.jsonl.lock``), by rank."""
     path = Path(path)
-    found = path.parent.glob(f"{path.stem}.rank*{path.suffix}")
-    return sorted(p for p in found if p.stem[len(path.stem) + 5 :].isdigit())
+    ranks = set()
+    for suffix in (path.suffix, path.suffix + ".lock"):
+        prefix, n = f"{path.stem}.rank", len(path.stem) + 5
+        for p in path.parent.glob(f"{prefix}*{suffix}"):
+            rank = p.name[n : len(p.name) - len(suffix)]
+            if rank.isdigit():
+                ranks.add(int(rank))
+    return [shard_path(path, r) for r in sorted(ranks)]
 
 
-def merge_shards(store: ResultsStore, order: Sequence[str] = ()) -> int:
+def merge_shards(store: ResultsStore, order: Sequence[str | int] = ()) -> int:
     """Append the shards' rows that ``store`` lacks to it, then delete the shards.
 
     Rows come in ``order`` of unit ids first (the order a single process writes them), then the
     rest in shard order; a unit already in the store (a merge interrupted before the shards were
     deleted) is not added again. Each shard is opened with its lock, so a shard that a live
-    process is still writing raises :class:`StoreLockedError`. Returns the number of rows added.
+    process is still writing raises :class:`StoreLockedError` (and nothing is merged); the lock
+    files that killed ranks left (with or without a shard) are removed with their shards.
+    Returns the number of rows added.
     """
-    shards = [ResultsStore(p) for p in shard_paths(store.path)]
+    shards: list[ResultsStore] = []
     try:
+        for p in _shards(store.path):
+            shards.append(ResultsStore(p))
         rows: dict[str, dict[str, Any]] = {}
         for shard in shards:
             for row in shard:
                 rows.setdefault(row["unit"], row)
-        ordered = set(order)
-        ids = [u for u in order if u in rows] + [u for u in rows if u not in ordered]
+        keys = [unit_key(u) for u in order]
+        ordered = set(keys)
+        ids = [u for u in keys if u in rows] + [u for u in rows if u not in ordered]
         added = 0
-        for unit in ids:
+        for unit in dict.fromkeys(ids):
             if unit not in store:
                 store.add(unit, {k: v for k, v in rows[unit].items() if k != "unit"})
                 added += 1
+        for shard in shards:  # merged: delete the data, then release and remove the lock
+            shard.path.unlink(missing_ok=True)
     finally:
         for shard in shards:
             shard.close()
-    for shard in shards:
-        shard.path.unlink()
     return added

@@ -169,9 +169,10 @@ def layout_text(model_info: dict) -> str:
     return (
         f"The {model_info['quantized_parameters']:,} parameters of the weight matrices are "
         "stored as block integer codes (`mechir.compact`, format `mechir.blockint16`): each row "
-        "is cut into blocks of G consecutive weights with one float16 block maximum m each, a "
-        "weight w is stored as the b-bit integer `q=round(w/s)`, `s=m/(2^(b-1)-1)`, and read as "
-        "`q·s`, so it moves by at most `s/2` (about `m·1.5e-5` for b=16). The encoder's and the "
+        "is cut into blocks of G consecutive weights with one bfloat16 block maximum m each "
+        "(float16 in files of format version 1), a weight w is stored as the b-bit integer "
+        "`q=round(w/s)`, `s=m/(2^(b-1)-1)`, and read as `q·s`, so it moves by at most `s/2` "
+        "plus float32 rounding (about `m·1.5e-5` for b=16). The encoder's and the "
         f"pooler's matrices use G={default[0]}, b={default[1]} (int16 codes plus {low}, packed "
         f"apart); {rest}. The other "
         f"{model_info['parameters'] - model_info['quantized_parameters']:,} parameters "

@@ -11,12 +11,16 @@ import torch
 from mechir.compact import (
     BITS,
     FORMAT,
+    FORMAT_VERSION,
+    SCALE_DTYPES,
+    block_error_bounds,
     block_steps,
     compress_state_dict,
     decompress_state_dict,
     dequantize_blocks,
     join_codes,
     load_compact,
+    min_block_max,
     quantize_blocks,
     save_compact,
     split_codes,
@@ -35,16 +39,22 @@ def _steps_per_element(absmax: torch.Tensor, group: int, n: int, bits: int) -> t
     return torch.repeat_interleave(block_steps(absmax, bits), group, dim=-1)[..., :n]
 
 
+def _per_element(per_block: torch.Tensor, group: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-block value repeated over the block's elements, shaped as ``like``."""
+    return torch.repeat_interleave(per_block, group, dim=-1)[..., : like.shape[-1]]
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("shape", "group"), [((12, 64), 16), ((5, 37), 16), ((3, 4, 10), 3)])
-def test_error_within_half_a_step_per_block(shape, group, bits):
+def test_error_within_half_a_step_per_block(shape, group, bits, scale_dtype):
     """|w - w'| <= s_b / 2 for every weight (s_b its block's step), up to float32 rounding of
     the product q * s_b; a ragged last block (37 = 2 * 16 + 5) obeys it too."""
     w = _heavy_tailed(*shape)
-    codes, absmax = quantize_blocks(w, group, bits)
+    codes, absmax = quantize_blocks(w, group, bits, scale_dtype=scale_dtype)
     n_blocks = -(-shape[-1] // group)
     assert codes.shape == w.shape and codes.dtype == torch.int32
-    assert absmax.shape == (*shape[:-1], n_blocks) and absmax.dtype == torch.float16
+    assert absmax.shape == (*shape[:-1], n_blocks) and absmax.dtype == scale_dtype
     assert int(codes.abs().max()) <= 2 ** (bits - 1) - 1
     back = dequantize_blocks(codes, absmax, group, bits)
     assert back.shape == w.shape and back.dtype == torch.float32
@@ -55,7 +65,8 @@ def test_error_within_half_a_step_per_block(shape, group, bits):
     peaks = torch.nn.functional.pad(w.abs(), (0, -shape[-1] % group))
     peaks = peaks.reshape(*shape[:-1], n_blocks, group).amax(-1)
     assert (absmax.float() >= peaks).all()
-    assert (absmax.float() <= peaks * (1 + 2**-10)).all()
+    mantissa = {torch.bfloat16: 7, torch.float16: 10}[scale_dtype]
+    assert (absmax.float() <= peaks * (1 + 2.0**-mantissa)).all()
 
 
 def test_blocks_are_independent():
@@ -122,7 +133,10 @@ def test_state_dict_round_trip(tmp_path):
     per_tensor = {"emb.weight": (32, 16), "frozen.weight": None}
     tensors, meta = compress_state_dict(state, group=16, bits=18, per_tensor=per_tensor)
     assert meta["format"] == FORMAT
-    assert json.loads(meta["layout"]) == {"emb.weight": [32, 16], "attn.weight": [16, 18]}
+    assert json.loads(meta["layout"]) == {
+        "emb.weight": [32, 16, "float32"],
+        "attn.weight": [16, 18, "float32"],
+    }
     assert set(tensors) == {
         "emb.weight::codes",
         "emb.weight::absmax",
@@ -141,9 +155,9 @@ def test_state_dict_round_trip(tmp_path):
         assert back[name].dtype == state[name].dtype and torch.equal(back[name], state[name])
     for name, (g, b) in {"emb.weight": (32, 16), "attn.weight": (16, 18)}.items():
         assert back[name].dtype == torch.float32 and back[name].shape == state[name].shape
-        _, absmax = quantize_blocks(state[name], g, b)
-        step = _steps_per_element(absmax, g, state[name].shape[-1], b)
-        assert ((back[name] - state[name]).abs() <= step / 2 + 1e-7).all()
+        assert torch.equal(tensors[name + "::absmax"], quantize_blocks(state[name], g, b)[1])
+        bound = _per_element(block_error_bounds(tensors[name + "::absmax"], b), g, back[name])
+        assert ((back[name] - state[name]).abs() <= bound).all()
         assert not torch.equal(back[name], state[name])
 
     path = tmp_path / "m.safetensors"
@@ -164,7 +178,11 @@ def test_errors_say_what_to_do():
     with pytest.raises(ValueError, match="code width must be one of"):
         quantize_blocks(torch.zeros(2, 4), 4, bits=19)
     with pytest.raises(ValueError, match="float16's range"):
-        quantize_blocks(torch.full((2, 4), 1e5), 4)
+        quantize_blocks(torch.full((2, 4), 1e5), 4, scale_dtype=torch.float16)
+    with pytest.raises(ValueError, match="bfloat16's range"):
+        quantize_blocks(torch.full((2, 4), 3.39e38), 4)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        quantize_blocks(torch.ones(2, 4), 4, scale_dtype=torch.float32)
     with pytest.raises(ValueError, match="NaN or infinite"):
         quantize_blocks(torch.tensor([[float("nan"), 1.0]]), 2)
     with pytest.raises(ValueError, match="need block maxima of shape"):
@@ -175,3 +193,153 @@ def test_errors_say_what_to_do():
     del tensors["a::low"]
     with pytest.raises(ValueError, match="need their packed low bits"):
         decompress_state_dict(tensors, meta)
+
+
+# ---------------------------------------------------------------------- the bound and its floor
+#: c_b of the module docstring: |w - w'| <= c_b max|w| per block (format version 2).
+RELATIVE = {16: 1.550e-5, 17: 7.81e-6, 18: 3.97e-6, 20: 1.082e-6}
+MAGNITUDES = (1.0, 1e-3, 3e-5, 1e-6, 1e-8, 1e-10, 1e-20, 1e-30, 1e-33, 1e-36, 1e-40, 1e-44)
+
+
+def _magnitudes_tensor(seed: int = 0) -> torch.Tensor:
+    """One row per magnitude (16 blocks of 16 each), down to float32 subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(256, generator=g) * m for m in MAGNITUDES]
+    return torch.stack(rows)
+
+
+def _block_peaks(w: torch.Tensor, group: int) -> torch.Tensor:
+    pad = torch.nn.functional.pad(w.abs(), (0, -w.shape[-1] % group))
+    return pad.reshape(*w.shape[:-1], -1, group).amax(-1)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_bound_holds_for_tiny_blocks_and_is_relative_above_the_floor(bits):
+    """Version 2 (bfloat16 maxima): the per-block bound holds from 1 down to float32
+    subnormals, in float64 arithmetic; it is c_b of the block maximum for every block whose
+    maximum is at least M_min, and under 6.7e-39 below it."""
+    w = _magnitudes_tensor()
+    codes, absmax = quantize_blocks(w, 16, bits)
+    assert absmax.dtype == torch.bfloat16
+    err = (dequantize_blocks(codes, absmax, 16, bits).double() - w.double()).abs()
+    bound = _per_element(block_error_bounds(absmax, bits), 16, w).double()
+    assert (err <= bound).all()
+    peaks = _per_element(_block_peaks(w, 16), 16, w).double()
+    floor = min_block_max(bits)
+    assert 3.8e-34 < floor < 6.2e-33
+    above = peaks >= floor
+    assert above[:8].all() and not above[-3:].any()  # down to 1e-30 relative, 1e-36 on: floor
+    assert (err[above] <= RELATIVE[bits] * peaks[above]).all()
+    assert (err[~above] <= 6.7e-39).all() and (err[~above] > 0).any()
+    assert float((err[above] / peaks[above]).max()) > 0.9 * RELATIVE[bits] / (1 + 2**-7)  # tight
+
+
+def test_version_1_maxima_have_an_absolute_floor():
+    """Version 1 (float16 maxima, still read): |w - w'| <= 1.54e-5 max|w| + 9.2e-13, relative
+    only for block maxima of at least 2**-14; 1e-10 blocks are off by ~1e-2 of their maximum.
+    The per-block bound holds everywhere."""
+    w = _magnitudes_tensor()[:6]  # float16 maxima cannot go below 2**-24
+    codes, absmax = quantize_blocks(w, 16, scale_dtype=torch.float16)
+    err = (dequantize_blocks(codes, absmax, 16).double() - w.double()).abs()
+    assert (err <= _per_element(block_error_bounds(absmax, 16), 16, w).double()).all()
+    peaks = _per_element(_block_peaks(w, 16), 16, w).double()
+    assert (err <= 1.54e-5 * peaks + 9.2e-13).all()
+    normal = peaks >= 2**-14
+    assert (err[normal] <= 1.54e-5 * peaks[normal]).all()
+    assert (err[~normal] > 1.54e-5 * peaks[~normal]).any()  # the floor is real
+    assert float((err[5] / peaks[5]).max()) > 1e-3  # 1e-10 blocks: documented, not hidden
+    assert absmax[5].float().min() == 2**-24
+
+
+def _bf16_up(x: float) -> float:
+    """The smallest bfloat16 >= x >= 0, from float32 bits (bfloat16 = their top 16 bits)."""
+    import struct
+
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    if bits & 0xFFFF:
+        bits = (bits & 0xFFFF0000) + 0x10000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _reference_codes(w: torch.Tensor, group: int, bits: int) -> tuple[list, list]:
+    """Block codes by a Python loop over blocks, in float32 scalars (numpy), from the format's
+    definition: maxima rounded up to bfloat16, floored at up(qmax 2**-126)."""
+    import numpy as np
+
+    qmax = 2 ** (bits - 1) - 1
+    floor = _bf16_up(float(np.float32(qmax * 2.0**-126)))
+    codes, maxima = [], []
+    for row in w.tolist():
+        row_codes, row_max = [], []
+        for start in range(0, len(row), group):
+            block = np.array(row[start : start + group], dtype=np.float32)
+            peak = float(np.abs(block).max())
+            m = max(_bf16_up(peak), floor) if peak > 0 else 0.0
+            step = np.float32(m) / np.float32(qmax) if m > 0 else np.float32(1)
+            row_codes += [int(np.clip(np.round(x / step), -qmax, qmax)) for x in block]
+            row_max.append(m)
+        codes.append(row_codes)
+        maxima.append(row_max)
+    return codes, maxima
+
+
+@pytest.mark.parametrize("bits", [16, 20])
+def test_codes_equal_a_per_block_loop(bits):
+    w = torch.cat([_magnitudes_tensor(1)[:, :37], _heavy_tailed(4, 37, seed=2)])
+    codes, absmax = quantize_blocks(w, 16, bits)
+    ref_codes, ref_max = _reference_codes(w, 16, bits)
+    assert codes.tolist() == ref_codes and absmax.float().tolist() == ref_max
+
+
+# ---------------------------------------------------------------------- dtypes and old files
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_survives_the_round_trip(tmp_path, dtype):
+    """A float16 / bfloat16 / float32 / float64 checkpoint comes back in its dtype, within twice
+    the bound for the 16-bit dtypes (the cast back may pick w itself at worst)."""
+    w = (_heavy_tailed(64, 96, seed=7) * 3).to(dtype)
+    state = {"w": w, "bias": torch.randn(96).to(dtype)}
+    meta = save_compact(tmp_path / "m.safetensors", state, min_numel=1)
+    back, file_meta = load_compact(tmp_path / "m.safetensors")
+    assert file_meta["format_version"] == FORMAT_VERSION == "2"
+    assert {k: v.dtype for k, v in back.items()} == {"w": dtype, "bias": dtype}
+    assert torch.equal(back["bias"], state["bias"])
+    assert tensors_fingerprint(back) == meta["state_sha256"]
+    _, absmax = quantize_blocks(w, 16)
+    bound = _per_element(block_error_bounds(absmax), 16, w).double()
+    factor = 2 if dtype in (torch.float16, torch.bfloat16) else 1
+    f32 = w.float().double()  # float64 is coded from its float32 rounding
+    assert ((back["w"].double() - f32).abs() <= factor * bound).all()
+    assert not torch.equal(back["w"], w)
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A file as version 1 wrote it (float16 maxima, [group, bits] layout, float32 out)."""
+    from safetensors.torch import save_file
+
+    w = _heavy_tailed(8, 40, seed=8)
+    codes, absmax = quantize_blocks(w, 16, 17, scale_dtype=torch.float16)
+    high, low = split_codes(codes, 17)
+    tensors = {"w::codes": high, "w::low": low, "w::absmax": absmax, "b": torch.ones(3)}
+    meta = {"format": FORMAT, "format_version": "1", "layout": json.dumps({"w": [16, 17]})}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=meta)
+    back, _ = load_compact(tmp_path / "v1.safetensors")
+    assert back["w"].dtype == torch.float32
+    assert torch.equal(back["w"], dequantize_blocks(codes, absmax, 16, 17))
+    assert torch.equal(back["b"], torch.ones(3))
+    meta_v2 = {**meta, "format_version": "2"}  # float16 maxima under version 2: refused
+    with pytest.raises(ValueError, match="format version 2 stores them in torch.bfloat16"):
+        decompress_state_dict(tensors, meta_v2)
+    with pytest.raises(ValueError, match="upgrade mechir"):
+        decompress_state_dict(tensors, {**meta, "format_version": "9"})
+    assert SCALE_DTYPES == {"1": torch.float16, "2": torch.bfloat16}
+
+
+def test_unknown_parts_are_refused_and_tied_kept_tensors_are_saved(tmp_path):
+    tensors, meta = compress_state_dict({"w": torch.randn(128, 64)})
+    tensors["w::extra"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="w::extra: not a part"):
+        decompress_state_dict(tensors, meta)
+    t = torch.randn(8)
+    save_compact(tmp_path / "tied.safetensors", {"a": t, "b": t, "c": t[:4]})
+    back, _ = load_compact(tmp_path / "tied.safetensors")
+    assert torch.equal(back["a"], t) and torch.equal(back["b"], t) and torch.equal(back["c"], t[:4])

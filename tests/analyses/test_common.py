@@ -125,3 +125,59 @@ def test_every_study_has_the_common_options(study, capsys):
                    "--max-units"):  # fmt: skip
         assert option in text
     assert "castorini/monobert-large-msmarco" in text and f"analyses.{study}" in text
+
+
+OPENER = r"""
+import sys
+from pathlib import Path
+import analyses.common as c
+from mechir.store import StoreLockedError
+
+for out, depth in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        store = c._open_store(Path(out), "demo_study", {"depth": int(depth)}, {}, "cmd")
+    except StoreLockedError as err:
+        print("locked", flush=True)
+    else:
+        store.close()
+        print("opened", flush=True)
+"""
+
+
+def test_the_lock_is_taken_before_config_json_is_checked_or_written(tmp_path):
+    """A second run opening a directory whose store another process holds is refused before it
+    reads or writes config.json (fresh directory, and one of another setting); once the lock is
+    free the setting is checked under it."""
+    import os
+    import subprocess
+    import sys
+
+    from analyses.common import _open_store
+    from tests.distributed_helpers import ROOT
+
+    fresh, used = tmp_path / "fresh", tmp_path / "used"
+    with _open_store(used, "demo_study", {"depth": 10}, {}, "cmd") as store:
+        store.add("u1", {"depth_used": 10})
+    config = (used / "config.json").read_bytes()
+    held = [ResultsStore(fresh / "results.jsonl"), ResultsStore(used / "results.jsonl")]
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", OPENER, str(fresh), "20", str(used), "20"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "MECHIR_TYPECHECK": "0"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        for store in held:
+            store.close()
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split() == ["locked", "locked"]
+    assert not (fresh / "config.json").exists() and not (fresh / "results.jsonl").exists()
+    assert (used / "config.json").read_bytes() == config
+    with pytest.raises(ConfigMismatchError, match="depth: 10 there, 20 now"):
+        _open_store(used, "demo_study", {"depth": 20}, {}, "cmd")
+    assert not (used / "results.jsonl.lock").exists()  # released on the error
+    with _open_store(used, "demo_study", {"depth": 10}, {}, "cmd") as store:
+        assert store.units == ["u1"]

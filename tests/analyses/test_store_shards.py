@@ -67,3 +67,47 @@ def test_reorder_keeps_other_rows_in_place_and_the_lines(tmp_path):
     assert sorted(main.read_text().splitlines()) == sorted(lines.values())  # same bytes
     with ResultsStore(main) as again:
         assert again.units == ["x", "a", "y", "b", "c"] and again.get("a")["v"] == "a"
+
+
+def test_a_rank_killed_before_its_first_unit_leaves_nothing_after_the_merge(tmp_path):
+    """A rank killed (SIGKILL) after opening its shard but before storing a unit leaves only the
+    shard's lock file; the next merge takes that lock and removes it with the other shards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.distributed_helpers import ROOT
+
+    main = tmp_path / "results.jsonl"
+    with ResultsStore(shard_path(main, 0)) as s0:
+        s0.add("a", {"v": 1})
+    code = (
+        "import sys; from mechir.store import ResultsStore, shard_path; "
+        "s = ResultsStore(shard_path(sys.argv[1], 1)); print('opened', flush=True); "
+        "sys.stdin.readline()"
+    )
+    rank1 = subprocess.Popen(
+        [sys.executable, "-c", code, str(main)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert rank1.stdout.readline() == "opened\n"
+        with ResultsStore(main) as store, pytest.raises(StoreLockedError):
+            merge_shards(store)  # rank 1 is alive: its (empty) shard is not taken
+        assert shard_path(main, 0).exists()  # and nothing was deleted
+    finally:
+        rank1.kill()
+        rank1.communicate()
+    assert rank1.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "results.rank0.jsonl",
+        "results.rank1.jsonl.lock",
+    ]
+    with ResultsStore(main) as store:
+        assert merge_shards(store) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
