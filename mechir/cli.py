@@ -7,17 +7,21 @@ settings mismatch) prints one line and exits with status 2; ``--debug`` shows th
 
 Only light modules are imported at start, so ``--help`` and argument errors answer at once;
 torch, transformers and TransformerLens are imported when a command runs. A new subcommand is
-one ``_<name>_parser`` function plus one handler registered in :data:`COMMANDS`.
+one ``_<name>_parser`` function plus one handler registered in :data:`COMMANDS`; another package
+adds one as a :class:`Command` in the ``mechir.commands`` entry-point group (``mechir demo``
+comes from the studies this way: the library never imports them).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -204,17 +208,85 @@ def _rerank_parser(sub: Any) -> argparse.ArgumentParser:
     return r
 
 
-def _demo_parser(sub: Any) -> argparse.ArgumentParser:
-    from analyses.demo import DESCRIPTION, add_demo_options
+# ---------------------------------------------------------------------- commands of other packages
+@dataclass(frozen=True)
+class Command:
+    """A ``mechir`` subcommand that another package contributes through the entry-point group
+    :data:`COMMAND_GROUP` (in ``pyproject.toml``: ``[project.entry-points."mechir.commands"]``,
+    ``name = "module:OBJECT"``).
 
-    d = sub.add_parser(
-        "demo",
-        help="the main job, offline: direction ablation on the embedded demo, HTML report",
-        description=DESCRIPTION,
-    )
-    add_demo_options(d)
-    add_execution_options(d)
-    return d
+    Attributes:
+        help: one line for ``mechir --help``.
+        description: the text of ``mechir <name> --help``.
+        add_options: adds the command's options to its parser (keep its imports light: ``--help``
+            and argument errors must not import torch).
+        run: runs the parsed command; returns the exit status.
+    """
+
+    help: str
+    description: str
+    add_options: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: The entry-point group of :class:`Command` objects (``mechir <name>``).
+COMMAND_GROUP = "mechir.commands"
+#: Commands of this repository's other packages, tried by module path when the installed
+#: metadata lacks their entry point (an editable install made before it was declared, or a
+#: source checkout on ``sys.path``); ``pyproject.toml`` declares the same entry points.
+KNOWN_COMMANDS: dict[str, str] = {"demo": "analyses.demo:COMMAND"}
+
+
+def _entry_points() -> dict[str, str]:
+    """``name -> "module:attr"`` of the installed :data:`COMMAND_GROUP` entry points."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def _load_command(name: str, target: str) -> Command | str:
+    """The :class:`Command` at ``target`` (``"module:attr"``), or one line saying why not."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - a broken plugin must not break mechir --help
+        missing = getattr(err, "name", None) if isinstance(err, ImportError) else None
+        if missing and module_name.split(".")[0] == missing.split(".")[0]:
+            return (
+                f"'{PROG} {name}' is not installed (no module {missing!r}; it comes with the "
+                "mechir repository's studies: run 'pip install -e .' in a checkout of it)"
+            )
+        return f"'{PROG} {name}' cannot be loaded from {target} ({type(err).__name__}: {err})"
+    command = getattr(module, attr, None) if attr else None
+    if not all(callable(getattr(command, f, None)) for f in ("add_options", "run")):
+        return f"'{PROG} {name}': {target} is not a mechir.cli.Command"
+    return command
+
+
+def plugin_commands() -> dict[str, Command | str]:
+    """The commands of other packages: ``name -> Command``, or a one-line reason why that
+    command cannot run (the entry point or module is missing or broken). Installed entry points
+    come first, then :data:`KNOWN_COMMANDS` by module path."""
+    targets = {**KNOWN_COMMANDS, **_entry_points()}
+    return {name: _load_command(name, targets[name]) for name in sorted(targets)}
+
+
+def _plugin_parser(sub: Any, name: str, command: Command | str) -> argparse.ArgumentParser:
+    """The subparser of a plugin command; a missing one takes any arguments and says why."""
+    if not isinstance(command, str):
+        p = sub.add_parser(name, help=command.help, description=command.description)
+        command.add_options(p)
+        p.set_defaults(_run=command.run)
+        return p
+    # no option prefix: every argument (--help too) is taken, and running says why it cannot run
+    p = sub.add_parser(name, help=f"(not available: {command})", prefix_chars="\0", add_help=False)
+    p.add_argument("arguments", nargs="*")
+
+    def unavailable(args: argparse.Namespace) -> int:
+        raise UsageError(command)
+
+    p.set_defaults(_run=unavailable)
+    return p
 
 
 def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -225,8 +297,11 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
         prog=PROG, description=__doc__.split("\n\n")[0], parents=[], allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for build in (_score_parser, _rerank_parser, _demo_parser):
+    for build in (_score_parser, _rerank_parser):
         apply_defaults(build(sub), defaults or {})
+    for name, command in plugin_commands().items():
+        if name not in COMMANDS:
+            apply_defaults(_plugin_parser(sub, name, command), defaults or {})
     return parser
 
 
@@ -624,18 +699,16 @@ def _score_queries(
 
 
 # ---------------------------------------------------------------------- entry point
-#: Subcommand name -> handler.
-def _demo(args: argparse.Namespace) -> int:
-    from analyses.demo import run_demo
-
-    return run_demo(args)
-
-
+#: Subcommand name -> handler (the built-in commands; others: :func:`plugin_commands`).
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score": _score,
     "rerank": _rerank,
-    "demo": _demo,
 }
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    run = getattr(args, "_run", None) or COMMANDS[args.command]
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -651,8 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = PROG
     if _launched() and os.environ["RANK"] != "0":  # torchrun: errors of other ranks are prefixed
         prog = f"[rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}] {PROG}"
-    return run_command(lambda args: COMMANDS[args.command](args), parse, prog=prog, debug=debug)
+    return run_command(_dispatch, parse, prog=prog, debug=debug)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # python -m mechir.cli: run the imported module (one Command class)
+    raise SystemExit(importlib.import_module("mechir.cli").main())

@@ -4,7 +4,10 @@ rerank output that is lossless, locked, settings-checked and never adopts a fore
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,7 +239,8 @@ def test_import_and_help_load_no_model_library():
     assert imported_after("import mechir, mechir.cli") == []
     code = (
         "from mechir.cli import main\n"
-        "for argv in (['--help'], ['rerank', '--help'], ['rerank', '--depth', '0']):\n"
+        "for argv in (['--help'], ['rerank', '--help'], ['rerank', '--depth', '0'],\n"
+        "             ['demo', '--help'], ['demo', '--limit-queries', '0']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
@@ -270,3 +274,127 @@ def test_lazy_modules_load_on_first_use():
         "assert parts.torch is torch and type(torch).__name__ == 'module'"
     )
     assert "torch" in imported_after(code)
+
+
+# ---------------------------------------------------------------------- commands of other packages
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_library_never_imports_the_studies():
+    """Issue 21: no import statement in mechir/ names analyses/ or patching/ (inside functions
+    too), and importing the CLI and building its parser leave them unimported statically."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import) (analyses|patching)\b")
+    offending = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "mechir").rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.match(line)
+    ]
+    assert offending == []
+    code = "import mechir, mechir.cli, sys\nprint('\\n' + ' '.join(sorted(sys.modules)))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    loaded = proc.stdout.splitlines()[-1].split()
+    assert not [m for m in loaded if m.split(".")[0] in ("analyses", "patching")]
+
+
+def test_pyproject_declares_the_known_commands_as_entry_points():
+    """The fallback module paths of the CLI are the entry points pip installs (no drift)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    from mechir.cli import COMMAND_GROUP, KNOWN_COMMANDS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["entry-points"][COMMAND_GROUP] == KNOWN_COMMANDS
+
+
+def test_help_lists_demo(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{score,rerank,demo}" in out and "demo the main job, offline: direction ablation" in out
+
+
+def fake_command(calls: list) -> Any:
+    from mechir.cli import Command
+
+    def add(p):
+        p.add_argument("--answer", type=int, required=True)
+
+    return Command(
+        help="a fake plugin",
+        description="fake",
+        add_options=add,
+        run=lambda a: calls.append(a) or 5,
+    )
+
+
+FAKE_CALLS: list = []
+FAKE = fake_command(FAKE_CALLS)
+
+
+def test_a_command_is_found_through_its_entry_point(monkeypatch, capsys):
+    """A package's ``mechir.commands`` entry point becomes a subcommand, with its options."""
+    from importlib.metadata import EntryPoint
+
+    import mechir.cli as cli
+
+    point = EntryPoint(name="fake", value="tests.test_cli:FAKE", group=cli.COMMAND_GROUP)
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [point])
+    FAKE_CALLS.clear()
+    assert cli.main(["fake", "--answer", "42"]) == 5
+    assert [args.answer for args in FAKE_CALLS] == [42]
+    assert cli.main(["fake", "--answer", "x"]) == 2
+    assert "--answer: invalid int value" in capsys.readouterr().err
+
+
+def test_demo_runs_from_its_module_when_the_entry_point_is_not_installed(monkeypatch):
+    """An editable install made before the entry point existed still has ``mechir demo``."""
+    import analyses.demo
+    import mechir.cli as cli
+
+    monkeypatch.setattr(cli, "_entry_points", lambda: {})
+    seen = []
+    monkeypatch.setattr(analyses.demo, "run_demo", lambda args: seen.append(args) or 7)
+    assert cli.main(["demo", "--limit-queries", "3", "--device", "cpu"]) == 7
+    assert seen[0].limit_queries == 3 and seen[0].device == "cpu"
+    assert analyses.demo.study_argv(seen[0])[-2:] == ["--limit-queries", "3"]
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["demo", "--help"], ["demo", "--output", "x"]])
+def test_a_missing_demo_is_one_line(monkeypatch, capsys, argv):
+    import mechir.cli as cli
+
+    monkeypatch.setattr(cli, "_entry_points", lambda: {})
+    monkeypatch.setitem(cli.KNOWN_COMMANDS, "demo", "no_such_package.demo:COMMAND")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "mechir: error: 'mechir demo' is not installed (no module 'no_such_package'; it comes "
+        "with the mechir repository's studies: run 'pip install -e .' in a checkout of it)"
+    ]
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])  # the other commands still work, and demo says why it cannot
+    assert "not available" in capsys.readouterr().out
+
+
+def test_a_broken_entry_point_does_not_break_the_other_commands(monkeypatch, capsys):
+    import mechir.cli as cli
+
+    monkeypatch.setattr(cli, "_entry_points", lambda: {"bad": "tests.test_cli:no_such_object"})
+    assert cli.main(["bad"]) == 2
+    assert "is not a mechir.cli.Command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["score", "--help"])
+    assert info.value.code == 0
