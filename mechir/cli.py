@@ -123,26 +123,96 @@ def check_output_writable(path: Path, option: str = "--output") -> None:
 
 
 def resolve_max_length(model: str, max_length: int | None) -> int | None:
-    """``--max-length`` checked against the model's position limit, or the model directory's
-    recorded length when not given (None: the model decides at load time). Also checks that a
-    local ``model`` path exists (:func:`mechir.settings.check_model_source`).
+    """``--max-length`` checked against the model's position limit and the shortest pair
+    (its special tokens plus one query and one document token), or the model directory's
+    recorded length when not given (None: the model decides at load time). Also checks, before
+    anything is loaded or written, that a local ``model`` path exists
+    (:func:`mechir.settings.check_model_source`) and that its ``config.json`` names a family
+    mechir loads (:func:`mechir.settings.model_family`).
 
     Raises:
-        UsageError: above the model's position limit.
-        SettingsError: no such model directory.
+        UsageError: below the shortest pair or above the model's position limit.
+        SettingsError: no such model directory, or an unreadable ``config.json``.
+        UnsupportedModelError: a ``model_type`` mechir does not load.
     """
-    from mechir.settings import check_model_source, default_max_length, position_limit
+    from mechir.settings import check_model_source, default_max_length, model_family, position_limit
 
     check_model_source(model)
+    family = model_family(model)
     limit = position_limit(model)
     if max_length is None:
         return default_max_length(model)
+    special = family.layout.n_special if family is not None else 3
+    if max_length < special + 2:
+        raise UsageError(
+            f"--max-length {max_length} is too small: a pair needs {special} special tokens plus "
+            f"at least one query and one document token; use --max-length {special + 2} or more"
+        )
     if limit is not None and max_length > limit:
         raise UsageError(
             f"--max-length {max_length} is above the model's position limit: {model} has "
             f"{limit} positions; use --max-length {limit} or less"
         )
     return max_length
+
+
+def check_measures(measures: Sequence[str]) -> None:
+    """Every ``--measures`` name parses as an ir_measures measure (checked before anything is
+    loaded, not after every query was scored).
+
+    Raises:
+        UsageError: naming the measure.
+    """
+    import ir_measures
+
+    for measure in measures:
+        try:
+            ir_measures.parse_measure(measure)
+        except Exception as err:  # noqa: BLE001 - ir_measures raises NameError, ValueError, ...
+            raise UsageError(
+                f"--measures {measure!r} is not an ir_measures measure ({one_line(err)}); "
+                "e.g. nDCG@10, P@10, RR, AP, R@100"
+            ) from None
+
+
+def _collection_file(dataset: Any, split: str | None, stem: str, suffix: str) -> Path | None:
+    """The ``stem[.split].suffix`` file of a local collection directory, if it exists."""
+    if dataset is None or not Path(str(dataset)).is_dir():
+        return None
+    path = Path(str(dataset)) / (f"{stem}.{split}.{suffix}" if split else f"{stem}.{suffix}")
+    return path if path.is_file() else None
+
+
+def no_candidates_reason(
+    collection: Any, qids: Sequence[str], dataset: Any = None, split: str | None = None
+) -> str:
+    """Why ``collection`` gives no first-stage candidates for the selected ``qids``, naming the
+    file to fix: an empty queries file, qrels that judge none of the queries, a run without
+    those queries, or no run at all (``dataset``/``split``: where a local collection's files
+    are)."""
+    if not collection.queries:
+        path = _collection_file(dataset, split, "queries", "tsv")
+        where = f"the queries file {path}" if path else collection.name
+        return (
+            f"{where} holds no queries (expected 'qid<TAB>query text' lines); add queries or "
+            "choose another --dataset/--split"
+        )
+    if not qids:
+        path = _collection_file(dataset, split, "qrels", "txt")
+        where = f"the qrels file {path}" if path else f"the qrels of {collection.name}"
+        return (
+            f"{where} judge none of the {len(collection.queries)} queries of {collection.name} "
+            "(mechir reranks judged queries only); check the query ids"
+        )
+    if collection.run is not None and collection.run_name:
+        return (
+            f"the run {collection.run_name} has no candidates for the {len(qids)} selected "
+            f"queries of {collection.name}; give another run with --run"
+        )
+    return (
+        f"{collection.name}: no first-stage candidates for the {len(qids)} selected queries; "
+        "give a run with --run"
+    )
 
 
 # ---------------------------------------------------------------------- parsers
@@ -306,13 +376,20 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
 
 
 # ---------------------------------------------------------------------- score
-def _score(args: argparse.Namespace) -> int:
-    from mechir.settings import check_device
+def _score_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """The pairs to score, ``(queries, documents, where)``: the ``--query``/``--document``
+    pairs, then the ``--pairs`` file's lines; ``where`` names each pair's origin.
 
+    Raises:
+        UsageError: unpaired options, a malformed or empty ``--pairs`` file, nothing to score,
+            an empty query or document (naming where).
+    """
     queries, docs = list(args.query), list(args.document)
     if len(queries) != len(docs):
         raise UsageError(f"{len(queries)} --query but {len(docs)} --document; give them in pairs")
+    where = [f"--query/--document pair {i}" for i in range(1, len(queries) + 1)]
     if args.pairs:
+        given = len(queries)
         for n, line in enumerate(args.pairs.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 q, sep, d = line.partition("\t")
@@ -320,10 +397,81 @@ def _score(args: argparse.Namespace) -> int:
                     raise UsageError(f"{args.pairs}:{n}: expected 'query<TAB>document'")
                 queries.append(q)
                 docs.append(d)
+                where.append(f"{args.pairs}:{n}")
+        if len(queries) == given:
+            raise UsageError(
+                f"--pairs {args.pairs} holds no pairs (the file is empty or blank); expected "
+                "'query<TAB>document' lines"
+            )
     if not queries:
         raise UsageError("nothing to score: give --query/--document or --pairs")
+    for origin, q, d in zip(where, queries, docs):
+        for what, text in (("query", q), ("document", d)):
+            if not text.strip():
+                raise UsageError(f"{origin}: the {what} is empty")
+    return queries, docs, where
+
+
+def check_new_output(path: Path, option: str = "--output") -> None:
+    """``path`` does not exist: a command that writes a new file never replaces one (mechir
+    keeps no record of having written it, so any existing file may be the user's).
+
+    Raises:
+        UsageError: naming the file.
+    """
+    if os.path.lexists(path):
+        raise UsageError(
+            f"{option} {path} already exists and mechir never overwrites a file it may not have "
+            "written; choose another name or remove the file"
+        )
+
+
+def write_new_file(path: Path, text: str, option: str = "--output") -> None:
+    """Write ``text`` to the new file ``path`` in one step: a temporary file beside it is
+    hard-linked into place, so a file that appeared meanwhile is never replaced and a crash
+    never leaves a partial ``path`` (without hard links: exclusive creation).
+
+    Raises:
+        UsageError: ``path`` appeared in the meantime.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(text)
+    except FileExistsError:
+        raise UsageError(
+            f"{option} {path} appeared while mechir was running and was left alone; choose "
+            "another name"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def truncated_pairs(tokenizer: Any, batch: Any, documents: Sequence[str]) -> list[int]:
+    """Indices of the pairs of ``batch`` whose document was cut to fit the max length: fewer
+    document tokens in the batch than ``tokenizer`` gives for the whole document."""
+    from mechir.parts import Part
+
+    kept = (batch.parts == int(Part.DOCUMENT)).sum(-1).tolist()
+    full = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    return [i for i, (k, ids) in enumerate(zip(kept, full)) if k < len(ids)]
+
+
+def _score(args: argparse.Namespace) -> int:
+    from mechir.settings import check_device
+
+    queries, docs, where = _score_inputs(args)
     if args.output:
         check_output_writable(args.output)
+        check_new_output(args.output)
     check_device(args.device)
     max_length = resolve_max_length(args.model, args.max_length)
 
@@ -338,9 +486,17 @@ def _score(args: argparse.Namespace) -> int:
     ]
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        write_new_file(args.output, text)
     else:
         sys.stdout.write(text)
+    cut = truncated_pairs(model.tokenizer, batch, docs)
+    if cut:
+        print(
+            f"{PROG} score: {len(cut)} of {len(queries)} pairs truncated to "
+            f"{max_length or model.max_length} tokens (the document cut to fit --max-length; "
+            f"first: {where[cut[0]]})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -352,6 +508,26 @@ def _normalised_source(value: Any) -> Any:
     return str(Path(value).resolve()) if Path(value).exists() else str(value)
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what creating ``path``
+    makes, for :func:`remove_empty_dirs` after a failed run)."""
+    path = Path(path).absolute()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(dirs: Sequence[Path]) -> None:
+    """Remove each of ``dirs`` (deepest first) that is empty; leave the others alone."""
+    for directory in dirs:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or gone): it holds something else, keep it
+            pass
+
+
 class RerankOutput:
     """The files of one ``mechir rerank --output OUTPUT``: the lossless store
     ``OUTPUT.mechir.jsonl`` (one line per query: candidate ids and full-precision scores), its
@@ -359,24 +535,43 @@ class RerankOutput:
     and ``OUTPUT.per_query.csv``, with their hashes: a file mechir did not write, or that was
     changed since, is never modified).
 
+    The store's lock is taken first; the settings are read and checked under it. A store
+    without results (none stored, no shards) adopts the settings of the run that opens it, and
+    nothing is written before the model is loaded (:meth:`check_scoring`); a run that fails
+    before its first query is stored removes what it created (:meth:`discard`), so the corrected
+    command starts afresh.
+
     Raises:
         UsageError: ``OUTPUT`` (or the CSV) exists and mechir did not write it.
-        ConfigMismatchError: the store was computed with other settings.
+        ConfigMismatchError: the store holds results computed with other settings.
         StoreLockedError: another process writes the same output.
     """
 
     def __init__(self, output: Path, settings: dict[str, Any]):
-        from mechir.store import ConfigMismatchError, ResultsStore, config_diff, file_sha256
+        from mechir.store import ResultsStore
 
         self.output = Path(output)
         self.csv = self.output.with_suffix(".per_query.csv")
         self.meta_path = self.output.with_name(self.output.name + ".mechir.json")
-        store_path = self.store_path(self.output)
-        saved = (
-            json.loads(self.meta_path.read_text(encoding="utf-8"))
-            if self.meta_path.exists()
-            else None
-        )
+        self._new_dirs = missing_dirs(self.output.parent)
+        self._new_store = not self.store_path(self.output).exists()
+        try:
+            self.store = ResultsStore(self.store_path(self.output))
+        except BaseException:
+            remove_empty_dirs(self._new_dirs)
+            raise
+        try:
+            self._open(settings)
+        except BaseException:
+            self.store.close()
+            remove_empty_dirs(self._new_dirs)
+            raise
+
+    def _open(self, settings: dict[str, Any]) -> None:
+        from mechir.store import ConfigMismatchError, config_diff, file_sha256
+
+        self._new_meta = not self.meta_path.exists()
+        saved = None if self._new_meta else json.loads(self.meta_path.read_text(encoding="utf-8"))
         written = (saved or {}).get("written", {})
         for path in (self.output, self.csv):
             if path.exists() and written.get(path.name) != file_sha256(path):
@@ -389,33 +584,35 @@ class RerankOutput:
                     f"{path} exists and {what} (mechir never modifies a file it did not "
                     "create); choose another --output or move the file away"
                 )
-        if saved is None and store_path.exists():
+        if saved is None and self.has_results():
             raise UsageError(
-                f"{store_path} has results but {self.meta_path} (their settings) is missing; "
+                f"{self.store.path} has results but {self.meta_path} (their settings) is missing; "
                 "choose another --output"
             )
-        self.store = ResultsStore(store_path)
         # the score type is known once the model is loaded: checked by check_scoring
-        scored = {} if saved is None else dict(saved.get("settings", {}))
+        scored = dict(saved.get("settings", {})) if saved and self.has_results() else {}
         score_type = scored.pop("score_type", None)
-        if saved is not None:
-            diff = config_diff(scored, settings)
-            if diff:
-                self.store.close()
-                raise ConfigMismatchError(
-                    f"{store_path} holds results computed with other settings ("
-                    + "; ".join(diff)
-                    + "); rerun with the same settings to resume, or choose another --output"
-                )
+        diff = config_diff(scored, settings) if scored else []
+        if diff:
+            raise ConfigMismatchError(
+                f"{self.store.path} holds results computed with other settings ("
+                + "; ".join(diff)
+                + "); rerun with the same settings to resume, or choose another --output"
+            )
         self.settings = settings if score_type is None else {**settings, "score_type": score_type}
         self.written = dict(written)
-        self._save()
 
     @staticmethod
     def store_path(output: Path) -> Path:
         """The lossless store of ``--output OUTPUT``: ``OUTPUT.mechir.jsonl`` (under torchrun
         each rank appends to its shard ``OUTPUT.mechir.rank<r>.jsonl`` beside it)."""
         return Path(output).with_name(Path(output).name + ".mechir.jsonl")
+
+    def has_results(self) -> bool:
+        """Whether the store holds a query, or ranks of an earlier run left shards."""
+        from mechir.store import shard_paths
+
+        return bool(len(self.store) or shard_paths(self.store.path))
 
     def _save(self) -> None:
         from mechir.store import write_json_atomic
@@ -440,6 +637,18 @@ class RerankOutput:
         self.written = {p.name: file_sha256(p) for p in (self.output, self.csv)}
         self._save()
 
+    def discard(self) -> None:
+        """After a failed run: when no result was stored and nothing written, remove the
+        settings file and store file this run created, release the lock and remove the
+        directories this run created (if empty); otherwise only release the lock (a store with
+        real results stays)."""
+        if not self.has_results() and not self.written:
+            for new, path in ((self._new_meta, self.meta_path), (self._new_store, self.store.path)):
+                if new:
+                    path.unlink(missing_ok=True)
+        self.close()
+        remove_empty_dirs(self._new_dirs)
+
     def close(self) -> None:
         self.store.close()
 
@@ -463,6 +672,7 @@ def _rerank(args: argparse.Namespace) -> int:
 
     check_output_writable(args.output)
     check_device(args.device)
+    check_measures(args.measures)
     max_length = resolve_max_length(args.model, args.max_length)
     col = load_collection(args.dataset, split=args.split, run=args.run)
     qids = col.query_ids(args.limit_queries)
@@ -477,10 +687,7 @@ def _rerank(args: argparse.Namespace) -> int:
                     "remove the pair from the run or fix the collection"
                 )
     if not by_query:
-        raise UsageError(
-            f"{col.name}: no first-stage candidates for the {len(qids)} selected queries; "
-            "give a run with --run"
-        )
+        raise UsageError(no_candidates_reason(col, qids, args.dataset, args.split))
     settings = {
         "model": _normalised_source(args.model),
         "weights": weights_fingerprint(args.model),
@@ -505,9 +712,13 @@ def _rerank(args: argparse.Namespace) -> int:
         todo = _unfinished(out, by_query)
         if todo or "score_type" not in out.settings:
             model = _load_model(args, out.settings.get("score_type"), out.store.path)
+            check_queries_fit(model, by_query, todo, max_length)
             out.check_scoring(model.score_type)
             _score_queries(args, model, out.store, by_query, todo, max_length, unfinished=len(todo))
         return _finish(args, out, col, by_query)
+    except BaseException:
+        out.discard()
+        raise
     finally:
         out.close()
 
@@ -555,6 +766,30 @@ def _unfinished(out: RerankOutput, by_query: dict[str, list[Any]]) -> list[str]:
             f"{out.store.path}"
         )
     return todo
+
+
+def check_queries_fit(
+    model: Any, by_query: dict[str, list[Any]], qids: Sequence[str], max_length: int | None
+) -> None:
+    """Every query of ``qids`` leaves room for a document within ``max_length`` (checked with
+    the model's own encoding before anything is scored or stored).
+
+    Raises:
+        UsageError: naming the query, its length and the ``--max-length`` to raise.
+    """
+    texts = {qid: by_query[qid][0].query for qid in qids}
+    if not texts:
+        return
+    try:  # with a one-token document, encoding fails only for a query that leaves no room
+        model.encode(list(texts.values()), ["x"] * len(texts), max_length=max_length)
+    except ValueError:
+        for qid, text in texts.items():
+            try:
+                model.encode([text], ["x"], max_length=max_length)
+            except ValueError as err:
+                reason = str(err).removeprefix("pair 0: ")
+                raise UsageError(f"query {qid!r}: {reason} (--max-length)") from None
+        raise
 
 
 def _load_model(args: argparse.Namespace, saved_score_type: str | None, store_path: Path) -> Any:
@@ -605,6 +840,7 @@ def _rerank_on_ranks(
             hf_logging.disable_progress_bar()
         if todo or score_type is None:
             model = _load_model(args, score_type, store_path)
+            check_queries_fit(model, by_query, todo, max_length)  # every rank, all queries
             if out is not None:
                 out.check_scoring(model.score_type)
             mine = distributed.shard(todo)
@@ -619,7 +855,7 @@ def _rerank_on_ranks(
         if out is None:
             return 0
         return _finish(args, out, col, by_query)
-    finally:
+    finally:  # no discard: another rank may still store a query (a stub is adopted later)
         if out is not None:
             out.close()
 
