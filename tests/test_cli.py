@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,84 @@ def test_a_broken_entry_point_does_not_break_the_other_commands(monkeypatch, cap
     with pytest.raises(SystemExit) as info:
         cli.main(["score", "--help"])
     assert info.value.code == 0
+
+
+# ---------------------------------------------------------------------- score: output, truncation
+def score_argv(model: Path, *pairs: tuple[str, str], extra: Sequence[str] = ()) -> list[str]:
+    argv = ["score", "--model", str(model), "--device", "cpu", *extra]
+    for q, d in pairs:
+        argv += ["--query", q, "--document", d]
+    return argv
+
+
+def test_score_output_is_a_new_file_and_never_replaced(saved_model, tmp_path, capsys):
+    """Issue 25, case 1: ``--output`` writes a new file (directories made); a second run into
+    it is refused with one line, and the file is left byte for byte."""
+    pair = ("what cat", "the cat runs")
+    assert main(score_argv(saved_model, pair)) == 0
+    to_stdout = capsys.readouterr().out
+    out = tmp_path / "new" / "scores.jsonl"
+    assert main(score_argv(saved_model, pair, extra=["--output", str(out)])) == 0
+    assert out.read_text() == to_stdout and capsys.readouterr().out == ""
+    assert [p.name for p in out.parent.iterdir()] == ["scores.jsonl"]  # no temporary file left
+    assert main(score_argv(saved_model, ("dog", "a dog"), extra=["--output", str(out)])) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == to_stdout
+
+
+def test_write_new_file_never_replaces_a_file_that_appeared(tmp_path):
+    from mechir.cli import UsageError, write_new_file
+
+    path = tmp_path / "f.txt"
+    path.write_text("precious user data\n")  # appeared after the check, before the write
+    with pytest.raises(UsageError, match="appeared while mechir was running"):
+        write_new_file(path, "scores\n")
+    assert path.read_text() == "precious user data\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def hf_truncated(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> list[int]:
+    """Reference: the pairs whose full Hugging Face encoding is longer than ``max_length``."""
+    return [
+        i
+        for i, (q, d) in enumerate(pairs)
+        if len(tokenizer(q, d, truncation=False)["input_ids"]) > max_length
+    ]
+
+
+def test_truncated_pairs_match_hugging_face(saved_model):
+    from mechir.cli import truncated_pairs
+    from tests.helpers import DOCUMENTS, QUERIES
+
+    model = mechir.load_cross_encoder(saved_model, device="cpu")
+    pairs = [(q, d) for q in QUERIES for d in DOCUMENTS]
+    counts = []
+    for max_length in range(10, 30):  # the longest query has 6 tokens
+        batch = model.encode([q for q, _ in pairs], [d for _, d in pairs], max_length=max_length)
+        found = truncated_pairs(model.tokenizer, batch, [d for _, d in pairs])
+        assert found == hf_truncated(model.tokenizer, pairs, max_length)
+        counts.append(len(found))
+    assert counts == sorted(counts, reverse=True) and counts[0] > 12 and counts[-1] == 0
+    assert any(0 < n < len(pairs) for n in counts)
+
+
+def test_score_reports_truncated_pairs(saved_model, capsys):
+    """Issue 25, case 6: documents are still cut to --max-length, and the count of truncated
+    pairs (with the first one's origin) is one line on stderr."""
+    model = mechir.load_cross_encoder(saved_model, device="cpu")
+    long_doc = "the cat runs in the house and the dog sleeps in the big red car"
+    pairs = [("cat", "a dog"), ("what cat runs", long_doc), ("dog", long_doc)]
+    expected = hf_truncated(model.tokenizer, pairs, 12)
+    assert expected == [1, 2]  # the reference agrees the long documents are cut
+    assert main(score_argv(saved_model, *pairs, extra=["--max-length", "12"])) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        "mechir score: 2 of 3 pairs truncated to 12 tokens (the document cut to fit "
+        "--max-length; first: --query/--document pair 2)"
+    )
+    batch = model.encode([q for q, _ in pairs], [d for _, d in pairs], max_length=12)
+    assert [json.loads(x)["score"] for x in captured.out.splitlines()] == model.score(
+        batch
+    ).tolist()
+    assert main(score_argv(saved_model, *pairs[:1], extra=["--max-length", "12"])) == 0
+    assert "truncated" not in capsys.readouterr().err

@@ -366,3 +366,25 @@ def test_a_study_directory_with_results_is_kept_after_a_failure(loadable, capsys
     assert not (out / "results.jsonl.lock").exists()
     monkeypatch.setattr(study_class, "compute", real)
     assert direction_ablation.main(study(loadable, out, "--max-length", "6")) == 0
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "bert"])
+def test_max_length_range_is_the_families_before_loading(tmp_path, capsys, monkeypatch, family):
+    """The cheap --max-length checks use the family read from config.json: RoBERTa/XLM-R lose
+    ``pad_token_id + 1`` positions to their offset and need 4 special tokens. The position
+    limit agrees with the loaded model's own (``HookedCrossEncoder.max_length``)."""
+    from mechir.cli import resolve_max_length
+    from mechir.loading import load_cross_encoder
+    from tests.families.builders import save_tiny_family
+
+    model = save_tiny_family(family, tmp_path / family)
+    limit = load_cross_encoder(model, device="cpu").max_length
+    special = 3 if family == "bert" else 4
+    assert resolve_max_length(str(model), limit) == limit
+    assert resolve_max_length(str(model), special + 2) == special + 2
+    capsys.readouterr()
+    monkeypatch.setattr(mechir.loading, "load_cross_encoder", None)  # never loaded again
+    for bad, named in [(limit + 1, f"has {limit} positions"), (special + 1, f"{special + 2} or")]:
+        argv = ["score", "--model", str(model), "--query", "a", "--document", "b"]
+        assert main([*argv, "--max-length", str(bad)]) == 2
+        assert named in one_line_error(capsys)
