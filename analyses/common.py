@@ -273,9 +273,8 @@ class StudyRun:
     def discard(self) -> None:
         """After a failed run (one process): when no unit is stored, remove the ``config.json``
         and ``results.jsonl`` this run created, release the lock and remove the directories it
-        created (if empty);
-        a directory with results keeps everything. Under torchrun only the lock is released
-        (another rank may still store a unit)."""
+        created (if empty); a directory with results keeps everything. Under torchrun only the
+        lock is released (another rank may still store a unit)."""
         alone = distributed.world_size() == 1
         if alone and not len(self.store) and not shard_paths(self.store.path):
             for new, name in zip(self.new_files, ("config.json", self.store.path.name)):

@@ -359,8 +359,12 @@ def _plugin_parser(sub: Any, name: str, command: Command | str) -> argparse.Argu
     return p
 
 
-def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """The ``mechir`` parser with ``defaults`` (from :func:`mechir.settings.user_defaults`)."""
+def build_parser(
+    defaults: dict[str, Any] | None = None, *, plugins: bool = True
+) -> argparse.ArgumentParser:
+    """The ``mechir`` parser with ``defaults`` (from :func:`mechir.settings.user_defaults`);
+    ``plugins``: with the commands of other packages (:func:`plugin_commands`; finding them
+    scans the installed distributions' entry points, tens of milliseconds)."""
     from mechir.settings import apply_defaults
 
     parser = OneLineParser(
@@ -369,7 +373,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for build in (_score_parser, _rerank_parser):
         apply_defaults(build(sub), defaults or {})
-    for name, command in plugin_commands().items():
+    for name, command in plugin_commands().items() if plugins else ():
         if name not in COMMANDS:
             apply_defaults(_plugin_parser(sub, name, command), defaults or {})
     return parser
@@ -536,10 +540,11 @@ class RerankOutput:
     changed since, is never modified).
 
     The store's lock is taken first; the settings are read and checked under it. A store
-    without results (none stored, no shards) adopts the settings of the run that opens it, and
-    nothing is written before the model is loaded (:meth:`check_scoring`); a run that fails
-    before its first query is stored removes what it created (:meth:`discard`), so the corrected
-    command starts afresh.
+    without results (none stored, no shards) adopts the settings of the run that opens it. One
+    process writes nothing before the model is loaded (:meth:`check_scoring`), and a run that
+    fails before its first query is stored removes what it created (:meth:`discard`), so the
+    corrected command starts afresh. Under torchrun rank 0 writes the settings at once
+    (:meth:`save`: every rank's shard then has them) and a failed run only releases the lock.
 
     Raises:
         UsageError: ``OUTPUT`` (or the CSV) exists and mechir did not write it.
@@ -614,7 +619,8 @@ class RerankOutput:
 
         return bool(len(self.store) or shard_paths(self.store.path))
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the settings file (``OUTPUT.mechir.json``) as they stand."""
         from mechir.store import write_json_atomic
 
         write_json_atomic(self.meta_path, {"settings": self.settings, "written": self.written})
@@ -623,7 +629,7 @@ class RerankOutput:
         """Record the model's score type, or check it against the stored one."""
         check_score_type(self.settings.get("score_type"), score_type, self.store.path)
         self.settings = {**self.settings, "score_type": score_type}
-        self._save()
+        self.save()
 
     def write(self, run: dict[str, dict[str, float]], per_query: Any) -> None:
         """Write the TREC run (full precision) and the per-query CSV atomically."""
@@ -635,7 +641,7 @@ class RerankOutput:
         per_query.to_csv(tmp, index=False)
         os.replace(tmp, self.csv)
         self.written = {p.name: file_sha256(p) for p in (self.output, self.csv)}
-        self._save()
+        self.save()
 
     def discard(self) -> None:
         """After a failed run: when no result was stored and nothing written, remove the
@@ -825,6 +831,7 @@ def _rerank_on_ranks(
     if distributed.is_main():
         try:
             out = RerankOutput(args.output, settings)
+            out.save()  # before any rank can store a query in its shard (no discard here)
             todo = _unfinished(out, by_query)
             opened = (None, todo, out.settings.get("score_type"))
         except Exception as err:  # every rank raises it: none waits at a barrier forever
@@ -955,7 +962,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def parse() -> argparse.Namespace:
         from mechir.settings import user_defaults
 
-        return build_parser(user_defaults()).parse_args(argv)
+        builtin = bool(argv) and argv[0] in COMMANDS  # no entry-point scan for score/rerank
+        return build_parser(user_defaults(), plugins=not builtin).parse_args(argv)
 
     prog = PROG
     if _launched() and os.environ["RANK"] != "0":  # torchrun: errors of other ranks are prefixed

@@ -480,3 +480,21 @@ def test_score_reports_truncated_pairs(saved_model, capsys):
     ).tolist()
     assert main(score_argv(saved_model, *pairs[:1], extra=["--max-length", "12"])) == 0
     assert "truncated" not in capsys.readouterr().err
+
+
+def test_builtin_commands_do_not_scan_entry_points(monkeypatch, capsys):
+    """``mechir score``/``rerank`` (and their --help and argument errors) skip the scan of the
+    installed distributions' entry points; ``mechir --help`` and other commands do it."""
+    import mechir.cli as cli
+
+    def scan():
+        raise AssertionError("entry points scanned")
+
+    monkeypatch.setattr(cli, "_entry_points", scan)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["rerank", "--help"])
+    assert info.value.code == 0
+    assert cli.main(["score", "--model", "m", "--batch-size", "0"]) == 2
+    assert "--batch-size: '0'" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="entry points scanned"):
+        cli.main(["--help"])
