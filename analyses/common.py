@@ -39,7 +39,10 @@ from mechir.cli import (
     add_execution_options,
     add_max_length_option,
     check_output_writable,
+    missing_dirs,
+    no_candidates_reason,
     positive_int,
+    remove_empty_dirs,
     resolve_max_length,
     run_command,
 )
@@ -50,6 +53,7 @@ from mechir.store import (
     config_diff,
     merge_shards,
     shard_path,
+    shard_paths,
 )
 
 distributed = lazy_import("mechir.distributed")
@@ -252,22 +256,45 @@ def load_config(output: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------- a study run
 @dataclass
 class StudyRun:
-    """An opened study output directory: where to write, what was asked, what is done."""
+    """An opened study output directory: where to write, what was asked, what is done.
+
+    Leaving its ``with`` block by an exception before any unit was stored removes what the
+    run created (:meth:`discard`), so that the corrected command starts afresh."""
 
     study: str
     args: argparse.Namespace
     output: Path
     config: dict[str, Any]
     store: ResultsStore
+    #: what opening the study created: directories, and whether config.json / results.jsonl
+    new_dirs: list[Path] = field(default_factory=list)
+    new_files: tuple[bool, bool] = (False, False)
 
     def close(self) -> None:
         self.store.close()
 
+    def discard(self) -> None:
+        """After a failed run (one process): when no unit is stored, remove the ``config.json``
+        and ``results.jsonl`` this run created, release the lock and remove the directories it
+        created (if empty); a directory with results keeps everything. Under torchrun only the
+        lock is released (another rank may still store a unit)."""
+        alone = distributed.world_size() == 1
+        if alone and not len(self.store) and not shard_paths(self.store.path):
+            for new, name in zip(self.new_files, ("config.json", self.store.path.name)):
+                if new:
+                    (self.output / name).unlink(missing_ok=True)
+        self.close()
+        if alone:
+            remove_empty_dirs(self.new_dirs)
+
     def __enter__(self) -> StudyRun:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def open_study(
@@ -297,6 +324,8 @@ def open_study(
     argv = getattr(args, "_argv", None)
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", f"analyses.{study}", *map(str, argv)])
+    new_dirs = missing_dirs(output)
+    new_files = (not (output / "config.json").exists(), not (output / "results.jsonl").exists())
     if distributed.world_size() == 1:
         store = _open_store(output, study, config, runtime, command)
     else:  # rank 0 checks the directory and merges old shards; the others read its store
@@ -312,7 +341,7 @@ def open_study(
         store = (
             opened if distributed.is_main() else ResultsStore(output / "results.jsonl", lock=False)
         )
-    return StudyRun(study, args, output, config, store)
+    return StudyRun(study, args, output, config, store, new_dirs, new_files)
 
 
 def _open_store(
@@ -428,15 +457,13 @@ def candidate_pairs(args: argparse.Namespace, collection: Any) -> list[Any]:
     """The first ``--limit-queries`` judged queries' top-``--depth`` first-stage candidates.
 
     Raises:
-        ValueError: no candidates (no first-stage run for these queries).
+        ValueError: no candidates (an empty queries file, no judged query, no first-stage run
+            for these queries: :func:`mechir.cli.no_candidates_reason`).
     """
     qids = collection.query_ids(args.limit_queries)
     pairs = collection.candidates(depth=args.depth, query_ids=qids)
     if not pairs:
-        raise ValueError(
-            f"{collection.name}: no first-stage candidates for the {len(qids)} selected queries; "
-            "give a run with --run"
-        )
+        raise ValueError(no_candidates_reason(collection, qids, args.dataset, args.split))
     return pairs
 
 

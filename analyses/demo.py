@@ -1,5 +1,7 @@
 """The main job on the embedded demo, offline, in one command: ``mechir demo`` (or
-``python -m analyses.demo``).
+``python -m analyses.demo``). ``mechir demo`` is :data:`COMMAND`, declared in the
+``mechir.commands`` entry-point group of ``pyproject.toml`` (the library never imports the
+studies).
 
 Runs the direction-ablation study (:mod:`analyses.direction_ablation`, Table 1 of "Understanding
 Matching Mechanisms in Cross-Encoders") on the demo model and collection (:mod:`mechir.demo`):
@@ -19,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mechir.cli import add_execution_options, positive_int
+from mechir.cli import Command, add_execution_options, positive_int
 from mechir.demo import (
     DEMO,
     DEMO_COLLECTION_NAME,
@@ -64,10 +66,15 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analyses.demo", description=DESCRIPTION)
+def add_command_options(p: argparse.ArgumentParser) -> None:
+    """Every option of the demo: its own and ``--device``/``--batch-size``/``--debug``."""
     add_demo_options(p)
     add_execution_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analyses.demo", description=DESCRIPTION)
+    add_command_options(p)
     return p
 
 
@@ -153,6 +160,19 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"plots:   {', '.join(str(p) for p in sorted(directory.glob('*.png')))}")
     print("\n".join(summary_lines(directory)))
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    return run_demo(args)
+
+
+#: ``mechir demo`` (entry point ``demo = "analyses.demo:COMMAND"`` of ``mechir.commands``).
+COMMAND = Command(
+    help="the main job, offline: direction ablation on the embedded demo, HTML report",
+    description=DESCRIPTION,
+    add_options=add_command_options,
+    run=_run,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,17 +7,21 @@ settings mismatch) prints one line and exits with status 2; ``--debug`` shows th
 
 Only light modules are imported at start, so ``--help`` and argument errors answer at once;
 torch, transformers and TransformerLens are imported when a command runs. A new subcommand is
-one ``_<name>_parser`` function plus one handler registered in :data:`COMMANDS`.
+one ``_<name>_parser`` function plus one handler registered in :data:`COMMANDS`; another package
+adds one as a :class:`Command` in the ``mechir.commands`` entry-point group (``mechir demo``
+comes from the studies this way: the library never imports them).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -119,26 +123,96 @@ def check_output_writable(path: Path, option: str = "--output") -> None:
 
 
 def resolve_max_length(model: str, max_length: int | None) -> int | None:
-    """``--max-length`` checked against the model's position limit, or the model directory's
-    recorded length when not given (None: the model decides at load time). Also checks that a
-    local ``model`` path exists (:func:`mechir.settings.check_model_source`).
+    """``--max-length`` checked against the model's position limit and the shortest pair
+    (its special tokens plus one query and one document token), or the model directory's
+    recorded length when not given (None: the model decides at load time). Also checks, before
+    anything is loaded or written, that a local ``model`` path exists
+    (:func:`mechir.settings.check_model_source`) and that its ``config.json`` names a family
+    mechir loads (:func:`mechir.settings.model_family`).
 
     Raises:
-        UsageError: above the model's position limit.
-        SettingsError: no such model directory.
+        UsageError: below the shortest pair or above the model's position limit.
+        SettingsError: no such model directory, or an unreadable ``config.json``.
+        UnsupportedModelError: a ``model_type`` mechir does not load.
     """
-    from mechir.settings import check_model_source, default_max_length, position_limit
+    from mechir.settings import check_model_source, default_max_length, model_family, position_limit
 
     check_model_source(model)
+    family = model_family(model)
     limit = position_limit(model)
     if max_length is None:
         return default_max_length(model)
+    special = family.layout.n_special if family is not None else 3
+    if max_length < special + 2:
+        raise UsageError(
+            f"--max-length {max_length} is too small: a pair needs {special} special tokens plus "
+            f"at least one query and one document token; use --max-length {special + 2} or more"
+        )
     if limit is not None and max_length > limit:
         raise UsageError(
             f"--max-length {max_length} is above the model's position limit: {model} has "
             f"{limit} positions; use --max-length {limit} or less"
         )
     return max_length
+
+
+def check_measures(measures: Sequence[str]) -> None:
+    """Every ``--measures`` name parses as an ir_measures measure (checked before anything is
+    loaded, not after every query was scored).
+
+    Raises:
+        UsageError: naming the measure.
+    """
+    import ir_measures
+
+    for measure in measures:
+        try:
+            ir_measures.parse_measure(measure)
+        except Exception as err:  # noqa: BLE001 - ir_measures raises NameError, ValueError, ...
+            raise UsageError(
+                f"--measures {measure!r} is not an ir_measures measure ({one_line(err)}); "
+                "e.g. nDCG@10, P@10, RR, AP, R@100"
+            ) from None
+
+
+def _collection_file(dataset: Any, split: str | None, stem: str, suffix: str) -> Path | None:
+    """The ``stem[.split].suffix`` file of a local collection directory, if it exists."""
+    if dataset is None or not Path(str(dataset)).is_dir():
+        return None
+    path = Path(str(dataset)) / (f"{stem}.{split}.{suffix}" if split else f"{stem}.{suffix}")
+    return path if path.is_file() else None
+
+
+def no_candidates_reason(
+    collection: Any, qids: Sequence[str], dataset: Any = None, split: str | None = None
+) -> str:
+    """Why ``collection`` gives no first-stage candidates for the selected ``qids``, naming the
+    file to fix: an empty queries file, qrels that judge none of the queries, a run without
+    those queries, or no run at all (``dataset``/``split``: where a local collection's files
+    are)."""
+    if not collection.queries:
+        path = _collection_file(dataset, split, "queries", "tsv")
+        where = f"the queries file {path}" if path else collection.name
+        return (
+            f"{where} holds no queries (expected 'qid<TAB>query text' lines); add queries or "
+            "choose another --dataset/--split"
+        )
+    if not qids:
+        path = _collection_file(dataset, split, "qrels", "txt")
+        where = f"the qrels file {path}" if path else f"the qrels of {collection.name}"
+        return (
+            f"{where} judge none of the {len(collection.queries)} queries of {collection.name} "
+            "(mechir reranks judged queries only); check the query ids"
+        )
+    if collection.run is not None and collection.run_name:
+        return (
+            f"the run {collection.run_name} has no candidates for the {len(qids)} selected "
+            f"queries of {collection.name}; give another run with --run"
+        )
+    return (
+        f"{collection.name}: no first-stage candidates for the {len(qids)} selected queries; "
+        "give a run with --run"
+    )
 
 
 # ---------------------------------------------------------------------- parsers
@@ -204,40 +278,122 @@ def _rerank_parser(sub: Any) -> argparse.ArgumentParser:
     return r
 
 
-def _demo_parser(sub: Any) -> argparse.ArgumentParser:
-    from analyses.demo import DESCRIPTION, add_demo_options
+# ---------------------------------------------------------------------- commands of other packages
+@dataclass(frozen=True)
+class Command:
+    """A ``mechir`` subcommand that another package contributes through the entry-point group
+    :data:`COMMAND_GROUP` (in ``pyproject.toml``: ``[project.entry-points."mechir.commands"]``,
+    ``name = "module:OBJECT"``).
 
-    d = sub.add_parser(
-        "demo",
-        help="the main job, offline: direction ablation on the embedded demo, HTML report",
-        description=DESCRIPTION,
-    )
-    add_demo_options(d)
-    add_execution_options(d)
-    return d
+    Attributes:
+        help: one line for ``mechir --help``.
+        description: the text of ``mechir <name> --help``.
+        add_options: adds the command's options to its parser (keep its imports light: ``--help``
+            and argument errors must not import torch).
+        run: runs the parsed command; returns the exit status.
+    """
+
+    help: str
+    description: str
+    add_options: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
-def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """The ``mechir`` parser with ``defaults`` (from :func:`mechir.settings.user_defaults`)."""
+#: The entry-point group of :class:`Command` objects (``mechir <name>``).
+COMMAND_GROUP = "mechir.commands"
+#: Commands of this repository's other packages, tried by module path when the installed
+#: metadata lacks their entry point (an editable install made before it was declared, or a
+#: source checkout on ``sys.path``); ``pyproject.toml`` declares the same entry points.
+KNOWN_COMMANDS: dict[str, str] = {"demo": "analyses.demo:COMMAND"}
+
+
+def _entry_points() -> dict[str, str]:
+    """``name -> "module:attr"`` of the installed :data:`COMMAND_GROUP` entry points."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def _load_command(name: str, target: str) -> Command | str:
+    """The :class:`Command` at ``target`` (``"module:attr"``), or one line saying why not."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - a broken plugin must not break mechir --help
+        missing = getattr(err, "name", None) if isinstance(err, ImportError) else None
+        if missing and module_name.split(".")[0] == missing.split(".")[0]:
+            return (
+                f"'{PROG} {name}' is not installed (no module {missing!r}; it comes with the "
+                "mechir repository's studies: run 'pip install -e .' in a checkout of it)"
+            )
+        return f"'{PROG} {name}' cannot be loaded from {target} ({type(err).__name__}: {err})"
+    command = getattr(module, attr, None) if attr else None
+    if not all(callable(getattr(command, f, None)) for f in ("add_options", "run")):
+        return f"'{PROG} {name}': {target} is not a mechir.cli.Command"
+    return command
+
+
+def plugin_commands() -> dict[str, Command | str]:
+    """The commands of other packages: ``name -> Command``, or a one-line reason why that
+    command cannot run (the entry point or module is missing or broken). Installed entry points
+    come first, then :data:`KNOWN_COMMANDS` by module path."""
+    targets = {**KNOWN_COMMANDS, **_entry_points()}
+    return {name: _load_command(name, targets[name]) for name in sorted(targets)}
+
+
+def _plugin_parser(sub: Any, name: str, command: Command | str) -> argparse.ArgumentParser:
+    """The subparser of a plugin command; a missing one takes any arguments and says why."""
+    if not isinstance(command, str):
+        p = sub.add_parser(name, help=command.help, description=command.description)
+        command.add_options(p)
+        p.set_defaults(_run=command.run)
+        return p
+    # no option prefix: every argument (--help too) is taken, and running says why it cannot run
+    p = sub.add_parser(name, help=f"(not available: {command})", prefix_chars="\0", add_help=False)
+    p.add_argument("arguments", nargs="*")
+
+    def unavailable(args: argparse.Namespace) -> int:
+        raise UsageError(command)
+
+    p.set_defaults(_run=unavailable)
+    return p
+
+
+def build_parser(
+    defaults: dict[str, Any] | None = None, *, plugins: bool = True
+) -> argparse.ArgumentParser:
+    """The ``mechir`` parser with ``defaults`` (from :func:`mechir.settings.user_defaults`);
+    ``plugins``: with the commands of other packages (:func:`plugin_commands`; finding them
+    scans the installed distributions' entry points, tens of milliseconds)."""
     from mechir.settings import apply_defaults
 
     parser = OneLineParser(
         prog=PROG, description=__doc__.split("\n\n")[0], parents=[], allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for build in (_score_parser, _rerank_parser, _demo_parser):
+    for build in (_score_parser, _rerank_parser):
         apply_defaults(build(sub), defaults or {})
+    for name, command in plugin_commands().items() if plugins else ():
+        if name not in COMMANDS:
+            apply_defaults(_plugin_parser(sub, name, command), defaults or {})
     return parser
 
 
 # ---------------------------------------------------------------------- score
-def _score(args: argparse.Namespace) -> int:
-    from mechir.settings import check_device
+def _score_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """The pairs to score, ``(queries, documents, where)``: the ``--query``/``--document``
+    pairs, then the ``--pairs`` file's lines; ``where`` names each pair's origin.
 
+    Raises:
+        UsageError: unpaired options, a malformed or empty ``--pairs`` file, nothing to score,
+            an empty query or document (naming where).
+    """
     queries, docs = list(args.query), list(args.document)
     if len(queries) != len(docs):
         raise UsageError(f"{len(queries)} --query but {len(docs)} --document; give them in pairs")
+    where = [f"--query/--document pair {i}" for i in range(1, len(queries) + 1)]
     if args.pairs:
+        given = len(queries)
         for n, line in enumerate(args.pairs.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 q, sep, d = line.partition("\t")
@@ -245,10 +401,81 @@ def _score(args: argparse.Namespace) -> int:
                     raise UsageError(f"{args.pairs}:{n}: expected 'query<TAB>document'")
                 queries.append(q)
                 docs.append(d)
+                where.append(f"{args.pairs}:{n}")
+        if len(queries) == given:
+            raise UsageError(
+                f"--pairs {args.pairs} holds no pairs (the file is empty or blank); expected "
+                "'query<TAB>document' lines"
+            )
     if not queries:
         raise UsageError("nothing to score: give --query/--document or --pairs")
+    for origin, q, d in zip(where, queries, docs):
+        for what, text in (("query", q), ("document", d)):
+            if not text.strip():
+                raise UsageError(f"{origin}: the {what} is empty")
+    return queries, docs, where
+
+
+def check_new_output(path: Path, option: str = "--output") -> None:
+    """``path`` does not exist: a command that writes a new file never replaces one (mechir
+    keeps no record of having written it, so any existing file may be the user's).
+
+    Raises:
+        UsageError: naming the file.
+    """
+    if os.path.lexists(path):
+        raise UsageError(
+            f"{option} {path} already exists and mechir never overwrites a file it may not have "
+            "written; choose another name or remove the file"
+        )
+
+
+def write_new_file(path: Path, text: str, option: str = "--output") -> None:
+    """Write ``text`` to the new file ``path`` in one step: a temporary file beside it is
+    hard-linked into place, so a file that appeared meanwhile is never replaced and a crash
+    never leaves a partial ``path`` (without hard links: exclusive creation).
+
+    Raises:
+        UsageError: ``path`` appeared in the meantime.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(text)
+    except FileExistsError:
+        raise UsageError(
+            f"{option} {path} appeared while mechir was running and was left alone; choose "
+            "another name"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def truncated_pairs(tokenizer: Any, batch: Any, documents: Sequence[str]) -> list[int]:
+    """Indices of the pairs of ``batch`` whose document was cut to fit the max length: fewer
+    document tokens in the batch than ``tokenizer`` gives for the whole document."""
+    from mechir.parts import Part
+
+    kept = (batch.parts == int(Part.DOCUMENT)).sum(-1).tolist()
+    full = tokenizer(list(documents), add_special_tokens=False)["input_ids"]
+    return [i for i, (k, ids) in enumerate(zip(kept, full)) if k < len(ids)]
+
+
+def _score(args: argparse.Namespace) -> int:
+    from mechir.settings import check_device
+
+    queries, docs, where = _score_inputs(args)
     if args.output:
         check_output_writable(args.output)
+        check_new_output(args.output)
     check_device(args.device)
     max_length = resolve_max_length(args.model, args.max_length)
 
@@ -263,9 +490,17 @@ def _score(args: argparse.Namespace) -> int:
     ]
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        write_new_file(args.output, text)
     else:
         sys.stdout.write(text)
+    cut = truncated_pairs(model.tokenizer, batch, docs)
+    if cut:
+        print(
+            f"{PROG} score: {len(cut)} of {len(queries)} pairs truncated to "
+            f"{max_length or model.max_length} tokens (the document cut to fit --max-length; "
+            f"first: {where[cut[0]]})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -277,6 +512,26 @@ def _normalised_source(value: Any) -> Any:
     return str(Path(value).resolve()) if Path(value).exists() else str(value)
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what creating ``path``
+    makes, for :func:`remove_empty_dirs` after a failed run)."""
+    path = Path(path).absolute()
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(dirs: Sequence[Path]) -> None:
+    """Remove each of ``dirs`` (deepest first) that is empty; leave the others alone."""
+    for directory in dirs:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or gone): it holds something else, keep it
+            pass
+
+
 class RerankOutput:
     """The files of one ``mechir rerank --output OUTPUT``: the lossless store
     ``OUTPUT.mechir.jsonl`` (one line per query: candidate ids and full-precision scores), its
@@ -284,24 +539,44 @@ class RerankOutput:
     and ``OUTPUT.per_query.csv``, with their hashes: a file mechir did not write, or that was
     changed since, is never modified).
 
+    The store's lock is taken first; the settings are read and checked under it. A store
+    without results (none stored, no shards) adopts the settings of the run that opens it. One
+    process writes nothing before the model is loaded (:meth:`check_scoring`), and a run that
+    fails before its first query is stored removes what it created (:meth:`discard`), so the
+    corrected command starts afresh. Under torchrun rank 0 writes the settings at once
+    (:meth:`save`: every rank's shard then has them) and a failed run only releases the lock.
+
     Raises:
         UsageError: ``OUTPUT`` (or the CSV) exists and mechir did not write it.
-        ConfigMismatchError: the store was computed with other settings.
+        ConfigMismatchError: the store holds results computed with other settings.
         StoreLockedError: another process writes the same output.
     """
 
     def __init__(self, output: Path, settings: dict[str, Any]):
-        from mechir.store import ConfigMismatchError, ResultsStore, config_diff, file_sha256
+        from mechir.store import ResultsStore
 
         self.output = Path(output)
         self.csv = self.output.with_suffix(".per_query.csv")
         self.meta_path = self.output.with_name(self.output.name + ".mechir.json")
-        store_path = self.store_path(self.output)
-        saved = (
-            json.loads(self.meta_path.read_text(encoding="utf-8"))
-            if self.meta_path.exists()
-            else None
-        )
+        self._new_dirs = missing_dirs(self.output.parent)
+        self._new_store = not self.store_path(self.output).exists()
+        try:
+            self.store = ResultsStore(self.store_path(self.output))
+        except BaseException:
+            remove_empty_dirs(self._new_dirs)
+            raise
+        try:
+            self._open(settings)
+        except BaseException:
+            self.store.close()
+            remove_empty_dirs(self._new_dirs)
+            raise
+
+    def _open(self, settings: dict[str, Any]) -> None:
+        from mechir.store import ConfigMismatchError, config_diff, file_sha256
+
+        self._new_meta = not self.meta_path.exists()
+        saved = None if self._new_meta else json.loads(self.meta_path.read_text(encoding="utf-8"))
         written = (saved or {}).get("written", {})
         for path in (self.output, self.csv):
             if path.exists() and written.get(path.name) != file_sha256(path):
@@ -314,27 +589,23 @@ class RerankOutput:
                     f"{path} exists and {what} (mechir never modifies a file it did not "
                     "create); choose another --output or move the file away"
                 )
-        if saved is None and store_path.exists():
+        if saved is None and self.has_results():
             raise UsageError(
-                f"{store_path} has results but {self.meta_path} (their settings) is missing; "
+                f"{self.store.path} has results but {self.meta_path} (their settings) is missing; "
                 "choose another --output"
             )
-        self.store = ResultsStore(store_path)
         # the score type is known once the model is loaded: checked by check_scoring
-        scored = {} if saved is None else dict(saved.get("settings", {}))
+        scored = dict(saved.get("settings", {})) if saved and self.has_results() else {}
         score_type = scored.pop("score_type", None)
-        if saved is not None:
-            diff = config_diff(scored, settings)
-            if diff:
-                self.store.close()
-                raise ConfigMismatchError(
-                    f"{store_path} holds results computed with other settings ("
-                    + "; ".join(diff)
-                    + "); rerun with the same settings to resume, or choose another --output"
-                )
+        diff = config_diff(scored, settings) if scored else []
+        if diff:
+            raise ConfigMismatchError(
+                f"{self.store.path} holds results computed with other settings ("
+                + "; ".join(diff)
+                + "); rerun with the same settings to resume, or choose another --output"
+            )
         self.settings = settings if score_type is None else {**settings, "score_type": score_type}
         self.written = dict(written)
-        self._save()
 
     @staticmethod
     def store_path(output: Path) -> Path:
@@ -342,7 +613,14 @@ class RerankOutput:
         each rank appends to its shard ``OUTPUT.mechir.rank<r>.jsonl`` beside it)."""
         return Path(output).with_name(Path(output).name + ".mechir.jsonl")
 
-    def _save(self) -> None:
+    def has_results(self) -> bool:
+        """Whether the store holds a query, or ranks of an earlier run left shards."""
+        from mechir.store import shard_paths
+
+        return bool(len(self.store) or shard_paths(self.store.path))
+
+    def save(self) -> None:
+        """Write the settings file (``OUTPUT.mechir.json``) as they stand."""
         from mechir.store import write_json_atomic
 
         write_json_atomic(self.meta_path, {"settings": self.settings, "written": self.written})
@@ -351,7 +629,7 @@ class RerankOutput:
         """Record the model's score type, or check it against the stored one."""
         check_score_type(self.settings.get("score_type"), score_type, self.store.path)
         self.settings = {**self.settings, "score_type": score_type}
-        self._save()
+        self.save()
 
     def write(self, run: dict[str, dict[str, float]], per_query: Any) -> None:
         """Write the TREC run (full precision) and the per-query CSV atomically."""
@@ -363,7 +641,19 @@ class RerankOutput:
         per_query.to_csv(tmp, index=False)
         os.replace(tmp, self.csv)
         self.written = {p.name: file_sha256(p) for p in (self.output, self.csv)}
-        self._save()
+        self.save()
+
+    def discard(self) -> None:
+        """After a failed run: when no result was stored and nothing written, remove the
+        settings file and store file this run created, release the lock and remove the
+        directories this run created (if empty); otherwise only release the lock (a store with
+        real results stays)."""
+        if not self.has_results() and not self.written:
+            for new, path in ((self._new_meta, self.meta_path), (self._new_store, self.store.path)):
+                if new:
+                    path.unlink(missing_ok=True)
+        self.close()
+        remove_empty_dirs(self._new_dirs)
 
     def close(self) -> None:
         self.store.close()
@@ -388,6 +678,7 @@ def _rerank(args: argparse.Namespace) -> int:
 
     check_output_writable(args.output)
     check_device(args.device)
+    check_measures(args.measures)
     max_length = resolve_max_length(args.model, args.max_length)
     col = load_collection(args.dataset, split=args.split, run=args.run)
     qids = col.query_ids(args.limit_queries)
@@ -402,10 +693,7 @@ def _rerank(args: argparse.Namespace) -> int:
                     "remove the pair from the run or fix the collection"
                 )
     if not by_query:
-        raise UsageError(
-            f"{col.name}: no first-stage candidates for the {len(qids)} selected queries; "
-            "give a run with --run"
-        )
+        raise UsageError(no_candidates_reason(col, qids, args.dataset, args.split))
     settings = {
         "model": _normalised_source(args.model),
         "weights": weights_fingerprint(args.model),
@@ -430,9 +718,13 @@ def _rerank(args: argparse.Namespace) -> int:
         todo = _unfinished(out, by_query)
         if todo or "score_type" not in out.settings:
             model = _load_model(args, out.settings.get("score_type"), out.store.path)
+            check_queries_fit(model, by_query, todo, max_length)
             out.check_scoring(model.score_type)
             _score_queries(args, model, out.store, by_query, todo, max_length, unfinished=len(todo))
         return _finish(args, out, col, by_query)
+    except BaseException:
+        out.discard()
+        raise
     finally:
         out.close()
 
@@ -482,6 +774,30 @@ def _unfinished(out: RerankOutput, by_query: dict[str, list[Any]]) -> list[str]:
     return todo
 
 
+def check_queries_fit(
+    model: Any, by_query: dict[str, list[Any]], qids: Sequence[str], max_length: int | None
+) -> None:
+    """Every query of ``qids`` leaves room for a document within ``max_length`` (checked with
+    the model's own encoding before anything is scored or stored).
+
+    Raises:
+        UsageError: naming the query, its length and the ``--max-length`` to raise.
+    """
+    texts = {qid: by_query[qid][0].query for qid in qids}
+    if not texts:
+        return
+    try:  # with a one-token document, encoding fails only for a query that leaves no room
+        model.encode(list(texts.values()), ["x"] * len(texts), max_length=max_length)
+    except ValueError:
+        for qid, text in texts.items():
+            try:
+                model.encode([text], ["x"], max_length=max_length)
+            except ValueError as err:
+                reason = str(err).removeprefix("pair 0: ")
+                raise UsageError(f"query {qid!r}: {reason} (--max-length)") from None
+        raise
+
+
 def _load_model(args: argparse.Namespace, saved_score_type: str | None, store_path: Path) -> Any:
     """The cross-encoder of ``--model``, its score type checked against the stored one."""
     from mechir.loading import load_cross_encoder
@@ -515,6 +831,7 @@ def _rerank_on_ranks(
     if distributed.is_main():
         try:
             out = RerankOutput(args.output, settings)
+            out.save()  # before any rank can store a query in its shard (no discard here)
             todo = _unfinished(out, by_query)
             opened = (None, todo, out.settings.get("score_type"))
         except Exception as err:  # every rank raises it: none waits at a barrier forever
@@ -530,6 +847,7 @@ def _rerank_on_ranks(
             hf_logging.disable_progress_bar()
         if todo or score_type is None:
             model = _load_model(args, score_type, store_path)
+            check_queries_fit(model, by_query, todo, max_length)  # every rank, all queries
             if out is not None:
                 out.check_scoring(model.score_type)
             mine = distributed.shard(todo)
@@ -544,7 +862,7 @@ def _rerank_on_ranks(
         if out is None:
             return 0
         return _finish(args, out, col, by_query)
-    finally:
+    finally:  # no discard: another rank may still store a query (a stub is adopted later)
         if out is not None:
             out.close()
 
@@ -624,18 +942,16 @@ def _score_queries(
 
 
 # ---------------------------------------------------------------------- entry point
-#: Subcommand name -> handler.
-def _demo(args: argparse.Namespace) -> int:
-    from analyses.demo import run_demo
-
-    return run_demo(args)
-
-
+#: Subcommand name -> handler (the built-in commands; others: :func:`plugin_commands`).
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score": _score,
     "rerank": _rerank,
-    "demo": _demo,
 }
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    run = getattr(args, "_run", None) or COMMANDS[args.command]
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -646,13 +962,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def parse() -> argparse.Namespace:
         from mechir.settings import user_defaults
 
-        return build_parser(user_defaults()).parse_args(argv)
+        builtin = bool(argv) and argv[0] in COMMANDS  # no entry-point scan for score/rerank
+        return build_parser(user_defaults(), plugins=not builtin).parse_args(argv)
 
     prog = PROG
     if _launched() and os.environ["RANK"] != "0":  # torchrun: errors of other ranks are prefixed
         prog = f"[rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}] {PROG}"
-    return run_command(lambda args: COMMANDS[args.command](args), parse, prog=prog, debug=debug)
+    return run_command(_dispatch, parse, prog=prog, debug=debug)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # python -m mechir.cli: run the imported module (one Command class)
+    raise SystemExit(importlib.import_module("mechir.cli").main())

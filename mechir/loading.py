@@ -19,6 +19,7 @@ from mechir.families import SUPPORTED, Family, UnsupportedModelError, family_of
 from mechir.model import HookedCrossEncoder, ScoreType, hooked_cross_encoder_from_hf
 from mechir.network import offline_mode, unreachable
 from mechir.parts import pair_layout_of
+from mechir.settings import check_model_type
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -123,12 +124,15 @@ def _not_found(source: str, hub: str) -> ModelNotFoundError:
 
 # ---------------------------------------------------------------------------- weight checks
 def check_model_directory(directory: Path) -> None:
-    """A model directory has ``config.json`` and a weight file, and its safetensors files are
-    complete (header and data; read without loading the tensors).
+    """A model directory has ``config.json`` naming a family mechir loads, a weight file, and
+    its safetensors files are complete (header and data; read without loading the tensors).
 
     Raises:
         ModelNotFoundError: ``config.json`` or every weight file is missing.
-        ValueError: a truncated or corrupted safetensors file (its path is named).
+        UnsupportedModelError: ``config.json``'s ``model_type`` is not a family mechir loads
+            (:func:`mechir.settings.check_model_type`: the file, the type and the families).
+        ValueError: a truncated or corrupted safetensors file (its path is named), or a
+            ``config.json`` that is not JSON.
     """
     from safetensors import safe_open
 
@@ -137,6 +141,7 @@ def check_model_directory(directory: Path) -> None:
             f"{directory}: no config.json, so this is not a Hugging Face model directory "
             "(expected config.json, model.safetensors or pytorch_model.bin, and tokenizer files)"
         )
+    check_model_type(directory / "config.json")
     if not any((directory / f).is_file() for f in WEIGHT_FILES):
         raise ModelNotFoundError(
             f"{directory}: no weights (none of {', '.join(WEIGHT_FILES)} in the directory)"
@@ -297,6 +302,13 @@ def load_cross_encoder(
         location = resolve_model_source(model)
         try:
             config = AutoConfig.from_pretrained(location)
+        except ValueError as err:  # a downloaded config.json of a type Transformers lacks
+            model_type = _unknown_model_type(str(err))
+            if model_type is None:
+                raise
+            raise UnsupportedModelError(
+                f"{source}: model_type {model_type!r} is not supported; mechir supports {SUPPORTED}"
+            ) from None
         except OSError as err:  # the hub answered the reachability check but not this request
             if isinstance(location, Path):
                 raise
@@ -335,6 +347,13 @@ def load_cross_encoder(
         relevant_label=relevant_label,
         score_type=score_type,
     )
+
+
+def _unknown_model_type(message: str) -> str | None:
+    """The type named by Transformers' "has model type `x` but Transformers does not recognize
+    this architecture" error, else None."""
+    match = re.search(r"model type `([^`]*)` but Transformers does not recognize", message)
+    return match.group(1) if match else None
 
 
 def _sentence_transformers_model(model: Any) -> Any:

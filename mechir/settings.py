@@ -139,15 +139,66 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def position_limit(model: str | os.PathLike) -> int | None:
-    """``max_position_embeddings`` from the model's ``config.json`` (local directory or cached
-    hub snapshot), without loading the model; None when unknown."""
+    """The longest input the model's ``config.json`` allows (local directory or cached hub
+    snapshot), without loading the model: ``max_position_embeddings``, less RoBERTa's and
+    XLM-R's position offset ``pad_token_id + 1``; None when unknown."""
     from mechir.fingerprint import local_model_directory
 
     directory = local_model_directory(model)
     if directory is None:
         return None
-    value = _read_json(directory / "config.json").get("max_position_embeddings")
-    return value if isinstance(value, int) and value > 0 else None
+    config = _read_json(directory / "config.json")
+    value = config.get("max_position_embeddings")
+    if not isinstance(value, int) or value <= 0:
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta"):  # positions padding_idx + 1 + i
+        pad = config.get("pad_token_id")
+        value -= (pad if isinstance(pad, int) else 1) + 1
+    return value if value > 0 else None
+
+
+def check_model_type(config_path: str | os.PathLike) -> Any:
+    """The family (:class:`mechir.families.Family`) that a model's ``config.json`` names by its
+    ``model_type``, read as JSON before Transformers parses it (whose error for an unknown type
+    advises upgrading Transformers and names no file); None when the file names no
+    ``model_type`` (the loader decides then).
+
+    Raises:
+        UnsupportedModelError: a ``model_type`` mechir does not load (the message names the
+            file, the type and the families mechir loads).
+        SettingsError: the file is not a JSON object.
+    """
+    from mechir.families import FAMILIES, UnsupportedModelError, family_of
+
+    path = Path(config_path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SettingsError(f"{path}: not valid JSON ({err}); re-save the model") from None
+    if not isinstance(config, dict):
+        raise SettingsError(f"{path}: not a JSON object; re-save the model")
+    model_type = config.get("model_type")
+    if model_type is None:
+        return None
+    family = family_of(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        loads = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+        raise UnsupportedModelError(
+            f"{path}: model_type {model_type!r} is not supported; mechir loads "
+            f"sequence-classification cross-encoders of the families {loads}"
+        )
+    return family
+
+
+def model_family(model: str | os.PathLike) -> Any:
+    """:func:`check_model_type` of the model's ``config.json`` when its files are local (a
+    directory, a cached hub snapshot, ``demo``), without loading it; else None."""
+    from mechir.fingerprint import local_model_directory
+
+    directory = local_model_directory(model)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    return check_model_type(directory / "config.json")
 
 
 def default_max_length(model: str | os.PathLike) -> int | None:

@@ -7,6 +7,7 @@ offending value (a path, an id, a number), so that a user can find and fix it.
 
 from __future__ import annotations
 
+import json
 import math
 import types
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 from mechir import ModelNotFoundError, encode, load_cross_encoder, selection
 from mechir.data import DatasetNotFoundError, load_collection, read_qrels, read_run
 from mechir.evaluation import Pair, paired_ttest, rerank
+from mechir.families import UnsupportedModelError
 from tests.helpers import tiny_hf_model, tiny_tokenizer
 
 
@@ -36,6 +38,18 @@ def no_config(ctx: Any) -> None:
     (directory / "config.json").unlink()
     ctx.value = str(directory)
     load_cross_encoder(directory)
+
+
+def unknown_model_type(ctx: Any) -> None:
+    directory = saved_model(ctx)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    ctx.value = str(directory / "config.json")
+    try:
+        load_cross_encoder(directory)
+    except UnsupportedModelError as err:  # short: the file, the type, the families; no advice
+        assert len(str(err)) < len(ctx.value) + 250 and "pip" not in str(err), str(err)
+        raise
 
 
 def truncated_weights(ctx: Any) -> None:
@@ -83,6 +97,13 @@ def requires_selection_grammar(name: str) -> Callable[..., Any]:
 ROWS: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
     # loading
     ("model dir without config.json", no_config, ModelNotFoundError, "<value>"),
+    (
+        "unknown model_type",
+        unknown_model_type,
+        UnsupportedModelError,
+        "<value>: model_type 'frobnicator' is not supported; mechir loads sequence-classification "
+        "cross-encoders of the families BERT (bert), ELECTRA (electra), RoBERTa (roberta)",
+    ),
     ("truncated safetensors", truncated_weights, ValueError, "<value>"),
     (
         "relative path not a hub id",
@@ -228,3 +249,17 @@ def test_bad_input_is_named(call, error, needle, tiny, tmp_path, monkeypatch):
     expected = needle.replace("<value>", str(ctx.value))
     assert expected in str(info.value), f"{str(info.value)!r} does not name {expected!r}"
     assert type(info.value) is not KeyError and "\n" not in str(info.value)
+
+
+def test_transformers_unknown_type_error_is_recognised(tmp_path):
+    """A hub download of an unknown ``model_type`` reaches Transformers' own error; mechir
+    recognises its text (of the installed version) and replaces it with one short line."""
+    from transformers import AutoConfig
+
+    from mechir.loading import _unknown_model_type
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "frobnicator"}))
+    with pytest.raises(ValueError) as info:
+        AutoConfig.from_pretrained(tmp_path)
+    assert _unknown_model_type(str(info.value)) == "frobnicator"
+    assert _unknown_model_type("some other error about `x`") is None

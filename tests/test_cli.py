@@ -4,7 +4,11 @@ rerank output that is lossless, locked, settings-checked and never adopts a fore
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,7 +240,8 @@ def test_import_and_help_load_no_model_library():
     assert imported_after("import mechir, mechir.cli") == []
     code = (
         "from mechir.cli import main\n"
-        "for argv in (['--help'], ['rerank', '--help'], ['rerank', '--depth', '0']):\n"
+        "for argv in (['--help'], ['rerank', '--help'], ['rerank', '--depth', '0'],\n"
+        "             ['demo', '--help'], ['demo', '--limit-queries', '0']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
@@ -270,3 +275,226 @@ def test_lazy_modules_load_on_first_use():
         "assert parts.torch is torch and type(torch).__name__ == 'module'"
     )
     assert "torch" in imported_after(code)
+
+
+# ---------------------------------------------------------------------- commands of other packages
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_library_never_imports_the_studies():
+    """Issue 21: no import statement in mechir/ names analyses/ or patching/ (inside functions
+    too), and importing the CLI and building its parser leave them unimported statically."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import) (analyses|patching)\b")
+    offending = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "mechir").rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.match(line)
+    ]
+    assert offending == []
+    code = "import mechir, mechir.cli, sys\nprint('\\n' + ' '.join(sorted(sys.modules)))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    loaded = proc.stdout.splitlines()[-1].split()
+    assert not [m for m in loaded if m.split(".")[0] in ("analyses", "patching")]
+
+
+def test_pyproject_declares_the_known_commands_as_entry_points():
+    """The fallback module paths of the CLI are the entry points pip installs (no drift)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    from mechir.cli import COMMAND_GROUP, KNOWN_COMMANDS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["entry-points"][COMMAND_GROUP] == KNOWN_COMMANDS
+
+
+def test_help_lists_demo(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{score,rerank,demo}" in out and "demo the main job, offline: direction ablation" in out
+
+
+def fake_command(calls: list) -> Any:
+    from mechir.cli import Command
+
+    def add(p):
+        p.add_argument("--answer", type=int, required=True)
+
+    return Command(
+        help="a fake plugin",
+        description="fake",
+        add_options=add,
+        run=lambda a: calls.append(a) or 5,
+    )
+
+
+FAKE_CALLS: list = []
+FAKE = fake_command(FAKE_CALLS)
+
+
+def test_a_command_is_found_through_its_entry_point(monkeypatch, capsys):
+    """A package's ``mechir.commands`` entry point becomes a subcommand, with its options."""
+    from importlib.metadata import EntryPoint
+
+    import mechir.cli as cli
+
+    point = EntryPoint(name="fake", value="tests.test_cli:FAKE", group=cli.COMMAND_GROUP)
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [point])
+    FAKE_CALLS.clear()
+    assert cli.main(["fake", "--answer", "42"]) == 5
+    assert [args.answer for args in FAKE_CALLS] == [42]
+    assert cli.main(["fake", "--answer", "x"]) == 2
+    assert "--answer: invalid int value" in capsys.readouterr().err
+
+
+def test_demo_runs_from_its_module_when_the_entry_point_is_not_installed(monkeypatch):
+    """An editable install made before the entry point existed still has ``mechir demo``."""
+    import analyses.demo
+    import mechir.cli as cli
+
+    monkeypatch.setattr(cli, "_entry_points", lambda: {})
+    seen = []
+    monkeypatch.setattr(analyses.demo, "run_demo", lambda args: seen.append(args) or 7)
+    assert cli.main(["demo", "--limit-queries", "3", "--device", "cpu"]) == 7
+    assert seen[0].limit_queries == 3 and seen[0].device == "cpu"
+    assert analyses.demo.study_argv(seen[0])[-2:] == ["--limit-queries", "3"]
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["demo", "--help"], ["demo", "--output", "x"]])
+def test_a_missing_demo_is_one_line(monkeypatch, capsys, argv):
+    import mechir.cli as cli
+
+    monkeypatch.setattr(cli, "_entry_points", lambda: {})
+    monkeypatch.setitem(cli.KNOWN_COMMANDS, "demo", "no_such_package.demo:COMMAND")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "mechir: error: 'mechir demo' is not installed (no module 'no_such_package'; it comes "
+        "with the mechir repository's studies: run 'pip install -e .' in a checkout of it)"
+    ]
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])  # the other commands still work, and demo says why it cannot
+    assert "not available" in capsys.readouterr().out
+
+
+def test_a_broken_entry_point_does_not_break_the_other_commands(monkeypatch, capsys):
+    import mechir.cli as cli
+
+    monkeypatch.setattr(cli, "_entry_points", lambda: {"bad": "tests.test_cli:no_such_object"})
+    assert cli.main(["bad"]) == 2
+    assert "is not a mechir.cli.Command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["score", "--help"])
+    assert info.value.code == 0
+
+
+# ---------------------------------------------------------------------- score: output, truncation
+def score_argv(model: Path, *pairs: tuple[str, str], extra: Sequence[str] = ()) -> list[str]:
+    argv = ["score", "--model", str(model), "--device", "cpu", *extra]
+    for q, d in pairs:
+        argv += ["--query", q, "--document", d]
+    return argv
+
+
+def test_score_output_is_a_new_file_and_never_replaced(saved_model, tmp_path, capsys):
+    """Issue 25, case 1: ``--output`` writes a new file (directories made); a second run into
+    it is refused with one line, and the file is left byte for byte."""
+    pair = ("what cat", "the cat runs")
+    assert main(score_argv(saved_model, pair)) == 0
+    to_stdout = capsys.readouterr().out
+    out = tmp_path / "new" / "scores.jsonl"
+    assert main(score_argv(saved_model, pair, extra=["--output", str(out)])) == 0
+    assert out.read_text() == to_stdout and capsys.readouterr().out == ""
+    assert [p.name for p in out.parent.iterdir()] == ["scores.jsonl"]  # no temporary file left
+    assert main(score_argv(saved_model, ("dog", "a dog"), extra=["--output", str(out)])) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == to_stdout
+
+
+def test_write_new_file_never_replaces_a_file_that_appeared(tmp_path):
+    from mechir.cli import UsageError, write_new_file
+
+    path = tmp_path / "f.txt"
+    path.write_text("precious user data\n")  # appeared after the check, before the write
+    with pytest.raises(UsageError, match="appeared while mechir was running"):
+        write_new_file(path, "scores\n")
+    assert path.read_text() == "precious user data\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def hf_truncated(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> list[int]:
+    """Reference: the pairs whose full Hugging Face encoding is longer than ``max_length``."""
+    return [
+        i
+        for i, (q, d) in enumerate(pairs)
+        if len(tokenizer(q, d, truncation=False)["input_ids"]) > max_length
+    ]
+
+
+def test_truncated_pairs_match_hugging_face(saved_model):
+    from mechir.cli import truncated_pairs
+    from tests.helpers import DOCUMENTS, QUERIES
+
+    model = mechir.load_cross_encoder(saved_model, device="cpu")
+    pairs = [(q, d) for q in QUERIES for d in DOCUMENTS]
+    counts = []
+    for max_length in range(10, 30):  # the longest query has 6 tokens
+        batch = model.encode([q for q, _ in pairs], [d for _, d in pairs], max_length=max_length)
+        found = truncated_pairs(model.tokenizer, batch, [d for _, d in pairs])
+        assert found == hf_truncated(model.tokenizer, pairs, max_length)
+        counts.append(len(found))
+    assert counts == sorted(counts, reverse=True) and counts[0] > 12 and counts[-1] == 0
+    assert any(0 < n < len(pairs) for n in counts)
+
+
+def test_score_reports_truncated_pairs(saved_model, capsys):
+    """Issue 25, case 6: documents are still cut to --max-length, and the count of truncated
+    pairs (with the first one's origin) is one line on stderr."""
+    model = mechir.load_cross_encoder(saved_model, device="cpu")
+    long_doc = "the cat runs in the house and the dog sleeps in the big red car"
+    pairs = [("cat", "a dog"), ("what cat runs", long_doc), ("dog", long_doc)]
+    expected = hf_truncated(model.tokenizer, pairs, 12)
+    assert expected == [1, 2]  # the reference agrees the long documents are cut
+    assert main(score_argv(saved_model, *pairs, extra=["--max-length", "12"])) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        "mechir score: 2 of 3 pairs truncated to 12 tokens (the document cut to fit "
+        "--max-length; first: --query/--document pair 2)"
+    )
+    batch = model.encode([q for q, _ in pairs], [d for _, d in pairs], max_length=12)
+    assert [json.loads(x)["score"] for x in captured.out.splitlines()] == model.score(
+        batch
+    ).tolist()
+    assert main(score_argv(saved_model, *pairs[:1], extra=["--max-length", "12"])) == 0
+    assert "truncated" not in capsys.readouterr().err
+
+
+def test_builtin_commands_do_not_scan_entry_points(monkeypatch, capsys):
+    """``mechir score``/``rerank`` (and their --help and argument errors) skip the scan of the
+    installed distributions' entry points; ``mechir --help`` and other commands do it."""
+    import mechir.cli as cli
+
+    def scan():
+        raise AssertionError("entry points scanned")
+
+    monkeypatch.setattr(cli, "_entry_points", scan)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["rerank", "--help"])
+    assert info.value.code == 0
+    assert cli.main(["score", "--model", "m", "--batch-size", "0"]) == 2
+    assert "--batch-size: '0'" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="entry points scanned"):
+        cli.main(["--help"])
