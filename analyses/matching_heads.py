@@ -40,6 +40,7 @@ from analyses.reranking import (
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.data import matching_pairs
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.matching import (
     STATISTICS,
@@ -89,7 +90,9 @@ def statistics_units(pairs: pd.DataFrame) -> list[Unit]:
     ]
 
 
-def compute_statistics(model: Any, args: argparse.Namespace, unit: Unit) -> dict[str, Any]:
+def compute_statistics(
+    model: HookedReranker, args: argparse.Namespace, unit: Unit
+) -> dict[str, Any]:
     """Stream the attention statistics of one query's pairs; arrays stored exactly."""
     group: pd.DataFrame = unit.spec
     batch = model.encode(list(group["query"]), list(group["document"]), max_length=args.max_length)
@@ -153,7 +156,7 @@ def _head_key(label: str) -> tuple[int, int]:
 
 
 def compute_knockout(
-    model: Any, pairs: Sequence[Any], args: argparse.Namespace, unit: Unit
+    model: HookedReranker, pairs: Sequence[Any], args: argparse.Namespace, unit: Unit
 ) -> dict[str, Any]:
     from mechir.hooks import head_knockout_hooks
 

@@ -33,6 +33,7 @@ from analyses.common import slug
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.data import Pair, load_collection
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 
 pd = lazy_import("pandas")
@@ -99,7 +100,9 @@ def _dataset_name(source: str, split: str | None) -> str:
     return slug(source) + (f"-{split}" if split else "")
 
 
-def compute_attributions(model: Any, args: argparse.Namespace, unit: Unit) -> dict[str, Any]:
+def compute_attributions(
+    model: HookedReranker, args: argparse.Namespace, unit: Unit
+) -> dict[str, Any]:
     """Attribution sums of one chunk of pairs (exactly mergeable into dataset-class means)."""
     from mechir.attribution import mean_neuron_attributions, pair_batches
 
@@ -226,7 +229,11 @@ def prune_targets(
 
 
 def compute_pruning(
-    model: Any, pairs: Sequence[Pair], qrels: Any, selection: Any, args: argparse.Namespace
+    model: HookedReranker,
+    pairs: Sequence[Pair],
+    qrels: Any,
+    selection: Any,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     from mechir.attribution import pruning_evaluation
 

@@ -32,6 +32,7 @@ from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 
 pd = lazy_import("pandas")
@@ -42,7 +43,9 @@ TARGETS = ("heads", "resid_pre", "attn_out", "mlp_out")
 
 
 # ---------------------------------------------------------------------- pairs and targets
-def build_pairs(model: Any, collection: Any, args: argparse.Namespace) -> tuple[Any, dict]:
+def build_pairs(
+    model: HookedReranker, collection: Any, args: argparse.Namespace
+) -> tuple[Any, dict]:
     """``(AlignedPairs, skipped)`` of the candidates under the perturbation."""
     from patching import PairBuilder, TermStatistics
 
@@ -111,7 +114,9 @@ def _encode_result(result: Any) -> dict[str, Any]:
     }
 
 
-def compute_unit(model: Any, pairs: Any, args: argparse.Namespace, unit: Unit) -> dict[str, Any]:
+def compute_unit(
+    model: HookedReranker, pairs: Any, args: argparse.Namespace, unit: Unit
+) -> dict[str, Any]:
     """Exact and attribution patching of one chunk of pairs on one target."""
     from patching import attribution_patch, patch_sweep
 

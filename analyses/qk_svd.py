@@ -31,6 +31,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import DEFAULT_RESULTS, candidate_pairs, default_run_name
 from analyses.summary import Summary
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.selection import head_label, parse_head, select_heads
 
@@ -50,7 +51,7 @@ MATCHING_COLUMNS = ("Δ qd_max vs easy", "Δ dq_max vs easy", "Δ qd_max vs hard
 
 
 # ---------------------------------------------------------------------- units
-def compute_alignment(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+def compute_alignment(model: HookedReranker, args: argparse.Namespace) -> dict[str, Any]:
     from mechir.circuits import qk_alignment
 
     return {"table": qk_alignment(model, k=args.k).to_dict("list")}
@@ -67,7 +68,7 @@ def selected_heads(alignment: pd.DataFrame, args: argparse.Namespace, shape: dic
     return list(dict.fromkeys([*top, *extra]))
 
 
-def pairs_batch(model: Any, args: argparse.Namespace, collection: Any) -> Any:
+def pairs_batch(model: HookedReranker, args: argparse.Namespace, collection: Any) -> Any:
     pairs = candidate_pairs(args, collection)[: args.cosine_pairs]
     return model.encode(
         [p.query for p in pairs], [p.document for p in pairs], max_length=args.max_length
@@ -75,7 +76,7 @@ def pairs_batch(model: Any, args: argparse.Namespace, collection: Any) -> Any:
 
 
 def compute_tokens(
-    model: Any, args: argparse.Namespace, svd: Any, batch: Any, label: str, k: int
+    model: HookedReranker, args: argparse.Namespace, svd: Any, batch: Any, label: str, k: int
 ) -> dict[str, Any]:
     from mechir.circuits import singular_direction_tokens
 
@@ -86,7 +87,7 @@ def compute_tokens(
 
 
 def compute_cosines(
-    model: Any, args: argparse.Namespace, svd: Any, batch: Any, heads: list[str]
+    model: HookedReranker, args: argparse.Namespace, svd: Any, batch: Any, heads: list[str]
 ) -> dict[str, Any]:
     from mechir.circuits import singular_direction_part_cosines
 

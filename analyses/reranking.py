@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from analyses.floors import first_stage_run, random_ranking_floor, worst_ranking_run
 from mechir.data import Pair, Qrels, Run
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 
 pd = lazy_import("pandas")
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
 
 
 def rerank_row(
-    model: Any, pairs: Sequence[Pair], args: argparse.Namespace, hooks: HooksArg = None
+    model: HookedReranker, pairs: Sequence[Pair], args: argparse.Namespace, hooks: HooksArg = None
 ) -> dict[str, Any]:
     """Rerank ``pairs`` under ``hooks``; the stored row: ``{"seconds", "run"}``."""
     from mechir.evaluation import rerank

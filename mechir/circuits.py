@@ -49,6 +49,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.display import describe
+from mechir.interface import HookedReranker
 from mechir.parts import PARTS, CrossEncoderBatch, Part
 from mechir.selection import HeadLike, check_layer, head_label, select_heads, select_layers
 
@@ -173,7 +174,7 @@ def factored_svd(
     return qa @ um, s, qb @ vmh.transpose(-2, -1)
 
 
-def qk_svd(model: Any, *, dtype: torch.dtype | None = None) -> QKSVD:
+def qk_svd(model: HookedReranker, *, dtype: torch.dtype | None = None) -> QKSVD:
     """Thin SVD of ``W_QK = W_Q W_K^T`` for every head (``model.QK``), in one batched call.
 
     See :func:`factored_svd` for the algorithm; ``d_model x d_model`` matrices are never formed.
@@ -185,7 +186,7 @@ def qk_svd(model: Any, *, dtype: torch.dtype | None = None) -> QKSVD:
     return QKSVD(U, S, V)
 
 
-def qk_svd_reference(model: Any, *, dtype: torch.dtype | None = None) -> QKSVD:
+def qk_svd_reference(model: HookedReranker, *, dtype: torch.dtype | None = None) -> QKSVD:
     """Naive reference for :func:`qk_svd`: materialise each ``W_Q W_K^T`` and call
     ``torch.linalg.svd`` head by head, keeping the ``d_head`` leading triplets."""
     W_Q, W_K = model.W_Q.detach(), model.W_K.detach()
@@ -263,7 +264,7 @@ def qk_alignment_from_svd(svd: QKSVD, *, k: int | None = None) -> pd.DataFrame:
 
 
 def qk_alignment(
-    model: Any, *, k: int | None = None, dtype: torch.dtype | None = None
+    model: HookedReranker, *, k: int | None = None, dtype: torch.dtype | None = None
 ) -> pd.DataFrame:
     """QK alignment scores of all heads (one batched thin SVD), as a tidy table.
 
@@ -282,7 +283,7 @@ def qk_alignment(
     return frame
 
 
-def qk_bias_terms(model: Any) -> dict[str, Tensor]:
+def qk_bias_terms(model: HookedReranker) -> dict[str, Tensor]:
     """The bias terms of every head's attention score that ``W_QK`` leaves out.
 
     Expanding ``(x_q W_Q + b_Q) . (x_k W_K + b_K)`` (before the ``1/sqrt(d_head)`` scale):
@@ -307,7 +308,7 @@ def qk_bias_terms(model: Any) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------------------- token space
 def token_embeddings(
-    model: Any, *, token_type: int = 0, position: int | None = None
+    model: HookedReranker, *, token_type: int = 0, position: int | None = None
 ) -> Float[Tensor, "d_vocab d_model"]:
     """Every vocabulary token as layer 0 sees it: ``LN(W_E[t] + W_tt[token_type] (+ W_pos[p]))``.
 
@@ -331,7 +332,7 @@ def token_embeddings(
         return model.embed.token_states(ids, token_type=token_type, position=position)
 
 
-def _token_strings(model: Any, ids: Iterable[int] | Int[Tensor, " n"]) -> list[str]:
+def _token_strings(model: HookedReranker, ids: Iterable[int] | Int[Tensor, " n"]) -> list[str]:
     ids = [int(i) for i in ids]
     tok = getattr(model, "tokenizer", None)
     tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [None] * len(ids)
@@ -339,7 +340,7 @@ def _token_strings(model: Any, ids: Iterable[int] | Int[Tensor, " n"]) -> list[s
 
 
 def _residual_states(
-    model: Any, batch: CrossEncoderBatch, layers: list[int], batch_size: int | None
+    model: HookedReranker, batch: CrossEncoderBatch, layers: list[int], batch_size: int | None
 ) -> dict[int, Float[Tensor, "batch pos d_model"]]:
     """``blocks.{l}.hook_resid_pre`` for the requested layers (only those are cached)."""
     names = {f"blocks.{layer}.hook_resid_pre": layer for layer in layers}
@@ -363,13 +364,15 @@ class _Candidates:
     where: dict[str, Tensor]  # with a batch: example, position, part of every state
 
 
-def _vocabulary_candidates(model: Any, token_type: int, position: int | None) -> _Candidates:
+def _vocabulary_candidates(
+    model: HookedReranker, token_type: int, position: int | None
+) -> _Candidates:
     states = token_embeddings(model, token_type=token_type, position=position).float().cpu()
     return _Candidates(states, torch.arange(states.shape[0]), {})
 
 
 def _batch_candidates(
-    model: Any, batch: CrossEncoderBatch, layer: int, batch_size: int | None
+    model: HookedReranker, batch: CrossEncoderBatch, layer: int, batch_size: int | None
 ) -> _Candidates:
     check_layer(model, layer)
     real = batch.attention_mask.bool().cpu()
@@ -380,7 +383,7 @@ def _batch_candidates(
 
 
 def _top_rows(
-    model: Any, candidates: _Candidates, direction: Float[Tensor, " d_model"], n: int
+    model: HookedReranker, candidates: _Candidates, direction: Float[Tensor, " d_model"], n: int
 ) -> pd.DataFrame:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -402,7 +405,7 @@ def _top_rows(
 
 
 def top_tokens(
-    model: Any,
+    model: HookedReranker,
     direction: Float[Tensor, " d_model"],
     *,
     n: int = 10,
@@ -432,7 +435,7 @@ def top_tokens(
 
 
 def singular_direction_tokens(
-    model: Any,
+    model: HookedReranker,
     head: HeadLike,
     k: int = 0,
     *,
@@ -475,7 +478,7 @@ def singular_direction_tokens(
 
 
 def mean_part_residuals(
-    model: Any,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     layers: Iterable[int] | None = None,
     *,
@@ -512,7 +515,7 @@ def mean_part_residuals(
 
 
 def singular_direction_part_cosines(
-    model: Any,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     *,
     k: int = 3,

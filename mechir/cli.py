@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mechir.interface import HookedReranker
+
 PROG = "mechir"
 
 
@@ -775,7 +777,10 @@ def _unfinished(out: RerankOutput, by_query: dict[str, list[Any]]) -> list[str]:
 
 
 def check_queries_fit(
-    model: Any, by_query: dict[str, list[Any]], qids: Sequence[str], max_length: int | None
+    model: HookedReranker,
+    by_query: dict[str, list[Any]],
+    qids: Sequence[str],
+    max_length: int | None,
 ) -> None:
     """Every query of ``qids`` leaves room for a document within ``max_length`` (checked with
     the model's own encoding before anything is scored or stored).
@@ -902,7 +907,7 @@ def _finish(
 
 def _score_queries(
     args: argparse.Namespace,
-    model: Any,
+    model: HookedReranker,
     store: Any,
     by_query: dict[str, list[Any]],
     todo: list[str],

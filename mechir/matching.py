@@ -26,7 +26,6 @@ Matching heads (Vast et al., "Understanding Matching Mechanisms in Cross-Encoder
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +34,8 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from mechir.data import PAIR_KINDS
-from mechir.data import matching_pairs as _data_matching_pairs
 from mechir.display import short_list
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, Part
 from mechir.selection import head_label, select_layers
@@ -56,7 +55,6 @@ __all__ = [
     "matching_head_deltas",
     "matching_head_labels",
     "matching_heads",
-    "matching_pairs",
     "pattern_statistics",
     "wordpiece_words",
 ]
@@ -180,7 +178,9 @@ class AttentionStatistics:
         return frame
 
 
-def _predicted_relevant(model: Any, logits: Float[torch.Tensor, "batch n_labels"]) -> torch.Tensor:
+def _predicted_relevant(
+    model: HookedReranker, logits: Float[torch.Tensor, "batch n_labels"]
+) -> torch.Tensor:
     """1 label: logit > 0 (probability > 0.5); several: the relevant label has the top logit."""
     if model.num_labels == 1:
         return logits[:, 0] > 0
@@ -192,7 +192,7 @@ def _pair_info(
     match: torch.Tensor,
     logits: torch.Tensor,
     score: torch.Tensor,
-    model: Any,
+    model: HookedReranker,
 ) -> dict[str, torch.Tensor]:
     is_q = batch.mask(Part.QUERY)
     return {
@@ -293,7 +293,7 @@ def _capture_hook(store: dict[str, torch.Tensor], key: str):
 
 
 def attention_statistics(
-    model: Any,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     *,
     layers: int | Iterable[int] | None = None,
@@ -353,7 +353,7 @@ def attention_statistics(
 
 
 def attention_statistics_reference(
-    model: Any,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     *,
     layers: int | Iterable[int] | None = None,
@@ -424,17 +424,6 @@ def attention_statistics_reference(
 
 
 # ---------------------------------------------------------------------------- pairs
-def matching_pairs(*args: Any, **kwargs: Any) -> pd.DataFrame:
-    """Deprecated alias of :func:`mechir.data.matching_pairs` (collection sampling lives in the
-    data module); same arguments and result."""
-    warnings.warn(
-        "mechir.matching.matching_pairs moved to mechir.data.matching_pairs; import it from there",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return _data_matching_pairs(*args, **kwargs)
-
-
 def filter_correct(
     pairs: pd.DataFrame, stats: AttentionStatistics, *, positive: str = "relevant"
 ) -> pd.DataFrame:
@@ -539,7 +528,7 @@ def matching_head_labels(
 
 
 def matching_heads(
-    model: Any,
+    model: HookedReranker,
     pairs: pd.DataFrame,
     *,
     max_length: int | None = None,

@@ -29,6 +29,7 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, infer_parts
 
@@ -67,7 +68,7 @@ class RunningInput:
     @classmethod
     def of(
         cls,
-        model: Any,
+        model: HookedReranker,
         input: CrossEncoderBatch | torch.Tensor,
         token_type_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,

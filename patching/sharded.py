@@ -14,11 +14,16 @@ from typing import Any
 import torch
 
 from mechir import distributed
+from mechir.interface import HookedReranker
 from patching.results import PatchingResult
 
 
 def sharded_patch_sweep(
-    sweep: Callable[..., PatchingResult], model: Any, pairs: Any, target: Any, **kwargs: Any
+    sweep: Callable[..., PatchingResult],
+    model: HookedReranker,
+    pairs: Any,
+    target: Any,
+    **kwargs: Any,
 ) -> PatchingResult:
     """``sweep(model, pairs, target, **kwargs)`` with the pairs sharded across ranks."""
     width = pairs.clean.input_ids.shape[1]

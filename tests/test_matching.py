@@ -207,13 +207,6 @@ def toy_collection(n_queries: int = 6, seed: int = 0) -> Collection:
     return Collection("toy", queries, docs, qrels)
 
 
-def test_matching_pairs_alias_warns_and_matches_the_data_module():
-    col = toy_collection()
-    with pytest.warns(DeprecationWarning, match="mechir.data.matching_pairs"):
-        old = M.matching_pairs(col, seed=1, max_hard=1)
-    pd.testing.assert_frame_equal(old, matching_pairs(col, seed=1, max_hard=1))
-
-
 def test_hand_made_matching_head_comes_out_on_top(tok):
     """Head 0/1 gets ``W_Q = W_K = c R`` (orthonormal ``R``, no biases) on position-free
     embeddings, so its scores are ``c^2 (R^T x_q) . (R^T x_k)``: a query token attends to

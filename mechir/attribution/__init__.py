@@ -75,14 +75,3 @@ __all__ = [
     "rows_for_memory",
     "target_from_logits",
 ]
-
-
-def __getattr__(name: str) -> object:
-    if name == "Target":  # deprecated alias: renamed apart from patching's PatchTarget
-        import warnings
-
-        warnings.warn(
-            "mechir.attribution.Target is renamed AttributionTarget", DeprecationWarning, 2
-        )
-        return AttributionTarget
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

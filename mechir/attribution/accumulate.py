@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechir.attribution.nig import neuron_integrated_gradients
+from mechir.attribution.common import DEFAULT_MAX_STEPS
+from mechir.attribution.nig import (
+    ActivationBaseline,
+    Aggregate,
+    NeuronSite,
+    PathFamily,
+    neuron_integrated_gradients,
+)
+from mechir.attribution.targets import AttributionTarget
 from mechir.display import fields_repr
+from mechir.interface import HookedReranker
+from mechir.model import HooksArg
 from mechir.parts import CrossEncoderBatch
 
 
@@ -119,7 +129,7 @@ class AttributionMeans:
         layers: the model layer of each layer row.
         completeness: ``|completeness|`` per example (``[layer]``; input path: the embedding's,
             ``[1]``), accumulated over all groups.
-        settings: the keyword arguments of the attribution calls.
+        settings: the arguments of the attribution calls.
         error: per example, the estimated relative error of its attributions
             (``NeuronAttributions.relative_error``, ``[1]``); empty without an estimate.
         overlap: per example, the top-``overlap_percent`` % selection overlap between the two
@@ -143,18 +153,34 @@ class AttributionMeans:
 
 
 def mean_neuron_attributions(
-    model: Any,
+    model: HookedReranker,
     batches: Iterable[tuple[CrossEncoderBatch, Sequence[Hashable]] | CrossEncoderBatch],
     *,
     overlap_percent: float = 0.5,
-    **kwargs: Any,
+    path: PathFamily = "input",
+    layers: int | Sequence[int] | None = None,
+    neurons: NeuronSite = "post",
+    target: AttributionTarget | str = "score",
+    baseline: str | CrossEncoderBatch = "pad",
+    activation_baseline: ActivationBaseline = "zero",
+    method: str | None = None,
+    n_steps: int | Literal["auto"] = 50,
+    rtol: float = 0.01,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    error_estimate: bool = True,
+    aggregate: Aggregate = "sequence",
+    max_batch: int | None = None,
+    memory_budget: int | None = None,
+    autocast: torch.dtype | None = None,
+    hooks: HooksArg = None,
 ) -> AttributionMeans:
     """Stream :func:`neuron_integrated_gradients` over ``batches`` and average per group.
 
     ``batches`` yields a :class:`CrossEncoderBatch` (group ``"all"``) or ``(batch, keys)`` with
-    one group key per example (e.g. ``"relevant"`` / ``"non_relevant"``). Keyword arguments go to
-    :func:`neuron_integrated_gradients`; only running sums are kept, among them the error
-    estimate and the top-``overlap_percent`` % selection stability of every example.
+    one group key per example (e.g. ``"relevant"`` / ``"non_relevant"``). The other arguments
+    are those of :func:`neuron_integrated_gradients` (same meaning, same defaults); only running
+    sums are kept, among them the error estimate and the top-``overlap_percent`` % selection
+    stability of every example.
 
     Under a process group of several ranks (:mod:`mechir.distributed`), rank ``r`` attributes
     batches ``r, r + world, ...`` and the sums and counts are all-reduced: every rank returns the
@@ -162,6 +188,12 @@ def mean_neuron_attributions(
     """
     from mechir import distributed
 
+    settings = dict(
+        path=path, layers=layers, neurons=neurons, target=target, baseline=baseline,
+        activation_baseline=activation_baseline, method=method, n_steps=n_steps, rtol=rtol,
+        max_steps=max_steps, error_estimate=error_estimate, aggregate=aggregate,
+        max_batch=max_batch, memory_budget=memory_budget, autocast=autocast, hooks=hooks,
+    )  # fmt: skip
     means = GroupedMeans()
     completeness = StreamingMean()
     error, overlap, points = StreamingMean(), StreamingMean(), StreamingMean()
@@ -174,7 +206,7 @@ def mean_neuron_attributions(
         batch, keys = item if isinstance(item, tuple) else (item, ["all"] * len(item))
         for j, key in enumerate(keys):
             first_seen.setdefault(key, (i, j))
-        result = neuron_integrated_gradients(model, batch, **kwargs)
+        result = neuron_integrated_gradients(model, batch, **settings)
         layers = result.layers
         means.update(result.attributions, list(keys))
         delta = (
@@ -193,7 +225,7 @@ def mean_neuron_attributions(
         completeness, error, overlap, points = reduced.values()
     if layers is None:
         raise ValueError("no batches to attribute")
-    return AttributionMeans(means, layers, completeness, dict(kwargs), error, overlap, points)
+    return AttributionMeans(means, layers, completeness, settings, error, overlap, points)
 
 
 def _reduce_across_ranks(
@@ -245,7 +277,7 @@ def _reduced(mean: StreamingMean, shape: tuple[int, ...]) -> StreamingMean:
 
 
 def pair_batches(
-    model: Any,
+    model: HookedReranker,
     pairs: Sequence[Any],
     *,
     group_of: Callable[[Any], Hashable] | None = None,

@@ -19,6 +19,7 @@ from torch import Tensor
 from mechir.attribution.baselines import baseline_batch
 from mechir.attribution.integration import IntegrationRule, integration_rule
 from mechir.attribution.targets import AttributionTarget, check_target, target_from_logits
+from mechir.interface import HookedReranker
 from mechir.parts import PARTS, CrossEncoderBatch
 from mechir.selection import select_layers
 
@@ -68,7 +69,7 @@ def companion_rule(rule: IntegrationRule) -> IntegrationRule:
 
 
 def prepare(
-    model: Any,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     *,
     path: str,
@@ -146,7 +147,7 @@ def user_hooks(hooks: Any, batch: CrossEncoderBatch) -> list:
 
 
 def forward(
-    model: Any, batch: CrossEncoderBatch, hooks: list, target: AttributionTarget
+    model: HookedReranker, batch: CrossEncoderBatch, hooks: list, target: AttributionTarget
 ) -> Float[Tensor, " rows"]:
     """``F`` of every row of ``batch`` under ``hooks``."""
     with model.hooks(fwd_hooks=hooks):
@@ -154,7 +155,9 @@ def forward(
     return target_from_logits(model, logits, target)
 
 
-def autocast_context(model: Any, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast_context(
+    model: HookedReranker, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to ``dtype`` on the model's device (None: no autocast)."""
     if dtype is None:
         return contextlib.nullcontext()
@@ -177,7 +180,7 @@ def check_finite(value: Tensor, what: str, batch_index: Sequence[int] | None = N
 
 
 def clean_pass(
-    model: Any, batch: CrossEncoderBatch, s: AttributionSetup, *, embed: bool = False
+    model: HookedReranker, batch: CrossEncoderBatch, s: AttributionSetup, *, embed: bool = False
 ) -> tuple[Tensor, list[Tensor], Tensor | None]:
     """``F``, the activations of ``s.names`` and (optionally) the embedding, without gradients;
     raises if any of them is not finite."""
@@ -214,7 +217,7 @@ def aggregate_positions(
     return out
 
 
-def output_shape(s: AttributionSetup, model: Any) -> tuple[int, ...]:
+def output_shape(s: AttributionSetup, model: HookedReranker) -> tuple[int, ...]:
     """Shape of ``NeuronAttributions.attributions`` for this call."""
     b, width, n, d = len(s.batch), s.batch.input_ids.shape[1], len(s.layers), model.cfg.d_mlp
     return {"sequence": (b, n, d), "part": (b, n, len(PARTS), d), "position": (b, n, width, d)}[
@@ -223,7 +226,7 @@ def output_shape(s: AttributionSetup, model: Any) -> tuple[int, ...]:
 
 
 def rows_for_memory(
-    model: Any, seq_len: int, budget_bytes: int, *, bytes_per_value: int = 4
+    model: HookedReranker, seq_len: int, budget_bytes: int, *, bytes_per_value: int = 4
 ) -> int:
     """How many rows (sequences of ``seq_len``) one forward + backward fits in ``budget_bytes``.
 
@@ -237,7 +240,11 @@ def rows_for_memory(
 
 
 def max_batch_rows(
-    model: Any, seq_len: int, max_batch: int | None, memory_budget: int | None, autocast: Any
+    model: HookedReranker,
+    seq_len: int,
+    max_batch: int | None,
+    memory_budget: int | None,
+    autocast: Any,
 ) -> int:
     """Rows per forward/backward: ``max_batch``, or what ``memory_budget`` allows."""
     if max_batch is not None and memory_budget is not None:

@@ -61,6 +61,7 @@ from mechir.attribution.result import (
     make_result,
     warn_unconverged,
 )
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 
 
@@ -134,7 +135,7 @@ def _catch_hook(store: dict[str, Tensor]) -> Callable[[Tensor, Any], None]:
 
 
 def _input_chunk(
-    model: Any, s: AttributionSetup, rows: CrossEncoderBatch, embeddings: Tensor, ac: Any
+    model: HookedReranker, s: AttributionSetup, rows: CrossEncoderBatch, embeddings: Tensor, ac: Any
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """One forward + backward of ``rows`` with their embedding output set to ``embeddings``:
     the activations of every attributed layer, ``dF/da`` of each and ``dF/de`` (float32)."""
@@ -155,7 +156,9 @@ class _PathRows:
     activations, activation gradients and embedding gradient (cut to the example's tokens) to
     ``take(i, alpha, acts, grads, emb_grad)``."""
 
-    def __init__(self, model: Any, s: AttributionSetup, gb: CrossEncoderBatch, emb_b, emb_x, ac):
+    def __init__(
+        self, model: HookedReranker, s: AttributionSetup, gb: CrossEncoderBatch, emb_b, emb_x, ac
+    ):
         self.model, self.s, self.gb, self.ac = model, s, gb, ac
         self.emb_b, self.emb_x = emb_b, emb_x
         self.lengths = gb.lengths.tolist()
@@ -179,7 +182,12 @@ class _PathRows:
 
 
 def _groups(
-    model: Any, s: AttributionSetup, group_size: int, ac: Any, f_x: Tensor, f_base: Tensor
+    model: HookedReranker,
+    s: AttributionSetup,
+    group_size: int,
+    ac: Any,
+    f_x: Tensor,
+    f_base: Tensor,
 ) -> Iterator[tuple]:
     """Groups of ``group_size`` examples with their clean passes over the input and the
     baseline (``F`` written into ``f_x`` / ``f_base``) and a :class:`_PathRows` runner."""
@@ -194,7 +202,7 @@ def _groups(
 
 
 def conductance_attributions(
-    model: Any, s: AttributionSetup, max_batch: int, ac: Any
+    model: HookedReranker, s: AttributionSetup, max_batch: int, ac: Any
 ) -> NeuronAttributions:
     """The batched input path (see the module doc); ``s`` from :func:`common.prepare`."""
     if s.rule is None:
@@ -275,7 +283,9 @@ def _level(alpha: float) -> int:
     return Fraction(alpha).denominator // 2
 
 
-def _auto(model: Any, s: AttributionSetup, max_batch: int, ac: Any) -> NeuronAttributions:
+def _auto(
+    model: HookedReranker, s: AttributionSetup, max_batch: int, ac: Any
+) -> NeuronAttributions:
     out = torch.zeros(output_shape(s, model), dtype=torch.float32)
     n_layers, d_mlp = len(s.layers), model.cfg.d_mlp
     coarse = torch.zeros(len(s.batch), n_layers, d_mlp)
@@ -363,7 +373,7 @@ def _auto(model: Any, s: AttributionSetup, max_batch: int, ac: Any) -> NeuronAtt
 
 # ---------------------------------------------------------------------- naive reference
 def conductance_reference_layer(
-    model: Any,
+    model: HookedReranker,
     one: CrossEncoderBatch,
     s: AttributionSetup,
     name: str,

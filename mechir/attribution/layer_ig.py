@@ -41,6 +41,7 @@ from mechir.attribution.result import (
     make_result,
     warn_unconverged,
 )
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 
 
@@ -104,7 +105,7 @@ class _Example:
     """The interpolated forwards of one example: rows ``(layer position, alpha)`` in chunks of
     ``per_chunk``, each row's gradient ``dF/da(alpha)`` handed to ``take(lp, alpha, grad)``."""
 
-    def __init__(self, model: Any, s: AttributionSetup, one: CrossEncoderBatch, a_b, ac):
+    def __init__(self, model: HookedReranker, s: AttributionSetup, one: CrossEncoderBatch, a_b, ac):
         self.model, self.s, self.one, self.a_b, self.ac = model, s, one, a_b, ac
         self.forwards = 0  # rows run
 
@@ -125,7 +126,7 @@ class _Example:
 
 
 def layer_ig_attributions(
-    model: Any, s: AttributionSetup, max_batch: int, ac: Any
+    model: HookedReranker, s: AttributionSetup, max_batch: int, ac: Any
 ) -> NeuronAttributions:
     """The batched activation path (see the module doc); ``s`` from :func:`common.prepare`."""
     out = torch.zeros(output_shape(s, model), dtype=torch.float32)
@@ -252,7 +253,7 @@ def _auto(
 
 # ---------------------------------------------------------------------- naive reference
 def layer_ig_reference_layer(
-    model: Any, one: CrossEncoderBatch, s: AttributionSetup, name: str, base: Tensor
+    model: HookedReranker, one: CrossEncoderBatch, s: AttributionSetup, name: str, base: Tensor
 ) -> tuple[Tensor, float]:
     """Integrated gradients of one layer of one example, one path point per forward and
     backward; also ``F(x with a_l := a'_l)``."""

@@ -18,7 +18,7 @@ one layer, one path point per forward and backward) and is kept as the oracle.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -40,6 +40,7 @@ from mechir.attribution.conductance import conductance_attributions, conductance
 from mechir.attribution.layer_ig import layer_ig_attributions, layer_ig_reference_layer
 from mechir.attribution.result import NeuronAttributions, make_result
 from mechir.attribution.targets import AttributionTarget
+from mechir.interface import HookedReranker
 from mechir.model import HooksArg
 from mechir.parts import CrossEncoderBatch
 
@@ -61,7 +62,7 @@ __all__ = [
 
 
 def neuron_integrated_gradients(
-    model: Any,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     *,
     path: PathFamily = "input",
@@ -143,7 +144,7 @@ def neuron_integrated_gradients(
 
 
 def neuron_integrated_gradients_reference(
-    model: Any,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     *,
     path: PathFamily = "input",

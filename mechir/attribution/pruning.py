@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,7 @@ from mechir.data import Pair, Qrels
 from mechir.display import fields_repr
 from mechir.evaluation import evaluate, paired_ttest, rerank
 from mechir.hooks.neurons import neuron_ablation_hooks
+from mechir.interface import HookedReranker
 
 
 @dataclass(repr=False)
@@ -43,7 +43,7 @@ class PruningResult:
 
 
 def pruning_evaluation(
-    model: Any,
+    model: HookedReranker,
     pairs: Sequence[Pair],
     qrels: Qrels,
     selections: NeuronSelection | Mapping[str, NeuronSelection],

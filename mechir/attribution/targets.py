@@ -9,12 +9,14 @@ logits ``[0, z]`` (class 1 = relevant, class 0 = non-relevant), so that ``prob``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from jaxtyping import Float
 from torch import Tensor
+
+from mechir.interface import HookedReranker
 
 TargetKind = Literal["score", "logit", "prob", "log_prob"]
 TARGET_KINDS: tuple[str, ...] = ("score", "logit", "prob", "log_prob")
@@ -66,7 +68,7 @@ def parse_target(target: AttributionTarget | str) -> AttributionTarget:
     return AttributionTarget(kind, label)  # type: ignore[arg-type]
 
 
-def _class_index(model: Any, label: LabelLike) -> int:
+def _class_index(model: HookedReranker, label: LabelLike) -> int:
     n = model.num_labels
     n_classes = 2 if n == 1 else n
     relevant = 1 if n == 1 else model.relevant_label
@@ -83,7 +85,7 @@ def _class_index(model: Any, label: LabelLike) -> int:
     return label
 
 
-def check_target(model: Any, target: AttributionTarget | str) -> AttributionTarget:
+def check_target(model: HookedReranker, target: AttributionTarget | str) -> AttributionTarget:
     """Parse ``target`` and check it makes sense for ``model`` (raises ``ValueError``)."""
     t = parse_target(target)
     if t.kind != "score":
@@ -97,7 +99,7 @@ def check_target(model: Any, target: AttributionTarget | str) -> AttributionTarg
 
 
 def target_from_logits(
-    model: Any, logits: Float[Tensor, "batch n_labels"], target: AttributionTarget | str
+    model: HookedReranker, logits: Float[Tensor, "batch n_labels"], target: AttributionTarget | str
 ) -> Float[Tensor, " batch"]:
     """``F`` for every row of ``logits`` (a 1-label model's logit ``z`` reads as ``[0, z]``)."""
     t = check_target(model, target)
@@ -110,14 +112,3 @@ def target_from_logits(
         return logits[:, index]
     log_probs = nn.functional.log_softmax(logits.float(), dim=-1)[:, index]
     return log_probs if t.kind == "log_prob" else log_probs.exp()
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Target":  # deprecated alias (renamed to avoid confusion with PatchTarget)
-        import warnings
-
-        warnings.warn(
-            "mechir.attribution Target is renamed AttributionTarget", DeprecationWarning, 2
-        )
-        return AttributionTarget
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

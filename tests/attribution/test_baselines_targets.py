@@ -99,11 +99,3 @@ def test_baseline_token_id_out_of_range_is_rejected(tiny, tiny_batch, bad):
     )
     with pytest.raises(ValueError, match=f"baseline token id {bad} out of range: the vocabulary"):
         baseline_batch(model, tiny_batch, user)
-
-
-def test_target_is_a_deprecated_alias_of_attribution_target():
-    import mechir.attribution as attribution
-
-    with pytest.warns(DeprecationWarning, match="renamed AttributionTarget"):
-        old = attribution.Target
-    assert old is AttributionTarget
