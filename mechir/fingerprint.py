@@ -16,8 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mechir.interface import HookedReranker
-
 #: Files holding a checkpoint's weights (safetensors shards, PyTorch pickles).
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
@@ -93,7 +91,7 @@ def local_model_directory(model: str | os.PathLike) -> Path | None:
         return None
 
 
-def weights_fingerprint(model: HookedReranker) -> str | None:
+def weights_fingerprint(model: str | os.PathLike | Any) -> str | None:
     """A stable fingerprint of ``model``'s weights.
 
     Args:
