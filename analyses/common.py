@@ -428,22 +428,10 @@ def model_shape(args: argparse.Namespace) -> dict[str, int]:
     from transformers import AutoConfig
 
     from mechir.demo import resolve_model
-    from mechir.families import SUPPORTED, UnsupportedModelError, family_of
+    from mechir.models.registry import family_for_config
 
     cfg = AutoConfig.from_pretrained(resolve_model(args.model))
-    family = family_of(getattr(cfg, "model_type", None))
-    if family is None:
-        raise UnsupportedModelError(
-            f"{args.model}: model_type {cfg.model_type!r} is not supported; mechir supports "
-            f"{SUPPORTED}"
-        )
-    shape = family.encoder_config(cfg)
-    return {
-        "n_layers": shape.n_layers,
-        "n_heads": shape.n_heads,
-        "d_model": shape.d_model,
-        "d_mlp": shape.d_mlp,
-    }
+    return family_for_config(cfg, str(args.model)).dimensions(cfg)
 
 
 def load_data(args: argparse.Namespace) -> Any:

@@ -17,8 +17,8 @@ from mechir.lazy import lazy_import
 
 pd = lazy_import("pandas")
 
-if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
-    from mechir.model import HooksArg
+if TYPE_CHECKING:  # imported lazily: mechir.models pulls in TransformerLens
+    from mechir.models.hooked import HooksArg
 
 
 def rerank_row(

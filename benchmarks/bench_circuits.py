@@ -123,7 +123,7 @@ def bench_svd(name: str, shape: dict, repeats: int, sample_heads: int) -> dict:
 def bert_base_model():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from mechir.model import hooked_cross_encoder_from_hf
+    from mechir.models.encoder import hooked_cross_encoder_from_hf
 
     torch.manual_seed(0)
     cfg = BertConfig(num_labels=1, architectures=["BertForSequenceClassification"])

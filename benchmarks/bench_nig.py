@@ -90,7 +90,7 @@ def build(shape: str, device: str = "cpu"):
 
     from mechir import cross_encoder_batch_from_tokens, load_cross_encoder
     from mechir.attribution import baseline_batch
-    from mechir.model import hooked_cross_encoder_from_hf
+    from mechir.models.encoder import hooked_cross_encoder_from_hf
 
     if shape == "shared":
         model = load_cross_encoder(default_model(), device=device)

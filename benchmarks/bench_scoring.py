@@ -1,7 +1,7 @@
 """Scoring throughput (pairs/s): HookedCrossEncoder without hooks, with a direction-ablation hook,
 and plain Hugging Face ``BertForSequenceClassification`` (eager attention) on the same inputs;
 for the BERT-like families also the same model with TransformerLens's own attention forward in
-place of :class:`mechir.model.EncoderAttention` (with and without the hook).
+place of :class:`mechir.models.encoder.EncoderAttention` (with and without the hook).
 
 Runs are interleaved (HF, hooked, hooked+ablation, ..., repeated) and medians reported, so that
 load from other processes (and this machine's drifting speed) affects all alike. Writes
@@ -41,7 +41,7 @@ def main() -> None:
 
     from mechir import load_cross_encoder
     from mechir.hooks import direction_ablation_hooks
-    from mechir.model import EncoderAttention
+    from mechir.models.encoder import EncoderAttention
 
     model = load_cross_encoder(args.model, device=args.device)
     hf = hf_model(args.model).to(args.device).eval()

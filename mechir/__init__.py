@@ -23,12 +23,12 @@ _warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"transfo
 
 #: Public name -> the module that defines it (imported on first access).
 _LAZY: dict[str, str] = {
-    "FAMILIES": "mechir.families",
-    "Family": "mechir.families",
+    "FAMILIES": "mechir.models.registry",
+    "Family": "mechir.models.registry",
     "ModelNotFoundError": "mechir.loading",
     "UnsupportedModelError": "mechir.loading",
     "load_cross_encoder": "mechir.loading",
-    "HookedCrossEncoder": "mechir.model",
+    "HookedCrossEncoder": "mechir.models.encoder",
     "PARTS": "mechir.parts",
     "CrossEncoderBatch": "mechir.parts",
     "PairLayout": "mechir.parts",
@@ -59,9 +59,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from mechir.families import FAMILIES, Family
     from mechir.loading import UnsupportedModelError, load_cross_encoder
-    from mechir.model import HookedCrossEncoder
+    from mechir.models.encoder import HookedCrossEncoder
+    from mechir.models.registry import FAMILIES, Family
     from mechir.parts import (
         PARTS,
         CrossEncoderBatch,

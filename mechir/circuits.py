@@ -317,7 +317,7 @@ def token_embeddings(
     ``position`` (``None``: no position embedding, i.e. a position-free reading of the token).
     Families without token types (DistilBERT) or with one (RoBERTa, XLM-R) read the same vector
     for both segments; RoBERTa/XLM-R positions are offset by ``padding_idx + 1`` and ELECTRA's
-    embedding projection is applied (see :class:`mechir.model.CrossEncoderEmbed`).
+    embedding projection is applied (see :class:`mechir.models.encoder.CrossEncoderEmbed`).
     """
     if token_type not in (0, 1):
         raise ValueError(

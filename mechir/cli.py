@@ -144,7 +144,7 @@ def resolve_max_length(model: str, max_length: int | None) -> int | None:
     limit = position_limit(model)
     if max_length is None:
         return default_max_length(model)
-    special = family.layout.n_special if family is not None else 3
+    special = family.n_special if family is not None else 3
     if max_length < special + 2:
         raise UsageError(
             f"--max-length {max_length} is too small: a pair needs {special} special tokens plus "

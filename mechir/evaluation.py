@@ -12,17 +12,18 @@ import numpy as np
 
 from mechir.data import Pair, Qrels, Run
 from mechir.display import describe
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
 
-if TYPE_CHECKING:  # imported lazily: mechir.model pulls in TransformerLens
-    from mechir.model import HookedCrossEncoder, HooksArg
+if TYPE_CHECKING:  # imported lazily: mechir.models pulls in TransformerLens
+    from mechir.models.hooked import HooksArg
 
 
 def score_pairs(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: Sequence[Pair],
     *,
     hooks: HooksArg = None,
@@ -97,7 +98,7 @@ def check_pairs(pairs: Sequence[Pair]) -> None:
 
 
 def rerank(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: Sequence[Pair],
     *,
     hooks: HooksArg = None,

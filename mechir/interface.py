@@ -2,7 +2,7 @@
 
 Hook factories, attribution, circuits, patching and the studies take ``model: HookedReranker``:
 any model with TransformerLens hook points that scores (query, document) pairs and knows the
-parts of the batch it runs on (:class:`mechir.model.HookedCrossEncoder` and every family mechir
+parts of the batch it runs on (:class:`mechir.models.HookedCrossEncoder` and every family mechir
 loads). This module imports no model library, so annotating with it costs nothing at import.
 """
 
@@ -23,7 +23,7 @@ class HookedReranker(Protocol):
         cfg: the TransformerLens config (``n_layers``, ``n_heads``, ``d_model``, ``d_head``,
             ``d_mlp``, ``device``, ``dtype``).
         tokenizer: the Hugging Face tokenizer (or None).
-        family: the :class:`~mechir.families.Family` the model was loaded as.
+        family: the :class:`~mechir.models.Family` the model was loaded as.
         hook_dict: hook name -> ``HookPoint``.
     """
 

@@ -1,8 +1,8 @@
-"""Load a cross-encoder (hub id, local directory, in-memory model) into mechir.
+"""Load a reranker (hub id, local directory, in-memory model) into mechir.
 
-Dispatches on ``config.model_type`` through :mod:`mechir.families` (BERT, ELECTRA, RoBERTa,
-XLM-RoBERTa, DistilBERT); anything else (T5/MonoT5, decoder rerankers, DeBERTa, base models
-without a classification head) is an :class:`UnsupportedModelError` listing what is supported.
+Resolves the source offline first, then dispatches on ``config.model_type`` and the checkpoint's
+architecture through the family registry (:data:`mechir.models.FAMILIES`); the family's file
+loads it. Anything else is an :class:`UnsupportedModelError` listing what is supported.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from typing import Any
 import torch
 
 from mechir.demo import is_demo, resolve_model
-from mechir.families import SUPPORTED, Family, UnsupportedModelError, family_of
-from mechir.model import HookedCrossEncoder, ScoreType, hooked_cross_encoder_from_hf
+from mechir.interface import HookedReranker
+from mechir.models.registry import (
+    SUPPORTED,
+    LoadOptions,
+    UnsupportedModelError,
+    family_for_config,
+)
 from mechir.network import offline_mode, unreachable
-from mechir.parts import pair_layout_of
 from mechir.settings import check_model_type
 
 
@@ -173,45 +177,6 @@ def check_finite_weights(hf_model: Any, source: str) -> None:
             )
 
 
-def _check_config(config: Any, source: str) -> Family:
-    model_type = getattr(config, "model_type", None)
-    family = family_of(model_type)
-    if family is None:
-        raise UnsupportedModelError(
-            f"{source}: model_type {model_type!r} is not supported; mechir supports {SUPPORTED}"
-        )
-    archs = getattr(config, "architectures", None) or []
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise UnsupportedModelError(
-            f"{source}: decoder {family.name} is not supported; mechir supports {SUPPORTED}"
-        )
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise UnsupportedModelError(
-            f"{source}: position_embedding_type {config.position_embedding_type!r} is not "
-            "supported (absolute positions only)"
-        )
-    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise UnsupportedModelError(
-            f"{source}: checkpoint architecture {archs} has no sequence-classification head; "
-            f"mechir supports {SUPPORTED}"
-        )
-    return family
-
-
-def _check_tokenizer(tokenizer: Any, family: Family, source: str) -> None:
-    """The tokenizer must join pairs the way the family was trained to read them."""
-    try:
-        layout = pair_layout_of(tokenizer)
-    except (AttributeError, ValueError):
-        return  # a tokenizer without a pair template: the family's layout is used
-    if layout.middle_seps != family.layout.middle_seps:
-        raise ValueError(
-            f"{source}: the tokenizer puts {layout.middle_seps} separator(s) between query and "
-            f"document, but {family.name} cross-encoders read {family.layout.middle_seps}: pass "
-            "the model's own tokenizer"
-        )
-
-
 TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.txt",
@@ -246,12 +211,12 @@ def load_cross_encoder(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     relevant_label: int = 1,
-    score_type: ScoreType | None = None,
-) -> HookedCrossEncoder:
-    """Load a cross-encoder into a :class:`~mechir.model.HookedCrossEncoder`.
+    score_type: str | None = None,
+) -> HookedReranker:
+    """Load a reranker into mechir: a :class:`~mechir.models.HookedCrossEncoder` for the encoder
+    families, the family's own hooked model otherwise.
 
-    Supported families (:data:`mechir.families.FAMILIES`): BERT, ELECTRA, RoBERTa, XLM-RoBERTa
-    and DistilBERT ``*ForSequenceClassification`` checkpoints.
+    Supported families: :data:`mechir.models.FAMILIES` (one file each in :mod:`mechir.models`).
 
     Args:
         model: a Hugging Face hub id (``"castorini/monobert-large-msmarco"``), a local directory
@@ -269,6 +234,9 @@ def load_cross_encoder(
         score_type: ``"binary_logit"`` (default: the log-odds of relevance), ``"logit"``,
             ``"log_prob"`` or ``"prob"`` (see ``HookedCrossEncoder``).
 
+    Returns:
+        a model satisfying :class:`mechir.interface.HookedReranker`.
+
     A string is resolved offline first (:func:`resolve_model_source`): a local directory, then
     the local Hugging Face cache, then the hub only when it is reachable and not switched off
     (``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``).
@@ -283,70 +251,45 @@ def load_cross_encoder(
     """
     from transformers import AutoConfig, PreTrainedModel
 
+    options = LoadOptions(
+        device=device, dtype=dtype, relevant_label=relevant_label, score_type=score_type
+    )
     sentence_cross_encoder = _sentence_transformers_model(model)
     if sentence_cross_encoder is not None:
         model, tokenizer = sentence_cross_encoder, tokenizer or model.tokenizer
     if isinstance(model, PreTrainedModel):
         source = type(model).__name__
-        family = _check_config(model.config, source)
-        if not isinstance(model, family.hf_model_class()):
-            raise UnsupportedModelError(
-                f"{source} is not supported (expected {family.hf_class}); mechir supports "
-                f"{SUPPORTED}"
-            )
+        family = family_for_config(model.config, source, architecture=source)
         if tokenizer is None:
             raise ValueError("an in-memory model needs its tokenizer: pass tokenizer=...")
-        hf_model = model
-    elif isinstance(model, (str, os.PathLike)):
-        source = str(model)
-        location = resolve_model_source(model)
-        try:
-            config = AutoConfig.from_pretrained(location)
-        except ValueError as err:  # a downloaded config.json of a type Transformers lacks
-            model_type = _unknown_model_type(str(err))
-            if model_type is None:
-                raise
-            raise UnsupportedModelError(
-                f"{source}: model_type {model_type!r} is not supported; mechir supports {SUPPORTED}"
-            ) from None
-        except OSError as err:  # the hub answered the reachability check but not this request
-            if isinstance(location, Path):
-                raise
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise _not_found(
-                source, f"the hub {_hub_endpoint()} did not provide it ({reason})"
-            ) from None
-        family = _check_config(config, source)
-        if tokenizer is None:
-            tokenizer = _load_tokenizer(str(location))
-        try:
-            hf_model, info = family.hf_model_class().from_pretrained(
-                location, output_loading_info=True, attn_implementation="eager"
-            )
-        except (OSError, RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{source}: could not load the weights ({first})") from err
-        missing_head = [k for k in info["missing_keys"] if k.startswith(family.head_keys)]
-        if missing_head:
-            raise UnsupportedModelError(
-                f"{source}: the checkpoint has no trained classification head ({missing_head} "
-                f"missing); mechir supports {SUPPORTED}"
-            )
-    else:
+        return family.load(model, tokenizer, options)
+    if not isinstance(model, (str, os.PathLike)):
         raise TypeError(
-            "model must be a hub id, a local directory, a *ForSequenceClassification model or "
-            f"a sentence_transformers.CrossEncoder, got {type(model).__name__}"
+            "model must be a hub id, a local directory, a transformers model or a "
+            f"sentence_transformers.CrossEncoder, got {type(model).__name__}"
         )
-    _check_tokenizer(tokenizer, family, source)
-    check_finite_weights(hf_model, source)
-    return hooked_cross_encoder_from_hf(
-        hf_model.eval(),
-        tokenizer,
-        device=device,
-        dtype=dtype,
-        relevant_label=relevant_label,
-        score_type=score_type,
-    )
+    source = str(model)
+    location = resolve_model_source(model)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except ValueError as err:  # a downloaded config.json of a type Transformers lacks
+        model_type = _unknown_model_type(str(err))
+        if model_type is None:
+            raise
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not supported; mechir loads {SUPPORTED}"
+        ) from None
+    except OSError as err:  # the hub answered the reachability check but not this request
+        if isinstance(location, Path):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _not_found(
+            source, f"the hub {_hub_endpoint()} did not provide it ({reason})"
+        ) from None
+    family = family_for_config(config, source)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(str(location))
+    return family.load(location, tokenizer, options)
 
 
 def _unknown_model_type(message: str) -> str | None:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import pandas as pd
 
 from mechir.data import Pair
-from mechir.model import HookedCrossEncoder, HooksArg
+from mechir.models.encoder import HookedCrossEncoder
+from mechir.models.hooked import HooksArg
 
 try:
     import pyterrier as pt

@@ -158,7 +158,7 @@ def position_limit(model: str | os.PathLike) -> int | None:
 
 
 def check_model_type(config_path: str | os.PathLike) -> Any:
-    """The family (:class:`mechir.families.Family`) that a model's ``config.json`` names by its
+    """The family (:class:`mechir.models.Family`) that a model's ``config.json`` names by its
     ``model_type``, read as JSON before Transformers parses it (whose error for an unknown type
     advises upgrading Transformers and names no file); None when the file names no
     ``model_type`` (the loader decides then).
@@ -168,7 +168,7 @@ def check_model_type(config_path: str | os.PathLike) -> Any:
             file, the type and the families mechir loads).
         SettingsError: the file is not a JSON object.
     """
-    from mechir.families import FAMILIES, UnsupportedModelError, family_of
+    from mechir.models.registry import SUPPORTED, UnsupportedModelError, families_of
 
     path = Path(config_path)
     try:
@@ -180,14 +180,12 @@ def check_model_type(config_path: str | os.PathLike) -> Any:
     model_type = config.get("model_type")
     if model_type is None:
         return None
-    family = family_of(model_type) if isinstance(model_type, str) else None
-    if family is None:
-        loads = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    families = families_of(model_type) if isinstance(model_type, str) else []
+    if not families:
         raise UnsupportedModelError(
-            f"{path}: model_type {model_type!r} is not supported; mechir loads "
-            f"sequence-classification cross-encoders of the families {loads}"
+            f"{path}: model_type {model_type!r} is not supported; mechir loads {SUPPORTED}"
         )
-    return family
+    return families[0]
 
 
 def model_family(model: str | os.PathLike) -> Any:

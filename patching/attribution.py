@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from mechir.model import HookedCrossEncoder
+from mechir.models.encoder import HookedCrossEncoder
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA, PatchingResult
 from patching.targets import PatchTarget

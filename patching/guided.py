@@ -58,7 +58,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechir.model import HookedCrossEncoder
+from mechir.models.encoder import HookedCrossEncoder
 from patching.attribution import GroupEstimates, group_estimates
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA

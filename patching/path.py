@@ -28,8 +28,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechir.hooks.patch import ActivationSource, patch_hooks
-from mechir.model import HookedCrossEncoder, Hooks
+from mechir.models.encoder import HookedCrossEncoder
 from mechir.parts import CrossEncoderBatch
+from mechir.running import Hooks
 from mechir.selection import HeadLike, HeadSelection, head_label, heads_by_layer, select_heads
 from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mechir.model import HookedCrossEncoder
+from mechir.models.encoder import HookedCrossEncoder
 from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult
 from patching.sweep import empty_result

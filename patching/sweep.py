@@ -26,8 +26,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir import distributed
-from mechir.model import HookedCrossEncoder, Hooks
+from mechir.models.encoder import HookedCrossEncoder
 from mechir.parts import CrossEncoderBatch
+from mechir.running import Hooks
 from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult
 from patching.targets import PatchTarget

@@ -35,8 +35,9 @@ from transformer_lens import ActivationCache
 
 from mechir.hooks.patch import ActivationSource, as_source, patch_hooks
 from mechir.hooks.site import SITES, PartSelection, Positions, Site
-from mechir.model import HookedCrossEncoder, Hooks
+from mechir.models.encoder import HookedCrossEncoder
 from mechir.parts import PARTS, PartLike, parse_parts
+from mechir.running import Hooks
 from mechir.selection import HeadSelection, select_heads, select_layers, select_neurons
 
 Component = Literal["resid_pre", "attn_out", "mlp_out"]

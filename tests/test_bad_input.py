@@ -19,7 +19,7 @@ import torch
 from mechir import ModelNotFoundError, encode, load_cross_encoder, selection
 from mechir.data import DatasetNotFoundError, load_collection, read_qrels, read_run
 from mechir.evaluation import Pair, paired_ttest, rerank
-from mechir.families import UnsupportedModelError
+from mechir.models.registry import UnsupportedModelError
 from tests.helpers import tiny_hf_model, tiny_tokenizer
 
 
@@ -101,8 +101,8 @@ ROWS: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
         "unknown model_type",
         unknown_model_type,
         UnsupportedModelError,
-        "<value>: model_type 'frobnicator' is not supported; mechir loads sequence-classification "
-        "cross-encoders of the families BERT (bert), ELECTRA (electra), RoBERTa (roberta)",
+        "<value>: model_type 'frobnicator' is not supported; mechir loads rerankers of the "
+        "families BERT (bert), ELECTRA (electra), RoBERTa (roberta)",
     ),
     ("truncated safetensors", truncated_weights, ValueError, "<value>"),
     (

@@ -78,7 +78,7 @@ BAD = [
     (
         ["--model", "{tmp}/unknown-type"],
         "{tmp}/unknown-type/config.json: model_type 'frobnicator' is not supported; mechir loads "
-        "sequence-classification cross-encoders of the families BERT (bert), ELECTRA",
+        "rerankers of the families BERT (bert), ELECTRA",
     ),
     (
         ["--dataset", "{tmp}/no-queries"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mechir import load_cross_encoder
-from mechir.model import running_batch
+from mechir.running import running_batch
 from tests.helpers import (
     DOCUMENTS,
     QUERIES,
@@ -194,7 +194,7 @@ def test_encoder_attention_equals_transformer_lens_attention(tiny, tiny_batch, m
     fully masked row (-inf everywhere: NaN after the softmax, zeros in both)."""
     from transformer_lens.components import Attention
 
-    from mechir.model import EncoderAttention
+    from mechir.models.encoder import EncoderAttention
 
     model, _, _ = tiny
     assert all(type(block.attn) is EncoderAttention for block in model.blocks)

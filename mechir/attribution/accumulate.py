@@ -27,7 +27,7 @@ from mechir.attribution.nig import (
 from mechir.attribution.targets import AttributionTarget
 from mechir.display import fields_repr
 from mechir.interface import HookedReranker
-from mechir.model import HooksArg
+from mechir.models.hooked import HooksArg
 from mechir.parts import CrossEncoderBatch
 
 

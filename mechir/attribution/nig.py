@@ -41,7 +41,7 @@ from mechir.attribution.layer_ig import layer_ig_attributions, layer_ig_referenc
 from mechir.attribution.result import NeuronAttributions, make_result
 from mechir.attribution.targets import AttributionTarget
 from mechir.interface import HookedReranker
-from mechir.model import HooksArg
+from mechir.models.hooked import HooksArg
 from mechir.parts import CrossEncoderBatch
 
 PathFamily = Literal["input", "activation"]

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from jaxtyping import Bool, Float
 
@@ -69,7 +69,9 @@ PartSelection = (
     | Sequence[Mapping[str, PartLike | Iterable[PartLike]]]
     | None
 )
-Positions = int | Sequence[int] | Bool[torch.Tensor, " pos"] | None
+#: Absolute token positions: one, several, or a ``[pos]`` bool mask (a forward reference, so
+#: that importing this module does not import torch).
+Positions = Union[int, Sequence[int], "Bool[torch.Tensor, ' pos']", None]  # noqa: UP007
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mechir.models.registry import family_of
 
 from mechir import load_cross_encoder
-from mechir.families import MODERNBERT
 from tests.families.builders import load_hf, wordpiece_tokenizer
 from tests.helpers import DOCUMENTS, QUERIES
 
@@ -24,7 +24,7 @@ def modern(request, family_dirs):
 
 def test_layers_alternate_global_and_sliding_window(modern):
     model, hf, batch = modern
-    assert model.family is MODERNBERT
+    assert model.family is family_of("modernbert")
     windows = [block.attn.window for block in model.blocks]
     assert windows == [None, hf.config.local_attention // 2]
     assert windows[1] < batch.input_ids.shape[1] // 2  # the window masks keys

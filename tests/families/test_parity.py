@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mechir import Part
-from mechir.families import FAMILIES
+from mechir.models.registry import FAMILIES
 from tests.families.builders import SPECS
 from tests.helpers import DOCUMENTS, QUERIES
 
@@ -128,3 +128,9 @@ def test_tokenizer_of_another_layout_is_a_clear_error(family_dirs):
     hf = load_hf("roberta", family_dirs("roberta"))
     with pytest.raises(ValueError, match="1 separator.*RoBERTa cross-encoders read 2"):
         load_cross_encoder(hf, tokenizer=wordpiece_tokenizer(), device="cpu")
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.kind == "encoder"], ids=lambda f: f.name)
+def test_registry_counts_the_special_tokens_of_the_family_layout(fam):
+    """The light registry entry (read before a model loads) agrees with the family's layout."""
+    assert fam.n_special == fam.implementation().SPEC.layout.n_special

@@ -15,7 +15,7 @@ from mechir.hooks import (
     direction_mask,
     sliding_layer_windows,
 )
-from mechir.model import hooked_cross_encoder_from_hf
+from mechir.models.encoder import hooked_cross_encoder_from_hf
 from tests.helpers import tiny_hf_model, tiny_tokenizer
 from tests.reference_bert import reference_logits
 
