@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mechir.models.registry import family_of
 
 from mechir import load_cross_encoder
+from mechir.models.registry import family_of
 from tests.families.builders import load_hf, wordpiece_tokenizer
 from tests.helpers import DOCUMENTS, QUERIES
 
