@@ -22,7 +22,13 @@ torch = lazy_import("torch")
 
 
 class Part(enum.IntEnum):
-    """The five parts of ``[CLS] query [SEP] document [SEP]``, plus padding."""
+    """The five parts of ``[CLS] query [SEP] document [SEP]``, plus padding.
+
+    Prompt-based rerankers (MonoT5, LLM rerankers) fill a template around the query and the
+    document; their template tokens take the same three parts by position, under the names
+    ``"prefix"`` (before the query: ``CLS``), ``"middle"`` (between query and document:
+    ``SEP1``) and ``"suffix"`` (after the document: ``SEP2``), so every study reads the same five
+    parts for every family."""
 
     CLS = 0
     QUERY = 1
@@ -37,6 +43,8 @@ PARTS: tuple[Part, ...] = (Part.CLS, Part.QUERY, Part.SEP1, Part.DOCUMENT, Part.
 
 _PART_NAMES = {p.name.lower(): p for p in Part}
 _PART_NAMES.update({"q": Part.QUERY, "d": Part.DOCUMENT, "doc": Part.DOCUMENT})
+#: Names of the template parts of prompt-based rerankers (see :class:`Part`).
+_PART_NAMES.update({"prefix": Part.CLS, "middle": Part.SEP1, "suffix": Part.SEP2})
 
 PartLike = Part | str | int
 
@@ -53,7 +61,7 @@ def parse_part(part: PartLike) -> Part:
         key = part.strip().lower()
         if key in _PART_NAMES:
             return _PART_NAMES[key]
-        valid = ", ".join(repr(p.name.lower()) for p in Part)
+        valid = ", ".join(repr(name) for name in _PART_NAMES if len(name) > 1)
         raise ValueError(f"unknown part name {part!r}: valid names are {valid}")
     if isinstance(part, int) and not isinstance(part, bool) and part in Part._value2member_map_:
         return Part(part)

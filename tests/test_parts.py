@@ -100,3 +100,10 @@ def test_shapes_are_checked_in_the_test_suite():
     ids = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(TypeCheckError, match="parts"):
         CrossEncoderBatch(ids, ids, ids, ids[:, :3])
+
+
+def test_template_part_names_of_prompt_rerankers():
+    """MonoT5 / LLM prompt templates: prefix, middle and suffix are CLS, SEP1 and SEP2."""
+    assert parse_part("prefix") is Part.CLS
+    assert parse_part("Middle") is Part.SEP1
+    assert parse_part("suffix") is Part.SEP2
