@@ -35,13 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from mechir.cli import (
+    PROMPT_OPTIONS,
     OneLineParser,
     add_execution_options,
     add_max_length_option,
+    add_prompt_options,
     check_output_writable,
+    check_prompt_options,
     missing_dirs,
     no_candidates_reason,
     positive_int,
+    prompt_options,
     remove_empty_dirs,
     resolve_max_length,
     run_command,
@@ -110,6 +114,7 @@ def study_parser(study: str, description: str | None) -> argparse.ArgumentParser
         "--limit-queries", type=positive_int, default=None, help="first N judged queries only"
     )
     add_max_length_option(g)
+    add_prompt_options(g)
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     r = parser.add_argument_group("execution")
     add_execution_options(r)
@@ -173,7 +178,7 @@ def study_config(args: argparse.Namespace, exclude: Iterable[str] = ()) -> dict[
     config = {
         k: _normalise(v)
         for k, v in sorted(vars(args).items())
-        if k not in skip and not k.startswith("_")
+        if k not in skip and not k.startswith("_") and not (k in PROMPT_OPTIONS and v is None)
     }
     return json.loads(json.dumps(config))
 
@@ -380,6 +385,7 @@ def check_study_args(args: argparse.Namespace, study: str) -> None:
         raise UsageError(f"--output {out} is a file; give a directory")
     check_output_writable(out / "config.json")
     args.max_length = resolve_max_length(args.model, args.max_length)
+    check_prompt_options(args)
 
 
 def study_main(
@@ -419,7 +425,7 @@ def load_model(args: argparse.Namespace) -> Any:
     """The cross-encoder named by ``--model`` on ``--device``."""
     from mechir import load_cross_encoder
 
-    return load_cross_encoder(args.model, device=args.device)
+    return load_cross_encoder(args.model, device=args.device, **prompt_options(args))
 
 
 def model_shape(args: argparse.Namespace) -> dict[str, int]:

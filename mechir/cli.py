@@ -237,9 +237,70 @@ def add_max_length_option(p: Any) -> None:
     )
 
 
+def answer_tokens(text: str) -> tuple[str, str]:
+    """``--answer-tokens yes,no``: the relevant and the non-relevant answer."""
+    tokens = tuple(t.strip() for t in text.split(","))
+    if len(tokens) != 2 or not all(tokens):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the relevant and the non-relevant answer token, e.g. 'yes,no'"
+        )
+    return tokens  # type: ignore[return-value]
+
+
+#: The options of prompt-based rerankers (MonoT5, LLM rerankers).
+PROMPT_OPTIONS: tuple[str, ...] = ("template", "instruction", "answer_tokens")
+
+
+def add_prompt_options(p: Any) -> None:
+    """``--template``, ``--instruction``, ``--answer-tokens`` (shared with the studies): the
+    prompt of a prompt-based reranker; each defaults to its family's own."""
+    p.add_argument(
+        "--template",
+        default=None,
+        help="prompt of a prompt-based reranker (MonoT5, LLM rerankers), with {query} and "
+        "{document} (and {instruction}) (default: the family's own prompt)",
+    )
+    p.add_argument(
+        "--instruction", default=None, help="the instruction of an LLM reranker's prompt"
+    )
+    p.add_argument(
+        "--answer-tokens",
+        type=answer_tokens,
+        default=None,
+        metavar="YES,NO",
+        help="relevant and non-relevant answer tokens: score = logit(YES) - logit(NO) "
+        "(default: the family's own)",
+    )
+
+
+def prompt_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The prompt options given on the command line (None ones left out), as
+    :func:`mechir.load_cross_encoder` keywords."""
+    return {k: getattr(args, k) for k in PROMPT_OPTIONS if getattr(args, k, None) is not None}
+
+
+def check_prompt_options(args: argparse.Namespace) -> None:
+    """Prompt options (:data:`PROMPT_OPTIONS`) for a model whose family reads no prompt are an
+    error before anything is loaded or written (when the model's files are local).
+
+    Raises:
+        UsageError: naming the options and the family.
+    """
+    from mechir.settings import model_family
+
+    given = prompt_options(args)
+    family = model_family(args.model) if given else None
+    if family is not None and family.kind == "encoder":
+        raise UsageError(
+            f"{', '.join(given)}: {family.name} reads no prompt (only prompt-based rerankers "
+            "such as MonoT5 and LLM rerankers do); drop the option"
+        )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id, local cross-encoder directory or 'demo'")
     add_max_length_option(p)
+    add_prompt_options(p)
     add_execution_options(p)
 
 
@@ -480,10 +541,11 @@ def _score(args: argparse.Namespace) -> int:
         check_new_output(args.output)
     check_device(args.device)
     max_length = resolve_max_length(args.model, args.max_length)
+    check_prompt_options(args)
 
     from mechir.loading import load_cross_encoder
 
-    model = load_cross_encoder(args.model, device=args.device)
+    model = load_cross_encoder(args.model, device=args.device, **prompt_options(args))
     batch = model.encode(queries, docs, max_length=max_length)
     scores = model.score(batch, batch_size=args.batch_size).tolist()
     lines = [
@@ -682,6 +744,7 @@ def _rerank(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_measures(args.measures)
     max_length = resolve_max_length(args.model, args.max_length)
+    check_prompt_options(args)
     col = load_collection(args.dataset, split=args.split, run=args.run)
     qids = col.query_ids(args.limit_queries)
     by_query: dict[str, list[Pair]] = {}
@@ -704,6 +767,7 @@ def _rerank(args: argparse.Namespace) -> int:
         "run": _normalised_source(args.run),
         "depth": args.depth,
         "max_length": max_length,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in prompt_options(args).items()},
     }
     if _launched():  # torchrun: one device per local rank unless --device says
         from mechir import distributed
@@ -807,7 +871,7 @@ def _load_model(args: argparse.Namespace, saved_score_type: str | None, store_pa
     """The cross-encoder of ``--model``, its score type checked against the stored one."""
     from mechir.loading import load_cross_encoder
 
-    model = load_cross_encoder(args.model, device=args.device)
+    model = load_cross_encoder(args.model, device=args.device, **prompt_options(args))
     check_score_type(saved_score_type, model.score_type, store_path)
     return model
 

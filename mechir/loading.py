@@ -212,6 +212,9 @@ def load_cross_encoder(
     dtype: torch.dtype = torch.float32,
     relevant_label: int = 1,
     score_type: str | None = None,
+    template: str | None = None,
+    instruction: str | None = None,
+    answer_tokens: tuple[str, str] | None = None,
 ) -> HookedReranker:
     """Load a reranker into mechir: a :class:`~mechir.models.HookedCrossEncoder` for the encoder
     families, the family's own hooked model otherwise.
@@ -233,6 +236,9 @@ def load_cross_encoder(
         relevant_label: the relevant class of a multi-label model (MonoBERT: 1).
         score_type: ``"binary_logit"`` (default: the log-odds of relevance), ``"logit"``,
             ``"log_prob"`` or ``"prob"`` (see ``HookedCrossEncoder``).
+        template, instruction, answer_tokens: the prompt of a prompt-based reranker (MonoT5,
+            LLM rerankers; see :class:`mechir.models.LoadOptions`); each defaults to the
+            family's own, and families that read no prompt refuse them.
 
     Returns:
         a model satisfying :class:`mechir.interface.HookedReranker`.
@@ -252,7 +258,13 @@ def load_cross_encoder(
     from transformers import AutoConfig, PreTrainedModel
 
     options = LoadOptions(
-        device=device, dtype=dtype, relevant_label=relevant_label, score_type=score_type
+        device=device,
+        dtype=dtype,
+        relevant_label=relevant_label,
+        score_type=score_type,
+        template=template,
+        instruction=instruction,
+        answer_tokens=None if answer_tokens is None else tuple(answer_tokens),
     )
     sentence_cross_encoder = _sentence_transformers_model(model)
     if sentence_cross_encoder is not None:

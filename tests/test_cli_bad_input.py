@@ -71,6 +71,8 @@ BAD = [
     (["--model", "{tmp}/no-such-model"], "no-such-model"),
     (["--dataset", "{tmp}/no-such-collection"], "no-such-collection"),
     (["--bogus"], "--bogus"),
+    (["--answer-tokens", "yes"], "give the relevant and the non-relevant answer token"),
+    (["--template", "{query} {document}"], "template: BERT reads no prompt"),
     (["--dataset", "{tmp}/empty-doc"], "query 'q1', document 'd3' is empty"),
     # issue 25: each refused before the output is claimed
     (["--max-length", "3"], "--max-length 3 is too small"),

@@ -270,3 +270,10 @@ def test_hub_that_answers_but_cannot_provide_the_model(no_hub, monkeypatch):
         "files) instead, or --model demo in the CLI"
     )
     assert "\n" not in message and elapsed < 15
+
+
+def test_prompt_options_are_refused_by_families_without_a_prompt(tmp_path):
+    from tests.helpers import tiny_hf_model
+
+    with pytest.raises(ValueError, match="template: BERT reads no prompt"):
+        load_cross_encoder(tiny_hf_model(0), tokenizer=tiny_tokenizer(tmp_path), template="{query}")

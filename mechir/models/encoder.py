@@ -744,6 +744,7 @@ def load_encoder(
     """
     from mechir.loading import check_finite_weights
 
+    options.refuse_prompt(family)
     if isinstance(source, (str, os.PathLike)):
         name = str(source)
         from transformers import AutoConfig

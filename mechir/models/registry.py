@@ -28,12 +28,33 @@ class LoadOptions:
         dtype: the parameter dtype (a ``torch.dtype``).
         relevant_label: the relevant class of a multi-label classifier (MonoBERT: 1).
         score_type: what a classifier's score is (see ``HookedCrossEncoder``); None: default.
+        template: a prompt-based reranker's prompt, with ``{query}`` and ``{document}`` (and
+            ``{instruction}``); None: the family's own.
+        instruction: an LLM reranker's instruction; None: the family's own.
+        answer_tokens: the relevant and non-relevant answers (``("yes", "no")``); the score is
+            ``logit(relevant) - logit(non-relevant)``; None: the family's own.
     """
 
     device: Any = None
     dtype: Any = None
     relevant_label: int = 1
     score_type: str | None = None
+    template: str | None = None
+    instruction: str | None = None
+    answer_tokens: tuple[str, str] | None = None
+
+    def refuse_prompt(self, family: Family) -> None:
+        """One line when prompt options reach a family that reads no prompt.
+
+        Raises:
+            ValueError: ``template``, ``instruction`` or ``answer_tokens`` was given.
+        """
+        given = [k for k in ("template", "instruction", "answer_tokens") if getattr(self, k)]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: {family.name} reads no prompt (only prompt-based rerankers "
+                "such as MonoT5 and LLM rerankers do); drop the option"
+            )
 
 
 @dataclass(frozen=True)
