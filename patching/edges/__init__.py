@@ -1,16 +1,22 @@
 """Edge-level circuits for post- and pre-LayerNorm encoders (see :mod:`patching.edges.engine`)."""
 
+from patching.edges.attribution import EdgeScores, edge_attribution, n_edges_of
 from patching.edges.graph import EdgeGraph, Receiver, Sender, edge_graph
 from patching.edges.inputs import EdgeInputs, edge_inputs
+from patching.edges.metrics import metric_matrix
 from patching.edges.patch import patch_edge_sets, patch_edges, single_edge_scores
 
 __all__ = [
     "EdgeGraph",
     "EdgeInputs",
+    "EdgeScores",
     "Receiver",
     "Sender",
+    "edge_attribution",
     "edge_graph",
     "edge_inputs",
+    "metric_matrix",
+    "n_edges_of",
     "patch_edge_sets",
     "patch_edges",
     "single_edge_scores",

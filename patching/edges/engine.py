@@ -137,7 +137,7 @@ def attend(
     attn: nn.Module, qkv: Float[Tensor, "rows pos 3 head d_head"], additive: Tensor
 ) -> Float[Tensor, "rows pos head d_head"]:
     """``z = softmax(q k^T / scale + mask) v`` per head (rotary positions and the sliding window
-    of ModernBERT's local layers included)."""
+    of ModernBERT's local layers included; a query with every key masked gets ``z = 0``)."""
     q, k, v = qkv.unbind(2)
     rotate = getattr(attn, "rotate_positions", None)
     if rotate is not None:
@@ -147,8 +147,10 @@ def attend(
     if window is not None:
         pos = torch.arange(q.shape[1], device=q.device)
         scores = scores.masked_fill((pos[:, None] - pos[None]).abs() > window, -torch.inf)
-    pattern = torch.softmax(scores, dim=-1)
-    pattern = torch.where(pattern.isnan(), 0.0, pattern)
+    # rows with no key to attend to (padding queries in a sliding window) get a zero pattern,
+    # as in the model, but through a softmax of zeros: its gradient is 0, not NaN
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    pattern = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return torch.einsum("rhqk,rkhd->rqhd", pattern, v)
 
 

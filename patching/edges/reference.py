@@ -307,9 +307,18 @@ def edge_attribution_reference(
     clean_contrib = {p: contributions_upto(model, cache.__getitem__, p) for p in _points(model)}
     x0, x0_src = cache["hook_full_embed"], source[("pre", 0)][0]
     grads: dict[int, Tensor] = {}
+    lengths = batch.lengths.tolist()
     for alpha, weight in zip(alphas, weights):
-        for r, g in _receiver_grads(model, graph, batch, x0 + alpha * (x0_src - x0)).items():
-            grads[r] = grads.get(r, 0) + weight * g
+        # one pair at a time, without padding: padded rows of a sliding-window layer have no key
+        # to attend to, and the model's softmax backward turns them into NaN gradients
+        for i, length in enumerate(lengths):
+            x = (x0 + alpha * (x0_src - x0))[i : i + 1, :length]
+            for r, g in _receiver_grads(model, graph, batch[i], x).items():
+                full = torch.zeros(1, x0.shape[1], x0.shape[2])
+                full[:, :length] = g
+                if r not in grads:
+                    grads[r] = torch.zeros_like(x0)
+                grads[r][i : i + 1] += weight * full
     out = torch.zeros(n, graph.n_edges)
     for e in range(graph.n_edges):
         r, s, k = (int(t[e]) for t in (graph.edge_receiver, graph.edge_sender, graph.edge_part))
@@ -400,7 +409,9 @@ def _pre_ln_leaf(model: Any, layer: int, c: int, leaf: Tensor, records: dict) ->
         w = (block.attn.W_Q, block.attn.W_K, block.attn.W_V)[c]
         b = (block.attn.b_Q, block.attn.b_K, block.attn.b_V)[c]
         x = records[f"blocks.{layer}.hook_resid_pre"]
-        return torch.einsum("bphm,hmk->bphk", block.ln1(x[:, :, None] + leaf), w) + b
+        per_head = x[:, :, None] + leaf  # [b, p, head, d], normalized position by position
+        normed = block.ln1(per_head.flatten(1, 2)).unflatten(1, per_head.shape[1:3])
+        return torch.einsum("bphm,hmk->bphk", normed, w) + b
 
     return hook
 
