@@ -74,7 +74,6 @@ from patching.edges.engine import (
     input_grads,
     is_pre_ln,
     kept_tensors,
-    part_onehot,
     plain_forward,
     take_rows,
     tracked_walk,
@@ -255,39 +254,31 @@ class _Contract(PointHandler):
     def __init__(self, model: Any, graph: EdgeGraph, lock: Lockstep, sums: list[_GradSums]):
         self.model, self.graph, self.lock, self.sums = model, graph, lock, sums
         self.compact = not is_pre_ln(model)
-        self.onehot = part_onehot(lock.current_parts, graph.n_parts)
         shape = (lock.n, len(graph.receivers), len(graph.senders), graph.n_parts)
         device = lock.x0.device
         self.dense = [torch.zeros(shape, device=device) for _ in sums]
 
-    def _diff(self, point: tuple[str, int], c: Tensor) -> Tensor:
-        return self.lock.source_at(point, c) - c[:, : self.lock.n]
+    def _put(self, point: tuple[str, int], c: Tensor, grads: list[Tensor]) -> None:
+        recv = receivers_at(self.graph, point)
+        s = c.shape[1]
+        for dense, g in zip(self.dense, grads):
+            dense[:, recv, :s] = self.lock.dot_grads(point, c, g, self.graph.n_parts)
 
     def pre(self, layer: int, contributions: Tensor) -> None:
-        diff = self._diff(("pre", layer), contributions)
-        recv = receivers_at(self.graph, ("pre", layer))
-        s = diff.shape[0]
-        for dense, sums in zip(self.dense, self.sums):
+        grads = []
+        for sums in self.sums:
             g = sums.qkv[layer]
             if self.compact:
                 g = expand_qkv_grads(self.model, layer, g)
-            per_pos = torch.einsum("sgpd,gpjd->gjsp", diff, g.flatten(2, 3))
-            dense[:, recv, :s] = torch.einsum("gjsp,gpk->gjsk", per_pos, self.onehot)
-
-    def _one(self, point: tuple[str, int], c: Tensor, grads: list[Tensor]) -> None:
-        diff = self._diff(point, c)
-        (recv,) = receivers_at(self.graph, point)
-        s = diff.shape[0]
-        for dense, g in zip(self.dense, grads):
-            per_pos = torch.einsum("sgpd,gpd->gsp", diff, g)
-            dense[:, recv, :s] = torch.einsum("gsp,gpk->gsk", per_pos, self.onehot)
+            grads.append(g.flatten(2, 3))
+        self._put(("pre", layer), contributions, grads)
 
     def mid(self, layer: int, contributions: Tensor) -> None:
-        self._one(("mid", layer), contributions, [s.mlp[layer] for s in self.sums])
+        self._put(("mid", layer), contributions, [s.mlp[layer][:, :, None] for s in self.sums])
 
     def final(self, contributions: Tensor) -> None:
         point = ("final", self.graph.n_layers)
-        self._one(point, contributions, [s.score for s in self.sums])
+        self._put(point, contributions, [s.score[:, :, None] for s in self.sums])
 
 
 def _contract(
@@ -559,9 +550,12 @@ def _attribute(
     )
     with torch.no_grad():
         out["clean"] = model.score(sub.clean).float()
-        out["source"] = patch_edge_sets(
-            model, sub, sets=["all"], graph=graph, batch_size=walk_rows
-        )[:, 0]
+        if sub.kind == "token":  # every edge patched = the corrupted run (engine module doc)
+            out["source"] = model.score(sub.corrupted).float()
+        else:
+            out["source"] = patch_edge_sets(
+                model, sub, sets=["all"], graph=graph, batch_size=walk_rows
+            )[:, 0]
     if method == "exact":
         patched = single_edge_scores(
             model, sub, graph=graph, memory_budget=memory_budget, progress=progress

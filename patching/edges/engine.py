@@ -105,14 +105,44 @@ def norm_vjp(ln: nn.Module, x_hat: Tensor, sigma: Tensor, grad: Tensor) -> Tenso
     return (centred - x_hat * (u * x_hat).sum(-1, keepdim=True) / d) / sigma
 
 
-def carry(ln: nn.Module, contributions: Float[Tensor, "S rows pos d"]) -> Tensor:
-    """Carry every contribution through a post-LN LayerNorm applied to their sum:
-    ``gamma * P c / sigma(sum)``; the input node (slot 0) also receives ``beta``."""
-    stream = contributions.sum(0)
-    centred = stream - stream.mean(-1, keepdim=True)
-    sigma = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + ln.eps)
-    out = (contributions - contributions.mean(-1, keepdim=True)) * (ln.w / sigma)
-    return torch.cat([out[:1] + ln.b, out[1:]])
+class Contributions:
+    """Every sender's contribution so far, ``[rows, S, pos, d]`` in a buffer allocated once for
+    all senders (sender order; slot 0 the input node), carried through post-LN LayerNorms in
+    place, and the stream they add up to (kept alongside, equal to their sum up to round-off)."""
+
+    def __init__(self, x0: Float[Tensor, "rows pos d"], total: int):
+        rows, pos, d = x0.shape
+        self.buf = x0.new_empty(rows, total, pos, d)
+        self.buf[:, 0] = x0
+        self.count = 1
+        self.x = x0
+
+    @property
+    def view(self) -> Float[Tensor, "rows S pos d"]:
+        return self.buf[:, : self.count]
+
+    def stream(self) -> Float[Tensor, "rows pos d"]:
+        """The residual stream: the sum of the contributions."""
+        return self.x
+
+    def append(self, values: Float[Tensor, "rows k pos d"]) -> None:
+        k = values.shape[1]
+        self.buf[:, self.count : self.count + k] = values
+        self.count += k
+        self.x = self.x + values.sum(1)
+
+    def add_to_input(self, bias: Tensor) -> None:
+        self.buf[:, 0] += bias
+        self.x = self.x + bias
+
+    def carry(self, ln: nn.Module) -> None:
+        """Through a post-LN LayerNorm applied to their sum: ``c -> gamma * P c / sigma(sum)``;
+        the input node also receives ``beta``."""
+        c = self.view
+        x_hat, sigma = norm_stats(ln, self.x)
+        c.sub_(c.mean(-1, keepdim=True)).mul_((ln.w / sigma)[:, None])
+        self.buf[:, 0] += ln.b
+        self.x = x_hat * ln.w + ln.b
 
 
 def qkv_weights(attn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -152,11 +182,6 @@ def attend(
     empty = torch.isneginf(scores).all(-1, keepdim=True)
     pattern = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return torch.einsum("rhqk,rkhd->rqhd", pattern, v)
-
-
-def head_outputs(attn: nn.Module, z: Tensor) -> Float[Tensor, "head rows pos d"]:
-    """Each head's write into the stream, ``z_h W_O[h]`` (no bias)."""
-    return torch.einsum("rphk,hkm->hrpm", z, attn.W_O)
 
 
 def score_head(
@@ -227,48 +252,63 @@ def part_onehot(parts: Int[Tensor, "rows pos"], n_parts: int) -> Float[Tensor, "
 # ---------------------------------------------------------------------- tracked walk
 class PointHandler:
     """What a tracked walk asks at each receiver point: the change to add to what the point's
-    receivers read (None: nothing). ``contributions`` is ``[S, rows, pos, d]`` (the senders so
-    far, in sender order)."""
+    receivers read (None: nothing). ``contributions`` is ``[rows, S, pos, d]`` (the senders so
+    far, in sender order); handlers must not modify it."""
 
     def pre(self, layer: int, contributions: Tensor) -> Tensor | None:
-        """Per-(channel, head) deltas ``[rows, pos, 3, head, d]`` for block ``layer``'s q/k/v."""
+        """Per-(channel, head) deltas ``[n, pos, 3, head, d]`` for block ``layer``'s q/k/v (for
+        the first ``n`` rows)."""
         return None
 
     def mid(self, layer: int, contributions: Tensor) -> Tensor | None:
-        """Delta ``[rows, pos, d]`` for block ``layer``'s MLP input."""
+        """Delta ``[n, pos, d]`` for block ``layer``'s MLP input (first ``n`` rows)."""
         return None
 
     def final(self, contributions: Tensor) -> Tensor | None:
-        """Delta ``[rows, pos, d]`` for the score head's input."""
+        """Delta ``[n, pos, d]`` for the score head's input (first ``n`` rows)."""
         return None
 
 
+def n_senders(model: Any) -> int:
+    """Senders of the model's edge graph: the input node, every head, every MLP."""
+    return 1 + model.cfg.n_layers * (model.cfg.n_heads + 1)
+
+
 def tracked_layer(
-    model: Any, layer: int, contributions: Tensor, additive: Tensor, handler: PointHandler
-) -> Tensor:
-    """One block on rows whose stream is kept as contributions (module doc); returns the
-    contributions at the next block's input."""
+    model: Any, layer: int, c: Contributions, additive: Tensor, handler: PointHandler
+) -> None:
+    """One block on rows whose stream is kept as contributions (module doc), in place. A
+    handler's deltas may cover only the first rows (the rest read the stream unchanged)."""
     block, pre_ln = model.blocks[layer], is_pre_ln(model)
     attn = block.attn
-    x = contributions.sum(0)
-    delta = handler.pre(layer, contributions)
-    if delta is None:
-        qkv = project(attn, layer_norm(block.ln1, x) if pre_ln else x)
-    else:
-        inputs = x[:, :, None, None, :] + delta
-        qkv = project(attn, layer_norm(block.ln1, inputs) if pre_ln else inputs)
-    heads = head_outputs(attn, attend(attn, qkv, additive))
-    c = torch.cat([contributions[:1] + attn.b_O, contributions[1:], heads])
+    x = c.stream()
+    delta = handler.pre(layer, c.view)
+    qkv = project(attn, layer_norm(block.ln1, x) if pre_ln else x)
+    if delta is not None:
+        n = len(delta)
+        inputs = x[:n, :, None, None, :] + delta
+        patched = project(attn, layer_norm(block.ln1, inputs) if pre_ln else inputs)
+        qkv = torch.cat([patched, qkv[n:]]) if n < len(qkv) else patched
+    z = attend(attn, qkv, additive)
+    c.append(torch.einsum("rphk,hkm->rhpm", z, attn.W_O))
+    c.add_to_input(attn.b_O)
     if pre_ln:
-        mid = c.sum(0)
-        d_mlp = handler.mid(layer, c)
-        out = block.mlp(layer_norm(block.ln2, mid if d_mlp is None else mid + d_mlp))
-        return torch.cat([c, out[None]])
-    c = carry(block.ln1, c)
-    m = c.sum(0)
-    d_mlp = handler.mid(layer, c)
-    out = block.mlp(m if d_mlp is None else m + d_mlp)
-    return carry(block.ln2, torch.cat([c, out[None]]))
+        mid = c.stream()
+        out = block.mlp(layer_norm(block.ln2, _plus(mid, handler.mid(layer, c.view))))
+        c.append(out[:, None])
+        return
+    c.carry(block.ln1)
+    out = block.mlp(_plus(c.stream(), handler.mid(layer, c.view)))
+    c.append(out[:, None])
+    c.carry(block.ln2)
+
+
+def _plus(x: Tensor, delta: Tensor | None) -> Tensor:
+    """``x`` with ``delta`` added to its first rows."""
+    if delta is None:
+        return x
+    n = len(delta)
+    return x + delta if n == len(x) else torch.cat([x[:n] + delta, x[n:]])
 
 
 def tracked_walk(
@@ -276,19 +316,14 @@ def tracked_walk(
     x0: Float[Tensor, "rows pos d"],
     rows: CrossEncoderBatch,
     handler: PointHandler,
-    *,
-    start: tuple[int, Tensor] | None = None,
 ) -> Float[Tensor, " rows"]:
     """Scores of ``rows`` from their embedding outputs ``x0``, keeping contributions (module doc)
-    and asking ``handler`` at every receiver point. ``start=(layer, contributions)`` resumes at
-    block ``layer``'s input."""
+    and asking ``handler`` at every receiver point."""
     additive = model.additive_attention_mask(rows.attention_mask.to(x0.device))
-    first, c = (0, x0[None]) if start is None else start
-    for layer in range(first, model.cfg.n_layers):
-        c = tracked_layer(model, layer, c, additive, handler)
-    x = c.sum(0)
-    d = handler.final(c)
-    return score_head(model, x if d is None else x + d, rows)
+    c = Contributions(x0, n_senders(model))
+    for layer in range(model.cfg.n_layers):
+        tracked_layer(model, layer, c, additive, handler)
+    return score_head(model, _plus(c.stream(), handler.final(c.view)), rows)
 
 
 # ---------------------------------------------------------------------- plain forward
@@ -450,15 +485,15 @@ __all__ = [
     "PointHandler",
     "Slots",
     "attend",
-    "carry",
+    "Contributions",
     "cat_batches",
     "embed",
     "expand_qkv_grads",
-    "head_outputs",
     "input_grads",
     "is_pre_ln",
     "kept_tensors",
     "layer_norm",
+    "n_senders",
     "norm_stats",
     "norm_vjp",
     "pad_batch",

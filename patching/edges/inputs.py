@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir import distributed
 from mechir.parts import PARTS, CrossEncoderBatch
 from patching.edges.engine import (
     N_PARTS,
@@ -173,7 +174,7 @@ class _MeanHandler(PointHandler):
         self.onehot, self.sums, self.n_layers = onehot, sums, n_layers
 
     def _add(self, point: Point, c: Tensor) -> None:
-        s = torch.einsum("srpd,rpk->skd", c.double(), self.onehot.double())
+        s = torch.einsum("rspd,rpk->skd", c, self.onehot).double()
         self.sums[point] = self.sums[point] + s if point in self.sums else s
 
     def pre(self, layer: int, contributions: Tensor) -> None:
@@ -188,25 +189,50 @@ class _MeanHandler(PointHandler):
 
 def mean_contributions(model: Any, inputs: EdgeInputs, rows: int) -> dict[Point, Tensor]:
     """Per point, ``[S, 5, d]``: each sender's mean contribution over the real tokens of each part
-    of the clean batch (walks over it in chunks of ``rows``)."""
+    of the clean batch (walks over it in chunks of ``rows``; with a process group, each rank
+    walks its share and the sums are all-reduced)."""
     sums: dict[Point, Tensor] = {}
     counts = torch.zeros(N_PARTS, dtype=torch.float64)
+    n = len(inputs)
+    mine = distributed.shard_indices(n) if distributed.sharding() else list(range(n))
     with torch.no_grad():
-        for start in range(0, len(inputs), rows):
-            chunk = inputs.clean[start : start + rows]
+        for start in range(0, len(mine), rows):
+            chunk = take_rows(inputs.clean, torch.tensor(mine[start : start + rows]))
             onehot = part_onehot(chunk.parts, N_PARTS)
             counts += onehot.sum((0, 1)).double().cpu()
             handler = _MeanHandler(onehot, sums, model.cfg.n_layers)
             tracked_walk(model, embed(model, chunk), chunk, handler)
-    scale = counts.clamp(min=1).to(next(iter(sums.values())).device)[None, :, None]
-    dtype = model.cfg.dtype
-    return {point: (s / scale).to(dtype) for point, s in sums.items()}
+    if distributed.sharding():
+        counts = distributed.all_reduce_sum(counts)
+        if not sums:  # a rank without pairs: zeros of the right shapes
+            sums = _zero_sums(model, inputs)
+        sums = {point: distributed.all_reduce_sum(v) for point, v in sorted(sums.items())}
+    device = inputs.clean.device
+    scale = counts.clamp(min=1).to(device)[None, :, None]
+    return {point: (v / scale).to(model.cfg.dtype) for point, v in sums.items()}
+
+
+def _zero_sums(model: Any, inputs: EdgeInputs) -> dict[Point, Tensor]:
+    cfg = model.cfg
+    out = {}
+    for layer in range(cfg.n_layers):
+        before = 1 + layer * (cfg.n_heads + 1)
+        out[("pre", layer)] = torch.zeros(before, N_PARTS, cfg.d_model, dtype=torch.float64)
+        mid = before + cfg.n_heads
+        out[("mid", layer)] = torch.zeros(mid, N_PARTS, cfg.d_model, dtype=torch.float64)
+    total = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    out[("final", cfg.n_layers)] = torch.zeros(total, N_PARTS, cfg.d_model, dtype=torch.float64)
+    return {k: v.to(inputs.clean.device) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------- lockstep runs
 class Lockstep:
     """Current rows (each reading the source of one pair of a group) and the group's source rows,
     run as one batch: rows ``0..n-1`` are current, the rest are the source's.
+
+    Contributions (``c``) are ``[rows, S, pos, d]`` (:class:`patching.edges.engine.
+    Contributions`). The source's are never broadcast to every position when they are part
+    means: products with them are taken per part.
 
     Args:
         inputs: the checked inputs.
@@ -220,19 +246,23 @@ class Lockstep:
         device = inputs.clean.device
         self.row_pair = row_pair.to(device)
         self.n = len(row_pair)
+        self.m = len(pairs)
+        self.identity = bool(torch.equal(row_pair.cpu(), torch.arange(len(pairs))))
         group = take_rows(inputs.clean, pairs)
         current = take_rows(group, row_pair)
-        x_clean = embed(model, group)
+        with torch.no_grad():
+            x_clean = embed(model, group)
         x_current = x_clean[self.row_pair]
         self.current = current
         if self.kind in ("token", "part"):
             assert inputs.corrupted is not None
             source = take_rows(inputs.corrupted, pairs)
-            self.source_parts = source.parts
             pad = inputs.pad_token_id(model)
             self.rows = cat_batches([current, source], pad)
             width = self.rows.input_ids.shape[1]
-            x_source = embed(model, source)
+            self.source_onehot = part_onehot(_pad_parts(source.parts, width), N_PARTS)
+            with torch.no_grad():
+                x_source = embed(model, source)
             self.x0 = torch.cat([_pad(x_current, width), _pad(x_source, width)])
             self.width = width
         else:
@@ -241,29 +271,93 @@ class Lockstep:
         self.current_parts = _pad_parts(current.parts, self.width)
         self.onehot5 = part_onehot(self.current_parts, N_PARTS)
 
-    def source_at(self, point: Point, contributions: Tensor) -> Float[Tensor, "S n pos d"]:
-        """Every sender's source contribution at ``point`` for the current rows."""
-        n = self.n
-        if self.kind == "token":
-            return contributions[:, n:][:, self.row_pair]
-        if self.kind == "zero":
-            return torch.zeros_like(contributions[:, :n])
+    # ------------------------------------------------------------------ the source
+    def _source_rows(self, c: Tensor) -> Tensor:
+        """Token source: each current row's source row, ``[n, S, pos, d]``."""
+        src = c[self.n : self.n + self.m]
+        return src if self.identity else src[self.row_pair]
+
+    def _part_means(self, point: Point, c: Tensor) -> Tensor:
+        """``"mean"``/``"part"``: ``[n, S, 5, d]`` per-part source contributions of each row."""
+        s = c.shape[1]
         if self.kind == "mean":
             assert self.inputs.means is not None
-            means = self.inputs.means[point][: contributions.shape[0]]
-            return torch.einsum("skd,npk->snpd", means, self.onehot5)
-        src = contributions[:, n:]
-        onehot = part_onehot(_pad_parts(self.source_parts, src.shape[2]), N_PARTS)
-        counts = onehot.sum(1).clamp(min=1)  # [m, 5]
-        means = torch.einsum("smpd,mpk->smkd", src, onehot) / counts[None, :, :, None]
-        return torch.einsum("snkd,npk->snpd", means[:, self.row_pair], self.onehot5)
+            means = self.inputs.means[point][:s]
+            return means[None].expand(self.n, *means.shape)
+        src = c[self.n : self.n + self.m]
+        counts = self.source_onehot.sum(1).clamp(min=1)  # [m, 5]
+        means = torch.einsum("mspd,mpk->mskd", src, self.source_onehot) / counts[:, None, :, None]
+        return means if self.identity else means[self.row_pair]
+
+    def diffs(self, point: Point, c: Tensor) -> Float[Tensor, "n S pos d"]:
+        """``source - current`` contribution of every sender, for every current row."""
+        cur = c[: self.n]
+        if self.kind == "token":
+            return self._source_rows(c) - cur
+        if self.kind == "zero":
+            return -cur
+        means = self._part_means(point, c)
+        return torch.einsum("nskd,npk->nspd", means, self.onehot5) - cur
 
     def source_x0(self) -> Float[Tensor, "n pos d"]:
         """The source's embedding output for the current rows (the far end of EAP-IG's path)."""
-        n = self.n
+        c = self.x0[:, None]
+        return (self.diffs(("pre", 0), c) + c[: self.n])[:, 0]
+
+    # ------------------------------------------------------------------ products
+    def apply_masks(self, point: Point, c: Tensor, masks: Tensor) -> Float[Tensor, "n pos J d"]:
+        """``sum_s masks[n, j, s, k] (source - current)_s`` on the positions of part ``k`` (every
+        position when ``K`` = 1), summed over ``k``: the deltas of ``J`` receivers."""
+        n, s, pos, d = self.n, c.shape[1], c.shape[2], c.shape[3]
+        j, k = masks.shape[1], masks.shape[3]
+        m = masks.to(c.dtype)
+        flat = m.permute(0, 1, 3, 2).reshape(n, j * k, s)
+        out = -torch.bmm(flat, c[:n].reshape(n, s, pos * d))  # [n, J*K, pos*d]
         if self.kind == "token":
-            return self.x0[n:][self.row_pair]
-        return self.source_at(("pre", 0), self.x0[None])[0]
+            src = c[self.n : self.n + self.m]
+            for pair in range(self.m):
+                rows = (self.row_pair == pair).nonzero()[:, 0]
+                if len(rows):
+                    prod = flat[rows].reshape(-1, s) @ src[pair].reshape(s, pos * d)
+                    out[rows] += prod.view(len(rows), j * k, pos * d)
+        out = out.view(n, j, k, pos, d)
+        if k == 1:
+            delta = out[:, :, 0]
+        else:
+            delta = torch.einsum("njkpd,npk->njpd", out, self.onehot5)
+        if self.kind in ("mean", "part"):
+            means = self._part_means(point, c)
+            if k == 1:
+                t = torch.einsum("njs,nsqd->njqd", m[..., 0], means)
+            else:
+                t = torch.einsum("njsk,nskd->njkd", m, means)
+            delta = delta + torch.einsum("njqd,npq->njpd", t, self.onehot5)
+        return delta.permute(0, 2, 1, 3)
+
+    def dot_grads(
+        self, point: Point, c: Tensor, grads: Float[Tensor, "n pos J d"], n_parts: int
+    ) -> Float[Tensor, "n J S K"]:
+        """``sum_{pos in part k, d} (source - current)_s . grads_j`` for every receiver ``j``,
+        sender ``s`` and part ``k`` (``n_parts`` 1: every position)."""
+        n, s, pos, d = self.n, c.shape[1], c.shape[2], c.shape[3]
+        j = grads.shape[2]
+        if n_parts == 1:
+            g = grads.permute(0, 2, 1, 3).reshape(n, j, pos * d)
+        else:
+            g = torch.einsum("npjd,npk->njkpd", grads, self.onehot5).reshape(n, j * n_parts, -1)
+        g_t = g.transpose(1, 2)
+        out = -torch.bmm(c[:n].reshape(n, s, pos * d), g_t)  # [n, S, J*K]
+        if self.kind == "token":
+            src = self._source_rows(c)
+            out += torch.bmm(src.reshape(n, s, pos * d), g_t)
+        elif self.kind in ("mean", "part"):
+            means = self._part_means(point, c)
+            g_part = torch.einsum("npjd,npq->njqd", grads, self.onehot5)
+            if n_parts == 1:
+                out += torch.einsum("nsqd,njqd->nsj", means, g_part)
+            else:
+                out += torch.einsum("nskd,njkd->nsjk", means, g_part).reshape(n, s, -1)
+        return out.view(n, s, j, n_parts).permute(0, 2, 1, 3)
 
 
 def _pad(x: Tensor, width: int) -> Tensor:

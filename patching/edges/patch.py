@@ -104,32 +104,16 @@ class PatchHandler(PointHandler):
 
     def __init__(self, graph: EdgeGraph, lock: Lockstep, masks: Tensor, n_rows: int):
         self.graph, self.lock, self.masks, self.n_rows = graph, lock, masks, n_rows
-        self.onehot = part_onehot(lock.current_parts, graph.n_parts)
         self.at: dict[Point, list[int]] = {}
         for i, r in enumerate(graph.receivers):
             self.at.setdefault(r.point, []).append(i)
 
     def _delta(self, point: Point, contributions: Tensor) -> Tensor | None:
         recv = self.at[point]
-        s = contributions.shape[0]
-        mask = self.masks[:, recv, :s]  # [n, J, S, K]
+        mask = self.masks[:, recv, : contributions.shape[1]]  # [n, J, S, K]
         if not bool(mask.any()):
             return None
-        n = self.lock.n
-        diff = self.lock.source_at(point, contributions) - contributions[:, :n]
-        out = None
-        for k in range(mask.shape[-1]):
-            mk = mask[..., k].to(diff.dtype)
-            if not bool(mk.any()):
-                continue
-            src = diff if mask.shape[-1] == 1 else diff * self.onehot[None, :, :, k, None]
-            term = torch.einsum("njs,snpd->npjd", mk, src)
-            out = term if out is None else out + term
-        if out is None:
-            return None
-        if self.n_rows > n:
-            out = torch.cat([out, out.new_zeros(self.n_rows - n, *out.shape[1:])])
-        return out
+        return self.lock.apply_masks(point, contributions, mask)  # [n, pos, J, d]
 
     def pre(self, layer: int, contributions: Tensor) -> Tensor | None:
         d = self._delta(("pre", layer), contributions)
@@ -254,15 +238,12 @@ class _SingleEdges(PointHandler):
             [torch.zeros(1, dtype=torch.long), (graph.reach * graph.n_parts).cumsum(0)]
         )
 
-    def _diff(self, point: Point, c: Tensor) -> Tensor:
-        return self.lock.source_at(point, c) - c[:, : self.lock.n]
-
     def pre(self, layer: int, contributions: Tensor) -> None:
-        self.x_pre = contributions[:, : self.lock.n].sum(0)
-        self.d_pre = self._diff(("pre", layer), contributions)
+        self.x_pre = contributions[: self.lock.n].sum(1)
+        self.d_pre = self.lock.diffs(("pre", layer), contributions)
 
     def mid(self, layer: int, contributions: Tensor) -> None:
-        d_mid = self._diff(("mid", layer), contributions)
+        d_mid = self.lock.diffs(("mid", layer), contributions)
         g, n_heads, k_parts = self.graph, self.graph.n_heads, self.graph.n_parts
         recv = receivers_at(g, ("pre", layer)) + receivers_at(g, ("mid", layer))
         rows = self._rows(recv)
@@ -273,8 +254,8 @@ class _SingleEdges(PointHandler):
             is_mlp = r == mlp_receiver
             source = torch.where(
                 is_mlp[:, None, None],
-                d_mid[s.clamp(max=d_mid.shape[0] - 1), i],
-                self.d_pre[s.clamp(max=self.d_pre.shape[0] - 1), i],
+                d_mid[i, s.clamp(max=d_mid.shape[1] - 1)],
+                self.d_pre[i, s.clamp(max=self.d_pre.shape[1] - 1)],
             )
             delta = source * self.onehot[i, :, k][..., None] if k_parts > 1 else source
             qkv = (~is_mlp).nonzero()[:, 0]
@@ -295,12 +276,12 @@ class _SingleEdges(PointHandler):
 
     def final(self, contributions: Tensor) -> None:
         g = self.graph
-        x = contributions[:, : self.lock.n].sum(0)
-        d = self._diff(("final", g.n_layers), contributions)
+        x = contributions[: self.lock.n].sum(1)
+        d = self.lock.diffs(("final", g.n_layers), contributions)
         rows = self._rows(receivers_at(g, ("final", g.n_layers)))
         for lo in range(0, len(rows[0]), self.rows):
             i, r, s, k = (t[lo : lo + self.rows].to(d.device) for t in rows)
-            delta = d[s, i] * self.onehot[i, :, k][..., None] if g.n_parts > 1 else d[s, i]
+            delta = d[i, s] * self.onehot[i, :, k][..., None] if g.n_parts > 1 else d[i, s]
             scores = plain_score(self.model, x[i], take_rows(self.batch, i), delta=delta)
             self._write(i, r, s, k, scores)
 
