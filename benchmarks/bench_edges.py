@@ -202,6 +202,11 @@ def run_timing(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------- memory
+#: per model: EAP-IG steps and rows per gradient pass (fixed, so that peaks of groups of 1, 2, 4
+#: pairs differ by what a group holds per pair: gradient sums and the tracked contributions)
+MEMORY_RUNS = {"scifact-minilm": (8, 8, (1, 2, 4)), "bert-large": (2, 2, (1, 2))}
+
+
 def _memory_child(kind: str, group: int, length: int) -> None:
     """In a fresh process: load the model, then EAP-IG on ``group`` pairs of ``length`` tokens;
     print the peak RSS before and after (MiB)."""
@@ -240,7 +245,8 @@ def _memory_child(kind: str, group: int, length: int) -> None:
     pairs = AlignedPairs.from_batches(clean, corrupted)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    edge_attribution(model, pairs, method="eap_ig", n_steps=8, max_batch=8)
+    n_steps, max_batch, _ = MEMORY_RUNS[kind]
+    edge_attribution(model, pairs, method="eap_ig", n_steps=n_steps, max_batch=max_batch)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"before_mib": before, "peak_mib": after, "seconds": seconds}))
@@ -248,7 +254,11 @@ def _memory_child(kind: str, group: int, length: int) -> None:
 
 def run_memory(args: argparse.Namespace) -> dict:
     out = {"benchmark": "bench_edges --memory", "length": args.max_length, "rows": []}
-    for kind, groups in (("scifact-minilm", (1, 2, 4)), ("bert-large", (1, 2))):
+    out["note"] = (
+        "peak resident memory (CPU) of edge_attribution(eap_ig) on one group of pairs, each run "
+        "in a fresh process after loading the model; rows per gradient pass fixed per model"
+    )
+    for kind, (n_steps, max_batch, groups) in MEMORY_RUNS.items():
         for group in groups:
             cmd = [sys.executable, __file__, "--memory-child", kind, str(group)]
             cmd += ["--max-length", str(args.max_length)]
@@ -257,10 +267,19 @@ def run_memory(args: argparse.Namespace) -> dict:
             line = [x for x in res.stdout.splitlines() if x.startswith("{")]
             if res.returncode or not line:
                 raise RuntimeError(f"{kind} x {group}: {res.stderr[-2000:]}")
-            row = {"model": kind, "pairs": group, **json.loads(line[-1])}
+            row = {"model": kind, "pairs": group, "n_steps": n_steps, "max_batch": max_batch}
+            row |= json.loads(line[-1])
             row["eap_ig_mib"] = row["peak_mib"] - row["before_mib"]
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
+        mine = [r for r in out["rows"] if r["model"] == kind]
+        per_pair = (mine[-1]["peak_mib"] - mine[0]["peak_mib"]) / (groups[-1] - groups[0])
+        fixed = mine[0]["peak_mib"] - per_pair * groups[0]
+        out[kind] = {
+            "per_pair_mib": per_pair,
+            "fixed_mib": fixed,
+            "pairs_per_group_in_24gib": int((24 * 1024 - fixed) // per_pair),
+        }
     return out
 
 

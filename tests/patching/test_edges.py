@@ -302,3 +302,32 @@ def test_errors_say_what_to_do(model, pairs, unchecked_shapes):
     other = edge_graph((3, 4))
     with pytest.raises(ValueError, match="edge_graph\\(model\\)"):
         patch_edges(model, pairs, edges=[], graph=other)
+
+
+def test_edge_scores_frame(model, pairs):
+    res = edge_attribution(model, pairs, method="eap")
+    frame = res.to_frame(mean=True)
+    assert len(frame) == res.n_edges and set(frame.kind) == {"q", "k", "v", "mlp", "score"}
+    torch.testing.assert_close(torch.tensor(frame.effect.to_numpy()), res.mean(), atol=0, rtol=0)
+    long = res.to_frame()
+    assert len(long) == len(res.units) * res.n_edges and list(long.unit.unique()) == res.units
+    assert res.top(0.05).tolist() == res.ranking()[: round(0.05 * res.n_edges)].tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(tok, pairs):
+    """Edge patching and attribution on the GPU equal the CPU's (run by gpu_check.sh)."""
+    cpu = make_model(tok)
+    gpu = load_cross_encoder(tiny_hf_model(0), tokenizer=tok, device="cuda")
+    g = edge_graph(cpu, parts=True)
+    sets = _random_sets(g, 2)
+    torch.testing.assert_close(
+        patch_edge_sets(gpu, pairs, sets=sets, graph=g),
+        patch_edge_sets(cpu, pairs, sets=sets, graph=g),
+        atol=1e-4, rtol=0,
+    )  # fmt: skip
+    for method in ("eap_ig", "exact"):
+        a = edge_attribution(gpu, pairs, "mean", method=method, graph=g, n_steps=4)
+        b = edge_attribution(cpu, pairs, "mean", method=method, graph=g, n_steps=4)
+        torch.testing.assert_close(a.pair_scores, b.pair_scores, atol=1e-4, rtol=0)
