@@ -202,12 +202,15 @@ def run_timing(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------- memory
-#: per model: EAP-IG steps and rows per gradient pass (fixed, so that peaks of groups of 1, 2, 4
-#: pairs differ by what a group holds per pair: gradient sums and the tracked contributions)
-MEMORY_RUNS = {"scifact-minilm": (8, 8, (1, 2, 4)), "bert-large": (2, 2, (1, 2))}
+#: per model, runs of (pairs in the group, EAP-IG steps): every pair's path points run in one
+#: gradient pass (``max_batch = pairs * steps``), so the group is the memory unit
+MEMORY_RUNS = {
+    "scifact-minilm": [(1, 8), (2, 8), (4, 8)],
+    "bert-large": [(1, 2), (2, 2), (1, 4)],
+}
 
 
-def _memory_child(kind: str, group: int, length: int) -> None:
+def _memory_child(kind: str, group: int, n_steps: int, length: int) -> None:
     """In a fresh process: load the model, then EAP-IG on ``group`` pairs of ``length`` tokens;
     print the peak RSS before and after (MiB)."""
     import tempfile
@@ -245,8 +248,10 @@ def _memory_child(kind: str, group: int, length: int) -> None:
     pairs = AlignedPairs.from_batches(clean, corrupted)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    n_steps, max_batch, _ = MEMORY_RUNS[kind]
-    edge_attribution(model, pairs, method="eap_ig", n_steps=n_steps, max_batch=max_batch)
+    edge_attribution(
+        model, pairs, method="eap_ig", n_steps=n_steps, max_batch=group * n_steps,
+        memory_budget=2**40,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"before_mib": before, "peak_mib": after, "seconds": seconds}))
@@ -258,28 +263,37 @@ def run_memory(args: argparse.Namespace) -> dict:
         "peak resident memory (CPU) of edge_attribution(eap_ig) on one group of pairs, each run "
         "in a fresh process after loading the model; rows per gradient pass fixed per model"
     )
-    for kind, (n_steps, max_batch, groups) in MEMORY_RUNS.items():
-        for group in groups:
-            cmd = [sys.executable, __file__, "--memory-child", kind, str(group)]
+    for kind, runs in MEMORY_RUNS.items():
+        for group, n_steps in runs:
+            cmd = [sys.executable, __file__, "--memory-child", kind, str(group), str(n_steps)]
             cmd += ["--max-length", str(args.max_length)]
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             line = [x for x in res.stdout.splitlines() if x.startswith("{")]
             if res.returncode or not line:
                 raise RuntimeError(f"{kind} x {group}: {res.stderr[-2000:]}")
-            row = {"model": kind, "pairs": group, "n_steps": n_steps, "max_batch": max_batch}
+            row = {"model": kind, "pairs": group, "n_steps": n_steps, "max_batch": group * n_steps}
             row |= json.loads(line[-1])
             row["eap_ig_mib"] = row["peak_mib"] - row["before_mib"]
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
-        mine = [r for r in out["rows"] if r["model"] == kind]
-        per_pair = (mine[-1]["peak_mib"] - mine[0]["peak_mib"]) / (groups[-1] - groups[0])
-        fixed = mine[0]["peak_mib"] - per_pair * groups[0]
-        out[kind] = {
-            "per_pair_mib": per_pair,
-            "fixed_mib": fixed,
-            "pairs_per_group_in_24gib": int((24 * 1024 - fixed) // per_pair),
+        peak = {
+            (r["pairs"], r["n_steps"]): r["peak_mib"] for r in out["rows"] if r["model"] == kind
         }
+        steps = runs[0][1]
+        (g0, _), (g1, _) = runs[0], runs[1]
+        per_pair = (peak[(g1, steps)] - peak[(g0, steps)]) / (g1 - g0)
+        fixed = peak[(g0, steps)] - per_pair * g0
+        info = {"steps": steps, "per_pair_mib": per_pair, "fixed_mib": fixed}
+        more = [(g, m) for g, m in runs if m != steps]
+        if more:  # the same pairs with more steps: what one more gradient row per pair costs
+            g, m = more[0]
+            per_row = (peak[(g, m)] - peak[(g, steps)]) / (g * (m - steps))
+            info["per_gradient_row_mib"] = per_row
+            info["per_pair_mib_at_8_steps"] = per_pair + (8 - steps) * per_row
+        per8 = info.get("per_pair_mib_at_8_steps", per_pair)
+        info["pairs_per_group_in_24gib_at_8_steps"] = int((24 * 1024 - fixed) // per8)
+        out[kind] = info
     return out
 
 
@@ -292,11 +306,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--device", default="cpu")
     p.add_argument("--memory", action="store_true")
-    p.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     if args.memory_child:
-        _memory_child(args.memory_child[0], int(args.memory_child[1]), args.max_length)
+        kind, group, n_steps = args.memory_child
+        _memory_child(kind, int(group), int(n_steps), args.max_length)
         return
     result = run_memory(args) if args.memory else run_timing(args)
     name = "edges_memory_cpu.json" if args.memory else f"edges_{args.device.split(':')[0]}.json"

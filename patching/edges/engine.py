@@ -49,8 +49,11 @@ the per-part means of the clean runs over the pairs (``"mean"``), or zero (``"ze
 The engine runs the model's own embedding, MLP and score-head modules and LayerNorm parameters,
 and its own attention (the same computation as the model's: softmax of ``q k^T / sqrt(d_head)``
 plus the padding mask; rotary positions and sliding windows for ModernBERT), which is what lets a
-head read different q, k and v inputs. Hooks registered on the model's attention hook points do
-not apply inside it.
+head read different q, k and v inputs. Hooks active on the model apply where the engine calls
+the model's modules (embedding, MLP, score head) and nowhere else (attention, block and
+LayerNorm hook points): run edge patching without other interventions. A query position whose
+keys are all masked (padding inside a sliding window) gets ``z = 0`` as in the model, with a zero
+gradient (the model's own softmax backward gives NaN there).
 """
 
 from __future__ import annotations
