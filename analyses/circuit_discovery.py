@@ -6,7 +6,8 @@ against the matching heads (issue 22; Hanna et al. 2024; MIB, Mueller et al. 202
 Pairs: for each of the first ``--limit-queries`` judged queries, up to ``--relevant`` relevant and
 ``--non-relevant`` non-relevant documents among its top ``--depth`` candidates; the corrupted
 input replaces every word piece of the query's content words with the filler token
-(:func:`patching.edges.pairs.replace_query_words`: same length and parts, token-aligned). The
+(:func:`patching.edges.pairs.replace_query_words`: same length and parts, token-aligned; the
+filler is the tokenizer's mask token unless ``--filler`` names another). The
 metric is the relevance margin of each query (mean relevant score minus mean non-relevant score;
 ``--metric score``: every pair's score).
 
@@ -79,9 +80,16 @@ def build_pairs(model: Any, collection: Any, args: argparse.Namespace) -> tuple[
         model.tokenizer,
         items,
         max_length=args.max_length or model.max_length,
-        filler=args.filler,
+        filler=filler_of(model, args),
         qrels=collection.qrels,
     )
+
+
+def filler_of(model: Any, args: argparse.Namespace) -> str:
+    """``--filler``, else the tokenizer's mask token (on the SciFact demo model it lowers the
+    relevance margin of 8 of 10 queries, 3.22 -> 0.60 on average; "a" 6 of 10, -> 1.71), else
+    "a"."""
+    return args.filler or getattr(model.tokenizer, "mask_token", None) or "a"
 
 
 def query_of(pair_id: str) -> str:
@@ -109,7 +117,12 @@ class CircuitDiscovery(Study):
         g.add_argument(
             "--non-relevant", type=int, default=2, help="non-relevant documents per query"
         )
-        g.add_argument("--filler", default="a", help="token replacing the query's content words")
+        g.add_argument(
+            "--filler",
+            default=None,
+            help="token replacing the query's content words (default: the tokenizer's mask "
+            "token, else 'a')",
+        )
         g.add_argument(
             "--metric",
             choices=["margin", "score"],
@@ -413,7 +426,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
     s = Summary(
         "Circuit discovery: the edges behind relevance",
         "Clean pairs against the same pairs with the query's content words replaced by "
-        f"'{args.filler}'; edges patched from the corrupted run (issue 22).",
+        f"'{filler_of(study.model, args)}'; edges patched from the corrupted run (issue 22).",
     )
     s.heading("Setting")
     s.facts(
