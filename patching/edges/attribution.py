@@ -460,9 +460,9 @@ def edge_attribution(
     a32 = a.float()
     error = None
     if method == "eap_ig":
-        error = (a32.abs() @ part["error"].nan_to_num(nan=0.0)[:, None])[:, 0]
-        if not error_estimate and n_steps != "auto":
-            error = None
+        if not bool(part["error"].isnan().all()):  # n_steps=1 or no estimate asked: none
+            # per unit: the pairs' estimates combined with |weights| (a sum of bounds)
+            error = (a32.abs() @ part["error"].nan_to_num(nan=0.0)[:, None])[:, 0]
         relative = part["relative"]
         if n_steps == "auto" and bool((relative > rtol).any()):
             bad = (relative > rtol).nonzero()[:, 0].tolist()

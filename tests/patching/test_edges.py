@@ -331,3 +331,16 @@ def test_cuda_matches_cpu(tok, pairs):
         a = edge_attribution(gpu, pairs, "mean", method=method, graph=g, n_steps=4)
         b = edge_attribution(cpu, pairs, "mean", method=method, graph=g, n_steps=4)
         torch.testing.assert_close(a.pair_scores, b.pair_scores, atol=1e-4, rtol=0)
+
+
+def test_error_estimate_only_when_there_is_one(model, pairs):
+    """A fixed rule's error needs the half-step rule: none for one step or when not asked."""
+    assert edge_attribution(model, pairs, method="eap_ig", n_steps=1).error is None
+    off = edge_attribution(model, pairs, method="eap_ig", n_steps=4, error_estimate=False)
+    assert off.error is None
+    on = edge_attribution(model, pairs, method="eap_ig", n_steps=4)
+    # riemann_left 4 vs 2 (nested): c * max_e |A(4) - A(2)|, c = 2 for left rules
+    coarse = edge_attribution(model, pairs, method="eap_ig", n_steps=2, error_estimate=False)
+    expected = 2 * (on.pair_scores - coarse.pair_scores).abs().max(1).values
+    torch.testing.assert_close(on.error, expected, atol=1e-5, rtol=1e-5)
+    assert edge_attribution(model, pairs, method="eap").error is None
