@@ -2,10 +2,12 @@
 
 On the SciFact cross-encoder (``../shared``'s, else the embedded demo copy: ``benchmarks/
 assets.py``) and relevant quick-set pairs (first judged queries, their relevant BM25 candidates)
-whose query content words are replaced by the filler "a" (:func:`patching.edges.pairs.
-replace_query_words`), ``max_length`` 160, one torch thread, per pair in turn:
+whose query content words are replaced by the tokenizer's mask token (``--filler``; the circuit
+study's corruption, :func:`patching.edges.pairs.replace_query_words`), ``max_length`` 160, one
+torch thread, per pair in turn:
 
-* **EAP-IG** of every edge (``n_steps`` riemann_left steps; also EAP): wall time;
+* **EAP-IG** of every edge (``--n-steps``: riemann_left steps, and ``auto``; also EAP): wall
+  time;
 * **exact, batched**: every edge patched alone with :func:`patching.edges.single_edge_scores`
   (rows join at their receiver's block): wall time, and the reference values;
 * **exact, naive loop**: one patched forward per edge (:func:`patching.edges.patch_edges` with
@@ -22,7 +24,7 @@ the exact top 1%'s faithfulness.
 fresh process), for the SciFact model and a random BERT-large-shaped one (24 layers, d 1024, 16
 heads), to say how many pairs one group may hold in 24 GB.
 
-    python benchmarks/bench_edges.py [--pairs 4] [--n-steps 8] [--naive-sample 60] [--device cpu]
+    python benchmarks/bench_edges.py [--pairs 4] [--n-steps 8 auto] [--filler a] [--naive-sample 60]
     python benchmarks/bench_edges.py --memory
 """
 
@@ -45,8 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def bench_pairs(model, n_pairs: int, max_length: int):
-    """Relevant quick-set pairs of the first judged queries, query words replaced."""
+def bench_pairs(model, n_pairs: int, max_length: int, filler: str | None = None):
+    """Relevant quick-set pairs of the first judged queries, query words replaced (by the
+    tokenizer's mask token unless ``filler`` is given)."""
     from patching.edges.pairs import replace_query_words
 
     collection = quick_set()
@@ -60,9 +63,11 @@ def bench_pairs(model, n_pairs: int, max_length: int):
         ]
         if len(items) >= n_pairs:
             break
+    filler = filler or getattr(model.tokenizer, "mask_token", None) or "a"
     pairs, _ = replace_query_words(
-        model.tokenizer, items[:n_pairs], max_length=max_length, qrels=collection.qrels
-    )
+        model.tokenizer, items[:n_pairs], max_length=max_length, filler=filler,
+        qrels=collection.qrels,
+    )  # fmt: skip
     return pairs
 
 
@@ -86,17 +91,23 @@ def run_timing(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     model_name = args.model or default_model()
     model = load_cross_encoder(model_name, device=args.device)
-    pairs = bench_pairs(model, args.pairs, args.max_length).to(args.device)
+    pairs = bench_pairs(model, args.pairs, args.max_length, args.filler).to(args.device)
+    settings = [s if s == "auto" else int(s) for s in args.n_steps]
+    label = {s: f"eap_ig_{s}" for s in settings}
     graph = edge_graph(model)
     n = len(pairs)
     rows = []
-    ig_all, eap_all, exact_all = [], [], []
+    ig_all: dict = {s: [] for s in settings}
+    eap_all, exact_all = [], []
     gen = torch.Generator().manual_seed(0)
     for i in range(n):
         one = pairs[[i]]
-        ig, t_ig = timed(
-            edge_attribution, model, one, method="eap_ig", n_steps=args.n_steps, graph=graph
-        )
+        igs, t_igs = {}, {}
+        for setting in settings:
+            igs[setting], t_igs[setting] = timed(
+                edge_attribution, model, one, method="eap_ig", n_steps=setting, graph=graph
+            )
+        ig, t_ig = igs[settings[0]], t_igs[settings[0]]
         eap, t_eap = timed(edge_attribution, model, one, method="eap", graph=graph)
         exact, t_exact = timed(edge_attribution, model, one, method="exact", graph=graph)
         sample = torch.randperm(graph.n_edges, generator=gen)[: args.naive_sample].tolist()
@@ -128,14 +139,26 @@ def run_timing(args: argparse.Namespace) -> dict:
             "eap_ig_error": float(ig.error[0]),
             "eap_ig_embedding_completeness": float(ig.embedding_completeness[0]),
         }
+        for setting in settings[1:]:
+            other = igs[setting]
+            name = label[setting]
+            row[f"{name}_s"] = t_igs[setting]
+            row[f"{name}_points"] = int(other.n_points[0])
+            row[f"speedup_vs_naive_{name}"] = t_naive / t_igs[setting]
+            row[f"spearman_{name}_exact"] = spearman(other.pair_scores[0], exact.pair_scores[0])
+            row[f"{name}_error"] = float(other.error[0])
+            row[f"{name}_embedding_completeness"] = float(other.embedding_completeness[0])
         rows.append(row)
         print(json.dumps(row), flush=True)
-        ig_all.append(ig)
+        for setting in settings:
+            ig_all[setting].append(igs[setting])
         eap_all.append(eap)
         exact_all.append(exact)
+    runs_by_name = {"eap_ig": ig_all[settings[0]], "eap": eap_all, "exact": exact_all}
+    runs_by_name |= {label[s]: ig_all[s] for s in settings[1:]}
     mean = {
         name: torch.cat([r.pair_scores for r in runs]).mean(0)
-        for name, runs in (("eap_ig", ig_all), ("eap", eap_all), ("exact", exact_all))
+        for name, runs in runs_by_name.items()
     }
     curves = {}
     budgets = (0.01, 0.05, 0.1)
@@ -179,6 +202,15 @@ def run_timing(args: argparse.Namespace) -> dict:
             f"{b:.0%}": share("eap", i) for i, b in enumerate(budgets)
         },
     }
+    for setting in settings[1:]:
+        name = label[setting]
+        summary[f"median_speedup_vs_naive_{name}"] = float(
+            torch.tensor([r[f"speedup_vs_naive_{name}"] for r in rows]).median()
+        )
+        summary[f"spearman_mean_{name}_exact"] = spearman(mean[name], mean["exact"])
+        summary[f"{name}_share_of_exact_faithfulness"] = {
+            f"{b:.0%}": share(name, i) for i, b in enumerate(budgets)
+        }
     return {
         "benchmark": "bench_edges",
         "model": model_name,
@@ -189,6 +221,7 @@ def run_timing(args: argparse.Namespace) -> dict:
         "lengths": pairs.lengths.tolist(),
         "edges": graph.n_edges,
         "n_steps": args.n_steps,
+        "filler": args.filler or getattr(model.tokenizer, "mask_token", None) or "a",
         "naive_sample": args.naive_sample,
         "per_pair": rows,
         "curves": curves,
@@ -320,7 +353,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--n-steps", type=int, default=8)
+    p.add_argument(
+        "--n-steps", nargs="+", default=["8", "auto"],
+        help="EAP-IG settings (riemann_left steps, or auto); the first is the headline",
+    )  # fmt: skip
+    p.add_argument("--filler", default=None, help="default: the tokenizer's mask token")
     p.add_argument("--naive-sample", type=int, default=60)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--device", default="cpu")
