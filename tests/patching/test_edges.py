@@ -160,6 +160,7 @@ def test_edge_sets_match_the_reference_pre_ln(modern, source):
     torch.testing.assert_close(fast, ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_single_edges_match_edge_sets_and_the_reference(model, pairs):
     g = edge_graph(model)
     one = pairs[[3]]
@@ -181,7 +182,7 @@ def test_single_edges_by_part_pre_ln(modern):
 
 
 # ---------------------------------------------------------------------- attribution
-@pytest.mark.parametrize("method", ["eap", "eap_ig", "exact"])
+@pytest.mark.parametrize("method", ["eap", "eap_ig", pytest.param("exact", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("source", [None, "mean"])
 def test_attribution_matches_the_reference_post_ln(model, pairs, method, source):
     # (exact by part is covered by single edges vs edge sets vs the reference, above)
