@@ -9,6 +9,9 @@
 #                         (benchmarks/bench_nig_accuracy.py, issue 14)
 #   guided_patching_gpu.json guided exact top-10 patching vs the full sweep, heads and heads x part
 #                         (benchmarks/bench_guided_patching.py, issue 14)
+#   edges_cuda.json       all-edge EAP-IG vs exact per-edge patching (batched and naive loop),
+#                         Spearman, top-1% faithfulness (benchmarks/bench_edges.py, issue 22),
+#                         after the edge tests' GPU parity check (tests/patching/test_edges.py)
 #   distributed_cuda.json 1..N GPUs data-parallel rerank + NIG, when N > 1 GPUs are visible
 # Sized for < 10 minutes on one H100/H200 (each step has its own time limit). Without CUDA it says
 # so and exits 0.   Usage: bash benchmarks/gpu_check.sh   (from any directory)
@@ -41,6 +44,8 @@ step 150 "$PY" benchmarks/bench_gpu.py --device cuda
 step 60 "$PY" benchmarks/bench_scoring.py --device cuda --pairs 1000 --batch-size 64 --repeats 3
 step 240 "$PY" benchmarks/bench_nig_accuracy.py --device cuda
 step 150 "$PY" benchmarks/bench_guided_patching.py --device cuda --repeats 3
+step 60 "$PY" -m pytest -q -rs -m cuda tests/patching/test_edges.py
+step 240 "$PY" benchmarks/bench_edges.py --device cuda --pairs 2 --naive-sample 30
 if [ "$GPUS" -gt 1 ]; then
     procs=1; n=2
     while [ "$n" -le "$GPUS" ]; do procs="$procs,$n"; n=$((n * 2)); done
