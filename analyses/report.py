@@ -30,6 +30,7 @@ STUDY_ORDER = (
     "qk_svd",
     "neuron_attribution",
     "patching_tfc1",
+    "axioms",
 )
 
 #: Font stack: system UI fonts first, then families with wide Unicode coverage (Noto covers

@@ -124,7 +124,8 @@ def cls_path_patch(
     reaches the score only along the residual stream of the [CLS] position (through the
     LayerNorms and, unless frozen, the MLPs of that position): the sender's direct path into the
     final [CLS] state. Rows (pair, sender) start at the sender's layer from the cached
-    corrupted residual stream, many per forward pass.
+    corrupted residual stream, many per forward pass, and carry the [CLS] position alone (all
+    positions when the model mean-pools): the cost is two cached forward passes per pair.
 
     Returns:
         A :class:`PatchingResult` over a ``(layer, head)`` grid (``method="path"``); its metric
@@ -134,13 +135,15 @@ def cls_path_patch(
     check_batch_size(batch_size)
     n = len(pairs)
     width = pairs.clean.input_ids.shape[1]
-    rows_budget = batch_size or rows_per_chunk(model, width, memory_budget)
+    # only [CLS]'s residual stream reaches a [CLS]-pooled score: rows carry that position alone
+    # (the frozen z replaces whatever their attention computes); mean pooling needs them all
+    row_width = 1 if getattr(model.pooler, "pooling", "cls") == "cls" else width
+    rows_budget = batch_size or rows_per_chunk(model, row_width, memory_budget)
+    per_group = max(1, rows_per_chunk(model, width, memory_budget) // 4)  # two cached runs
     s_layers = torch.tensor([layer for layer, _ in send])
     s_heads = torch.tensor([h for _, h in send])
     patched = torch.empty(n, len(send))
     clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
-    per_group = max(1, rows_budget // max(1, len(send)))
-    device = model.cfg.device
     for g0 in range(0, n, per_group):
         group = pairs[g0 : g0 + per_group]
         with torch.no_grad():
@@ -158,33 +161,57 @@ def cls_path_patch(
         pair_of_row, send_of_row = pair_of_row[order], send_of_row[order]
         for lo in range(0, len(order), rows_budget):
             p_rows, s_rows = pair_of_row[lo : lo + rows_budget], send_of_row[lo : lo + rows_budget]
-            starts = s_layers[s_rows]
-            idx = p_rows.to(device)
-            hooks: Hooks = []
-            for layer in range(int(starts[0]), model.cfg.n_layers):
-                active = int((starts <= layer).sum())
-                z_name = f"blocks.{layer}.attn.hook_z"
-                is_sender = (starts[:active] == layer)[:, None] & (
-                    torch.arange(model.cfg.n_heads)[None] == s_heads[s_rows[:active], None]
-                )
-                mask = is_sender.to(device)[:, None, :, None]
-                source = torch.where(
-                    mask, clean[z_name][idx[:active]], corrupted[z_name][idx[:active]]
-                )
-                hooks.append((z_name, partial(_replace, source)))
-                if freeze_mlps:
-                    mlp = f"blocks.{layer}.hook_mlp_out"
-                    hooks.append((mlp, partial(_replace, corrupted[mlp][idx[:active]])))
-
-            def initial(layer: int, rows: Tensor, idx: Tensor = idx, cache=corrupted) -> Tensor:
-                return cache[f"blocks.{layer}.hook_resid_pre"][idx[rows.to(device)]]
-
-            with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-                scores = run_from_layers(
-                    model, starts, initial, batch_rows(group.corrupted, p_rows.to(device))
-                )
+            scores = _cls_rows(
+                model, group, clean, corrupted, p_rows, s_layers[s_rows], s_heads[s_rows],
+                row_width, freeze_mlps,
+            )  # fmt: skip
             patched[g0 + p_rows, s_rows] = scores.float().cpu()
     return _cls_result(model, pairs, send, patched, clean_scores, corrupted_scores, freeze_mlps)
+
+
+def _cls_rows(
+    model: HookedCrossEncoder,
+    group: AlignedPairs,
+    clean: Any,
+    corrupted: Any,
+    pair_rows: Tensor,
+    sender_layers: Tensor,
+    sender_heads: Tensor,
+    row_width: int,
+    freeze_mlps: bool,
+) -> Tensor:
+    """Scores of rows (pair, sender), sorted by the sender's layer, on the first ``row_width``
+    positions."""
+    device = model.cfg.device
+    idx = pair_rows.to(device)
+    keep = slice(0, row_width)
+    hooks: Hooks = []
+    for layer in range(int(sender_layers[0]), model.cfg.n_layers):
+        active = int((sender_layers <= layer).sum())
+        z_name = f"blocks.{layer}.attn.hook_z"
+        is_sender = (sender_layers[:active] == layer)[:, None] & (
+            torch.arange(model.cfg.n_heads)[None] == sender_heads[:active, None]
+        )
+        mask = is_sender.to(device)[:, None, :, None]
+        rows = idx[:active]
+        source = torch.where(mask, clean[z_name][rows, keep], corrupted[z_name][rows, keep])
+        hooks.append((z_name, partial(_replace, source)))
+        if freeze_mlps:
+            mlp = f"blocks.{layer}.hook_mlp_out"
+            hooks.append((mlp, partial(_replace, corrupted[mlp][rows, keep])))
+
+    def initial(layer: int, new: Tensor) -> Tensor:
+        return corrupted[f"blocks.{layer}.hook_resid_pre"][idx[new.to(device)], keep]
+
+    full = batch_rows(group.corrupted, idx)
+    batch = CrossEncoderBatch(
+        *(
+            getattr(full, name)[:, keep]
+            for name in ("input_ids", "token_type_ids", "attention_mask", "parts")
+        )
+    )
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        return run_from_layers(model, sender_layers, initial, batch)
 
 
 def cls_path_patch_reference(

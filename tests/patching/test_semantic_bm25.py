@@ -26,7 +26,7 @@ from patching.semantic_bm25 import (
     soft_tf_idf,
     token_idf,
 )
-from tests.helpers import DOCUMENTS
+from tests.helpers import DOCUMENTS, QUERIES
 
 
 @pytest.mark.parametrize("freeze_mlps", [False, True])
@@ -38,6 +38,26 @@ def test_cls_path_patching_equals_the_plain_hook_reference(model3, two_pairs, fr
     assert fast.dims == ("layer", "head") and fast.method == "path"
     assert fast.target == "path->cls" + (":frozen_mlps" if freeze_mlps else "")
     assert not torch.isnan(fast.patched).any()
+
+
+@pytest.mark.parametrize("family", ["modernbert", "modernbert-cls"])
+def test_cls_path_patching_on_modernbert(family, tmp_path):
+    """Rotary, pre-LN, local layers; mean pooling (every position carried) and [CLS] pooling
+    (the [CLS] position alone)."""
+    from mechir import load_cross_encoder
+    from patching import AlignedPairs, PairBuilder
+    from tests.families.builders import save_tiny_family
+
+    model = load_cross_encoder(save_tiny_family(family, tmp_path), device="cpu")
+    builder = PairBuilder(model.tokenizer, max_length=40, choose="first")
+    built = [
+        builder.tfc1(q, d, pair_id=str(i)) for i, (q, d) in enumerate(zip(QUERIES[:2], DOCUMENTS))
+    ]
+    pairs = AlignedPairs.from_pairs(built, model.tokenizer)
+    fast = cls_path_patch(model, pairs, batch_size=5)
+    ref = cls_path_patch_reference(model, pairs)
+    torch.testing.assert_close(fast.patched, ref.patched, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fast.patched[:, 0], fast.corrupted[:, None])
 
 
 def test_cls_paths_add_up_to_nothing_when_no_head_changes(model3, pairs):
