@@ -9,22 +9,19 @@ SIGIR 2006), turned into diagnostic datasets for neural rankers as in Câmara & 
 axioms' single-term statement would have it; Câmara & Hauff do the same), and the documents are
 built at the token level:
 
-=========  ==================================================  ==================================
-axiom      documents (``d`` = the candidate, ``w`` a query      the axiom says
-           term, ``f`` filler tokens of ``w``'s length)
-=========  ==================================================  ==================================
-TFC1       higher ``d + w``, lower ``d + f``                     ``s(higher) > s(lower)``
-TFC2       base ``d + f f``, lower ``d + w f``,                  ``s(higher) - s(lower) <
-           higher ``d + w w``                                    s(lower) - s(base)``: each extra
-                                                                 occurrence adds less
-STMC1      higher ``d + t_rel``, lower ``d + t_unrel``:         ``s(higher) > s(lower)``
-           ``t_rel`` semantically related to ``w``, ``t_unrel``
-           not (below)
-LNC1       higher ``d``, lower ``d + t`` with ``t`` a term of    ``s(higher) >= s(lower)``
-           the document that is no query term
-LNC2       lower ``d'``, higher ``d' d'`` (``d'`` cut to a word  ``s(higher) >= s(lower)``
-           boundary so that ``copies`` of it fit)
-=========  ==================================================  ==================================
+| axiom | higher | lower | the axiom says |
+| --- | --- | --- | --- |
+| TFC1 | ``d + w`` | ``d + f`` | ``s(higher) > s(lower)`` |
+| TFC2 | ``d + w w`` | ``d + w f``, base ``d + f f`` | ``s(hi) - s(lo) < s(lo) - s(base)`` |
+| STMC1 | ``d + t_rel`` | ``d + t_unrel`` | ``s(higher) > s(lower)`` |
+| LNC1 | ``d`` | ``d + t`` | ``s(higher) >= s(lower)`` |
+| LNC2 | ``d' d'`` | ``d'`` | ``s(higher) >= s(lower)`` |
+
+``d`` is the candidate document, ``w`` a query term (:meth:`PairBuilder.choose_term`), ``f``
+filler tokens of ``w``'s length, ``t_rel`` / ``t_unrel`` terms semantically related / unrelated to
+``w`` (below), ``t`` a term of the document that is no query term (seeded choice), ``d'`` the
+document cut at a word boundary so that its copies fit. TFC2 says each extra occurrence adds
+less than the one before.
 
 TFC1, TFC2 and STMC1 documents have equal lengths (token by token aligned, so they can be
 patched: :meth:`AxiomPair.perturbed`); LNC1 and LNC2 change the length and are scored only.
