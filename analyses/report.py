@@ -31,6 +31,7 @@ STUDY_ORDER = (
     "neuron_attribution",
     "patching_tfc1",
     "circuit_discovery",
+    "axioms",
 )
 
 #: Font stack: system UI fonts first, then families with wide Unicode coverage (Noto covers

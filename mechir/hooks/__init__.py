@@ -23,6 +23,7 @@ from mechir.hooks.heads import head_knockout_hooks, head_output_means, head_scal
 from mechir.hooks.means import activation_means
 from mechir.hooks.neurons import neuron_ablation_hooks, neuron_means
 from mechir.hooks.patch import ActivationSource, activation_source, patch_hooks
+from mechir.hooks.qk import qk_subspace_ablation_hooks, qk_subspace_projections
 from mechir.hooks.site import MODES, SITES, Action, Site, get_site, site_hooks
 from mechir.running import Hooks, per_forward, running_batch
 
@@ -50,6 +51,8 @@ __all__ = [
     "neuron_means",
     "patch_hooks",
     "per_forward",
+    "qk_subspace_ablation_hooks",
+    "qk_subspace_projections",
     "running_batch",
     "site_hooks",
     "sliding_layer_windows",
