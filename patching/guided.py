@@ -76,7 +76,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechir.model import HookedCrossEncoder
-from patching.attribution import GroupEstimates, group_estimates
+from patching.attribution import GroupEstimates, group_estimates, path_rule
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA
 from patching.sweep import (
@@ -97,6 +97,7 @@ from patching.targets import PatchTarget
 DEFAULT_RTOL = 0.5
 DEFAULT_WINDOW = 2.0
 DEFAULT_SPREAD = 1.0
+DEFAULT_PATH_POINTS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -196,6 +197,7 @@ class _Run:
     rules: tuple[str, ...]
     gradient: str
     spread: float
+    path_points: tuple[float, ...]
     attribution_batch_size: int
     est_pair: Float[Tensor, "pair cell"]
     width_pair: Float[Tensor, "pair cell"]
@@ -258,6 +260,7 @@ def patch_top_cells(
     atol: float = 0.0,
     window: float = DEFAULT_WINDOW,
     spread: float = DEFAULT_SPREAD,
+    path_points: tuple[float, ...] = DEFAULT_PATH_POINTS,
     step: int | None = None,
     max_cells: int | None = None,
     min_delta: float = DEFAULT_MIN_DELTA,
@@ -313,6 +316,7 @@ def patch_top_cells(
     n = len(pairs)
 
     rules = ("corrupted", "mean") if spread > 0 else (gradient,)
+    path_points = tuple(path_points) if spread > 0 else ()
     est_pair = torch.full((n, len(cells)), float("nan"), dtype=torch.float64)
     width_pair = torch.zeros_like(est_pair)
     clean, corrupted = torch.empty(n), torch.empty(n)
@@ -320,9 +324,9 @@ def patch_top_cells(
     show = int(valid.sum()) >= 2000 if progress is None else progress
 
     run = _Run(
-        model, pairs, target, rules, gradient, spread, attribution_batch_size, est_pair,
-        width_pair, cells, flat, valid, clean, corrupted, k, step, limit, rule, rows_budget, show,
-        min_delta,
+        model, pairs, target, rules, gradient, spread, path_points, attribution_batch_size,
+        est_pair, width_pair, cells, flat, valid, clean, corrupted, k, step, limit, rule,
+        rows_budget, show, min_delta,
     )  # fmt: skip
     verify = _averaged if average else _per_pair
     est, w, exact, verified, unit_valid, done, units, n_rows = verify(run)
@@ -422,18 +426,22 @@ def _estimate(s: _Run, start: int, stop: int, keep: tuple[str, ...] = ()) -> Gro
     """Attribution patching of pairs ``start:stop``: fills their estimates, interval half-widths
     and scores into ``s``; the runs' activations named in ``keep`` come back with the rest."""
     width = s.pairs.clean.input_ids.shape[1]
-    group = group_estimates(s.model, s.pairs[start:stop], s.target, s.rules, keep=keep, width=width)
+    group = group_estimates(
+        s.model, s.pairs[start:stop], s.target, s.rules, keep=keep, width=width,
+        path_points=s.path_points,
+    )  # fmt: skip
+    others = [r for r in (*s.rules, *map(path_rule, s.path_points)) if r != s.gradient]
     for i, p in enumerate(range(start, stop)):
         cs = s.valid[p].nonzero()[:, 0]
 
         def at(effects: Tensor, i: int = i, cs: Tensor = cs) -> Tensor:
             return effects[i].reshape(-1)[s.flat[cs]]
 
-        s.est_pair[p, cs] = at(group.effects[s.gradient])
-        if s.spread > 0:
-            s.width_pair[p, cs] = (
-                s.spread * (at(group.effects["corrupted"]) - at(group.effects["mean"])).abs()
-            )
+        centre = at(group.effects[s.gradient])
+        s.est_pair[p, cs] = centre
+        if s.spread > 0:  # the farthest other rule
+            gaps = torch.stack([(centre - at(group.effects[r])).abs() for r in others])
+            s.width_pair[p, cs] = s.spread * gaps.max(0).values
     s.clean[start:stop] = group.clean_scores.float()
     s.corrupted[start:stop] = group.corrupted_scores.float()
     return group

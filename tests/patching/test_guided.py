@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from patching import (
-    attribution_patch,
+    attribution_estimates,
     head_target,
     neuron_target,
     patch_sweep,
@@ -100,16 +100,24 @@ def test_a_stop_by_estimate_is_what_the_rule_says_when_estimates_are_poor(model,
             assert kth > (1 + rtol) * bound[p][free].max()
 
 
-def test_intervals_are_the_gap_between_the_two_gradient_rules(model, pairs):
+def test_intervals_are_the_gap_between_the_gradient_rules(model, pairs):
     """``estimate`` is the corrupted-gradient attribution patch, ``uncertainty`` ``spread`` times
-    its distance to the mean-gradient one (both from :func:`attribution_patch`)."""
+    its largest distance to the mean-gradient and the path-point estimates (all from
+    :func:`attribution_estimates`); without path points, to the mean-gradient one."""
     target = head_target(by="part")
     n = len(pairs)
-    plain = full_effects(attribution_patch(model, pairs, target))
-    mean = full_effects(attribution_patch(model, pairs, target, gradient="mean"))
-    guided = patch_top_cells(model, pairs, target, k=3, spread=2.0)
+    points = (0.25, 0.5, 0.75)
+    rules = attribution_estimates(model, pairs, target, path_points=points)
+    plain, mean = full_effects(rules["corrupted"]), full_effects(rules["mean"])
+    paths = [full_effects(rules[f"path:{a:g}"]) for a in points]
+    guided = patch_top_cells(model, pairs, target, k=3, spread=2.0, path_points=points)
     torch.testing.assert_close(guided.estimate.reshape(n, -1).double(), plain, atol=1e-6, rtol=0)
     width = guided.uncertainty.reshape(n, -1).double()
+    gaps = torch.stack([(plain - other).abs() for other in [mean, *paths]]).max(0).values
+    torch.testing.assert_close(width, 2 * gaps, atol=1e-6, rtol=0)
+    assert (width > 2 * (plain - mean).abs() + 1e-3).any()  # the path points widen some
+    two = patch_top_cells(model, pairs, target, k=3, spread=2.0, path_points=())
+    width = two.uncertainty.reshape(n, -1).double()
     torch.testing.assert_close(width, 2 * (plain - mean).abs(), atol=1e-6, rtol=0)
     assert (width > 1e-3).any()  # the random model's two rules disagree
     point = patch_top_cells(model, pairs, target, k=3, spread=0)
@@ -259,19 +267,22 @@ def same_top_values(guided_top, effects, k, tol=1e-6):
 
 
 def test_the_reproduction_is_not_certified(model, pairs):
-    """r6b.py: head top 3 of pair p0 at rtol=0.5 is [4, 5, 3], the sweep's [4, 0, 5]; cell 0's
-    exact effect (-0.230) is 3x its estimate (-0.076 +- 0.0018). That stop by estimate is wrong,
-    and it is reported as a stop by estimate, not as certified."""
+    """r6b.py: head top 3 of pair p0 at rtol=0.5 without path points is [4, 5, 3], the sweep's
+    [4, 0, 5]; cell 0's exact effect (-0.230) is 3x its estimate (-0.076 +- 0.0018). That stop
+    by estimate is wrong, and it is reported as a stop by estimate, not as certified."""
     target, k = head_target(), 3
     effects = full_effects(patch_sweep(model, pairs, target))
     assert effects[0].abs().topk(k).indices.tolist() == [4, 0, 5]
-    guided = patch_top_cells(model, pairs, target, k=k, rtol=0.5)
-    assert guided.top[0].tolist() == [4, 5, 3]  # the documented miss, still reproduced
+    guided = patch_top_cells(model, pairs, target, k=k, rtol=0.5, path_points=())
+    assert guided.top[0].tolist() == [4, 5, 3]  # the issue's settings: the miss, reproduced
     assert abs(float(guided.estimate[0, 0, 0]) + 0.0761) < 1e-3
     assert abs(float(effects[0, 0]) + 0.2304) < 1e-3
     assert not guided.certified[0] and guided.stopped_by_estimate[0]
     for p, ok in enumerate(same_top_values(guided.top, effects, k)):
         assert ok or not guided.certified[p]
+    default = patch_top_cells(model, pairs, target, k=k)  # the path points catch cell 0
+    assert default.top[0].tolist() == [4, 0, 5] and bool(default.verified[0, 0, 0])
+    assert not default.certified[0]  # right, but cells were left unverified
     exact = patch_top_cells(model, pairs, target, k=k, rtol=float("inf"))
     assert exact.certified.all() and not exact.stopped_by_estimate.any()
     assert all(same_top_values(exact.top, effects, k))
