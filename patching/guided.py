@@ -1,15 +1,17 @@
 """Top-k activation patching guided by attribution patching: exact effects, a heuristic stop.
 
 A full exact sweep costs one (partial) forward per (pair, cell); attribution patching estimates
-every cell from one forward and one backward. :func:`patch_top_cells` combines them:
+every cell from a few forward and backward passes per pair. :func:`patch_top_cells` combines them:
 
 1. **Estimate** every cell's effect ``e_c = s_patch[c] - s_corr`` by an interval: the centre
    ``ê_c`` is attribution patching with the corrupted run's gradient
    (:func:`patching.attribution.attribution_patch`, with the AtP* softmax recomputation for
-   query/key targets), the half-width ``w_c = spread * |ê_c - ê^mean_c|`` the distance to the
-   estimate with the mean of the corrupted and clean runs' gradients (``= spread/2 *
-   |Δa_c . (g_clean - g_corr)|``: how much the gradient changes between the two runs, a proxy of
-   the second-order term that point estimates drop). Score: ``U_c = |ê_c| + w_c``.
+   query/key targets); the half-width ``w_c = spread * max_j |ê_c - ê^j_c|`` is its largest
+   distance to the same first-order estimate with other gradients ``j``: the mean of the
+   corrupted and clean runs' gradients, and the gradients where the input embeddings are mixed
+   ``corrupted + alpha (clean - corrupted)`` at each of ``path_points``
+   (:func:`patching.attribution.attribution_estimates`). How much the gradient changes between
+   the two runs is a proxy of what a first-order estimate drops. Score: ``U_c = |ê_c| + w_c``.
 2. **Verify** cells exactly (the batched engine of :mod:`patching.sweep`, starting from the
    attribution runs' activations) in order of decreasing ``U_c``: ``k`` cells first, then
    ``step`` more per round, all pairs' rows of a round in the same expanded forward passes.
@@ -27,18 +29,22 @@ the sweep's, up to float32 round-off), and ``top`` is the exact top k *of the ve
 It is the top k of *all* cells for sure only when every cell was verified: ``certified`` says
 exactly that, and nothing else. A stop by estimate (``stopped_by_estimate``) trusts the intervals
 of the cells left unverified, and those intervals are **not bounds**: attribution patching's
-error has no bound that holds without assumptions (smoothness of GELU/LayerNorm/softmax over
-the whole clean-corrupted path, small interactions) that real and random models violate. The
-assumption the stop makes is that no unverified cell's exact ``|e_c|`` exceeds ``U_c`` by more
-than the margin. On a tiny random model a cell's exact effect was 3x its ``U_c`` (exact -0.230,
-estimate -0.076 +- 0.0018), and a stop at ``rtol=0.5`` returned a wrong top 3. How often a stop by
-estimate returns a top k that the full sweep does not is *measured*, not promised:
-``benchmarks/bench_guided_patching.py`` replays the rule on full sweeps of the shared SciFact
-model for every target kind and ``k`` in {1, 3, 5, 10, 20} (``benchmarks/README.md``); the
-defaults here are the settings with no miss on that set. Other models, pairs or targets can miss:
-when the top k must be exact, pass ``rtol=float("inf")`` (every cell verified; the sweep's cost)
-or check ``certified``. :func:`simulate_top_cells` replays the rule on a full sweep to measure the
-miss rate of any setting on your own data.
+error has no bound that holds without assumptions (smoothness of GELU/LayerNorm/softmax along
+the whole corrupted-to-clean path, small interactions) that real and random models violate. The
+assumption a stop by estimate makes is that no unverified cell's exact ``|e_c|`` exceeds its
+score ``U_c`` by more than the margin. It fails: with the earlier defaults (no path points,
+``rtol=0.5``) a tiny random model's head had exact effect -0.230 against an interval of -0.076
++- 0.0018, and the returned top 3 was wrong; on the shared SciFact model, replacing the
+document's embeddings (``resid_pre`` of layer 0, one cell per part) recovers the whole score
+change (+4.71) while both end gradients estimate it at under 0.01 (the score saturates along the
+way; the mid-path gradients see it). How often a stop by estimate returns a top k that the full
+sweep does not is *measured*, not promised: ``benchmarks/bench_guided_patching.py`` replays the
+search on full sweeps of the shared model for every target kind and ``k`` in {1, 3, 5, 10, 20},
+50 pairs (``benchmarks/README.md``, with the cost); the defaults are chosen to have no miss on that
+set, with one notch of margin to spare, which is evidence, not a guarantee. Other models, pairs
+or targets can miss: when the top k must be exact, pass ``rtol=float("inf")`` (every cell
+verified, a sweep's cost) or read ``certified``; :func:`simulate_top_cells` replays the search on
+your own full sweep to measure the miss rate of any setting.
 
 Cells are ranked by absolute effect. Why intervals: on the shared SciFact model's TFC1 pairs,
 point estimates missed top-10 head x part cells of layers 0-1 whose corrupted- and mean-gradient
@@ -50,18 +56,23 @@ Known failure modes of the stop by estimate (it trusts the intervals of the cell
 verify):
 
 * an interval that misses the exact effect by more than the margin, on a cell it never verifies:
-  both gradients agree but the effect is far from linear (saturated GELU/LayerNorm/softmax
-  beyond q/k, interactions that a first-order term misses). On the shared model this is layer-0
-  heads underestimated about 2x (exact 0.062, both estimates 0.026-0.033); on the tiny random
-  model of the tests, 3x. ``rtol`` is the guard; ``attribution_error`` reports the largest
-  ``|e - ê|`` on verified cells;
-* for query/key targets both gradient rules give the same AtP* estimate (``w = 0``): point
-  estimates;
+  every gradient agrees but the effect is far from linear (saturated GELU/LayerNorm/softmax
+  beyond q/k, interactions that a first-order term misses: on the shared model layer-0 heads
+  underestimated about 2x, exact 0.062 against estimates 0.026-0.033). ``rtol`` and the path
+  points are the guard; ``attribution_error`` reports the largest ``|e - ê|`` on verified cells;
+* for query/key targets the corrupted- and mean-gradient rules give the same AtP* estimate: only
+  the path points widen their intervals;
 * near-ties at the k-th place within float32 round-off (~1e-6) of two verified cells: the set
   then follows the rounding of the exact forward passes, which differs from a sweep's (this
   holds for ``certified`` units too: their top k is as exact as the sweep, not more);
-* effects near round-off (``|e|`` ~ 1e-6): the rule then verifies nearly everything;
-* ``max_cells`` stopping a unit early (neither certified nor stopped by estimate).
+* effects near round-off (``|e|`` ~ 1e-6), or many cells tied at an exact 0 (e.g. positions the
+  score cannot see): the rule then verifies nearly everything;
+* ``max_cells`` stopping a unit early (``capped``: neither certified nor stopped by estimate).
+
+Cost: the attribution passes (a clean and a corrupted forward and backward, and one forward and
+backward per path point) are paid per pair whatever the grid, so on small grids (tens of cells
+per pair) the search can take longer than the sweep itself; it pays off on large grids (heads x
+part, positions, neurons). Measured figures: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -94,10 +105,10 @@ from patching.targets import PatchTarget
 
 #: The stopping rule's defaults: the settings with no miss against full sweeps on the benchmark
 #: set (``benchmarks/bench_guided_patching.py``), which is evidence, not a guarantee.
-DEFAULT_RTOL = 0.5
+DEFAULT_RTOL = 1.0
 DEFAULT_WINDOW = 2.0
 DEFAULT_SPREAD = 1.0
-DEFAULT_PATH_POINTS = (0.25, 0.5, 0.75)
+DEFAULT_PATH_POINTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
 @dataclass
@@ -222,10 +233,10 @@ def _stop(est: Tensor, width: Tensor, exact: Tensor, verified: Tensor, k: int, r
     rtol, atol, window = rule
     if int(verified.sum()) < k or rtol == float("inf"):
         return False
-    bound = est.abs() + width
+    score = est.abs() + width
     kth = exact.abs()[verified].topk(k).values[-1]
-    largest = bound[~verified].max()
-    comparable = verified & (bound <= window * largest)
+    largest = score[~verified].max()
+    comparable = verified & (score <= window * largest)
     outside = (exact - est).abs() - width  # how far an exact effect fell outside its interval
     seen = outside[comparable].max() if comparable.any() else largest.new_zeros(())
     return bool(kth > largest + torch.maximum(rtol * largest + atol, seen))
@@ -242,10 +253,10 @@ def _top_k(exact: Float[Tensor, "unit cell"], k: int) -> Int[Tensor, "unit k"]:
     return top
 
 
-def _next_cells(bound: Tensor, verified: Tensor, valid: Tensor, n: int) -> Tensor:
-    """Indices of the ``n`` unverified valid cells with the largest bound ``|estimate| + w``."""
+def _next_cells(score: Tensor, verified: Tensor, valid: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` unverified valid cells with the largest score ``U = |estimate| + w``."""
     free = (valid & ~verified).nonzero()[:, 0]
-    order = torch.argsort(bound[free], descending=True, stable=True)
+    order = torch.argsort(score[free], descending=True, stable=True)
     return free[order[:n]]
 
 
@@ -270,9 +281,11 @@ def patch_top_cells(
     gradient: Literal["corrupted", "mean"] = "corrupted",
     progress: bool | None = None,
 ) -> TopCells:
-    """The exact top-``k`` cells of ``target`` per pair (or averaged over pairs), patching only
-    the cells attribution patching cannot rule out (algorithm, stopping rule and its failure
-    modes: module docstring).
+    """The top-``k`` cells of ``target`` per pair (or averaged over pairs) by exact patching of
+    the cells attribution patching does not rule out (algorithm, stopping rule and its failure
+    modes: module docstring). ``certified`` units had every cell patched exactly; a unit
+    ``stopped_by_estimate`` trusts the attribution intervals of the cells it left, which are
+    not bounds (measured miss rates: ``benchmarks/README.md``).
 
     Args:
         k: cells wanted per unit.
@@ -280,12 +293,16 @@ def patch_top_cells(
             s_corr)`` over the pairs with ``|s_clean - s_corr| >= min_delta`` (one unit), instead
             of the score change ``s_patch - s_corr`` of each pair (one unit per pair).
         rtol, atol, window: the safety margin of the stopping rule: relative to the largest
-            unverified bound ``M``; absolute, in the units of the measure; and at least the
+            unverified score ``M``; absolute, in the units of the measure; and at least the
             largest amount by which an exact effect fell outside its interval on verified cells
-            whose bound is at most ``window * M``.
-        spread: the half-width of each estimate's interval, ``w = spread * |ê_corr - ê_mean|``
-            (the corrupted- and the mean-gradient estimates); 0: point estimates (and, with
-            ``gradient="corrupted"``, no backward pass on the clean inputs).
+            whose score is at most ``window * M``. ``rtol=float("inf")``: never stop by
+            estimate (every cell verified, every unit certified).
+        spread: the half-width of each estimate's interval, ``w = spread * max_j |ê - ê^j|``
+            over the other gradient rules ``j`` (module docstring); 0: point estimates (no path
+            points and, with ``gradient="corrupted"``, no backward pass on the clean inputs).
+        path_points: the points ``alpha`` in (0, 1) of the input path whose gradients widen
+            the intervals (one forward and backward pass per pair each; ``()``: only the
+            corrupted- and mean-gradient rules, the behaviour before issue 24).
         step: cells verified per unit in each round after the first ``k`` (default ``ceil(k/5)``).
         max_cells: at most this many cells verified per unit (default: no limit).
         batch_size, memory_budget: rows per exact forward pass (as in :func:`patch_sweep`).
@@ -398,7 +415,7 @@ def simulate_top_cells(
     step = step or -(-k // 5)
     effects, estimate, uncertainty = (x.double() for x in (effects, estimate, uncertainty))
     valid = ~effects.isnan()
-    bound = estimate.abs() + uncertainty
+    score = estimate.abs() + uncertainty
     verified = torch.zeros_like(valid)
     ended = torch.zeros(len(effects), dtype=torch.bool)
     limit = max_cells or effects.shape[1]
@@ -406,7 +423,7 @@ def simulate_top_cells(
         v, want = valid[u], k
         while True:
             room = limit - int(verified[u].sum())
-            verified[u, _next_cells(bound[u], verified[u], v, min(want, room))] = True
+            verified[u, _next_cells(score[u], verified[u], v, min(want, room))] = True
             seen = effects[u].where(verified[u], float("nan"))
             rule = (rtol, atol, window)
             done = _stop(estimate[u, v], uncertainty[u, v], seen[v], verified[u, v], k, rule)
@@ -469,7 +486,7 @@ def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
                 s.pairs[start:stop], torch.arange(start, stop), s.clean[start:stop],
                 s.corrupted[start:stop], runs.clean, runs.corrupted,
             )  # fmt: skip
-            bound = est.abs() + width
+            score = est.abs() + width
             active = list(range(len(group.index)))
             want = s.k
             while active:
@@ -477,7 +494,7 @@ def _per_pair(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
                 for i in active:
                     p = int(group.index[i])
                     room = s.limit - int(verified[p].sum())
-                    new = _next_cells(bound[p], verified[p], s.valid[p], min(want, room))
+                    new = _next_cells(score[p], verified[p], s.valid[p], min(want, room))
                     p_rows.append(torch.full((len(new),), i))
                     c_rows.append(new)
                 pr, cr = torch.cat(p_rows), torch.cat(c_rows)
@@ -519,7 +536,7 @@ def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
     metric_est = (s.est_pair / scale).nan_to_num() * weights
     est = (metric_est.sum(0) / count.clamp(min=1))[None]
     width = ((s.width_pair / scale.abs()).nan_to_num() * weights).sum(0)[None] / count.clamp(min=1)
-    bound = est.abs() + width
+    score = est.abs() + width
     exact = torch.full_like(est, float("nan"))
     verified = torch.zeros_like(unit_valid)
     ended = torch.zeros(1, dtype=torch.bool)
@@ -533,7 +550,7 @@ def _averaged(s: _Run) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, 
     with progress_bar(len(s.cells), s.show, f"top-{s.k} {s.target.name} (mean)", "cell") as bar:
         while True:
             room = s.limit - int(verified.sum())
-            new = _next_cells(bound[0], verified[0], unit_valid[0], min(want, room))
+            new = _next_cells(score[0], verified[0], unit_valid[0], min(want, room))
             total = torch.zeros(len(new), dtype=torch.float64)
             for group in groups:
                 g_pairs = kept_index[group.index]
