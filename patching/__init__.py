@@ -16,7 +16,7 @@ A typical study::
 """
 
 from patching.attribution import attribution_estimates, attribution_patch, attribution_vs_exact
-from patching.guided import TopCells, patch_top_cells
+from patching.guided import SimulatedTopCells, TopCells, patch_top_cells, simulate_top_cells
 from patching.path import (
     CHANNELS,
     path_freeze_hooks,
@@ -80,6 +80,7 @@ __all__ = [
     "PatchingResult",
     "PerturbedPair",
     "TermStatistics",
+    "SimulatedTopCells",
     "TopCells",
     "attribution_estimates",
     "attribution_patch",
@@ -93,6 +94,7 @@ __all__ = [
     "patch_sweep",
     "patch_sweep_reference",
     "patch_top_cells",
+    "simulate_top_cells",
     "patching_metric",
     "path_freeze_hooks",
     "path_patch",

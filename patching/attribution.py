@@ -44,6 +44,16 @@ def _store_hook(store: dict[str, Tensor], act: Tensor, hook: Any) -> None:
     store[hook.name] = act
 
 
+def _path_hook(clean: Tensor, alpha: float, act: Tensor, hook: Any) -> Tensor:
+    """The corrupted run's embeddings moved ``alpha`` of the way to the clean run's, as a leaf."""
+    return (act + alpha * (clean.to(act.dtype) - act)).detach().requires_grad_(True)
+
+
+def path_rule(alpha: float) -> str:
+    """The name of the rule with gradients at input-path point ``alpha``: ``"path:0.5"``."""
+    return f"path:{alpha:g}"
+
+
 def attribution_patch(
     model: HookedCrossEncoder,
     pairs: AlignedPairs,
@@ -78,14 +88,25 @@ def attribution_estimates(
     batch_size: int = 16,
     atp_star: bool = True,
     gradients: tuple[str, ...] = ("corrupted", "mean"),
+    path_points: tuple[float, ...] = (),
 ) -> dict[str, PatchingResult]:
     """:func:`attribution_patch` with several ``gradient`` rules from the same runs (one clean
-    backward pass serves every rule that needs it): ``{rule: result}``."""
+    backward pass serves every rule that needs it): ``{rule: result}``.
+
+    ``path_points`` adds one rule per ``alpha`` in (0, 1), named ``"path:<alpha>"``
+    (:func:`path_rule`): ``sum_{e in c} (clean_e - corrupted_e) * grad_e(alpha)``, the gradient
+    taken where the input embeddings are ``corrupted + alpha * (clean - corrupted)`` (one more
+    forward and backward pass per point; for query/key targets the AtP* pattern gradient there).
+    For a cell of the embeddings these are Riemann points of integrated gradients; deeper, the
+    gradient at a state between the two runs. Each is a point estimate, and none is a bound.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for gradient in gradients:
         if gradient not in ("corrupted", "mean"):
             raise ValueError(f"unknown gradient={gradient!r}: choose 'corrupted' or 'mean'")
+    _check_path_points(path_points)
+    rules = tuple(gradients) + tuple(path_rule(a) for a in path_points)
     width = pairs.clean.input_ids.shape[1]
     dims, coords = target.grid(model, width)
     shape = tuple(len(coords[d]) for d in dims)
@@ -94,16 +115,17 @@ def attribution_estimates(
     valid = target.valid(cells, pairs.lengths)
     n = len(pairs)
     size = int(np.prod(shape)) if shape else 1
-    patched = {g: torch.full((n, size), float("nan")) for g in gradients}
+    patched = {g: torch.full((n, size), float("nan")) for g in rules}
     clean_scores, corrupted_scores = torch.empty(n), torch.empty(n)
     for g0 in range(0, n, batch_size):
         group = group_estimates(
-            model, pairs[g0 : g0 + batch_size], target, gradients, atp_star, width=width
-        )
+            model, pairs[g0 : g0 + batch_size], target, gradients, atp_star, width=width,
+            path_points=path_points,
+        )  # fmt: skip
         k = group.corrupted_scores
         for i, row in enumerate(range(g0, g0 + len(k))):
             cs = flat[valid[row].nonzero()[:, 0]]
-            for gradient in gradients:
+            for gradient in rules:
                 estimate = k[i] + group.effects[gradient][i].reshape(-1)[cs]
                 patched[gradient][row, cs] = estimate.float()
         clean_scores[g0 : g0 + len(k)] = group.clean_scores.float()
@@ -120,8 +142,17 @@ def attribution_estimates(
             grades=list(pairs.grades),
             method="attribution",
         )
-        for gradient in gradients
+        for gradient in rules
     }
+
+
+def _check_path_points(path_points: tuple[float, ...]) -> None:
+    for alpha in path_points:
+        if not 0 < alpha < 1:
+            raise ValueError(
+                f"path point {alpha} out of range: choose points strictly between 0 (corrupted) "
+                "and 1 (clean)"
+            )
 
 
 @dataclass
@@ -151,10 +182,13 @@ def group_estimates(
     atp_star: bool = True,
     keep: tuple[str, ...] = (),
     width: int | None = None,
+    path_points: tuple[float, ...] = (),
 ) -> GroupEstimates:
     """One batch of :func:`attribution_estimates`: a clean run (with gradients when a rule needs
-    them), a corrupted run with gradients, and the estimates of every cell per rule, on the grid
-    of inputs ``width`` tokens wide (default: the group's)."""
+    them), a corrupted run with gradients, one run with gradients per path point, and the
+    estimates of every cell per rule, on the grid of inputs ``width`` tokens wide (default: the
+    group's)."""
+    _check_path_points(path_points)
     dims, coords = target.grid(model, width or group.clean.input_ids.shape[1])
     layers = target.target_layers(model)
     names = [target.hook_name(layer) for layer in layers]
@@ -163,19 +197,20 @@ def group_estimates(
     patterns = [f"blocks.{lay}.attn.hook_pattern" for lay in layers] if qk else []
     b = len(group)
     clean_grads = None
+    embed = ["hook_full_embed"] if path_points else []
     if "mean" in gradients and not qk:  # one clean run gives the activations and gradients
         c_acts: dict[str, Tensor] = {}
         c_hooks = [("hook_full_embed", _leaf_hook)] + [
-            (nm, partial(_store_hook, c_acts)) for nm in names
+            (nm, partial(_store_hook, c_acts)) for nm in names + embed
         ]
         with torch.enable_grad(), model.hooks(fwd_hooks=c_hooks):
             c_score = model(group.clean)
             clean_grads = torch.autograd.grad(c_score.sum(), [c_acts[nm] for nm in names])
-        c_score, clean = c_score.detach(), {nm: c_acts[nm].detach() for nm in names}
+        c_score, clean = c_score.detach(), {nm: c_acts[nm].detach() for nm in names + embed}
     else:
         with torch.no_grad():
-            c_score, cache = model.run_with_cache(group.clean, names_filter=names)
-        clean = {nm: cache[nm] for nm in names}
+            c_score, cache = model.run_with_cache(group.clean, names_filter=names + embed)
+        clean = {nm: cache[nm] for nm in names + embed}
     acts: dict[str, Tensor] = {}
     stored = names + (extra + patterns if qk else []) + list(keep)
     hooks = [("hook_full_embed", _leaf_hook)] + [
@@ -185,10 +220,20 @@ def group_estimates(
         k_score = model(group.corrupted)
         wrt = patterns if qk else names
         grads = torch.autograd.grad(k_score.sum(), [acts[nm] for nm in wrt])
+    rule_grads = {gradient: grads for gradient in gradients}
+    for alpha in path_points:  # the corrupted input, its embeddings moved toward the clean ones
+        p_acts: dict[str, Tensor] = {}
+        p_hooks = [("hook_full_embed", partial(_path_hook, clean["hook_full_embed"], alpha))]
+        p_hooks += [(nm, partial(_store_hook, p_acts)) for nm in wrt]
+        with torch.enable_grad(), model.hooks(fwd_hooks=p_hooks):
+            p_score = model(group.corrupted)
+            rule_grads[path_rule(alpha)] = torch.autograd.grad(
+                p_score.sum(), [p_acts[nm] for nm in wrt]
+            )
     parts = group.corrupted.parts.to(k_score.device)
     shape = tuple(len(coords[d]) for d in dims)
     effects = {}
-    for gradient in gradients:
+    for gradient, grads in rule_grads.items():
         dense = torch.zeros(b, *shape, dtype=torch.float64)
         for i_layer, (layer, name, grad) in enumerate(zip(layers, names, grads)):
             if gradient == "mean" and clean_grads is not None:
@@ -211,7 +256,7 @@ def group_estimates(
         effects,
         c_score.detach().double().cpu(),
         k_score.detach().double().cpu(),
-        clean,
+        {nm: clean[nm] for nm in names},
         {nm: acts[nm].detach() for nm in keep},
     )
 
@@ -324,4 +369,5 @@ __all__ = [
     "attribution_patch",
     "attribution_vs_exact",
     "group_estimates",
+    "path_rule",
 ]

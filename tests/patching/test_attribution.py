@@ -134,3 +134,67 @@ def test_several_gradient_rules_from_one_pass_equal_one_rule_each(model, pairs, 
         torch.testing.assert_close(both[gradient].corrupted, one.corrupted)
     with pytest.raises(ValueError, match="unknown gradient"):
         attribution_estimates(model, pairs, target, gradients=("corrupted", "clean"))
+
+
+# ---------------------------------------------------------------- gradients along the input path
+def _effects(result):
+    n = len(result)
+    return result.patched.reshape(n, -1).double() - result.corrupted.double()[:, None]
+
+
+def test_path_points_on_the_embeddings_are_integrated_gradients(model, pairs):
+    """For the embeddings (``resid_pre`` of layer 0) the input path is the straight line, so the
+    mean of the path rules over midpoints is integrated gradients: summed over positions it is
+    ``s_clean - s_corr`` (completeness), up to the midpoint rule's error."""
+    target = resid_target("resid_pre", layers=0)
+    points = tuple((i + 0.5) / 32 for i in range(32))
+    rules = attribution_estimates(model, pairs, target, path_points=points)
+    ig = torch.stack([_effects(rules[f"path:{a:g}"]) for a in points]).mean(0)
+    delta = (rules["corrupted"].clean - rules["corrupted"].corrupted).double()
+    torch.testing.assert_close(ig.nansum(1), delta, atol=2e-3 * float(delta.abs().max()), rtol=0)
+    one_point = _effects(rules["corrupted"]).nansum(1)
+    assert ((one_point - delta).abs() > 0.05 * delta.abs()).any()  # plain AtP is not complete
+
+
+def test_a_path_point_is_the_gradient_where_the_embeddings_are_mixed(model, pairs):
+    """Oracle by finite differences, without autograd: for a layer-0 cell (one position) the
+    path rule at alpha is ``d/dt s(e_alpha + t * Δe_p)`` at t = 0, with ``e_alpha`` the mixed
+    embeddings and ``Δe_p`` the clean-minus-corrupted embedding of position p only."""
+    target = resid_target("resid_pre", layers=0)
+    alpha, pair = 0.4, pairs[[1]]
+    got = _effects(attribution_estimates(model, pair, target, path_points=(alpha,))["path:0.4"])
+    with torch.no_grad():
+        _, cc = model.run_with_cache(pair.clean, names_filter=["hook_full_embed"])
+        _, kc = model.run_with_cache(pair.corrupted, names_filter=["hook_full_embed"])
+    e_clean = cc["hook_full_embed"].double()
+    e_corr = kc["hook_full_embed"].double()
+    diff = (e_clean - e_corr)[0].abs().sum(-1)
+    p = int(diff.argmax())  # a position whose embedding differs
+    step = torch.zeros_like(e_clean)
+    step[0, p] = (e_clean - e_corr)[0, p]
+    mixed = e_corr + alpha * (e_clean - e_corr)
+
+    def score(t: float) -> float:
+        emb = (mixed + t * step).float()
+        with torch.no_grad(), model.hooks(fwd_hooks=[("hook_full_embed", lambda a, hook: emb)]):
+            return float(model(pair.corrupted).double())
+
+    eps = 1e-2
+    finite = (score(eps) - score(-eps)) / (2 * eps)
+    assert abs(float(got[0, p]) - finite) < 2e-3 * max(1.0, abs(finite))
+    assert abs(finite) > 1e-3  # the cell matters
+
+
+@pytest.mark.parametrize("target", [head_target(by="part"), qk_target("k", by="part")])
+def test_path_points_near_the_ends_meet_the_end_rules(model, pairs, target):
+    """alpha -> 0: the corrupted-gradient rule (AtP* for keys); alpha -> 1: the clean-gradient
+    rule ``2 * mean - corrupted`` (heads; keys have no clean rule)."""
+    rules = attribution_estimates(model, pairs, target, path_points=(1e-5, 1 - 1e-5))
+    plain = _effects(rules["corrupted"])
+    torch.testing.assert_close(_effects(rules["path:1e-05"]), plain, atol=1e-3, rtol=0)
+    if target.name == "z/part":
+        clean_rule = 2 * _effects(rules["mean"]) - plain
+        torch.testing.assert_close(_effects(rules["path:0.99999"]), clean_rule, atol=1e-3, rtol=0)
+        assert ((clean_rule - plain).abs().nan_to_num() > 1e-2).any()  # the two ends differ
+    with pytest.raises(ValueError, match="path point 1.5 out of range"):
+        attribution_estimates(model, pairs, target, path_points=(1.5,))
