@@ -7,6 +7,7 @@ byte-level BPE for RoBERTa, Unigram for XLM-RoBERTa) wrapped in ``PreTrainedToke
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,22 @@ def unigram_tokenizer() -> PreTrainedTokenizerFast:
         special_tokens=[("<s>", 0), ("</s>", 2)],
     )
     return _wrap(tok, "<s>", "</s>", "<pad>", "<unk>", "<mask>", _NO_TYPES)
+
+
+def deberta_v2_tokenizer() -> Any:
+    """DeBERTa-v3's own tokenizer class (``DebertaV2Tokenizer``) over a SentencePiece-style
+    Unigram vocabulary trained offline, with DeBERTa-v3's special-token ids ([PAD] 0, [CLS] 1,
+    [SEP] 2, [UNK] 3)."""
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    trainer = UnigramTrainer(
+        vocab_size=120, special_tokens=specials, unk_token="[UNK]", show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    vocab = [(piece, score) for piece, score in json.loads(tok.to_str())["model"]["vocab"]]
+    return transformers.DebertaV2Tokenizer(vocab=vocab, do_lower_case=True, unk_id=3)
 
 
 def _wrap(tok, cls, sep, pad, unk, mask, input_names) -> PreTrainedTokenizerFast:
@@ -145,6 +162,39 @@ def _modernbert(vocab: int, max_length: int, *, pooling: str, local_attention: i
         mlp_dropout=0.0,
         classifier_dropout=0.0,
     )
+
+
+def _deberta(version: int, vocab: int, max_length: int, **extra: Any) -> Any:
+    """DeBERTa-v3's settings by default (relative attention with c2p and p2c, log buckets,
+    shared position keys, a layer-normed relative table, no absolute positions, no token types);
+    8 buckets so that the log buckets and the clamp at the table's edges apply to the inputs."""
+    settings: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        intermediate_size=4 * D_MODEL,
+        max_position_embeddings=max_length,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pooler_dropout=0.0,
+        initializer_range=0.3,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        type_vocab_size=0,
+        pad_token_id=0,
+    )
+    if version == 2:
+        settings.update(
+            position_buckets=8, max_relative_positions=-1, share_att_key=True,
+            norm_rel_ebd="layer_norm",
+        )  # fmt: skip
+        settings.update(extra)
+        return transformers.DebertaV2Config(**settings)
+    settings.update(max_relative_positions=6)  # DeBERTa-v1: no buckets; clamped beyond 6
+    settings.update(extra)
+    return transformers.DebertaConfig(**settings)
 
 
 @dataclass(frozen=True)
@@ -233,18 +283,43 @@ SPECS: dict[str, FamilySpec] = {
             False,
             1,
         ),
+        FamilySpec(
+            "deberta-v2",
+            "DebertaV2ForSequenceClassification",
+            deberta_v2_tokenizer,
+            lambda v, n: _deberta(2, v, n),
+            True,
+            1,
+        ),
+        FamilySpec(
+            "deberta",
+            "DebertaForSequenceClassification",
+            wordpiece_tokenizer,
+            lambda v, n: _deberta(1, v, n),
+            True,
+            1,
+        ),
     )
 }
 FAMILY_NAMES = tuple(SPECS)
 
 
 def save_tiny_family(
-    name: str, directory: Path, *, num_labels: int = 1, seed: int = 0, max_length: int = MAX_LENGTH
+    name: str,
+    directory: Path,
+    *,
+    num_labels: int = 1,
+    seed: int = 0,
+    max_length: int = MAX_LENGTH,
+    **config_overrides: Any,
 ) -> Path:
-    """Build a random tiny ``name`` cross-encoder and save model + tokenizer to ``directory``."""
+    """Build a random tiny ``name`` cross-encoder and save model + tokenizer to ``directory``
+    (``config_overrides``: config attributes to change, e.g. another variant of the family)."""
     spec = SPECS[name]
     tok = spec.tokenizer()
     config = spec.config(len(tok), max_length)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     config.num_labels = num_labels
     config.architectures = [spec.model_class]
     torch.manual_seed(seed)
