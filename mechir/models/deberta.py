@@ -51,7 +51,6 @@ per-distance preference (like the bias terms of :func:`mechir.circuits.qk_bias_t
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -132,7 +131,9 @@ def _deberta_config(config: Any) -> EncoderShape:
     pooler = getattr(config, "pooler_hidden_size", d_model)
     _refuse(pooler != d_model, f"pooler_hidden_size {pooler} != hidden_size {d_model}")
     act = config.hidden_act
-    _refuse(act not in DEBERTA_ACTIVATIONS, f"hidden_act {act!r} (supported: {DEBERTA_ACTIVATIONS})")
+    _refuse(
+        act not in DEBERTA_ACTIVATIONS, f"hidden_act {act!r} (supported: {DEBERTA_ACTIVATIONS})"
+    )
     head_act = getattr(config, "pooler_hidden_act", "gelu")
     _refuse(
         head_act not in POOLER_ACTIVATIONS,
@@ -149,7 +150,8 @@ def _deberta_config(config: Any) -> EncoderShape:
     if version == 2:
         scale_factor = 1 + ("c2p" in pos_att_type) + ("p2c" in pos_att_type)
         rel_norm = "layer_norm" in [
-            x.strip() for x in (getattr(config, "norm_rel_ebd", "none") or "none").lower().split("|")
+            x.strip()
+            for x in (getattr(config, "norm_rel_ebd", "none") or "none").lower().split("|")
         ]
     else:
         scale_factor, rel_norm = 1 + len(pos_att_type), False
@@ -204,9 +206,7 @@ def log_bucket_position(
     )
     log_pos = (
         torch.ceil(
-            torch.log(abs_pos / mid)
-            / torch.log(torch.tensor((max_position - 1) / mid))
-            * (mid - 1)
+            torch.log(abs_pos / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)
         )
         + mid
     )
@@ -261,12 +261,14 @@ class RelativeEmbedding(nn.Module):
             self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
             self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
         self.eps = eps
-        self._rows: OrderedDict[tuple[int, int, str], RelativeRows] = OrderedDict()
+        self._rows: dict[tuple[int, int, str], RelativeRows] = {}
 
     def rows(self, n_query: int, n_key: int, device: torch.device) -> RelativeRows:
-        """The rows queries ``0..n_query-1`` and keys ``0..n_key-1`` read (cached per shape)."""
+        """The rows queries ``0..n_query-1`` and keys ``0..n_key-1`` read (cached per shape; the
+        cache is only read whole or replaced, so threads scoring at once never break it)."""
         key = (n_query, n_key, str(device))
-        if key not in self._rows:
+        rows = self._rows.get(key)
+        if rows is None:
             d = self.deberta
             c2p, p2c = relative_position_index(
                 n_query,
@@ -278,11 +280,11 @@ class RelativeEmbedding(nn.Module):
             )
             lo = int(min(c2p.min(), p2c.min()))
             hi = int(max(c2p.max(), p2c.max())) + 1
-            self._rows[key] = RelativeRows(lo, hi, c2p - lo, p2c - lo)
-            if len(self._rows) > self._CACHE:
-                self._rows.popitem(last=False)
-        self._rows.move_to_end(key)
-        return self._rows[key]
+            rows = RelativeRows(lo, hi, c2p - lo, p2c - lo)
+            if len(self._rows) >= self._CACHE:
+                self._rows = {}
+            self._rows[key] = rows
+        return rows
 
     def table(self, lo: int = 0, hi: int | None = None) -> Float[Tensor, "rows d_model"]:
         """Rows ``lo..hi-1`` of the (normed) table; the norm is per row, so a slice is exact."""
@@ -307,7 +309,9 @@ class DisentangledAttention(Attention):
     ):
         super().__init__(cfg)
         self.deberta = deberta
-        self.attn_scale = float(torch.sqrt(torch.tensor(cfg.d_head * deberta.scale_factor, dtype=torch.float)))
+        self.attn_scale = float(
+            torch.sqrt(torch.tensor(cfg.d_head * deberta.scale_factor, dtype=torch.float))
+        )
         self.hook_c2c_scores = HookPoint()
         if deberta.relative:
             self.__dict__["relative"] = relative  # shared by every layer: not a submodule here
@@ -366,11 +370,15 @@ class DisentangledAttention(Attention):
         if which == "q":
             out = torch.einsum("bqhd,bkhd->bhqk", delta, k) / self.attn_scale
             if self.deberta.c2p:
-                out = out + self.c2p_scores(delta, self.relative.rows(delta.shape[1], k.shape[1], delta.device))
+                out = out + self.c2p_scores(
+                    delta, self.relative.rows(delta.shape[1], k.shape[1], delta.device)
+                )
         else:
             out = torch.einsum("bqhd,bkhd->bhqk", q, delta) / self.attn_scale
             if self.deberta.p2c:
-                out = out + self.p2c_scores(delta, self.relative.rows(q.shape[1], delta.shape[1], delta.device))
+                out = out + self.p2c_scores(
+                    delta, self.relative.rows(q.shape[1], delta.shape[1], delta.device)
+                )
         return out
 
     def forward(  # type: ignore[override]
