@@ -51,7 +51,6 @@ per-distance preference (like the bias terms of :func:`mechir.circuits.qk_bias_t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -615,16 +614,16 @@ SPEC = EncoderSpec(
     body=_body,
 )
 
-__all__: Sequence[str] = (
+__all__ = [
+    "SPEC",
     "DebertaShape",
     "DisentangledAttention",
     "RelativeEmbedding",
-    "SPEC",
     "dimensions",
     "load",
     "log_bucket_position",
     "position_terms",
     "relative_position_index",
-)
+]
 
 load, dimensions = entry_points(SPEC)
