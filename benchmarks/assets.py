@@ -36,3 +36,42 @@ def hf_model(name: str) -> Any:
     return AutoModelForSequenceClassification.from_pretrained(
         resolve_model(name), attn_implementation="eager", dtype=torch.float32
     )
+
+
+#: Random checkpoints of real rerankers' shapes (the weights do not change the speed), for
+#: families whose weights are not on this machine: ``bench_scoring.py --shape NAME``.
+SHAPES: dict[str, dict[str, Any]] = {
+    # mixedbread-ai/mxbai-rerank-base-v1 (DeBERTa-v3-base); vocabulary: the tokenizer's below
+    "deberta-v3-base": dict(
+        model_type="deberta-v2", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=512, relative_attention=True,
+        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True,
+        pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+        layer_norm_eps=1e-7, pad_token_id=0, num_labels=1,
+        architectures=["DebertaV2ForSequenceClassification"],
+    ),
+}  # fmt: skip
+
+
+def random_checkpoint(shape: str, directory: Path, seed: int = 0) -> Path:
+    """A random checkpoint of ``SHAPES[shape]`` saved to ``directory``, with a DeBERTa-v3
+    SentencePiece tokenizer whose pieces are the quick set's words (so inputs are about as long
+    as with the real tokenizer)."""
+    import torch
+    import transformers
+
+    settings = dict(SHAPES[shape])
+    col = quick_set()
+    texts = [*col.queries.values(), *(p.document for p in col.candidates(depth=20))]
+    words = sorted({w for t in texts for w in t.lower().split()})
+    chars = sorted({c for w in words for c in w})
+    vocab = [(t, 0.0) for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")]
+    vocab += [(f"\u2581{w}", -1.0) for w in words] + [(c, -10.0) for c in [*chars, "\u2581"]]
+    tokenizer = transformers.DebertaV2Tokenizer(vocab=vocab, do_lower_case=True, unk_id=3)
+    config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

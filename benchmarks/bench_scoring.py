@@ -8,6 +8,9 @@ load from other processes (and this machine's drifting speed) affects all alike.
 ``benchmarks/results/scoring_<device>.json``.
 
     python benchmarks/bench_scoring.py [--model DIR] [--pairs 256] [--batch-size 32] [--repeats 5]
+
+``--shape deberta-v3-base`` measures a random checkpoint of that shape instead (a family whose
+weights are not on the machine) and writes ``scoring_<shape>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from assets import default_model, hf_model, quick_set
+from assets import SHAPES, default_model, hf_model, quick_set, random_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +39,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a random checkpoint of this shape")
     args = ap.parse_args()
+    if args.shape:
+        args.model = str(random_checkpoint(args.shape, Path(tempfile.mkdtemp()) / args.shape))
 
     from transformer_lens.components import Attention
 
@@ -114,7 +121,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "benchmark": "scoring throughput",
-        "model": str(args.model),
+        "model": f"random {args.shape} (bench_scoring --shape)" if args.shape else str(args.model),
         "device": args.device,
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
@@ -142,7 +149,8 @@ def main() -> None:
         "max_abs_score_diff_hooked_vs_hf": max_diff,
         "gpu": "not available in this environment" if args.device == "cpu" else args.device,
     }
-    out = ROOT / "benchmarks" / "results" / f"scoring_{args.device.split(':')[0]}.json"
+    tag = f"{args.shape}_" if args.shape else ""
+    out = ROOT / "benchmarks" / "results" / f"scoring_{tag}{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -34,6 +34,15 @@ rotation of position ``p``, so the bilinear form between positions ``i`` and ``j
 at **relative distance 0** (``R_0 = I``), a position-free reading of the head's content matching;
 at other distances each 2-d rotary plane is turned by ``(j - i) theta_k``. The bias terms likewise
 hold at distance 0 only. :func:`token_embeddings` of a rotary model ignores ``position``.
+
+**Disentangled attention (DeBERTa).** The scores are ``(c2c + c2p + p2c) / sqrt(d_head * f)``
+(``f`` = 1 + the number of position terms): the content term ``c2c`` is
+``(x_q W_Q + b_Q) . (x_k W_K + b_K)`` at every distance, so ``W_QK`` here is DeBERTa's content
+QK circuit exactly (only its scale differs). The position terms are not in ``W_QK``: ``c2p`` is
+``(x_q W_Q + b_Q) . k^r_d`` and ``p2c`` ``(x_k W_K + b_K) . q^r_d`` for the relative-distance
+row ``d`` of the pair, each linear in one residual, a per-head, per-distance preference like
+the bias terms; :func:`mechir.models.deberta.position_terms` gives their vectors. DeBERTa-v3
+has no absolute position embedding: :func:`token_embeddings` ignores ``position`` there.
 """
 
 from __future__ import annotations

@@ -241,9 +241,11 @@ def group_estimates(
             if qk:
                 attn = model.blocks[layer].attn
                 rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
+                delta = getattr(attn, "qk_score_delta", None)  # position terms (DeBERTa)
                 reduced = _qk_softmax_estimate(
-                    target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation
-                )
+                    target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation,
+                    delta,
+                )  # fmt: skip
             else:
                 prod = (clean[name] - acts[name].detach()).double() * grad.double()
                 reduced = target.reduce(prod, parts).cpu()
@@ -279,12 +281,15 @@ def _qk_softmax_estimate(
     parts: Int[Tensor, "batch pos"],
     scale: float,
     rotation: Callable[[Tensor], Tensor] | None = None,
+    score_delta: Callable[[str, Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "batch head ..."]:
     """AtP* for a query/key cell: ``sum (softmax(S + dS) - P) * dF/dP`` per (head, position set).
 
     For keys patched at positions ``m``: ``dS[b, h, q, k] = q[b, q, h] . (k_clean - k)[b, k, h]
     m[b, k] / scale``; for queries the same with the roles of ``q`` and ``k`` swapped. With rotary
     positions ``q``, ``k`` and the difference are first rotated (``rotation``, linear per position).
+    An attention whose scores have more terms in ``q`` or ``k`` (DeBERTa's relative-position
+    terms) gives ``dS`` itself: ``score_delta(which, q, k, difference)``.
     """
     pre = f"blocks.{layer}.attn."
     q, k = acts[pre + "hook_q"].detach(), acts[pre + "hook_k"].detach()
@@ -301,7 +306,9 @@ def _qk_softmax_estimate(
         sub = torch.tensor([[0] + ([j] if len(target.cells) > 1 else [])] * b, device=own.device)
         mask = target.row_mask(sub, parts, own).expand(b, width, n_heads, 1)[:, :, 0, 0]
         d = rotate(diff * mask[:, :, None, None].to(diff.dtype))
-        if which == "k":
+        if score_delta is not None:
+            d_scores = score_delta(which, q, k, d)
+        elif which == "k":
             d_scores = torch.einsum("bqhd,bkhd->bhqk", q, d) / scale
         else:
             d_scores = torch.einsum("bqhd,bkhd->bhqk", d, k) / scale

@@ -84,15 +84,17 @@ class Site:
         axes: the activation's axes after the batch axis.
         unit: the axis selected by units (``"head"``: the head grammar; ``"neuron"``: the
             neuron grammar; any other axis: plain indices) or None.
-        kind: ``"activation"`` (any mode), ``"pattern"`` (attention probabilities: no mean) or
-            ``"scores"`` (attention scores: ``renormalize`` fills ``-inf``).
+        kind: ``"activation"`` (any mode), ``"pattern"`` (attention probabilities: no mean),
+            ``"scores"`` (attention scores: ``renormalize`` fills ``-inf``) or ``"term"`` (one
+            additive term of the attention scores, DeBERTa's ``c2c``/``c2p``/``p2c``: ``zero``
+            drops it, ``factor`` scales it).
     """
 
     name: str
     hook: str
     axes: tuple[str, ...]
     unit: str | None = None
-    kind: Literal["activation", "pattern", "scores"] = "activation"
+    kind: Literal["activation", "pattern", "scores", "term"] = "activation"
 
     @property
     def per_layer(self) -> bool:
@@ -112,6 +114,7 @@ class Site:
             "activation": ("zero", "mean"),
             "pattern": ("zero",),
             "scores": ("renormalize",),
+            "term": ("zero",),
         }[self.kind]
 
 
@@ -139,6 +142,10 @@ SITES: dict[str, Site] = {
         Site("neuron", "blocks.{layer}.mlp.hook_post", ("position", "neuron"), "neuron"),
         Site("neuron_pre", "blocks.{layer}.mlp.hook_pre", ("position", "neuron"), "neuron"),
         Site("pooled", "pooler.hook_pooler_out", ("dimension",), "dimension"),
+        # DeBERTa's disentangled attention: the three terms of attn_scores (its family only)
+        Site("c2c_scores", "blocks.{layer}.attn.hook_c2c_scores", _ATTENTION, "head", "term"),
+        Site("c2p_scores", "blocks.{layer}.attn.hook_c2p_scores", _ATTENTION, "head", "term"),
+        Site("p2c_scores", "blocks.{layer}.attn.hook_p2c_scores", _ATTENTION, "head", "term"),
     )
 }
 

@@ -6,10 +6,11 @@ module                 what it holds
 ``registry``           :class:`Family`, :data:`FAMILIES` (one entry per family), lookup
 ``hooked``             what every hooked reranker shares (running batch, scoped hooks, score)
 ``encoder``            :class:`HookedCrossEncoder`, BERT blocks and heads, ``EncoderSpec``
-``bert``, ``electra``,  one encoder family each (``roberta`` also loads XLM-RoBERTa)
-``roberta``,
+``bert``, ``electra``,  one encoder family each (``roberta`` also loads XLM-RoBERTa,
+``roberta``,            ``deberta`` DeBERTa-v2/v3 and DeBERTa v1)
 ``distilbert``,
-``modernbert``
+``modernbert``,
+``deberta``
 ``tl``                 everything taken from TransformerLens
 =====================  =====================================================================
 

@@ -68,7 +68,7 @@ __all__ = [
 
 ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "pooled", "resid", None]
-PositionRule = Literal["absolute", "padding_offset", "rotary"]
+PositionRule = Literal["absolute", "padding_offset", "rotary", "relative"]
 BlockKind = Literal["post_ln", "pre_ln"]
 
 SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
@@ -107,7 +107,8 @@ class EncoderSpec:
         state_dict: ``(hf_model, n_heads) -> {mechir name: tensor}``.
         head_keys: Hugging Face state-dict prefixes of the trained head (a checkpoint missing
             them has no trained head).
-        positions: ``"absolute"``, RoBERTa's ``"padding_offset"`` or ``"rotary"``.
+        positions: ``"absolute"``, RoBERTa's ``"padding_offset"``, ``"rotary"`` or DeBERTa's
+            ``"relative"`` (positions enter the attention scores).
         head_activation: the pooler's activation (``"tanh"``, ``"gelu"``, ``"relu"``).
         blocks: ``"post_ln"`` (BERT blocks) or ``"pre_ln"``.
         body: for a body TransformerLens's BERT blocks cannot express, ``body(model, cfg,

@@ -141,6 +141,15 @@ FAMILIES: tuple[Family, ...] = (
         "ModernBERT", ("modernbert",), ("ModernBertForSequenceClassification",),
         "mechir.models.modernbert", "Alibaba-NLP/gte-reranker-modernbert-base",
     ),
+    Family(
+        "DeBERTa-v2", ("deberta-v2",), ("DebertaV2ForSequenceClassification",),
+        "mechir.models.deberta",
+        "mixedbread-ai/mxbai-rerank-base-v1, mixedbread-ai/mxbai-rerank-large-v1 (DeBERTa-v3)",
+    ),
+    Family(
+        "DeBERTa", ("deberta",), ("DebertaForSequenceClassification",), "mechir.models.deberta",
+        "DeBERTa (v1) cross-encoders (e.g. fine-tuned microsoft/deberta-base)",
+    ),
 )  # fmt: skip
 
 

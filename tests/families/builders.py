@@ -76,6 +76,18 @@ def unigram_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(tok, "<s>", "</s>", "<pad>", "<unk>", "<mask>", _NO_TYPES)
 
 
+def deberta_v2_tokenizer() -> Any:
+    """DeBERTa-v3's own tokenizer class (``DebertaV2Tokenizer``, SentencePiece Unigram) over a
+    hand-made vocabulary: DeBERTa-v3's special-token ids ([PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3),
+    then ``"▁word"`` for every word of ``WORDS`` (a whole-word piece wins) and single characters
+    (any other word is split into them)."""
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    chars = sorted(set("".join(CORPUS).lower()) - {" "}) + ["▁"]
+    vocab = [(t, 0.0) for t in specials] + [(f"▁{w}", -1.0) for w in WORDS]
+    vocab += [(c, -10.0) for c in chars]
+    return transformers.DebertaV2Tokenizer(vocab=vocab, do_lower_case=True, unk_id=3)
+
+
 def _wrap(tok, cls, sep, pad, unk, mask, input_names) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -145,6 +157,39 @@ def _modernbert(vocab: int, max_length: int, *, pooling: str, local_attention: i
         mlp_dropout=0.0,
         classifier_dropout=0.0,
     )
+
+
+def _deberta(version: int, vocab: int, max_length: int, **extra: Any) -> Any:
+    """DeBERTa-v3's settings by default (relative attention with c2p and p2c, log buckets,
+    shared position keys, a layer-normed relative table, no absolute positions, no token types);
+    8 buckets so that the log buckets and the clamp at the table's edges apply to the inputs."""
+    settings: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        intermediate_size=4 * D_MODEL,
+        max_position_embeddings=max_length,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pooler_dropout=0.0,
+        initializer_range=0.3,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        type_vocab_size=0,
+        pad_token_id=0,
+    )
+    if version == 2:
+        settings.update(
+            position_buckets=8, max_relative_positions=-1, share_att_key=True,
+            norm_rel_ebd="layer_norm",
+        )  # fmt: skip
+        settings.update(extra)
+        return transformers.DebertaV2Config(**settings)
+    settings.update(max_relative_positions=6)  # DeBERTa-v1: no buckets; clamped beyond 6
+    settings.update(extra)
+    return transformers.DebertaConfig(**settings)
 
 
 @dataclass(frozen=True)
@@ -233,18 +278,43 @@ SPECS: dict[str, FamilySpec] = {
             False,
             1,
         ),
+        FamilySpec(
+            "deberta-v2",
+            "DebertaV2ForSequenceClassification",
+            deberta_v2_tokenizer,
+            lambda v, n: _deberta(2, v, n),
+            True,
+            1,
+        ),
+        FamilySpec(
+            "deberta",
+            "DebertaForSequenceClassification",
+            wordpiece_tokenizer,
+            lambda v, n: _deberta(1, v, n),
+            True,
+            1,
+        ),
     )
 }
 FAMILY_NAMES = tuple(SPECS)
 
 
 def save_tiny_family(
-    name: str, directory: Path, *, num_labels: int = 1, seed: int = 0, max_length: int = MAX_LENGTH
+    name: str,
+    directory: Path,
+    *,
+    num_labels: int = 1,
+    seed: int = 0,
+    max_length: int = MAX_LENGTH,
+    **config_overrides: Any,
 ) -> Path:
-    """Build a random tiny ``name`` cross-encoder and save model + tokenizer to ``directory``."""
+    """Build a random tiny ``name`` cross-encoder and save model + tokenizer to ``directory``
+    (``config_overrides``: config attributes to change, e.g. another variant of the family)."""
     spec = SPECS[name]
     tok = spec.tokenizer()
     config = spec.config(len(tok), max_length)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     config.num_labels = num_labels
     config.architectures = [spec.model_class]
     torch.manual_seed(seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +88,23 @@ def masked_eager_attention(keep_per_layer, layer_of, mode):
     return attention
 
 
+def masked_softmax_nn(keep_per_layer, n_layers, mode):
+    """For DeBERTa, whose attention calls ``nn.functional.softmax`` itself: a stand-in for the
+    module's ``nn`` whose softmax applies direction ablation (layer = call number mod layers).
+    HF fills padding with ``finfo.min``; it becomes ``-inf`` so fully removed rows are zero."""
+    calls = iter(range(10**6))
+
+    def softmax(scores, dim=-1):
+        keep = keep_per_layer.get(next(calls) % n_layers)
+        scores = scores.masked_fill(scores == torch.finfo(scores.dtype).min, float("-inf"))
+        if keep is not None and mode == "renormalize":
+            scores = scores.masked_fill(keep[:, None] == 0, float("-inf"))
+        probs = torch.softmax(scores, dim).nan_to_num(0.0)
+        return probs * keep[:, None] if keep is not None and mode == "zero" else probs
+
+    return SimpleNamespace(functional=SimpleNamespace(softmax=softmax))
+
+
 # ------------------------------------------------------------------ hooks
 @pytest.mark.parametrize("mode", ["zero", "renormalize"])
 @pytest.mark.parametrize(
@@ -104,8 +122,13 @@ def test_direction_ablation_matches_hf_with_masked_attention(
     keep = hand_keep(batch, [int(p) for p in attending], [int(p) for p in attended])
     layer_of = {id(m): i for i, m in enumerate(hf_attention_modules(hf))}
     assert len(layer_of) == model.cfg.n_layers
-    oracle = masked_eager_attention({layer: keep for layer in layers}, layer_of, mode)
-    monkeypatch.setattr(sys.modules[type(hf).__module__], "eager_attention_forward", oracle)
+    module = sys.modules[type(hf).__module__]
+    if hasattr(module, "eager_attention_forward"):
+        oracle = masked_eager_attention({layer: keep for layer in layers}, layer_of, mode)
+        monkeypatch.setattr(module, "eager_attention_forward", oracle)
+    else:  # DeBERTa: its disentangled attention runs its own softmax
+        n = model.cfg.n_layers
+        monkeypatch.setattr(module, "nn", masked_softmax_nn(dict.fromkeys(layers, keep), n, mode))
     expected = hf_scores(hf, batch, name)
     hooks = direction_ablation_hooks(
         model, attending=attending, attended=attended, layers=layers, mode=mode
@@ -188,6 +211,13 @@ def test_qk_alignment_equals_trace_of_hf_query_key_weights(family):
     for attn in hf_attention_modules(hf):
         if hasattr(attn, "Wqkv"):  # ModernBERT: fused [Q; K; V] rows, positions ignored
             wq, wk, _ = attn.Wqkv.weight.detach().double().view(3, h, d, -1)
+        elif hasattr(attn, "in_proj"):  # DeBERTa-v1: fused rows per head [q_h; k_h; v_h]
+            wq, wk, _ = attn.in_proj.weight.detach().double().view(h, 3, d, -1).unbind(1)
+        elif hasattr(attn, "query_proj"):  # DeBERTa-v2: the content term's weights
+            wq, wk = (
+                lin.weight.detach().double().view(h, d, -1)
+                for lin in (attn.query_proj, attn.key_proj)
+            )
         else:
             q = getattr(attn, "query", None) or attn.q_lin
             k = getattr(attn, "key", None) or attn.k_lin
