@@ -92,6 +92,7 @@ ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "vocab_logits", "resid", None]
 SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
 
+
 def gelu_new(x: Tensor) -> Tensor:
     """Hugging Face's ``gelu_new`` (T5 v1.1's gated GELU), written as it writes it:
     ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
@@ -331,9 +332,9 @@ class T5HookedAttention(nn.Module):
         """The relative position bias ``bias[0, h, i, j] = rel_pos_bias[bucket(j - i), h]``,
         hooked at ``hook_position_bias``."""
         device = self.rel_pos_bias.weight.device
-        relative = torch.arange(n_key, device=device)[None] - torch.arange(n_query, device=device)[
-            :, None
-        ]
+        relative = (
+            torch.arange(n_key, device=device)[None] - torch.arange(n_query, device=device)[:, None]
+        )
         buckets = relative_position_bucket(
             relative,
             bidirectional=self.bidirectional,
@@ -529,9 +530,7 @@ class Prompt:
         )  # fmt: skip
 
 
-def _token_parts(
-    offsets: Sequence[tuple[int, int]], spans: tuple[int, int, int, int]
-) -> list[int]:
+def _token_parts(offsets: Sequence[tuple[int, int]], spans: tuple[int, int, int, int]) -> list[int]:
     """The part of every token of one prompt: the part holding its last character. A special
     token (empty offsets, e.g. T5's final ``</s>``) is a template token of the gap it sits in:
     ``prefix`` before the query, ``middle`` after it, ``suffix`` after the document."""
@@ -701,9 +700,7 @@ class HookedMonoT5(HookedRerankerMixin, HookedRootModule):
         self.ln_final = T5Norm(cfg)
         self.hook_final_hidden = HookPoint()
         self.hook_decoder_embed = HookPoint()
-        self.decoder = TypedModuleList(
-            [T5DecoderBlock(cfg, shape, i) for i in range(cfg.n_layers)]
-        )
+        self.decoder = TypedModuleList([T5DecoderBlock(cfg, shape, i) for i in range(cfg.n_layers)])
         self.decoder_ln_final = T5Norm(cfg)
         self.hook_decoder_final = HookPoint()
         scale = shape.d_model**-0.5 if shape.scale_output else 1.0
@@ -989,7 +986,9 @@ def convert_tensor(name: str, tensor: Tensor, n_heads: int) -> tuple[str, Tensor
         return f"{prefix}.{layer}.ln{sub + 1}.w", tensor
     match = _LINEAR.fullmatch(name)
     if match is None:
-        raise UnsupportedModelError(f"unknown T5 weight {name!r}: mechir loads plain T5 checkpoints")
+        raise UnsupportedModelError(
+            f"unknown T5 weight {name!r}: mechir loads plain T5 checkpoints"
+        )
     stack, layer, _, module, lin = match.groups()
     prefix = f"{'blocks' if stack == 'encoder' else 'decoder'}.{layer}"
     if module == "DenseReluDense":

@@ -21,8 +21,8 @@ with warnings.catch_warnings():
         RMSNorm,
         T5Attention,
     )
-    from transformer_lens.FactoredMatrix import FactoredMatrix
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
+    from transformer_lens.FactoredMatrix import FactoredMatrix
     from transformer_lens.hook_points import HookPoint, LensHandle
     from transformer_lens.HookedEncoder import HookedEncoder
     from transformer_lens.HookedRootModule import HookedRootModule
