@@ -70,6 +70,7 @@ from torch import Tensor
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
 from mechir.models.tl import (
+    ActivationCache,
     Embed,
     FactoredMatrix,
     HookedRootModule,
@@ -650,7 +651,26 @@ def _encode_one(
 
 
 # ---------------------------------------------------------------------------- the model
-class HookedMonoT5(HookedRerankerMixin, HookedRootModule):
+class _CachingRoot(HookedRootModule):
+    """``HookedRootModule`` whose ``run_with_cache`` returns an ``ActivationCache`` (as
+    ``HookedEncoder``'s and ``HookedTransformer``'s do), which the reranker mixin expects."""
+
+    def run_with_cache(  # type: ignore[override]
+        self,
+        *model_args: Any,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        out, cache = super().run_with_cache(
+            *model_args, remove_batch_dim=remove_batch_dim, **kwargs
+        )
+        if return_cache_object:
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
+
+
+class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
     """A hooked MonoT5 reranker (see the module docstring for the computation and its hooks).
 
     Like :class:`~mechir.models.HookedCrossEncoder` it scores a :class:`CrossEncoderBatch`;

@@ -303,7 +303,7 @@ def tiny_t5_config(vocab: int, *, gated: bool = False, n_layers: int = N_LAYERS)
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
-        initializer_factor=3.0,
+        initializer_factor=1.0,
         architectures=["T5ForConditionalGeneration"],
     )
 
