@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA, PatchingResult
 from patching.targets import PatchTarget
@@ -45,7 +45,7 @@ def _store_hook(store: dict[str, Tensor], act: Tensor, hook: Any) -> None:
 
 
 def attribution_patch(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     *,
@@ -71,7 +71,7 @@ def attribution_patch(
 
 
 def attribution_estimates(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     *,
@@ -144,7 +144,7 @@ class GroupEstimates:
 
 
 def group_estimates(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: AlignedPairs,
     target: PatchTarget,
     gradients: tuple[str, ...] = ("corrupted",),

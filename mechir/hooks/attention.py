@@ -56,8 +56,10 @@ DIRECTION_GROUPS: dict[str, tuple[tuple[tuple[Part, ...], tuple[Part, ...]], ...
 
 
 def direction_label(attending: PartLike | Iterable[PartLike], attended: Any) -> str:
-    """Human label, e.g. ``"QUERY->DOCUMENT"`` or ``"CLS->CLS+QUERY"``."""
-    fmt = lambda ps: "+".join(p.name for p in parse_parts(ps))  # noqa: E731
+    """Human label, e.g. ``"QUERY->DOCUMENT"``, ``"CLS->CLS+QUERY"`` or ``"DECODER->QUERY"``."""
+    fmt = lambda ps: (  # noqa: E731
+        "DECODER" if _is_decoder(ps) else "+".join(p.name for p in parse_parts(ps))
+    )
     return f"{fmt(attending)}->{fmt(attended)}"
 
 

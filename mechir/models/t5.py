@@ -18,7 +18,7 @@ so every encoder site and hook factory of :mod:`mechir.hooks` works on the encod
                  hook_resid_mid -> ln2 -> cross_attn (queries: decoder; keys, values: the encoder
                  output) -> hook_cross_attn_out; hook_resid_mid_cross -> ln3 -> mlp
                  -> hook_mlp_out; hook_resid_post
-    decoder_ln_final -> hook_decoder_final -> unembed.hook_logits  [batch, 2]: (false, true)
+    decoder_ln_final -> hook_decoder_final -> classifier.hook_logits  [batch, 2]: (false, true)
     -> hook_score = logit(true) - logit(false)
 
 * Attention (``attn`` and ``cross_attn``): ``q = x W_Q`` (``hook_q``), ``k``, ``v`` likewise, no
@@ -35,10 +35,11 @@ so every encoder site and hook factory of :mod:`mechir.hooks` works on the encod
   gated (``gated-gelu``, T5 v1.1 / Flan-T5) ``hook_pre = x W_in`` (the activated half, HF's
   ``wi_0``), ``hook_pre_linear = x W_gate`` (``wi_1``), ``hook_post = act(pre) * pre_linear``.
   The neuron is ``hook_post``, the input of ``W_out``.
-* Output: ``unembed.hook_logits = (h * d_model^-0.5) W_U[:, (false, true)]``, where the
-  ``d_model^-0.5`` applies when the config scales decoder outputs (tied embeddings, T5 v1.0) and
-  ``W_U`` is ``W_E^T`` for tied embeddings. ``return_type="vocab_logits"`` gives every token's
-  logit.
+* Output: ``classifier.hook_logits = (h * d_model^-0.5) W_U[:, (false, true)]`` (the answers
+  read as a two-label classifier: tools reading a cross-encoder's classifier logits work as
+  they are), where ``d_model^-0.5`` applies when the config scales decoder outputs (tied
+  embeddings, T5 v1.0) and ``W_U`` is ``W_E^T`` for tied embeddings.
+  ``return_type="vocab_logits"`` gives every token's logit (``classifier.hook_vocab_logits``).
 
 Parts of the encoder input: the template's tokens before the query are ``prefix`` (``CLS``),
 between query and document ``middle`` (``SEP1``), after the document, with the final ``</s>``,
@@ -351,7 +352,7 @@ class T5HookedAttention(nn.Module):
         value_input: Tensor,
         position_bias: Float[Tensor, "1 head query key"] | None = None,
         additive_mask: Float[Tensor, "#batch 1 #query key"] | None = None,
-    ) -> Float[Tensor, "batch query d_model"]:
+    ) -> Float[Tensor, "rows query d_model"]:
         """``softmax(q k^T + bias + mask) v W_O`` (inputs ``[batch, pos, d_model]``, or
         ``[batch, pos, head, d_model]`` with split q/k/v inputs)."""
         q = self.hook_q(_project(query_input, self.W_Q))
@@ -385,7 +386,7 @@ class T5MLP(nn.Module):
         self.act = _ACTIVATIONS[act]
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
         post = self.act(self.hook_pre(x @ self.W_in))
         if self.gated:
             post = post * self.hook_pre_linear(x @ self.W_gate)
@@ -396,7 +397,8 @@ class T5EncoderBlock(nn.Module):
     """A T5 encoder block with BERT's hook names (pre-RMSNorm: the output is
     ``hook_resid_post``). With ``cfg.use_split_qkv_input`` the attention reads
     ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` ``[batch, pos, head, d_model]``
-    (copies of ``hook_resid_pre``, each normalized by ``ln1``), as TransformerLens's blocks do."""
+    (copies of ``hook_resid_pre``, each normalized by ``ln1``), as TransformerLens's blocks do.
+    (``rows`` may exceed ``batch``: hooks may add rows inside a block, as NIG does.)"""
 
     def __init__(self, cfg: HookedTransformerConfig, shape: T5Shape, layer: int):
         super().__init__()
@@ -426,7 +428,7 @@ class T5EncoderBlock(nn.Module):
         resid: Float[Tensor, "batch pos d_model"],
         additive_mask: Float[Tensor, "#batch 1 1 pos"] | None,
         position_bias: Float[Tensor, "1 head pos pos"],
-    ) -> Float[Tensor, "batch pos d_model"]:
+    ) -> Float[Tensor, "rows pos d_model"]:
         resid = self.hook_resid_pre(resid)
         q, k, v = self.attention_inputs(resid)
         attn_out = self.hook_attn_out(self.attn(q, k, v, position_bias, additive_mask))
@@ -456,7 +458,7 @@ class T5DecoderBlock(nn.Module):
         self_bias: Float[Tensor, "1 head step step"],
         encoder_hidden: Float[Tensor, "batch pos d_model"],
         encoder_mask: Float[Tensor, "#batch 1 1 pos"] | None,
-    ) -> Float[Tensor, "batch step d_model"]:
+    ) -> Float[Tensor, "rows step d_model"]:
         resid = self.hook_resid_pre(resid)
         x = self.ln1(resid)
         resid_mid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(x, x, x, self_bias)))
@@ -469,9 +471,11 @@ class T5DecoderBlock(nn.Module):
 
 
 class AnswerHead(nn.Module):
-    """The LM head read at two tokens: ``hook_logits = (h * scale) W_U[:, answers]``
-    ``[batch, 2]`` (non-relevant, relevant). ``W_U`` is a parameter of its own only for untied
-    embeddings; tied, the model passes ``W_E^T``."""
+    """The LM head read at the two answers, as a two-label classifier:
+    ``hook_logits = (h * scale) W_U[:, (non-relevant, relevant)]`` ``[batch, 2]`` (the hook
+    every tool reads classifier logits at); every token's logit is ``hook_vocab_logits``.
+    ``W_U`` is a parameter of its own only for untied embeddings; tied, the model passes
+    ``W_E^T``."""
 
     def __init__(self, cfg: HookedTransformerConfig, *, tied: bool, scale: float):
         super().__init__()
@@ -479,11 +483,17 @@ class AnswerHead(nn.Module):
             self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
         self.tied, self.scale = tied, scale
         self.hook_logits = HookPoint()
+        self.hook_vocab_logits = HookPoint()
 
     def forward(
-        self, h: Float[Tensor, "batch d_model"], columns: Float[Tensor, "d_model n"]
-    ) -> Float[Tensor, "batch n"]:
-        return self.hook_logits((h * self.scale) @ columns)
+        self,
+        h: Float[Tensor, "batch d_model"],
+        columns: Float[Tensor, "d_model n"],
+        *,
+        vocab: bool = False,
+    ) -> Float[Tensor, "rows n"]:
+        logits = (h * self.scale) @ columns
+        return self.hook_vocab_logits(logits) if vocab else self.hook_logits(logits)
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -603,9 +613,15 @@ def encode_prompts(
             f"{type(tokenizer).__name__} is a slow tokenizer: MonoT5 needs a fast one (with "
             "offsets, tokenizer.json) to find the query and document tokens"
         )
-    rows: list[tuple[list[int], list[int]]] = []
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        rows.append(_encode_one(tokenizer, prompt, q, d, max_length, i))
+    rows = [
+        _encode_one(tokenizer, prompt, q, d, max_length, i)
+        for i, (q, d) in enumerate(zip(queries, documents))
+    ]
+    return _padded_batch(rows, tokenizer)
+
+
+def _padded_batch(rows: list[tuple[list[int], list[int]]], tokenizer: Any) -> CrossEncoderBatch:
+    """A right-padded batch of ``(ids, parts)`` rows."""
     width = max(len(ids) for ids, _ in rows)
     n = len(rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -685,7 +701,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         tokenizer: the T5 tokenizer (fast).
         family: the registry entry.
         answer_ids: token ids of the relevant and the non-relevant answer.
-        tied: whether the output embedding is ``W_E`` (else ``unembed.W_U``).
+        tied: whether the output embedding is ``W_E`` (else ``classifier.W_U``).
         template, answer_tokens: the prompt and the answers (recorded on the model).
         score_type: see above.
     """
@@ -724,7 +740,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         self.decoder_ln_final = T5Norm(cfg)
         self.hook_decoder_final = HookPoint()
         scale = shape.d_model**-0.5 if shape.scale_output else 1.0
-        self.unembed = AnswerHead(cfg, tied=tied, scale=scale)
+        self.classifier = AnswerHead(cfg, tied=tied, scale=scale)
         self.hook_score = HookPoint()
         if move_to_device and cfg.device is not None and str(cfg.device) != "meta":
             nn.Module.to(self, cfg.device)
@@ -823,7 +839,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         additive_mask: Float[Tensor, "batch 1 1 pos"],
         *,
         cls_only: bool = False,
-    ) -> Float[Tensor, "batch pos d_model"]:
+    ) -> Float[Tensor, "rows pos d_model"]:
         """Run encoder block ``layer`` (with its hooks) on its input ``resid``; after the last
         block, the final norm (``hook_final_hidden``). ``cls_only`` is ignored: the decoder
         reads every position of the encoder output."""
@@ -850,7 +866,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         self,
         encoder_hidden: Float[Tensor, "batch pos d_model"],
         additive_mask: Float[Tensor, "#batch 1 1 pos"] | None,
-    ) -> Float[Tensor, "batch d_model"]:
+    ) -> Float[Tensor, "rows d_model"]:
         """The decoder's first step from the decoder start token, reading ``encoder_hidden``:
         the final decoder state ``hook_decoder_final`` ``[batch, d_model]``."""
         rows = encoder_hidden.shape[0]
@@ -862,23 +878,23 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         return self.hook_decoder_final(self.decoder_ln_final(x))[:, 0]
 
     def vocab_matrix(self) -> Float[Tensor, "d_model d_vocab"]:
-        """The output embedding: ``W_E^T`` (tied) or ``unembed.W_U``."""
-        return self.embed.W_E.T if self.unembed.tied else self.unembed.W_U
+        """The output embedding: ``W_E^T`` (tied) or ``classifier.W_U``."""
+        return self.embed.W_E.T if self.classifier.tied else self.classifier.W_U
 
     def answer_columns(self) -> Float[Tensor, "d_model 2"]:
         """Output-embedding columns of the answers, ``(non-relevant, relevant)``."""
         ids = [self.answer_ids[1], self.answer_ids[0]]
-        if self.unembed.tied:
+        if self.classifier.tied:
             return self.embed.W_E[ids].T
-        return self.unembed.W_U[:, ids]
+        return self.classifier.W_U[:, ids]
 
     def _head(
         self, encoder_hidden: Tensor, additive_mask: Tensor | None, return_type: ReturnType
     ) -> Tensor | None:
         h = self.run_decoder(encoder_hidden, additive_mask)
         if return_type == "vocab_logits":
-            return self.unembed(h, self.vocab_matrix())
-        logits = self.unembed(h, self.answer_columns())
+            return self.classifier(h, self.vocab_matrix(), vocab=True)
+        logits = self.classifier(h, self.answer_columns())
         if return_type == "logits":
             return logits
         score = self.hook_score(self.scores_from_logits(logits))
@@ -962,6 +978,72 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         check_max_length(length, self.max_length)
         batch = encode_prompts(self.tokenizer, self.prompt, queries, documents, max_length=length)
         return batch if pair_ids is None else batch.with_pair_ids(pair_ids)
+
+    def template_ids(self) -> tuple[list[int], list[int], list[int]]:
+        """The prompt's own tokens: before the query, between query and document, after the
+        document (with the tokenizer's special tokens, T5's ``</s>``), each piece tokenized
+        alone (as the whole prompt is for whitespace-split SentencePiece tokenizers such as
+        T5's, where the template meets the slots at spaces)."""
+        tok = self.tokenizer
+
+        def piece(text: str) -> list[int]:
+            return list(tok(text, add_special_tokens=False)["input_ids"]) if text.strip() else []
+
+        plain = list(tok("x", add_special_tokens=False)["input_ids"])
+        full = list(tok("x")["input_ids"])
+        start = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
+        lead, trail = full[:start], full[start + len(plain) :]
+        return (
+            lead + piece(self.prompt.prefix),
+            piece(self.prompt.middle),
+            piece(self.prompt.suffix) + trail,
+        )
+
+    @property
+    def n_special(self) -> int:
+        """Tokens of a pair's input besides its query and document: the template's."""
+        return sum(len(ids) for ids in self.template_ids())
+
+    def batch_from_tokens(
+        self,
+        query_ids: Sequence[Sequence[int]],
+        document_ids: Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+    ) -> CrossEncoderBatch:
+        """A batch from already-tokenized queries and documents (no special tokens), the
+        template's tokens (:meth:`template_ids`) around them, documents cut to ``max_length``
+        (default :attr:`max_length`): what :func:`mechir.parts.cross_encoder_batch_from_tokens`
+        is for the encoder families (token-level perturbations use it).
+
+        Raises:
+            ValueError: lists of different lengths, an empty query or document, or a query
+                leaving no room for a document token; the message names the pair.
+        """
+        prefix, middle, suffix = self.template_ids()
+        length = self.max_length if max_length is None else max_length
+        if len(query_ids) != len(document_ids) or not query_ids:
+            raise ValueError(
+                f"got {len(query_ids)} queries and {len(document_ids)} documents: pass one "
+                "document per query, at least one pair"
+            )
+        rows = []
+        for i, (q, d) in enumerate(zip(query_ids, document_ids)):
+            q, d = list(q), list(d)
+            if not q or not d:
+                raise ValueError(f"pair {i}: the {'query' if not q else 'document'} is empty")
+            room = length - len(prefix) - len(middle) - len(suffix) - len(q)
+            if room < 1:
+                raise ValueError(
+                    f"pair {i}: the query has {len(q)} tokens, which leaves no room for the "
+                    f"document within max_length={length} (the template takes "
+                    f"{len(prefix) + len(middle) + len(suffix)}); raise max_length"
+                )
+            d = d[:room]
+            parts = [Part.CLS] * len(prefix) + [Part.QUERY] * len(q) + [Part.SEP1] * len(middle)
+            parts += [Part.DOCUMENT] * len(d) + [Part.SEP2] * len(suffix)
+            rows.append((prefix + q + middle + d + suffix, [int(p) for p in parts]))
+        return _padded_batch(rows, self.tokenizer)
 
     def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
         """Move (or cast) the model and keep ``cfg.device`` / ``cfg.dtype`` in step."""
@@ -1145,7 +1227,7 @@ def build_from_tensors(
     embedding = state.get("embed.embed.W_E")
     tied = lm_head is None or (embedding is not None and torch.equal(lm_head, embedding))
     if not tied:
-        state["unembed.W_U"] = lm_head.T.contiguous()  # type: ignore[union-attr]
+        state["classifier.W_U"] = lm_head.T.contiguous()  # type: ignore[union-attr]
     del lm_head
     with torch.device("meta"):
         model = HookedMonoT5(

@@ -28,11 +28,10 @@ from mechir.models.t5 import (
     HookedMonoT5,
     relative_position_bucket,
 )
-from tests.families.builders import load_hf_t5, save_tiny_t5, t5_tokenizer, tiny_t5_config
+from tests.families.builders import load_hf_t5, t5_tokenizer, tiny_t5_config
 from tests.helpers import DOCUMENTS, QUERIES
 
 ATOL = 1e-5
-VARIANTS = ("v1.0", "v1.1")
 
 
 @pytest.fixture(autouse=True)
@@ -41,28 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def t5_dirs(tmp_path_factory):
-    """One saved tiny MonoT5 per variant (built lazily, once per module)."""
-    cache = {}
-
-    def get(variant: str):
-        if variant not in cache:
-            directory = tmp_path_factory.mktemp(f"t5-{variant}")
-            cache[variant] = save_tiny_t5(directory, gated=variant == "v1.1")
-        return cache[variant]
-
-    return get
-
-
-@pytest.fixture(scope="module", params=VARIANTS)
-def t5(request, t5_dirs):
-    """``(variant, hooked model, HF model, padded batch)`` loaded from the saved directory."""
-    directory = t5_dirs(request.param)
-    model = load_cross_encoder(directory, device="cpu")
-    return request.param, model, load_hf_t5(directory), model.encode(QUERIES, DOCUMENTS)
 
 
 def hf_logits(hf, batch, **kwargs):
@@ -89,7 +66,7 @@ def test_a_saved_directory_loads_as_monot5(t5):
     assert isinstance(model, HookedMonoT5) and isinstance(model, HookedReranker)
     assert model.family.name == "MonoT5" and model.family.kind == "encoder-decoder"
     assert model.template == DEFAULT_TEMPLATE and model.answer_tokens == ("true", "false")
-    assert model.unembed.tied == (variant == "v1.0")
+    assert model.classifier.tied == (variant == "v1.0")
     assert hf.config.scale_decoder_outputs == (variant == "v1.0")
 
 
@@ -157,7 +134,7 @@ def test_streaming_load_equals_the_in_memory_conversion(t5, t5_dirs):
     variant, model, hf, batch = t5
     from_memory = load_cross_encoder(hf, tokenizer=model.tokenizer, device="cpu")
     mine, other = model.state_dict(), from_memory.state_dict()
-    assert mine.keys() == other.keys() and ("unembed.W_U" in mine) == (variant == "v1.1")
+    assert mine.keys() == other.keys() and ("classifier.W_U" in mine) == (variant == "v1.1")
     for name in mine:
         assert torch.equal(mine[name], other[name]), name
 
