@@ -65,6 +65,7 @@ def build_pairs(
         stats=stats,
         choose=args.term_choice,
         seed=args.seed,
+        n_special=getattr(model, "n_special", None),  # a prompt-based reranker's template
     )
     position: Any = int(args.position) if args.position.lstrip("-").isdigit() else args.position
     built = builder.build(
@@ -78,7 +79,7 @@ def build_pairs(
     pairs = built.pairs[: args.max_pairs] if args.max_pairs else built.pairs
     from patching import AlignedPairs
 
-    return AlignedPairs.from_pairs(pairs, model.tokenizer), built.skipped
+    return AlignedPairs.from_pairs(pairs, model.tokenizer, model=model), built.skipped
 
 
 def make_target(name: str, args: argparse.Namespace) -> Any:

@@ -217,7 +217,8 @@ def default_max_length(model: str | os.PathLike) -> int | None:
         ("tokenizer_config.json", "model_max_length"),
     ):
         value = _read_json(directory / file).get(key)
-        if isinstance(value, int) and 0 < value and (limit is None or value <= limit):
+        real = isinstance(value, int) and 0 < value <= 1_000_000  # not the ~1e30 placeholder
+        if real and (limit is None or value <= limit):
             return value
     return limit
 

@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA, PatchingResult
 from patching.targets import PatchTarget
@@ -55,7 +55,7 @@ def path_rule(alpha: float) -> str:
 
 
 def attribution_patch(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     *,
@@ -81,7 +81,7 @@ def attribution_patch(
 
 
 def attribution_estimates(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     *,
@@ -175,7 +175,7 @@ class GroupEstimates:
 
 
 def group_estimates(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: AlignedPairs,
     target: PatchTarget,
     gradients: tuple[str, ...] = ("corrupted",),

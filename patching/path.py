@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechir.hooks.patch import ActivationSource, patch_hooks
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 from mechir.running import Hooks
 from mechir.selection import HeadLike, HeadSelection, head_label, heads_by_layer, select_heads
@@ -48,7 +48,7 @@ CHANNELS: tuple[str, ...] = ("q", "k", "v")
 
 
 @contextmanager
-def split_qkv_input(model: HookedCrossEncoder) -> Iterator[HookedCrossEncoder]:
+def split_qkv_input(model: HookedReranker) -> Iterator[HookedReranker]:
     """Enable ``blocks.{l}.hook_{q,k,v}_input`` (TransformerLens ``use_split_qkv_input``) inside
     the block; the previous setting is restored on exit."""
     previous = model.cfg.use_split_qkv_input
@@ -69,7 +69,7 @@ def _check_channels(channels: Iterable[str]) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------- hook factories
 def path_freeze_hooks(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     clean: CleanCache | ActivationSource,
     corrupted: CleanCache | ActivationSource,
     sender: HeadLike,
@@ -96,7 +96,7 @@ def path_freeze_hooks(
 
 
 def receiver_input_hooks(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     values: Mapping[int, Float[Tensor, "batch pos d_model"]],
     receivers: HeadSelection,
@@ -135,7 +135,7 @@ def _receiver_hook(value: Tensor, heads: list[int], act: Tensor, hook: Any) -> T
 
 # ---------------------------------------------------------------------- shared set-up
 def _senders(
-    model: HookedCrossEncoder, receivers: list[tuple[int, int]], senders: Iterable[HeadLike] | None
+    model: HookedReranker, receivers: list[tuple[int, int]], senders: Iterable[HeadLike] | None
 ) -> list[tuple[int, int]]:
     if senders is not None:
         return select_heads(model, senders)
@@ -144,7 +144,7 @@ def _senders(
 
 
 def _result(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     senders: list[tuple[int, int]],
     patched_rows: Tensor,
@@ -173,7 +173,7 @@ def _result(
 
 # ---------------------------------------------------------------------- batched
 def path_patch(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     receivers: Iterable[HeadLike],
     *,
@@ -242,7 +242,7 @@ def path_patch(
 
 
 def _step1(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: AlignedPairs,
     clean: CleanCache,
     corrupted: CleanCache,
@@ -291,7 +291,7 @@ def _step1(
 
 
 def _step2(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: AlignedPairs,
     corrupted: CleanCache,
     pair_rows: Tensor,
@@ -324,7 +324,7 @@ def _store_hook(store: dict[int, Tensor], layer: int, act: Tensor, hook: Any) ->
 
 
 def path_patch_reference(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     receivers: Iterable[HeadLike],
     *,

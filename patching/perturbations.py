@@ -176,10 +176,24 @@ class AlignedPairs:
         )
 
     @classmethod
-    def from_pairs(cls, pairs: Sequence[PerturbedPair], tokenizer: Any) -> AlignedPairs:
-        """Batch :class:`PerturbedPair` s with the tokenizer's special tokens."""
+    def from_pairs(
+        cls, pairs: Sequence[PerturbedPair], tokenizer: Any, *, model: Any = None
+    ) -> AlignedPairs:
+        """Batch :class:`PerturbedPair` s with the tokenizer's special tokens, or, for a model
+        that assembles its own inputs from token ids (a prompt-based reranker such as MonoT5:
+        ``model.batch_from_tokens``), with the model's template."""
         if not pairs:
             raise ValueError("no pairs given")
+        assemble = getattr(model, "batch_from_tokens", None)
+        if assemble is not None:
+            queries = [p.query_ids for p in pairs]
+            width = max(len(p.query_ids) + len(p.clean_ids) for p in pairs) + model.n_special
+            return cls(
+                assemble(queries, [p.clean_ids for p in pairs], max_length=width),
+                assemble(queries, [p.corrupted_ids for p in pairs], max_length=width),
+                [p.pair_id for p in pairs],
+                [p.grade for p in pairs],
+            )
         layout = pair_layout_of(tokenizer)
         ids = dict(
             cls_token_id=tokenizer.cls_token_id,
@@ -250,6 +264,8 @@ class PairBuilder:
             offers "mg", never "1" or "000"): ``"random"`` (seeded by ``seed`` and the pair id:
             reproducible), ``"first"`` (in query order), ``"max_idf"``, ``"min_idf"``.
         seed: seed of the ``"random"`` choice.
+        n_special: tokens of a pair's input besides query and document (default: the
+            tokenizer's pair layout; a prompt-based reranker's template, ``model.n_special``).
     """
 
     tokenizer: Any
@@ -259,6 +275,7 @@ class PairBuilder:
     stopwords: frozenset[str] = STOPWORDS
     choose: TermChoice = "random"
     seed: int = 0
+    n_special: int | None = None
 
     # ------------------------------------------------------------ helpers
     def _tokens(self, text: str) -> list[int]:
@@ -289,7 +306,10 @@ class PairBuilder:
 
     def _room(self, q: list[int]) -> int:
         """Document tokens that fit next to query ``q`` and the pair's special tokens."""
-        return self.max_length - pair_layout_of(self.tokenizer).n_special - len(q)
+        special = self.n_special
+        if special is None:
+            special = pair_layout_of(self.tokenizer).n_special
+        return self.max_length - special - len(q)
 
     def candidate_terms(self, query: str) -> list[str]:
         """The query's content words, the terms TFC1/TDC are about: distinct terms of the analyzer
@@ -596,8 +616,8 @@ class BuiltPairs:
     pairs: list[PerturbedPair]
     skipped: dict[str, str]
 
-    def batch(self, tokenizer: Any) -> AlignedPairs:
-        return AlignedPairs.from_pairs(self.pairs, tokenizer)
+    def batch(self, tokenizer: Any, *, model: Any = None) -> AlignedPairs:
+        return AlignedPairs.from_pairs(self.pairs, tokenizer, model=model)
 
 
 def pad_differing_span(

@@ -7,6 +7,13 @@ key positions), so information no longer flows from the attended part into the a
 Example: ``direction_ablation_hooks(model, attending="query", attended="document", layers=[0])``
 stops query tokens from reading document tokens in layer 0 ("Q->D removed"); document tokens can
 still read the query. The hooks read the parts of whatever batch the model runs on.
+
+Encoder-decoder rerankers (MonoT5): the attending side may be the pseudo-part ``"decoder"``,
+the decoder's steps, which read the encoder input through cross-attention:
+``attending="decoder", attended="document"`` removes the cross-attention of the decoder to the
+document tokens in the selected (decoder) layers (sites ``cross_pattern`` /
+``cross_attn_scores``); directions between parts act on the encoder's self-attention as for
+every family, and both kinds mix in one ``directions=`` list.
 """
 
 from __future__ import annotations
@@ -49,8 +56,10 @@ DIRECTION_GROUPS: dict[str, tuple[tuple[tuple[Part, ...], tuple[Part, ...]], ...
 
 
 def direction_label(attending: PartLike | Iterable[PartLike], attended: Any) -> str:
-    """Human label, e.g. ``"QUERY->DOCUMENT"`` or ``"CLS->CLS+QUERY"``."""
-    fmt = lambda ps: "+".join(p.name for p in parse_parts(ps))  # noqa: E731
+    """Human label, e.g. ``"QUERY->DOCUMENT"``, ``"CLS->CLS+QUERY"`` or ``"DECODER->QUERY"``."""
+    fmt = lambda ps: (  # noqa: E731
+        "DECODER" if _is_decoder(ps) else "+".join(p.name for p in parse_parts(ps))
+    )
     return f"{fmt(attending)}->{fmt(attended)}"
 
 
@@ -94,9 +103,18 @@ def direction_mask(
     return removed
 
 
+#: The pseudo-part of the decoder's steps (encoder-decoder rerankers): ``attending="decoder"``.
+DECODER = "decoder"
+
+
+def _is_decoder(parts: Any) -> bool:
+    return isinstance(parts, str) and parts.strip().lower() == DECODER
+
+
 def _parse_directions(
     attending: Any, attended: Any, directions: Sequence[Direction] | str | None
-) -> list[tuple[tuple[Part, ...], tuple[Part, ...]]]:
+) -> list[tuple[tuple[Part, ...] | str, tuple[Part, ...]]]:
+    """(attending, attended) part tuples; the attending side may be :data:`DECODER`."""
     if isinstance(directions, str):
         directions = direction_group(directions)
     if directions is None:
@@ -105,7 +123,25 @@ def _parse_directions(
         directions = [(attending, attended)]
     elif attending is not None or attended is not None:
         raise ValueError("give either attending=/attended= or directions=, not both")
-    return [(tuple(parse_parts(a)), tuple(parse_parts(b))) for a, b in directions]
+    out: list[tuple[tuple[Part, ...] | str, tuple[Part, ...]]] = []
+    for a, b in directions:
+        if _is_decoder(b):
+            raise ValueError(
+                "attended='decoder': the encoder never reads the decoder (the decoder reads the "
+                "encoder input through cross-attention): use attending='decoder'"
+            )
+        out.append((DECODER if _is_decoder(a) else tuple(parse_parts(a)), tuple(parse_parts(b))))
+    return out
+
+
+def _check_cross_attention(model: HookedReranker) -> None:
+    family = getattr(model, "family", None)
+    if getattr(family, "kind", None) != "encoder-decoder":
+        name = getattr(family, "name", type(model).__name__)
+        raise ValueError(
+            f"attending='decoder': {name} has no decoder reading its input through "
+            "cross-attention (only encoder-decoder rerankers such as MonoT5 do)"
+        )
 
 
 def direction_ablation_hooks(
@@ -122,7 +158,9 @@ def direction_ablation_hooks(
     correct for every batch: each hook reads the parts of the batch the model runs on.
 
     Give either ``attending`` + ``attended`` or ``directions`` (a list of (attending, attended)
-    pairs, or the name of a :data:`DIRECTION_GROUPS` entry). ``layers`` (None = all) and
+    pairs, or the name of a :data:`DIRECTION_GROUPS` entry). On an encoder-decoder reranker
+    (MonoT5) ``attending="decoder"`` removes the decoder's cross-attention to ``attended``
+    (see the module docstring); elsewhere it is an error. ``layers`` (None = all) and
     ``heads`` (None = all heads of those layers) follow :mod:`mechir.selection`. This is the
     intervention on the attention site with rows (``"position"``) in ``attending`` and columns
     (``"key"``) in ``attended`` (:mod:`mechir.hooks.site`).
@@ -148,7 +186,16 @@ def direction_ablation_hooks(
             f"unknown mode {mode!r}: use 'zero' or 'renormalize' for direction ablation"
         )
     pairs = _parse_directions(attending, attended, directions)
-    site = SITES["pattern" if mode == "zero" else "attn_scores"]
-    action = action_for(site, mode, what="direction ablation")
-    boxes = [{"position": rows, "key": cols} for rows, cols in pairs]
-    return site_hooks(model, site, action=action, layers=layers, units=heads, parts=boxes)
+    hooks: Hooks = []
+    boxes = [{"position": rows, "key": cols} for rows, cols in pairs if rows != DECODER]
+    if boxes:
+        site = SITES["pattern" if mode == "zero" else "attn_scores"]
+        action = action_for(site, mode, what="direction ablation")
+        hooks += site_hooks(model, site, action=action, layers=layers, units=heads, parts=boxes)
+    cross = [{"key": cols} for rows, cols in pairs if rows == DECODER]
+    if cross:  # the decoder's steps (every one) reading encoder tokens of the attended parts
+        _check_cross_attention(model)
+        site = SITES["cross_pattern" if mode == "zero" else "cross_attn_scores"]
+        action = action_for(site, mode, what="direction ablation")
+        hooks += site_hooks(model, site, action=action, layers=layers, units=heads, parts=cross)
+    return hooks

@@ -5,7 +5,9 @@ A **site** is a place where an activation can be changed: a hook name template
 (``("position", "head", "d_head")``), the axis its *units* run along (``"head"``, ``"neuron"``, or
 none for the residual stream) and its token axes: ``"position"``, the token the activation
 belongs to; attention has a second one, ``"key"``: row ``position`` attends to column ``key``.
-:data:`SITES` names the sites every family has.
+:data:`SITES` names the sites every family has, and the decoder sites of encoder-decoder
+rerankers (MonoT5: ``decoder_z``, ``cross_z``, ``cross_attn_scores``, ``cross_pattern``,
+``decoder_neuron``, whose ``"step"`` axis runs over decoder steps).
 
 An **intervention** selects entries of a site's activation and applies one **action** to them::
 
@@ -120,6 +122,7 @@ class Site:
 
 _TOKENS, _HEADS = ("position", "d_model"), ("position", "head", "d_head")
 _ATTENTION, _HEAD_INPUT = ("head", "position", "key"), ("position", "head", "d_model")
+_STEPS, _CROSS = ("step", "head", "d_head"), ("head", "step", "key")
 
 #: The sites of every family (TransformerLens hook names; see ``model.block_output_name``).
 SITES: dict[str, Site] = {
@@ -146,8 +149,18 @@ SITES: dict[str, Site] = {
         Site("c2c_scores", "blocks.{layer}.attn.hook_c2c_scores", _ATTENTION, "head", "term"),
         Site("c2p_scores", "blocks.{layer}.attn.hook_c2p_scores", _ATTENTION, "head", "term"),
         Site("p2c_scores", "blocks.{layer}.attn.hook_p2c_scores", _ATTENTION, "head", "term"),
+        # encoder-decoder rerankers (MonoT5): the decoder's steps are the "step" axis; cross-
+        # attention rows are steps, its columns ("key") the encoder input's tokens
+        Site("decoder_z", "decoder.{layer}.attn.hook_z", _STEPS, "head"),
+        Site("cross_z", "decoder.{layer}.cross_attn.hook_z", _STEPS, "head"),
+        Site(
+            "cross_attn_scores", "decoder.{layer}.cross_attn.hook_attn_scores", _CROSS, "head",
+            "scores",
+        ),
+        Site("cross_pattern", "decoder.{layer}.cross_attn.hook_pattern", _CROSS, "head", "pattern"),
+        Site("decoder_neuron", "decoder.{layer}.mlp.hook_post", ("step", "neuron"), "neuron"),
     )
-}
+}  # fmt: skip
 
 
 def get_site(site: Site | str) -> Site:
@@ -362,8 +375,8 @@ def site_hooks(
     site = get_site(site)
     per_layer = select_units(model, site, layers, units)
     boxes = _boxes(site, parts)
-    if positions is not None and not site.token_axes:
-        raise ValueError(f"site {site.name!r} has no token axis: positions cannot select on it")
+    if positions is not None and "position" not in site.axes:
+        raise ValueError(f"site {site.name!r} has no position axis: positions cannot select on it")
 
     def box_mask(batch: Any) -> torch.Tensor:
         union = None

@@ -150,6 +150,13 @@ FAMILIES: tuple[Family, ...] = (
         "DeBERTa", ("deberta",), ("DebertaForSequenceClassification",), "mechir.models.deberta",
         "DeBERTa (v1) cross-encoders (e.g. fine-tuned microsoft/deberta-base)",
     ),
+    # n_special: the default prompt's tokens in T5's vocabulary
+    # (▁Query : ▁Document : ▁Relevant : </s>)
+    Family(
+        "MonoT5", ("t5",), ("T5ForConditionalGeneration",), "mechir.models.t5",
+        "castorini/monot5-base-msmarco, castorini/monot5-3b-msmarco", kind="encoder-decoder",
+        n_special=7,
+    ),
 )  # fmt: skip
 
 

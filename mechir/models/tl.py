@@ -18,8 +18,11 @@ with warnings.catch_warnings():
         BertPooler,
         Embed,
         LayerNorm,
+        RMSNorm,
+        T5Attention,
     )
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
+    from transformer_lens.FactoredMatrix import FactoredMatrix
     from transformer_lens.hook_points import HookPoint, LensHandle
     from transformer_lens.HookedEncoder import HookedEncoder
     from transformer_lens.HookedRootModule import HookedRootModule
@@ -32,11 +35,14 @@ __all__ = [
     "BertEmbed",
     "BertPooler",
     "Embed",
+    "FactoredMatrix",
     "HookPoint",
     "HookedEncoder",
     "HookedRootModule",
     "HookedTransformerConfig",
     "LayerNorm",
     "LensHandle",
+    "RMSNorm",
+    "T5Attention",
     "TypedModuleList",
 ]

@@ -334,3 +334,69 @@ def load_hf(name: str, directory: Path) -> Any:
     """The saved checkpoint as Hugging Face runs it (eager attention, eval mode)."""
     cls = getattr(transformers, SPECS[name].model_class)
     return cls.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+# ------------------------------------------------------------------ MonoT5 (encoder-decoder)
+T5_WORDS = (*WORDS, "true", "false", "yes", "no", "Query", "Document", "Relevant")
+
+
+def t5_tokenizer() -> Any:
+    """A SentencePiece-style Unigram tokenizer in T5's layout (``<pad>`` 0, ``</s>`` 1, ``<unk>``
+    2; Metaspace pieces; ``</s>`` appended), wrapped in ``T5TokenizerFast``: every word of
+    :data:`T5_WORDS` ("true", "false", the template's words) is one piece ``▁word``, anything else
+    falls back to characters."""
+    import string
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -5.0) for w in T5_WORDS]
+    vocab += [(c, -8.0) for c in string.ascii_letters + string.digits + ":?.,!'-"]
+    vocab += [("s", -6.0), ("ing", -6.0)]
+    return transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def tiny_t5_config(vocab: int, *, gated: bool = False, n_layers: int = N_LAYERS) -> Any:
+    """T5 v1.0 (ReLU FFN, tied embeddings, outputs scaled by d_model^-0.5) or, with ``gated``,
+    v1.1 (gated GELU, untied, unscaled); ``d_kv * num_heads != d_model`` and few buckets with a
+    short ``max_distance``, so the logarithmic buckets are exercised."""
+    return transformers.T5Config(
+        vocab_size=vocab,
+        d_model=D_MODEL,
+        d_kv=6,
+        d_ff=4 * D_MODEL,
+        num_layers=n_layers,
+        num_heads=N_HEADS,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=not gated,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        initializer_factor=1.0,
+        architectures=["T5ForConditionalGeneration"],
+    )
+
+
+def save_tiny_t5(directory: Path, *, gated: bool = False, seed: int = 0) -> Path:
+    """A random tiny MonoT5 (``T5ForConditionalGeneration``) with :func:`t5_tokenizer`, saved to
+    ``directory``; non-trivial norm weights, and for ``gated`` an ``lm_head`` of its own."""
+    tok = t5_tokenizer()
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(tiny_t5_config(len(tok), gated=gated))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("layer_norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+        if gated:
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return Path(directory)
+
+
+def load_hf_t5(directory: Path) -> Any:
+    """The saved MonoT5 as Hugging Face runs it (eager attention, eval mode)."""
+    return transformers.T5ForConditionalGeneration.from_pretrained(
+        directory, attn_implementation="eager"
+    ).eval()

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 
 from mechir import load_cross_encoder
-from tests.families.builders import FAMILY_NAMES, load_hf, save_tiny_family
+from tests.families.builders import (
+    FAMILY_NAMES,
+    load_hf,
+    load_hf_t5,
+    save_tiny_family,
+    save_tiny_t5,
+)
 from tests.helpers import DOCUMENTS, QUERIES
 
 
@@ -28,3 +34,26 @@ def family(request, family_dirs):
     model = load_cross_encoder(directory, device="cpu")
     batch = model.encode(QUERIES, DOCUMENTS)
     return name, model, load_hf(name, directory), batch
+
+
+# ------------------------------------------------------------------ MonoT5
+@pytest.fixture(scope="session")
+def t5_dirs(tmp_path_factory):
+    """One saved tiny MonoT5 per variant (built lazily, once per session)."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            directory = tmp_path_factory.mktemp(f"t5-{variant}")
+            cache[variant] = save_tiny_t5(directory, gated=variant == "v1.1")
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=("v1.0", "v1.1"))
+def t5(request, t5_dirs):
+    """``(variant, hooked model, HF model, padded batch)`` loaded from the saved directory."""
+    directory = t5_dirs(request.param)
+    model = load_cross_encoder(directory, device="cpu")
+    return request.param, model, load_hf_t5(directory), model.encode(QUERIES, DOCUMENTS)
