@@ -20,9 +20,11 @@ with warnings.catch_warnings():
         LayerNorm,
     )
     from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
+    from transformer_lens.FactoredMatrix import FactoredMatrix
     from transformer_lens.hook_points import HookPoint, LensHandle
     from transformer_lens.HookedEncoder import HookedEncoder
     from transformer_lens.HookedRootModule import HookedRootModule
+    from transformer_lens.HookedTransformer import HookedTransformer
     from transformer_lens.utilities import TypedModuleList
 
 __all__ = [
@@ -32,9 +34,11 @@ __all__ = [
     "BertEmbed",
     "BertPooler",
     "Embed",
+    "FactoredMatrix",
     "HookPoint",
     "HookedEncoder",
     "HookedRootModule",
+    "HookedTransformer",
     "HookedTransformerConfig",
     "LayerNorm",
     "LensHandle",
