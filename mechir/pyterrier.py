@@ -24,7 +24,7 @@ from __future__ import annotations
 import pandas as pd
 
 from mechir.data import Pair
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from mechir.models.hooked import HooksArg
 
 try:
@@ -58,7 +58,7 @@ class MechirReranker(pt.Transformer):
 
     def __init__(
         self,
-        model: HookedCrossEncoder,
+        model: HookedReranker,
         *,
         hooks: HooksArg = None,
         batch_size: int = 32,

@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA, PatchingResult
 from patching.targets import PatchTarget
@@ -45,7 +45,7 @@ def _store_hook(store: dict[str, Tensor], act: Tensor, hook: Any) -> None:
 
 
 def attribution_patch(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     *,
@@ -71,7 +71,7 @@ def attribution_patch(
 
 
 def attribution_estimates(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     *,
@@ -144,7 +144,7 @@ class GroupEstimates:
 
 
 def group_estimates(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: AlignedPairs,
     target: PatchTarget,
     gradients: tuple[str, ...] = ("corrupted",),
@@ -159,6 +159,12 @@ def group_estimates(
     layers = target.target_layers(model)
     names = [target.hook_name(layer) for layer in layers]
     qk = _qk_input(target) if atp_star else None
+    if qk and getattr(model.cfg, "use_qk_norm", False):
+        raise ValueError(
+            f"AtP* on {qk} cannot recompute this model's attention: its queries and keys are "
+            "RMS-normalized per head after hook_q/hook_k (QK-norm, Qwen3); pass atp_star=False "
+            "(a plain gradient estimate) or patch exactly (patch_sweep)"
+        )
     extra = [f"blocks.{lay}.attn.hook_{x}" for lay in layers for x in ("q", "k", "attn_scores")]
     patterns = [f"blocks.{lay}.attn.hook_pattern" for lay in layers] if qk else []
     b = len(group)
@@ -195,7 +201,7 @@ def group_estimates(
                 grad = (grad + clean_grads[i_layer]) / 2
             if qk:
                 attn = model.blocks[layer].attn
-                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
+                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT, LLMs)
                 reduced = _qk_softmax_estimate(
                     target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation
                 )
@@ -249,6 +255,8 @@ def _qk_softmax_estimate(
     diff = clean.to(own.dtype) - own
     rotate = rotation or (lambda x: x)
     q, k = rotate(q), rotate(k)
+    if k.shape[2] != q.shape[2]:  # grouped-query attention: each key head serves a group
+        k = torch.repeat_interleave(k, q.shape[2] // k.shape[2], dim=2)
     b, width, n_heads, _ = own.shape
     n_sub = 1 if len(target.cells) == 1 else (width if target.cells[1] == "position" else 5)
     out = torch.zeros(b, n_heads, n_sub, dtype=torch.float64)

@@ -58,7 +58,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from patching.attribution import GroupEstimates, group_estimates
 from patching.perturbations import AlignedPairs
 from patching.results import DEFAULT_MIN_DELTA
@@ -150,7 +150,7 @@ class TopCells:
 class _Run:
     """What the verification loops share: inputs, estimates, the rule and the budgets."""
 
-    model: HookedCrossEncoder
+    model: HookedReranker
     pairs: AlignedPairs
     target: PatchTarget
     rules: tuple[str, ...]
@@ -197,7 +197,7 @@ def _next_cells(bound: Tensor, verified: Tensor, valid: Tensor, n: int) -> Tenso
 
 
 def patch_top_cells(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     k: int = 10,

@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechir.hooks.patch import ActivationSource, patch_hooks
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 from mechir.running import Hooks
 from mechir.selection import HeadLike, HeadSelection, head_label, heads_by_layer, select_heads
@@ -48,7 +48,7 @@ CHANNELS: tuple[str, ...] = ("q", "k", "v")
 
 
 @contextmanager
-def split_qkv_input(model: HookedCrossEncoder) -> Iterator[HookedCrossEncoder]:
+def split_qkv_input(model: HookedReranker) -> Iterator[HookedReranker]:
     """Enable ``blocks.{l}.hook_{q,k,v}_input`` (TransformerLens ``use_split_qkv_input``) inside
     the block; the previous setting is restored on exit."""
     previous = model.cfg.use_split_qkv_input
@@ -59,17 +59,27 @@ def split_qkv_input(model: HookedCrossEncoder) -> Iterator[HookedCrossEncoder]:
         model.cfg.use_split_qkv_input = previous
 
 
-def _check_channels(channels: Iterable[str]) -> tuple[str, ...]:
+def _check_channels(
+    channels: Iterable[str], model: HookedReranker | None = None
+) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(channels))
     bad = [c for c in out if c not in CHANNELS]
     if bad or not out:
         raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {channels!r}")
+    n_kv = None if model is None else getattr(model.cfg, "n_key_value_heads", None)
+    shared = [c for c in out if c in ("k", "v")]
+    if shared and n_kv is not None and n_kv != model.cfg.n_heads:
+        raise ValueError(
+            f"channels {shared}: the model's {n_kv} key/value heads are each shared by "
+            f"{model.cfg.n_heads // n_kv} query heads (grouped-query attention), so one receiver "
+            "head's key/value input cannot be patched alone; use channels=('q',)"
+        )
     return out
 
 
 # ---------------------------------------------------------------------- hook factories
 def path_freeze_hooks(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     clean: CleanCache | ActivationSource,
     corrupted: CleanCache | ActivationSource,
     sender: HeadLike,
@@ -96,7 +106,7 @@ def path_freeze_hooks(
 
 
 def receiver_input_hooks(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     batch: CrossEncoderBatch,
     values: Mapping[int, Float[Tensor, "batch pos d_model"]],
     receivers: HeadSelection,
@@ -109,7 +119,7 @@ def receiver_input_hooks(
     Needs :func:`split_qkv_input` active (the hooks ``blocks.{l}.hook_{c}_input`` have shape
     ``[batch, pos, n_heads, d_model]``; only the receivers' head slots are replaced).
     """
-    channels = _check_channels(channels)
+    channels = _check_channels(channels, model)
     heads = select_heads(model, receivers)
     n_heads = model.cfg.n_heads
     acts = {
@@ -135,7 +145,7 @@ def _receiver_hook(value: Tensor, heads: list[int], act: Tensor, hook: Any) -> T
 
 # ---------------------------------------------------------------------- shared set-up
 def _senders(
-    model: HookedCrossEncoder, receivers: list[tuple[int, int]], senders: Iterable[HeadLike] | None
+    model: HookedReranker, receivers: list[tuple[int, int]], senders: Iterable[HeadLike] | None
 ) -> list[tuple[int, int]]:
     if senders is not None:
         return select_heads(model, senders)
@@ -144,7 +154,7 @@ def _senders(
 
 
 def _result(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     senders: list[tuple[int, int]],
     patched_rows: Tensor,
@@ -173,7 +183,7 @@ def _result(
 
 # ---------------------------------------------------------------------- batched
 def path_patch(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     receivers: Iterable[HeadLike],
     *,
@@ -196,7 +206,7 @@ def path_patch(
     Returns:
         A :class:`PatchingResult` over a ``(layer, head)`` grid of senders (``method="path"``).
     """
-    channels = _check_channels(channels)
+    channels = _check_channels(channels, model)
     recv = select_heads(model, receivers)
     send = _senders(model, recv, senders)
     recv_layers = sorted({layer for layer, _ in recv})
@@ -242,7 +252,7 @@ def path_patch(
 
 
 def _step1(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: AlignedPairs,
     clean: CleanCache,
     corrupted: CleanCache,
@@ -291,7 +301,7 @@ def _step1(
 
 
 def _step2(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: AlignedPairs,
     corrupted: CleanCache,
     pair_rows: Tensor,
@@ -324,7 +334,7 @@ def _store_hook(store: dict[int, Tensor], layer: int, act: Tensor, hook: Any) ->
 
 
 def path_patch_reference(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     receivers: Iterable[HeadLike],
     *,
@@ -333,7 +343,7 @@ def path_patch_reference(
     freeze_mlps: bool = False,
 ) -> PatchingResult:
     """The oracle of :func:`path_patch`: two full forwards per (pair, sender), plain hooks."""
-    channels = _check_channels(channels)
+    channels = _check_channels(channels, model)
     recv = select_heads(model, receivers)
     send = _senders(model, recv, senders)
     recv_layers = sorted({layer for layer, _ in recv})

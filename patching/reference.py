@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from patching.perturbations import AlignedPairs
 from patching.results import PatchingResult
 from patching.sweep import empty_result
@@ -18,7 +18,7 @@ from patching.targets import PatchTarget
 
 
 def patch_sweep_reference(
-    model: HookedCrossEncoder, pairs: AlignedPairs, target: PatchTarget
+    model: HookedReranker, pairs: AlignedPairs, target: PatchTarget
 ) -> PatchingResult:
     """The oracle of :func:`patching.sweep.patch_sweep`: one full forward per (pair, cell)."""
     result, cells, flat, valid = empty_result(model, pairs, target, "exact")

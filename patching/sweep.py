@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir import distributed
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 from mechir.running import Hooks
 from patching.perturbations import AlignedPairs
@@ -40,7 +40,7 @@ PROGRESS_MIN_CELLS = 2000
 
 
 def rows_per_chunk(
-    model: HookedCrossEncoder, width: int, memory_budget: float = DEFAULT_MEMORY_BUDGET
+    model: HookedReranker, width: int, memory_budget: float = DEFAULT_MEMORY_BUDGET
 ) -> int:
     """Rows of an expanded batch that fit ``memory_budget`` bytes (a rough, conservative estimate).
 
@@ -65,7 +65,7 @@ def check_batch_size(batch_size: int | None) -> None:
 
 # ====================================================================== running blocks
 def run_from_layers(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     starts: Int[Tensor, " rows"],
     initial: Callable[[int, Tensor], Float[Tensor, "k pos d_model"]],
     rows: CrossEncoderBatch | Int[Tensor, "rows pos"],
@@ -120,7 +120,7 @@ def batch_rows(batch: CrossEncoderBatch, rows: Int[Tensor, " rows"]) -> CrossEnc
 
 
 def _run_rows(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     starts: Tensor,
     initial: Callable[[int, Tensor], Tensor],
     attention_mask: Tensor,
@@ -152,12 +152,12 @@ def _run_rows(
     return model.score_from_resid(resid)
 
 
-def final_name(model: HookedCrossEncoder) -> str:
+def final_name(model: HookedReranker) -> str:
     """The cached input of the score head (the start of rows patched after the last block)."""
     return model.final_hidden_name
 
 
-def start_names(model: HookedCrossEncoder, target: PatchTarget) -> list[str]:
+def start_names(model: HookedReranker, target: PatchTarget) -> list[str]:
     """The corrupted activations rows of ``target`` start from: each target layer's input."""
     n = model.cfg.n_layers
     layers = target.target_layers(model)
@@ -178,7 +178,7 @@ class CachedGroup:
 
 
 def cached_groups(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     rows_per_pair: Tensor,
@@ -231,7 +231,7 @@ def _row_patch_hook(first: int, mask: Tensor, source: Tensor, act: Tensor, hook:
 
 
 def _score_chunk(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: CachedGroup,
     target: PatchTarget,
     cells: Tensor,
@@ -267,7 +267,7 @@ def _score_chunk(
 
 
 def score_cells(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     group: CachedGroup,
     target: PatchTarget,
     cells: Int[Tensor, "cells cols"],
@@ -298,7 +298,7 @@ def score_cells(
 
 # ====================================================================== the sweep
 def empty_result(
-    model: HookedCrossEncoder, pairs: AlignedPairs, target: PatchTarget, method: str
+    model: HookedReranker, pairs: AlignedPairs, target: PatchTarget, method: str
 ) -> tuple[PatchingResult, Tensor, Tensor, Tensor]:
     """A NaN-filled result on the target's grid, and the cells, their flat index and validity."""
     width = pairs.clean.input_ids.shape[1]
@@ -328,7 +328,7 @@ def progress_bar(total: int, progress: bool | None, desc: str, unit: str) -> Any
 
 
 def patch_sweep(
-    model: HookedCrossEncoder,
+    model: HookedReranker,
     pairs: AlignedPairs,
     target: PatchTarget,
     *,

@@ -34,8 +34,8 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from mechir.hooks.patch import ActivationSource, as_source, patch_hooks
-from mechir.hooks.site import SITES, PartSelection, Positions, Site
-from mechir.models.encoder import HookedCrossEncoder
+from mechir.hooks.site import KV_SITES, SITES, PartSelection, Positions, Site
+from mechir.interface import HookedReranker
 from mechir.parts import PARTS, PartLike, parse_parts
 from mechir.running import Hooks
 from mechir.selection import HeadSelection, select_heads, select_layers, select_neurons
@@ -51,7 +51,7 @@ CleanCache = Mapping[str, Tensor] | ActivationCache
 
 
 # ====================================================================== plain hook factories
-def _model_of(source: CleanCache | ActivationSource) -> HookedCrossEncoder:
+def _model_of(source: CleanCache | ActivationSource) -> HookedReranker:
     model = as_source(source).model
     if model is None:
         raise ValueError("the patching source does not know its model: use activation_source(...)")
@@ -132,7 +132,7 @@ def _where_hook(clean: Tensor, mask: Tensor, act: Tensor, hook: Any) -> Tensor:
 
 
 # ====================================================================== the target description
-def _axis_size(model: HookedCrossEncoder, axis: str, width: int) -> int:
+def _axis_size(model: HookedReranker, axis: str, width: int) -> int:
     cfg = model.cfg
     sizes = {
         "position": width,
@@ -167,7 +167,7 @@ class PatchTarget:
     site: Site
     cells: tuple[str, ...] = ()
     layers: tuple[int, ...] | None = None
-    select: Callable[[HookedCrossEncoder], Tensor] | None = None
+    select: Callable[[HookedReranker], Tensor] | None = None
     only_parts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -194,7 +194,7 @@ class PatchTarget:
         """The hook patched at ``layer``."""
         return self.hook.format(layer=layer)
 
-    def target_layers(self, model: HookedCrossEncoder) -> list[int]:
+    def target_layers(self, model: HookedReranker) -> list[int]:
         """Layers with selected cells (``[n_layers]`` for a hook after the last block)."""
         if not self.has_layer_dim:
             return [model.cfg.n_layers]
@@ -204,13 +204,28 @@ class PatchTarget:
             layers = [lay for lay in layers if keep[lay]]
         return layers
 
-    def hook_names(self, model: HookedCrossEncoder) -> list[str]:
+    def hook_names(self, model: HookedReranker) -> list[str]:
         return [self.hook_name(layer) for layer in self.target_layers(model)]
 
-    def sub_sizes(self, model: HookedCrossEncoder, width: int) -> list[int]:
+    def sub_sizes(self, model: HookedReranker, width: int) -> list[int]:
+        self._refuse_shared_heads(model)
         return [_axis_size(model, dim, width) for dim in self.cells]
 
-    def grid(self, model: HookedCrossEncoder, width: int) -> tuple[tuple[str, ...], dict]:
+    def _refuse_shared_heads(self, model: HookedReranker) -> None:
+        """Grouped-query attention: ``hook_k``/``hook_v`` have fewer heads than the query heads
+        the grid counts, each shared by a group, so one query head's keys cannot be patched."""
+        n_kv = getattr(model.cfg, "n_key_value_heads", None)
+        if self.site.name not in KV_SITES or "head" not in self.cells:
+            return
+        if n_kv is not None and n_kv != model.cfg.n_heads:
+            raise ValueError(
+                f"target {self.name!r}: hook_{self.site.name} has {n_kv} key/value heads shared "
+                f"by {model.cfg.n_heads} query heads (grouped-query attention), so one query "
+                "head's keys/values cannot be patched alone; patch queries (qk_target('q')), "
+                "head outputs (head_target) or patterns (pattern_target)"
+            )
+
+    def grid(self, model: HookedReranker, width: int) -> tuple[tuple[str, ...], dict]:
         """The result grid: dimension names and the labels of each."""
         dims = (("layer",) if self.has_layer_dim else ()) + self.cells
         coords: dict[str, list[Any]] = {}
@@ -220,7 +235,7 @@ class PatchTarget:
             coords[dim] = PART_LABELS if dim == "part" else list(range(size))
         return dims, coords
 
-    def cell_rows(self, model: HookedCrossEncoder, width: int) -> Int[Tensor, "cells cols"]:
+    def cell_rows(self, model: HookedReranker, width: int) -> Int[Tensor, "cells cols"]:
         """Selected cells as rows ``(layer, *sub)`` (layer ``n_layers`` for the pooled output)."""
         sizes = self.sub_sizes(model, width)
         mesh = np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij")
@@ -232,7 +247,7 @@ class PatchTarget:
             out.append(np.concatenate([np.full((len(rows), 1), layer), rows], 1))
         return torch.as_tensor(np.concatenate(out).astype(np.int64))
 
-    def flat_index(self, model: HookedCrossEncoder, cells: Tensor, width: int) -> Tensor:
+    def flat_index(self, model: HookedReranker, cells: Tensor, width: int) -> Tensor:
         """Index of each cell row in the flattened result grid."""
         dims, coords = self.grid(model, width)
         shape = tuple(len(coords[d]) for d in dims)
@@ -343,14 +358,14 @@ def _check_by(by: str, allowed: tuple[str, ...]) -> None:
 _BY = {"all": (), "position": ("position",), "part": ("part",)}
 
 
-def _head_mask(heads: HeadSelection, model: HookedCrossEncoder) -> Tensor:
+def _head_mask(heads: HeadSelection, model: HookedReranker) -> Tensor:
     mask = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
     for layer, head in select_heads(model, heads):
         mask[layer, head] = True
     return mask
 
 
-def _neuron_mask(neurons: Any, model: HookedCrossEncoder) -> Tensor:
+def _neuron_mask(neurons: Any, model: HookedReranker) -> Tensor:
     return select_neurons(model, neurons)
 
 

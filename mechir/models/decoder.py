@@ -41,6 +41,7 @@ The computation, with the hook point of every step (TransformerLens's names)::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -479,6 +480,14 @@ class LastTokenPooler(nn.Module):
         return self.hook_pooler_out(resid[torch.arange(len(resid), device=resid.device), last])
 
 
+def _rotate_positions(
+    attn: nn.Module, x: Float[Tensor, "batch pos head d_head"]
+) -> Float[Tensor, "batch pos head d_head"]:
+    """``hook_q``/``hook_k``-shaped ``x`` rotated as at positions ``0..pos-1`` (those of a
+    right-padded batch), with the attention's own rotary tables: linear in ``x``."""
+    return attn.apply_rotary(x)
+
+
 class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
     """A decoder LLM reranker on TransformerLens's ``HookedTransformer`` (see the module
     docstring for the computation and its hook points).
@@ -538,6 +547,9 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         self.pooler = LastTokenPooler(self._running_key)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_score = HookPoint()
+        if not cfg.use_qk_norm:  # AtP* recomputes scores from rotated q and k (linear in them)
+            for block in self.blocks:
+                block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
         self.setup()
 
     @property
@@ -587,7 +599,9 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
                 resid = self.hook_full_embed(self.hook_embed(self.embed(input_now.tokens)))
             else:
                 resid = resid.to(self.cfg.device)
-            mask = self.additive_attention_mask(input_now.attention_mask)
+            mask = input_now.attention_mask
+            if mask is not None and bool(mask.bool().all()):
+                mask = None  # no padding: the causal mask alone (the same result, faster)
             for layer in range(start, stop):
                 resid = self.run_block(layer, resid, mask)
             if stop_at_layer is not None or return_type == "resid":
@@ -610,13 +624,11 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
     # ------------------------------------------------------------------ block-level API
     @staticmethod
     def additive_attention_mask(
-        attention_mask: Int[Tensor, "batch pos"] | None,
-    ) -> Int[Tensor, "batch pos"] | None:
-        """What the blocks take as their mask: a decoder's blocks take the 0/1 attention mask
-        itself (the causal mask and rotary positions are built from it), None when every
-        token is real."""
-        if attention_mask is None or bool(attention_mask.bool().all()):
-            return None
+        attention_mask: Int[Tensor, "batch pos"],
+    ) -> Int[Tensor, "batch pos"]:
+        """What :meth:`run_block` takes as its mask (the patching engine's name for it): a
+        decoder's blocks take the 0/1 attention mask itself, from which TransformerLens builds
+        the causal and padding masks and the rotary positions."""
         return attention_mask
 
     def run_block(
@@ -626,10 +638,11 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         mask: Int[Tensor, "batch pos"] | None,
         *,
         cls_only: bool = False,
-    ) -> Float[Tensor, "batch pos d_model"]:
+    ) -> Float[Tensor, "rows pos d_model"]:
         """Run block ``layer`` (with its hooks) on its input ``resid``; after the last block,
         the final norm (``hook_final_hidden``). ``cls_only`` is accepted for the patching engine
-        and ignored: every position is computed."""
+        and ignored: every position is computed. (``rows`` may exceed ``batch``: hooks may add
+        rows inside the block, as NIG does; the mask then broadcasts from one example.)"""
         block = self.blocks[layer]
         out = block(resid, attention_mask=None if mask is None else mask[: len(resid)])
         if layer == self.cfg.n_layers - 1:

@@ -433,3 +433,147 @@ def test_weights_are_views_of_one_copy(qwen3):
     assert not any(p.is_meta for p in model.parameters())
     assert model.classifier.W.shape == (model.cfg.d_model, 2)  # no vocabulary-sized head
     assert not hasattr(model, "unembed")
+
+
+# ------------------------------------------------------------------ NIG, patching, matching
+def corrupted(model, batch):
+    """Clean pairs and the same pairs with every document token replaced by the first query
+    token (same lengths and parts: aligned)."""
+    from patching import AlignedPairs
+
+    ids = batch.input_ids.clone()
+    doc = batch.parts == int(Part.DOCUMENT)
+    first_query = batch.input_ids[torch.arange(len(batch)), (batch.parts == 1).int().argmax(1)]
+    ids[doc] = first_query[:, None].expand_as(ids)[doc]
+    bad = type(batch)(ids, batch.token_type_ids, batch.attention_mask, batch.parts)
+    return AlignedPairs.from_batches(batch, bad)
+
+
+@pytest.mark.parametrize("path", ["input", "activation"])
+def test_nig_batched_equals_naive_reference(decoder, path):
+    from mechir.attribution import (
+        neuron_integrated_gradients,
+        neuron_integrated_gradients_reference,
+    )
+
+    _, model, _, batch = decoder
+    kwargs = dict(n_steps=4, path=path, method="gauss_legendre", aggregate="part")
+    got = neuron_integrated_gradients(model, batch, max_batch=5, **kwargs)
+    want = neuron_integrated_gradients_reference(model, batch, **kwargs)
+    scale = want.attributions.abs().max()
+    assert scale > 0
+    assert (got.attributions - want.attributions).abs().max() <= 1e-5 * scale
+    torch.testing.assert_close(got.scores, want.scores, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.unexplained, want.unexplained, atol=ATOL * 10, rtol=0)
+    torch.testing.assert_close(got.scores, model.score(batch), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["resid", "heads", "neurons", "pattern", "pooled"])
+def test_patching_sweep_batched_equals_per_cell(decoder, target):
+    from patching import (
+        head_target,
+        neuron_target,
+        patch_sweep,
+        patch_sweep_reference,
+        pattern_target,
+        pooled_target,
+        resid_target,
+    )
+
+    _, model, _, batch = decoder
+    target = {
+        "resid": resid_target("resid_pre"),
+        "heads": head_target(by="part"),
+        "neurons": neuron_target({1: [0, 3, 9]}),
+        "pattern": pattern_target(heads=["1/1"]),
+        "pooled": pooled_target(),
+    }[target]
+    pairs = corrupted(model, batch[:3])
+    fast = patch_sweep(model, pairs, target, batch_size=5, progress=False)
+    ref = patch_sweep_reference(model, pairs, target)
+    assert fast.dims == ref.dims and fast.coords == ref.coords
+    torch.testing.assert_close(fast.patched, ref.patched, atol=ATOL, rtol=0, equal_nan=True)
+    torch.testing.assert_close(fast.clean, model.score(batch[:3]), atol=ATOL, rtol=0)
+    assert fast.patched.isfinite().any()
+
+
+def test_path_patching_through_queries_and_grouped_keys_refused(decoder):
+    from patching import path_patch, path_patch_reference
+
+    _, model, _, batch = decoder
+    pairs = corrupted(model, batch[:2])
+    fast = path_patch(model, pairs, ["1/0", "1/3"], channels=("q",))
+    ref = path_patch_reference(model, pairs, ["1/0", "1/3"], channels=("q",))
+    torch.testing.assert_close(fast.patched, ref.patched, atol=ATOL, rtol=0, equal_nan=True)
+    for channels in (("k",), ("q", "v")):
+        with pytest.raises(ValueError, match="grouped-query attention.*channels=\\('q',\\)"):
+            path_patch(model, pairs, ["1/0"], channels=channels)
+
+
+def test_attribution_patching_refusals(qwen3):
+    from patching import attribution_patch, head_target, qk_target
+
+    model, _, batch = qwen3
+    pairs = corrupted(model, batch[:2])
+    heads = attribution_patch(model, pairs, head_target(by="part"))
+    assert heads.patched.isfinite().all()
+    with pytest.raises(ValueError, match="hook_k has 2 key/value heads shared by 4 query heads"):
+        attribution_patch(model, pairs, qk_target("k"))
+    with pytest.raises(ValueError, match="QK-norm.*atp_star=False"):
+        attribution_patch(model, pairs, qk_target("q"))
+    plain = attribution_patch(model, pairs, qk_target("q"), atp_star=False)
+    assert plain.patched.isfinite().all()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama-seqcls", "mistral"])
+def test_atp_star_on_rotary_queries_is_exact_on_a_linear_tail(decoder_dirs, name):
+    """AtP* rotates q, k and the patched difference with the attention's rotary tables: exact
+    when the score is affine in the last layer's pattern (no MLP, an affine final norm)."""
+    from patching import attribution_patch, patch_sweep, qk_target
+
+    model = load_cross_encoder(decoder_dirs(name), device="cpu")
+    with torch.no_grad():
+        model.blocks[-1].mlp.W_out.zero_()
+    model.ln_final.forward = lambda x: x * model.ln_final.w
+    pairs = corrupted(model, model.encode(QUERIES, DOCUMENTS)[:3])
+    target = qk_target("q", by="part", heads=["1/0", "1/3"])
+    exact = patch_sweep(model, pairs, target, progress=False)
+    approx = attribution_patch(model, pairs, target, batch_size=2)
+    scale = max(1.0, float(exact.patched.nan_to_num().abs().max()))
+    torch.testing.assert_close(
+        approx.patched, exact.patched, atol=1e-5 * scale, rtol=0, equal_nan=True
+    )
+    effect = exact.patched - exact.corrupted.view(-1, *[1] * (exact.patched.dim() - 1))
+    assert effect.nan_to_num().abs().max() > 1e-3
+
+
+def test_guided_top_cells_are_the_sweeps_top_cells(qwen3):
+    """Verified cells hold the sweep's exact score changes; with a wide safety margin the
+    certified top 3 of each pair is the sweep's top 3."""
+    from patching import head_target, patch_sweep, patch_top_cells
+
+    model, _, batch = qwen3
+    pairs = corrupted(model, batch[:2])
+    target = head_target(by="part")
+    top = patch_top_cells(model, pairs, target, k=3, rtol=10.0, progress=False)
+    sweep = patch_sweep(model, pairs, target, progress=False)
+    effect = (sweep.patched - sweep.corrupted.view(-1, 1, 1, 1)).nan_to_num()
+    assert top.certified.all()
+    for i in range(len(pairs)):
+        verified = top.verified[i]
+        assert verified.any()
+        torch.testing.assert_close(top.exact[i][verified], effect[i][verified], atol=ATOL, rtol=0)
+        best = effect[i].abs().flatten().topk(3).indices
+        assert top.top[i].tolist() == best.tolist()
+
+
+def test_attention_statistics_equal_the_naive_reference(qwen3):
+    from mechir.matching import attention_statistics, attention_statistics_reference
+
+    model, _, batch = qwen3
+    fast = attention_statistics(model, batch, batch_size=3)
+    ref = attention_statistics_reference(model, batch)
+    for name, value in fast.values.items():
+        torch.testing.assert_close(value, ref.values[name], atol=1e-5, rtol=0, equal_nan=True)
+    assert (fast.values["qd_mass"] == 0).all()  # causal: no query reads the doc
+    assert (fast.values["dq_mass"] > 0).all()
