@@ -28,12 +28,21 @@ lies along ``u_k`` attend to keys along ``v_k``. When ``u_k`` and ``v_k`` point 
 (``u_k . v_k > 0``) the head attends from a token to tokens *like itself*, the signature of a
 matching head; :func:`qk_alignment` scores how much of a head's spectrum does so.
 
-**Rotary models (ModernBERT).** There the score is ``(R_i q_i) . (R_j k_j)`` with ``R_p`` the
-rotation of position ``p``, so the bilinear form between positions ``i`` and ``j`` is
-``W_Q R_{j-i} W_K^T``, not ``W_Q W_K^T``. Everything here reads ``W_Q W_K^T``, i.e. the QK circuit
-at **relative distance 0** (``R_0 = I``), a position-free reading of the head's content matching;
-at other distances each 2-d rotary plane is turned by ``(j - i) theta_k``. The bias terms likewise
-hold at distance 0 only. :func:`token_embeddings` of a rotary model ignores ``position``.
+**QK-norm (Qwen3).** Queries and keys are RMS-normalized per head (``q' = q / rms(q) * w_q``),
+so the circuit is ``W_Q diag(w_q * w_k) W_K^T`` (``model.QK`` folds the norm weights in): the
+score's bilinear form up to the positive per-token factor ``1 / (rms(q) rms(k))``.
+
+**Grouped-query attention.** ``W_K`` has one matrix per key/value head, shared by a group of
+query heads; ``model.W_K`` repeats it for every query head, so each head's circuit is its own
+``W_Q`` with its group's ``W_K``.
+
+**Rotary models (ModernBERT, LLM rerankers).** There the score is ``(R_i q_i) . (R_j k_j)``
+with ``R_p`` the rotation of position ``p``, so the bilinear form between positions ``i`` and
+``j`` is ``W_Q R_{j-i} W_K^T``, not ``W_Q W_K^T``. Everything here reads ``W_Q W_K^T``, i.e.
+the QK circuit at **relative distance 0** (``R_0 = I``), a position-free reading of the head's
+content matching; at other distances each 2-d rotary plane is turned by ``(j - i) theta_k``.
+The bias terms likewise hold at distance 0 only. :func:`token_embeddings` of a rotary model
+ignores ``position``.
 
 **Disentangled attention (DeBERTa).** The scores are ``(c2c + c2p + p2c) / sqrt(d_head * f)``
 (``f`` = 1 + the number of position terms): the content term ``c2c`` is
@@ -196,15 +205,18 @@ def qk_svd(model: HookedReranker, *, dtype: torch.dtype | None = None) -> QKSVD:
 
 
 def qk_svd_reference(model: HookedReranker, *, dtype: torch.dtype | None = None) -> QKSVD:
-    """Naive reference for :func:`qk_svd`: materialise each ``W_Q W_K^T`` and call
+    """Naive reference for :func:`qk_svd`: materialise each ``W_Q W_K^T`` (the factors of
+    ``model.QK``, which for QK-norm models fold in the norm weights) and call
     ``torch.linalg.svd`` head by head, keeping the ``d_head`` leading triplets."""
-    W_Q, W_K = model.W_Q.detach(), model.W_K.detach()
+    with torch.no_grad():
+        qk = model.QK
+        W_Q, W_Kt = qk.A.detach(), qk.B.detach()
     dtype = dtype or torch.promote_types(W_Q.dtype, torch.float32)
     n_layers, n_heads, _, d_head = W_Q.shape
     Us, Ss, Vs = [], [], []
     for layer in range(n_layers):
         for h in range(n_heads):
-            full = W_Q[layer, h].to(dtype) @ W_K[layer, h].to(dtype).T
+            full = W_Q[layer, h].to(dtype) @ W_Kt[layer, h].to(dtype)
             u, s, vh = torch.linalg.svd(full)
             Us.append(u[:, :d_head])
             Ss.append(s[:d_head])

@@ -28,7 +28,8 @@ class Part(enum.IntEnum):
     document; their template tokens take the same three parts by position, under the names
     ``"prefix"`` (before the query: ``CLS``), ``"middle"`` (between query and document:
     ``SEP1``) and ``"suffix"`` (after the document: ``SEP2``), so every study reads the same five
-    parts for every family."""
+    parts for every family. An LLM reranker's instruction is a sixth real part, ``INSTRUCTION``
+    (after ``PAD``, so the ids of the five parts and of padding stay those of every family)."""
 
     CLS = 0
     QUERY = 1
@@ -36,6 +37,9 @@ class Part(enum.IntEnum):
     DOCUMENT = 3
     SEP2 = 4
     PAD = 5
+    #: The instruction of an LLM reranker's prompt (``{instruction}``); no cross-encoder has
+    #: one, so it is not among :data:`PARTS` (the five parts every family has).
+    INSTRUCTION = 6
 
 
 #: The five real parts, in input order (padding excluded).
@@ -65,7 +69,7 @@ def parse_part(part: PartLike) -> Part:
         raise ValueError(f"unknown part name {part!r}: valid names are {valid}")
     if isinstance(part, int) and not isinstance(part, bool) and part in Part._value2member_map_:
         return Part(part)
-    raise ValueError(f"cannot interpret {part!r} as a part: use Part.*, an int 0-5 or a name")
+    raise ValueError(f"cannot interpret {part!r} as a part: use Part.*, an int 0-6 or a name")
 
 
 def parse_parts(parts: PartLike | Iterable[PartLike]) -> tuple[Part, ...]:
@@ -205,19 +209,20 @@ class CrossEncoderBatch:
         return CrossEncoderBatch(*tensors, self.pair_ids)
 
     def __getitem__(self, index: Any) -> CrossEncoderBatch:
-        """Select examples (int, slice, index list or tensor); padding is trimmed to the longest."""
+        """Select examples (int, slice, index list or tensor); columns that are padding in every
+        selected example are trimmed (on the right, and on the left of a left-padded batch)."""
         if isinstance(index, int):
             index = slice(index, index + 1) if index != -1 else slice(-1, None)
         selected = {name: getattr(self, name)[index] for name in self.TENSORS}
-        width = (
-            int(selected["attention_mask"].sum(-1).max().item()) if len(selected["parts"]) else 0
-        )
+        real = selected["attention_mask"].bool().any(0).nonzero().flatten()
+        start = int(real[0]) if len(real) else 0
+        width = int(real[-1]) + 1 if len(real) else 0
         ids = None
         if self.pair_ids is not None:
             picked = index.cpu() if isinstance(index, torch.Tensor) else index
             rows = torch.arange(len(self))[picked]
             ids = tuple(self.pair_ids[i] for i in rows.reshape(-1).tolist())
-        return CrossEncoderBatch(*(v[:, :width] for v in selected.values()), ids)
+        return CrossEncoderBatch(*(v[:, start:width] for v in selected.values()), ids)
 
     def chunks(self, size: int | None) -> Iterable[CrossEncoderBatch]:
         """Consecutive sub-batches of at most ``size`` examples (the whole batch for None)."""

@@ -193,6 +193,12 @@ def group_estimates(
     layers = target.target_layers(model)
     names = [target.hook_name(layer) for layer in layers]
     qk = _qk_input(target) if atp_star else None
+    if qk and getattr(model.cfg, "use_qk_norm", False):
+        raise ValueError(
+            f"AtP* on {qk} cannot recompute this model's attention: its queries and keys are "
+            "RMS-normalized per head after hook_q/hook_k (QK-norm, Qwen3); pass atp_star=False "
+            "(a plain gradient estimate) or patch exactly (patch_sweep)"
+        )
     extra = [f"blocks.{lay}.attn.hook_{x}" for lay in layers for x in ("q", "k", "attn_scores")]
     patterns = [f"blocks.{lay}.attn.hook_pattern" for lay in layers] if qk else []
     b = len(group)
@@ -240,7 +246,7 @@ def group_estimates(
                 grad = (grad + clean_grads[i_layer]) / 2
             if qk:
                 attn = model.blocks[layer].attn
-                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT)
+                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT, LLMs)
                 delta = getattr(attn, "qk_score_delta", None)  # position terms (DeBERTa)
                 reduced = _qk_softmax_estimate(
                     target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation,
@@ -299,6 +305,8 @@ def _qk_softmax_estimate(
     diff = clean.to(own.dtype) - own
     rotate = rotation or (lambda x: x)
     q, k = rotate(q), rotate(k)
+    if k.shape[2] != q.shape[2]:  # grouped-query attention: each key head serves a group
+        k = torch.repeat_interleave(k, q.shape[2] // k.shape[2], dim=2)
     b, width, n_heads, _ = own.shape
     n_sub = 1 if len(target.cells) == 1 else (width if target.cells[1] == "position" else 5)
     out = torch.zeros(b, n_heads, n_sub, dtype=torch.float64)

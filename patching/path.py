@@ -59,11 +59,21 @@ def split_qkv_input(model: HookedReranker) -> Iterator[HookedReranker]:
         model.cfg.use_split_qkv_input = previous
 
 
-def _check_channels(channels: Iterable[str]) -> tuple[str, ...]:
+def _check_channels(
+    channels: Iterable[str], model: HookedReranker | None = None
+) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(channels))
     bad = [c for c in out if c not in CHANNELS]
     if bad or not out:
         raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {channels!r}")
+    n_kv = None if model is None else getattr(model.cfg, "n_key_value_heads", None)
+    shared = [c for c in out if c in ("k", "v")]
+    if shared and n_kv is not None and n_kv != model.cfg.n_heads:
+        raise ValueError(
+            f"channels {shared}: the model's {n_kv} key/value heads are each shared by "
+            f"{model.cfg.n_heads // n_kv} query heads (grouped-query attention), so one receiver "
+            "head's key/value input cannot be patched alone; use channels=('q',)"
+        )
     return out
 
 
@@ -109,7 +119,7 @@ def receiver_input_hooks(
     Needs :func:`split_qkv_input` active (the hooks ``blocks.{l}.hook_{c}_input`` have shape
     ``[batch, pos, n_heads, d_model]``; only the receivers' head slots are replaced).
     """
-    channels = _check_channels(channels)
+    channels = _check_channels(channels, model)
     heads = select_heads(model, receivers)
     n_heads = model.cfg.n_heads
     acts = {
@@ -196,7 +206,7 @@ def path_patch(
     Returns:
         A :class:`PatchingResult` over a ``(layer, head)`` grid of senders (``method="path"``).
     """
-    channels = _check_channels(channels)
+    channels = _check_channels(channels, model)
     recv = select_heads(model, receivers)
     send = _senders(model, recv, senders)
     recv_layers = sorted({layer for layer, _ in recv})
@@ -333,7 +343,7 @@ def path_patch_reference(
     freeze_mlps: bool = False,
 ) -> PatchingResult:
     """The oracle of :func:`path_patch`: two full forwards per (pair, sender), plain hooks."""
-    channels = _check_channels(channels)
+    channels = _check_channels(channels, model)
     recv = select_heads(model, receivers)
     send = _senders(model, recv, senders)
     recv_layers = sorted({layer for layer, _ in recv})

@@ -34,7 +34,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from mechir.hooks.patch import ActivationSource, as_source, patch_hooks
-from mechir.hooks.site import SITES, PartSelection, Positions, Site
+from mechir.hooks.site import KV_SITES, SITES, PartSelection, Positions, Site
 from mechir.interface import HookedReranker
 from mechir.parts import PARTS, PartLike, parse_parts
 from mechir.running import Hooks
@@ -216,7 +216,22 @@ class PatchTarget:
         return names
 
     def sub_sizes(self, model: HookedReranker, width: int) -> list[int]:
+        self._refuse_shared_heads(model)
         return [_axis_size(model, dim, width) for dim in self.cells]
+
+    def _refuse_shared_heads(self, model: HookedReranker) -> None:
+        """Grouped-query attention: ``hook_k``/``hook_v`` have fewer heads than the query heads
+        the grid counts, each shared by a group, so one query head's keys cannot be patched."""
+        n_kv = getattr(model.cfg, "n_key_value_heads", None)
+        if self.site.name not in KV_SITES or "head" not in self.cells:
+            return
+        if n_kv is not None and n_kv != model.cfg.n_heads:
+            raise ValueError(
+                f"target {self.name!r}: hook_{self.site.name} has {n_kv} key/value heads shared "
+                f"by {model.cfg.n_heads} query heads (grouped-query attention), so one query "
+                "head's keys/values cannot be patched alone; patch queries (qk_target('q')), "
+                "head outputs (head_target) or patterns (pattern_target)"
+            )
 
     def grid(self, model: HookedReranker, width: int) -> tuple[tuple[str, ...], dict]:
         """The result grid: dimension names and the labels of each."""

@@ -144,6 +144,21 @@ def _check_cross_attention(model: HookedReranker) -> None:
         )
 
 
+def _refuse_impossible(
+    model: HookedReranker, pairs: Sequence[tuple[tuple[Part, ...], tuple[Part, ...]]]
+) -> None:
+    """A causal model (an LLM reranker: ``model.impossible_direction``) refuses a direction
+    whose attention cannot exist (its tokens never attend to those of the attended parts), so
+    that asking for it is an error, not a silent no-op."""
+    impossible = getattr(model, "impossible_direction", None)
+    if impossible is None:
+        return
+    for attending, attended in pairs:
+        why = impossible(attending, attended)
+        if why is not None:
+            raise ValueError(why)
+
+
 def direction_ablation_hooks(
     model: HookedReranker,
     *,
@@ -175,6 +190,10 @@ def direction_ablation_hooks(
       probabilities). A row whose every key is removed becomes all zeros (the token then
       receives only the attention output bias), never NaN.
 
+    In a causal model (LLM rerankers) a token reads only the tokens before it: a direction
+    none of whose attention exists (``attending="query", attended="document"`` when the prompt
+    puts the query first) is a ``ValueError`` saying so.
+
     Example (query tokens stop reading the document in layers 0-2, all heads)::
 
         hooks = direction_ablation_hooks(model, attending="query", attended="document",
@@ -186,6 +205,7 @@ def direction_ablation_hooks(
             f"unknown mode {mode!r}: use 'zero' or 'renormalize' for direction ablation"
         )
     pairs = _parse_directions(attending, attended, directions)
+    _refuse_impossible(model, [p for p in pairs if p[0] != DECODER])
     hooks: Hooks = []
     boxes = [{"position": rows, "key": cols} for rows, cols in pairs if rows != DECODER]
     if boxes:

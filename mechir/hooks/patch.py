@@ -63,6 +63,13 @@ class ActivationSource:
             ValueError: an example is not in the source, or its length differs.
         """
         source = self.batch
+        for which, batch in (("running", running), ("source", source)):
+            if bool((batch.attention_mask[:, 0] == 0).any()):
+                raise ValueError(
+                    f"the {which} batch is left-padded: patching aligns tokens by position from "
+                    "the start, so encode both batches right-padded (padding_side='right', the "
+                    "default)"
+                )
         if running.pair_ids is not None and source.pair_ids is not None:
             index = {pid: i for i, pid in enumerate(source.pair_ids)}
             missing = [p for p in running.pair_ids if p not in index]

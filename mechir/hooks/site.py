@@ -359,6 +359,24 @@ def select_units(
     return {layer: mask[layer] for layer in chosen}
 
 
+#: Sites whose heads are the key/value heads (grouped-query attention: fewer than query heads).
+KV_SITES = ("k", "v", "k_input", "v_input")
+
+
+def _refuse_shared_heads(model: HookedReranker, site: Site, units: Any) -> None:
+    """With grouped-query attention ``hook_k``/``hook_v`` (and their split inputs) have
+    ``n_key_value_heads`` heads, each shared by a group of query heads: a query head's key or
+    value cannot be changed alone, so selecting heads there is refused (every head is fine)."""
+    n_kv = getattr(model.cfg, "n_key_value_heads", None)
+    if units is None or site.name not in KV_SITES or n_kv is None or n_kv == model.cfg.n_heads:
+        return
+    raise ValueError(
+        f"site {site.name!r} has {n_kv} key/value heads shared by {model.cfg.n_heads} query heads "
+        "(grouped-query attention): a query head's keys and values cannot be changed alone; "
+        "select heads on 'q', 'z' or 'pattern', or act on every head (units=None)"
+    )
+
+
 def site_hooks(
     model: HookedReranker,
     site: Site | str,
@@ -373,6 +391,7 @@ def site_hooks(
     one hook per selected layer, built once, reading the parts of each batch it runs on.
     ``positions`` select on the ``"position"`` axis (attention: the attending rows)."""
     site = get_site(site)
+    _refuse_shared_heads(model, site, units)
     per_layer = select_units(model, site, layers, units)
     boxes = _boxes(site, parts)
     if positions is not None and "position" not in site.axes:

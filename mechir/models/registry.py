@@ -157,6 +157,24 @@ FAMILIES: tuple[Family, ...] = (
         "castorini/monot5-base-msmarco, castorini/monot5-3b-msmarco", kind="encoder-decoder",
         n_special=7,
     ),
+    # Decoder LLM rerankers (mechir.models.decoder): yes/no *ForCausalLM rerankers and
+    # *ForSequenceClassification decoders. n_special: the prompt's template tokens depend on the
+    # tokenizer; encode() checks that a pair fits.
+    *(
+        Family(
+            name, (model_type,), (f"{arch}ForCausalLM", f"{arch}ForSequenceClassification"),
+            "mechir.models.decoder", examples, kind="decoder",
+        )
+        for name, model_type, arch, examples in (
+            ("Qwen3", "qwen3", "Qwen3",
+             "Qwen/Qwen3-Reranker-0.6B, Qwen/Qwen3-Reranker-4B, Qwen/Qwen3-Reranker-8B"),
+            ("Qwen2", "qwen2", "Qwen2",
+             "Qwen2/Qwen2.5 yes/no rerankers and classifiers (pass their template=)"),
+            ("Llama", "llama", "Llama",
+             "RankLLaMA (castorini/rankllama-v1-7b-lora-passage, LoRA merged), Llama rerankers"),
+            ("Mistral", "mistral", "Mistral", "Mistral yes/no rerankers and classifiers"),
+        )
+    ),
 )  # fmt: skip
 
 

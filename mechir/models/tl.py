@@ -26,6 +26,7 @@ with warnings.catch_warnings():
     from transformer_lens.hook_points import HookPoint, LensHandle
     from transformer_lens.HookedEncoder import HookedEncoder
     from transformer_lens.HookedRootModule import HookedRootModule
+    from transformer_lens.HookedTransformer import HookedTransformer
     from transformer_lens.utilities import TypedModuleList
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "HookPoint",
     "HookedEncoder",
     "HookedRootModule",
+    "HookedTransformer",
     "HookedTransformerConfig",
     "LayerNorm",
     "LensHandle",

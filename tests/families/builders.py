@@ -395,8 +395,148 @@ def save_tiny_t5(directory: Path, *, gated: bool = False, seed: int = 0) -> Path
     return Path(directory)
 
 
+# ---------------------------------------------------------------------- decoder LLM rerankers
+#: Chat special tokens of Qwen's tokenizer (the Qwen3-Reranker template writes them).
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def chat_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (Qwen-like: no BOS, ``<|endoftext|>`` pads) with the chat special tokens,
+    trained on the test words and the Qwen3-Reranker template, so "yes"/"no" are single tokens."""
+    from mechir.models.decoder import DEFAULT_INSTRUCTION, QWEN3_RERANKER_TEMPLATE
+
+    template = QWEN3_RERANKER_TEMPLATE.replace("{", "").replace("}", "")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=480,
+        special_tokens=CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([*CORPUS, template, DEFAULT_INSTRUCTION, *["yes no"] * 20] * 2, trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=CHAT_SPECIALS[1:],
+    )
+
+
+def llama_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Llama's ``<s>``/``</s>`` (BOS/EOS) and ``<unk>`` as padding."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=330,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([*CORPUS, "query: document:"] * 2, trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<unk>",
+    )  # fmt: skip
+
+
+def _decoder_config(config_class: str, vocab: int, **extra: Any) -> Any:
+    """Two layers, 4 query heads of width 8 sharing 2 key/value heads (GQA), rotary positions."""
+    kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=D_MODEL,
+        intermediate_size=2 * D_MODEL,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,  # pre-norm residuals grow: keep float32 rounding below 1e-6
+        attention_dropout=0.0,
+    )
+    return getattr(transformers, config_class)(**(kwargs | extra))
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """How to build one tiny decoder reranker."""
+
+    name: str
+    model_class: str
+    tokenizer: Callable[[], PreTrainedTokenizerFast]
+    config: Callable[[int], Any]  #: vocabulary size -> config
+
+
+DECODER_SPECS: dict[str, DecoderSpec] = {
+    spec.name: spec
+    for spec in (
+        # Qwen3 yes/no reranker: QK-norm, GQA, tied embeddings (as Qwen3-Reranker-0.6B)
+        DecoderSpec(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            chat_bpe_tokenizer,
+            lambda v: _decoder_config(
+                "Qwen3Config", v, head_dim=8, tie_word_embeddings=True, rope_theta=1000.0
+            ),
+        ),
+        # Qwen2 yes/no reranker: q/k/v biases, untied head
+        DecoderSpec(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            chat_bpe_tokenizer,
+            lambda v: _decoder_config("Qwen2Config", v, tie_word_embeddings=False),
+        ),
+        # RankLLaMA-style classifier: LlamaForSequenceClassification, one label
+        DecoderSpec(
+            "llama-seqcls",
+            "LlamaForSequenceClassification",
+            llama_bpe_tokenizer,
+            lambda v: _decoder_config(
+                "LlamaConfig", v, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=1
+            ),
+        ),
+        # Mistral with a sliding window shorter than the prompts (Mistral-7B-v0.1's setting)
+        DecoderSpec(
+            "mistral",
+            "MistralForCausalLM",
+            chat_bpe_tokenizer,
+            lambda v: _decoder_config("MistralConfig", v, sliding_window=24),
+        ),
+    )
+}
+
+
+def save_tiny_decoder(name: str, directory: Path, *, seed: int = 0) -> Path:
+    """Build a random tiny decoder reranker ``name`` and save model + tokenizer to ``directory``."""
+    spec = DECODER_SPECS[name]
+    tok = spec.tokenizer()
+    config = spec.config(len(tok))
+    config.architectures = [spec.model_class]
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec.model_class)(config)
+    with torch.no_grad():  # non-trivial norm weights and biases, so none of them is idle
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif pname.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return Path(directory)
+
+
 def load_hf_t5(directory: Path) -> Any:
     """The saved MonoT5 as Hugging Face runs it (eager attention, eval mode)."""
     return transformers.T5ForConditionalGeneration.from_pretrained(
         directory, attn_implementation="eager"
     ).eval()
+
+
+def load_hf_decoder(name: str, directory: Path) -> Any:
+    """The saved decoder as Hugging Face runs it (eager attention, eval mode)."""
+    cls = getattr(transformers, DECODER_SPECS[name].model_class)
+    return cls.from_pretrained(directory, attn_implementation="eager").eval()

@@ -240,9 +240,7 @@ def test_pyterrier_reranks_with_monot5_and_its_hooks(t5):
     torch.testing.assert_close(torch.tensor(plain.score.to_numpy()).float(), expected)
     hooks = direction_ablation_hooks(model, attending="decoder", attended="document")
     ablated = MechirReranker(model, hooks=hooks).transform(frame)
-    assert not torch.allclose(
-        torch.tensor(ablated.score.to_numpy()).float(), expected, atol=1e-4
-    )
+    assert not torch.allclose(torch.tensor(ablated.score.to_numpy()).float(), expected, atol=1e-4)
 
 
 @pytest.mark.slow
