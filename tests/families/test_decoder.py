@@ -548,8 +548,8 @@ def test_atp_star_on_rotary_queries_is_exact_on_a_linear_tail(decoder_dirs, name
 
 
 def test_guided_top_cells_are_the_sweeps_top_cells(qwen3):
-    """Verified cells hold the sweep's exact score changes; with a wide safety margin the
-    certified top 3 of each pair is the sweep's top 3."""
+    """Verified cells hold the sweep's exact score changes; with a wide safety margin the top 3
+    of each pair is the sweep's top 3; 'certified' only where every cell was patched exactly."""
     from patching import head_target, patch_sweep, patch_top_cells
 
     model, _, batch = qwen3
@@ -558,9 +558,9 @@ def test_guided_top_cells_are_the_sweeps_top_cells(qwen3):
     top = patch_top_cells(model, pairs, target, k=3, rtol=10.0, progress=False)
     sweep = patch_sweep(model, pairs, target, progress=False)
     effect = (sweep.patched - sweep.corrupted.view(-1, 1, 1, 1)).nan_to_num()
-    assert top.certified.all()
     for i in range(len(pairs)):
         verified = top.verified[i]
+        assert bool(top.certified[i]) == bool(verified.all())
         assert verified.any()
         torch.testing.assert_close(top.exact[i][verified], effect[i][verified], atol=ATOL, rtol=0)
         best = effect[i].abs().flatten().topk(3).indices
