@@ -136,7 +136,7 @@ def main() -> None:
     batch = model.encode(queries, documents, max_length=args.max_length)
     assert bool(batch.attention_mask.bool().all()), "every prompt must fill max_length"
     assert batch.input_ids.shape[1] == args.max_length
-    yes, no = model.answer_ids
+    no, yes = model.answer_ids  # (non-relevant, relevant)
     chunks = list(batch.chunks(args.batch_size))
     ablate = direction_ablation_hooks(model, attending="document", attended="query", layers="all")
 
