@@ -48,7 +48,7 @@ def unknown_model_type(ctx: Any) -> None:
     try:
         load_cross_encoder(directory)
     except UnsupportedModelError as err:  # short: the file, the type, the families; no advice
-        assert len(str(err)) < len(ctx.value) + 250 and "pip" not in str(err), str(err)
+        assert len(str(err)) < len(ctx.value) + 450 and "pip" not in str(err), str(err)
         raise
 
 
@@ -101,8 +101,8 @@ ROWS: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
         "unknown model_type",
         unknown_model_type,
         UnsupportedModelError,
-        "<value>: model_type 'frobnicator' is not supported; mechir loads rerankers of the "
-        "families BERT (bert), ELECTRA (electra), RoBERTa (roberta)",
+        "<value>: model_type 'frobnicator' is not supported; mechir loads rerankers "
+        "of the families BERT (bert), ELECTRA (electra), RoBERTa (roberta)",
     ),
     ("truncated safetensors", truncated_weights, ValueError, "<value>"),
     (

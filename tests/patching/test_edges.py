@@ -345,3 +345,14 @@ def test_error_estimate_only_when_there_is_one(model, pairs):
     expected = 2 * (on.pair_scores - coarse.pair_scores).abs().max(1).values
     torch.testing.assert_close(on.error, expected, atol=1e-5, rtol=1e-5)
     assert edge_attribution(model, pairs, method="eap").error is None
+
+
+def test_families_whose_blocks_the_engine_does_not_follow_are_refused(tmp_path):
+    """MonoT5 (encoder-decoder) has no post-LN encoder stream the engine can carry: one line."""
+    from mechir import load_cross_encoder
+    from patching.edges.engine import is_pre_ln
+    from tests.families.builders import save_tiny_t5
+
+    model = load_cross_encoder(save_tiny_t5(tmp_path / "t5"))
+    with pytest.raises(ValueError, match="edge circuits follow the blocks of BERT.*MonoT5"):
+        is_pre_ln(model)
