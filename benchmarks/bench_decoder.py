@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="reuse a checkpoint built by an earlier run")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the load is measured on CPU)")
     ap.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_load:
@@ -123,17 +124,17 @@ def main() -> None:
     from mechir import load_cross_encoder
     from mechir.hooks import direction_ablation_hooks
 
-    model = load_cross_encoder(str(directory), device="cpu")
+    model = load_cross_encoder(str(directory), device=args.device)
     hf = {
-        impl: transformers.Qwen3ForCausalLM.from_pretrained(
-            directory, attn_implementation=impl
-        ).eval()
+        impl: transformers.Qwen3ForCausalLM.from_pretrained(directory, attn_implementation=impl)
+        .to(args.device)
+        .eval()
         for impl in ("eager", "sdpa")
     }
     words = "the cat sat on a mat while dogs ran quickly through wet green fields".split()
     queries = [" ".join(words[i : i + 5]) for i in range(args.pairs)]
     documents = [" ".join((words * 40)[i : i + 400]) for i in range(args.pairs)]
-    batch = model.encode(queries, documents, max_length=args.max_length)
+    batch = model.encode(queries, documents, max_length=args.max_length).to(args.device)
     assert bool(batch.attention_mask.bool().all()), "every prompt must fill max_length"
     assert batch.input_ids.shape[1] == args.max_length
     no, yes = model.answer_ids  # (non-relevant, relevant)
@@ -176,7 +177,7 @@ def main() -> None:
         "benchmark": "decoder reranker: load memory and scoring vs Hugging Face",
         "model": "random-init Qwen3ForCausalLM of Qwen3-Reranker-0.6B's shape (not real weights)",
         "config": QWEN3_06B,
-        "device": "cpu",
+        "device": args.device,
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "load": {
@@ -199,9 +200,9 @@ def main() -> None:
         "ablation_over_hooked_time": med["hooked_direction_ablation"] / med["hooked_no_hooks"],
         "target_hooked_over_hf_time": 1.25,
         "max_abs_score_diff_hooked_vs_hf_eager": max_diff,
-        "gpu": "not available in this environment",
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "not used",
     }
-    path = ROOT / "benchmarks" / "results" / "decoder_cpu.json"
+    path = ROOT / "benchmarks" / "results" / f"decoder_{args.device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if tmp is not None:

@@ -317,6 +317,7 @@ def main() -> None:
     ap.add_argument("--run-all-k", nargs="*", default=["heads", "heads x part"],
                     help="targets whose real runs take every --k")  # fmt: skip
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from bench_patching import environment
@@ -329,9 +330,9 @@ def main() -> None:
         DEFAULT_WINDOW,
     )
 
-    model = load_cross_encoder(args.model, device="cpu")
+    model = load_cross_encoder(args.model, device=args.device)
     pairs = study_pairs(model, args.pairs, args.max_length, args.depth, args.seed)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / "guided_patching_cpu.json")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"guided_patching_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     rtols = sorted(set(args.rtol_grid) | {DEFAULT_RTOL})
@@ -364,7 +365,7 @@ def main() -> None:
         report = {
             "benchmark": "patch_top_cells (guided top-k) vs patch_sweep (full exact sweep): "
             "miss rate and speed",
-            "device": "cpu",
+            "device": args.device,
             "model": f"{'demo' if args.model == 'demo' else Path(args.model).name} "
             "(minilm-l6-ce-scifact: ../shared's, or the demo's compact copy; 6 layers x 12 heads)",
             "pairs": f"TFC1, scifact quick, depth {args.depth}, max_length {args.max_length}, "

@@ -7,11 +7,14 @@
 #   scoring_cuda.json     hooked vs HF eager throughput                (benchmarks/bench_scoring.py)
 #   nig_accuracy_cuda.json NIG time to 1% / 5% error: auto vs fixed rules, naive loop, captum
 #                         (benchmarks/bench_nig_accuracy.py, issue 14)
-#   guided_patching_gpu.json guided exact top-10 patching vs the full sweep, heads and heads x part
+#   guided_patching_cuda.json guided exact top-k patching vs the full sweep (miss rate), heads and
+#                         heads x part, 20 pairs
 #                         (benchmarks/bench_guided_patching.py, issue 14)
 #   edges_cuda.json       all-edge EAP-IG vs exact per-edge patching (batched and naive loop),
 #                         Spearman, top-1% faithfulness (benchmarks/bench_edges.py, issue 22),
 #                         after the edge tests' GPU parity check (tests/patching/test_edges.py)
+#   scoring_deberta-v3-base_cuda.json, decoder_cuda.json  the new families' scoring vs HF
+#                         (random checkpoints of mxbai-rerank-base-v1's / Qwen3-Reranker-0.6B's shape)
 #   distributed_cuda.json 1..N GPUs data-parallel rerank + NIG, when N > 1 GPUs are visible
 # Sized for < 10 minutes on one H100/H200 (each step has its own time limit). Without CUDA it says
 # so and exits 0.   Usage: bash benchmarks/gpu_check.sh   (from any directory)
@@ -43,9 +46,14 @@ step 150 bash -c '"$0" -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 |
 step 150 "$PY" benchmarks/bench_gpu.py --device cuda
 step 60 "$PY" benchmarks/bench_scoring.py --device cuda --pairs 1000 --batch-size 64 --repeats 3
 step 240 "$PY" benchmarks/bench_nig_accuracy.py --device cuda
-step 150 "$PY" benchmarks/bench_guided_patching.py --device cuda --repeats 3
+step 200 "$PY" benchmarks/bench_guided_patching.py --device cuda --pairs 20 \
+    --targets heads "heads x part" --cache /tmp/mechir_guided_cuda
 step 60 "$PY" -m pytest -q -rs -m cuda tests/patching/test_edges.py
 step 240 "$PY" benchmarks/bench_edges.py --device cuda --pairs 2 --naive-sample 30
+step 60 "$PY" -m pytest -q -rs tests/families -k "bf16 or cuda"
+step 60 "$PY" benchmarks/bench_scoring.py --device cuda --shape deberta-v3-base --pairs 256 \
+    --batch-size 32 --repeats 3
+step 150 "$PY" benchmarks/bench_decoder.py --device cuda --pairs 8 --batch-size 8 --repeats 3
 if [ "$GPUS" -gt 1 ]; then
     procs=1; n=2
     while [ "$n" -le "$GPUS" ]; do procs="$procs,$n"; n=$((n * 2)); done
