@@ -24,6 +24,7 @@ load average before and after each measurement (the machine is shared).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -155,8 +156,6 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "axioms_cpu.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    import transformer_lens
-
     from mechir import load_cross_encoder
 
     name = default_model()
@@ -180,7 +179,7 @@ def main() -> int:
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+            "transformer_lens": importlib.metadata.version("transformer-lens"),
             "cpu_count": os.cpu_count(),
             "torch_threads": args.threads,
             "note": "CPU shared with other processes: see each row's load averages",
