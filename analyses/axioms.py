@@ -68,6 +68,18 @@ def idf_statistics(args: argparse.Namespace, collection: Any, candidates: Sequen
     return TermStatistics.from_documents({p.docid: p.document for p in candidates}.values())
 
 
+def require_cross_encoder(family: Any, name: str) -> None:
+    """The study reads a cross-encoder's [CLS] token, its pair layout and its embedding
+    matrix: prompt-based rerankers (MonoT5, LLM rerankers) are refused in one line (``family``
+    None: not known before loading, checked again after)."""
+    if family is not None and family.kind != "encoder":
+        raise UsageError(
+            f"{name}: the axioms study analyses cross-encoders ([CLS] query [SEP] document "
+            f"[SEP]); {family.name} is a prompt-based reranker ({family.kind}): run "
+            "patching_tfc1 and the other studies on it"
+        )
+
+
 def build_sets(
     model: Any, collection: Any, candidates: Sequence[Any], stats: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -458,6 +470,7 @@ def compute_replicate(
     from patching.axioms import agreement, axiom_scores
 
     model = load_cross_encoder(model_name, device=args.device)
+    require_cross_encoder(model.family, model_name)
     stats = idf_statistics(args, collection, candidates)
     sets = build_sets(model, collection, candidates, stats, args)
     out: dict[str, Any] = {
@@ -645,11 +658,16 @@ class Axioms(Study):
                 raise UsageError(f"--qk-directions {spec!r}: use 'all' or 'top:K' (K >= 1)")
         if args.nig_percent is not None and not 0 < args.nig_percent <= 100:
             raise UsageError("--nig-percent must be in (0, 100]")
+        from mechir.settings import model_family
+
+        for name in (args.model, *args.replicate):
+            require_cross_encoder(model_family(name), name)
         self.shape  # noqa: B018 -- the model's config is readable
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> Iterator[Stage]:
         args = self.args
+        require_cross_encoder(self.model.family, args.model)  # a hub id is known once loaded
         self.stats = idf_statistics(args, self.collection, self.candidates)
         self.sets = build_sets(self.model, self.collection, self.candidates, self.stats, args)
         if writes_outputs():

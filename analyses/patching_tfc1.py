@@ -66,6 +66,7 @@ def build_pairs(
         choose=args.term_choice,
         seed=args.seed,
         n_special=getattr(model, "n_special", None),  # a prompt-based reranker's template
+        tokenize=getattr(model, "field_tokens", None),  # a decoder reranker's prompt fields
     )
     position: Any = int(args.position) if args.position.lstrip("-").isdigit() else args.position
     built = builder.build(

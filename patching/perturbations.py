@@ -266,6 +266,10 @@ class PairBuilder:
         seed: seed of the ``"random"`` choice.
         n_special: tokens of a pair's input besides query and document (default: the
             tokenizer's pair layout; a prompt-based reranker's template, ``model.n_special``).
+        tokenize: how a text becomes the token ids of the query or of the document,
+            ``tokenize(text, field)`` (default: the tokenizer without special tokens; a decoder
+            reranker's ``model.field_tokens``, which keeps the space that joins a field to its
+            prompt).
     """
 
     tokenizer: Any
@@ -276,9 +280,12 @@ class PairBuilder:
     choose: TermChoice = "random"
     seed: int = 0
     n_special: int | None = None
+    tokenize: Callable[[str, Literal["query", "document"]], list[int]] | None = None
 
     # ------------------------------------------------------------ helpers
-    def _tokens(self, text: str) -> list[int]:
+    def _tokens(self, text: str, field: Literal["query", "document"] = "document") -> list[int]:
+        if self.tokenize is not None:
+            return list(self.tokenize(text, field))
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @property
@@ -294,7 +301,7 @@ class PairBuilder:
         return ids[0]
 
     def _query(self, query: str, pair_id: str) -> list[int]:
-        q = self._tokens(query)
+        q = self._tokens(query, "query")
         if not q:
             raise ValueError(f"pair {pair_id!r}: the query is empty")
         if self._room(q) < 1:

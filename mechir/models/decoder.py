@@ -173,6 +173,37 @@ class DecoderPrompt:
                 out.append(seen)
         return out
 
+    def pieces(self, tokenizer: Any) -> tuple[list[tuple[str, Part]], dict[str, str]]:
+        """The prompt's text without the query and the document, in reading order, as
+        ``(text, part)`` pieces with a ``("", QUERY)`` / ``("", DOCUMENT)`` marker where each
+        goes, and the whitespace that joins each to the text before it (``" "`` when that text
+        ends with a space, which then belongs to the field: byte-level BPE tokenizers read
+        ``": what"`` as ``":"``, ``" what"``)."""
+        values = {
+            "instruction": self.instruction or "",
+            "bos": getattr(tokenizer, "bos_token", None) or "",
+            "eos": getattr(tokenizer, "eos_token", None) or "",
+        }
+        out: list[tuple[str, Part]] = []
+        space = {"query": "", "document": ""}
+        seen = Part.CLS
+        for literal, name, _, _ in string.Formatter().parse(self.template):
+            if name in space and literal.endswith(" "):
+                literal, space[name] = literal[:-1], " "
+            if literal:
+                out.append((literal, seen))
+            if name == "query":
+                out.append(("", Part.QUERY))
+                seen = Part.SEP1
+            elif name == "document":
+                out.append(("", Part.DOCUMENT))
+                seen = Part.SEP2
+            elif name == "instruction" and self.instruction:
+                out.append((values[name], Part.INSTRUCTION))
+            elif name in ("bos", "eos") and values[name]:
+                out.append((values[name], seen))
+        return out, space
+
     def render(
         self, query: str, document: str, tokenizer: Any
     ) -> tuple[str, dict[str, tuple[int, int]]]:
@@ -263,8 +294,14 @@ def encode_prompts(
     rows = []
     for i, (q, d) in enumerate(zip(queries, documents)):
         rows.append(_encode_one(tokenizer, prompt, q, d, max_length, i))
+    return _padded(rows, _pad_id(tokenizer), padding_side)
+
+
+def _padded(
+    rows: Sequence[tuple[list[int], list[int]]], pad: int, padding_side: Literal["right", "left"]
+) -> CrossEncoderBatch:
+    """``(ids, parts)`` rows padded on ``padding_side`` into one batch."""
     width = max(len(ids) for ids, _ in rows)
-    pad = _pad_id(tokenizer)
     n = len(rows)
     input_ids = torch.full((n, width), pad, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
@@ -739,6 +776,80 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
             padding_side=padding_side or self.padding_side,
         )
         return batch if pair_ids is None else batch.with_pair_ids(pair_ids)
+
+    def template_tokens(self) -> list[tuple[list[int], Part]]:
+        """The prompt's tokens around the query and the document: ``(ids, part)`` pieces in
+        reading order, with an empty marker piece of part QUERY / DOCUMENT where each goes
+        (:meth:`DecoderPrompt.pieces`, each piece tokenized alone)."""
+        pieces, _ = self.prompt.pieces(self.tokenizer)
+        tok = self.tokenizer
+        return [
+            (list(tok(text, add_special_tokens=False)["input_ids"]) if text else [], part)
+            for text, part in pieces
+        ]
+
+    def field_tokens(
+        self, text: str, field: Literal["query", "document"] = "document"
+    ) -> list[int]:
+        """``text``'s token ids as the query or the document of this model's prompt (with the
+        space that joins it to the template, see :meth:`DecoderPrompt.pieces`): what
+        :class:`patching.PairBuilder` tokenizes with for token-level perturbations."""
+        if field not in ("query", "document"):
+            raise ValueError(f"field must be 'query' or 'document', got {field!r}")
+        space = self.prompt.pieces(self.tokenizer)[1][field]
+        return list(self.tokenizer(space + text, add_special_tokens=False)["input_ids"])
+
+    @property
+    def n_special(self) -> int:
+        """Tokens of a pair's input besides its query and document: the prompt's."""
+        return sum(len(ids) for ids, _ in self.template_tokens())
+
+    def batch_from_tokens(
+        self,
+        query_ids: Sequence[Sequence[int]],
+        document_ids: Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+    ) -> CrossEncoderBatch:
+        """A batch from already-tokenized queries and documents (:meth:`field_tokens`), the
+        prompt's tokens (:meth:`template_tokens`) around them, documents cut to ``max_length``
+        (default :attr:`max_length`), padded on :attr:`padding_side`: what
+        :func:`mechir.parts.cross_encoder_batch_from_tokens` is for the encoder families. Where
+        the tokenizer splits the prompt at the fields' edges (byte-level BPE, as Qwen's and
+        Llama-3's), this equals :meth:`encode` of the same texts.
+
+        Raises:
+            ValueError: lists of different lengths, an empty query or document, or a query
+                leaving no room for a document token; the message names the pair.
+        """
+        pieces = self.template_tokens()
+        length = self.max_length if max_length is None else max_length
+        if len(query_ids) != len(document_ids) or not query_ids:
+            raise ValueError(
+                f"got {len(query_ids)} queries and {len(document_ids)} documents: pass one "
+                "document per query, at least one pair"
+            )
+        rows = []
+        for i, (q, d) in enumerate(zip(query_ids, document_ids)):
+            q, d = [int(x) for x in q], [int(x) for x in d]
+            if not q or not d:
+                raise ValueError(f"pair {i}: the {'query' if not q else 'document'} is empty")
+            room = length - self.n_special - len(q)
+            if room < 1:
+                raise ValueError(
+                    f"pair {i}: the query has {len(q)} tokens, which leaves no room for the "
+                    f"document within max_length={length} (the prompt takes {self.n_special}); "
+                    "raise max_length"
+                )
+            fields = {Part.QUERY: q, Part.DOCUMENT: d[:room]}
+            ids: list[int] = []
+            parts: list[int] = []
+            for piece, part in pieces:
+                piece = fields.get(part, piece)
+                ids += piece
+                parts += [int(part)] * len(piece)
+            rows.append((ids, parts))
+        return _padded(rows, _pad_id(self.tokenizer), self.padding_side)
 
     @property
     def max_length(self) -> int:

@@ -186,6 +186,32 @@ def test_bad_options_say_what_to_do(common_argv, tmp_path, capsys):
         assert not (tmp_path / "x").exists()
 
 
+def test_prompt_based_rerankers_are_refused_in_one_line(tiny_collection_dir, tmp_path, capsys):
+    """MonoT5 and LLM rerankers (as --model or --replicate): one line before anything is
+    written (the study reads [CLS], the pair layout and the embedding matrix)."""
+    from tests.analyses.conftest import common_options
+    from tests.families.builders import save_tiny_decoder, save_tiny_t5
+
+    t5 = save_tiny_t5(tmp_path / "t5")
+    qwen = save_tiny_decoder("qwen3", tmp_path / "qwen3")
+    bert = save_tiny_family("bert", tmp_path / "bert")
+    capsys.readouterr()  # the builders' progress bars
+    for model, extra, family in ((t5, [], "MonoT5"), (bert, ["--replicate", str(qwen)], "Qwen3")):
+        argv = [
+            *common_options(model, tiny_collection_dir),
+            *extra,
+            "--output",
+            str(tmp_path / "x"),
+        ]
+        with pytest.raises(SystemExit) as exit_:
+            ax.main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{family} is a prompt-based reranker" in err and "patching_tfc1" in err, err
+        assert not (tmp_path / "x").exists()
+
+
 def test_helpers():
     from patching import PatchingResult
 

@@ -240,6 +240,39 @@ def test_long_documents_are_cut_to_max_length(qwen3):
         model.encode(["what " * 40], ["cat"], max_length=n_template + 2)
 
 
+def test_token_level_pairs_assemble_like_the_prompt(decoder):
+    """Field tokens put into the prompt's own tokens give exactly ``encode``'s batch (ids, mask,
+    parts; both padding sides), so token-level perturbations run on the prompt users score."""
+    from patching import AlignedPairs, PairBuilder
+
+    _, model, _, _ = decoder
+    queries = [model.field_tokens(q, "query") for q in QUERIES]
+    documents = [model.field_tokens(d) for d in DOCUMENTS]
+    before = model.padding_side
+    try:
+        for side in ("right", "left"):
+            model.padding_side = side
+            built = model.batch_from_tokens(queries, documents)
+            batch = model.encode(QUERIES, DOCUMENTS)
+            for name in ("input_ids", "attention_mask", "parts"):
+                assert torch.equal(getattr(built, name), getattr(batch, name)), (side, name)
+    finally:
+        model.padding_side = before
+    assert model.n_special == int(((batch.parts != int(Part.QUERY)) & (batch.parts !=
+        int(Part.DOCUMENT)) & (batch.parts != int(Part.PAD)))[0].sum())  # fmt: skip
+    builder = PairBuilder(
+        model.tokenizer, max_length=model.n_special + 40, n_special=model.n_special,
+        tokenize=model.field_tokens,
+    )  # fmt: skip
+    pair = builder.tfc1(QUERIES[0], DOCUMENTS[0], pair_id="p", term="cat")
+    aligned = AlignedPairs.from_pairs([pair], model.tokenizer, model=model)
+    assert torch.equal(aligned.clean.parts, aligned.corrupted.parts)
+    clean_doc = aligned.clean.input_ids[0][aligned.clean.parts[0] == int(Part.DOCUMENT)]
+    assert model.tokenizer.decode(clean_doc) == " " + DOCUMENTS[0] + " cat"
+    with pytest.raises(ValueError, match="pair 0: the query has"):
+        model.batch_from_tokens(queries[:1], documents[:1], max_length=model.n_special + 2)
+
+
 def test_template_instruction_and_answers_are_options(decoder_dirs):
     directory = decoder_dirs("qwen3")
     model = load_cross_encoder(
