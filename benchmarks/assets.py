@@ -27,15 +27,21 @@ def quick_set() -> Any:
 
 
 def hf_model(name: str) -> Any:
-    """The same checkpoint as a Hugging Face model in float32 with eager attention (the oracle)."""
+    """The same checkpoint as a Hugging Face model in float32 with eager attention (the oracle):
+    the sequence classifier, or for a MonoT5 checkpoint ``T5ForConditionalGeneration``."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     from mechir.demo import resolve_model
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name), attn_implementation="eager", dtype=torch.float32
+    path = resolve_model(name)
+    architectures = transformers.AutoConfig.from_pretrained(path).architectures or []
+    cls = (
+        transformers.T5ForConditionalGeneration
+        if "T5ForConditionalGeneration" in architectures
+        else transformers.AutoModelForSequenceClassification
     )
+    return cls.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
 
 
 #: Random checkpoints of real rerankers' shapes (the weights do not change the speed), for
@@ -50,24 +56,39 @@ SHAPES: dict[str, dict[str, Any]] = {
         layer_norm_eps=1e-7, pad_token_id=0, num_labels=1,
         architectures=["DebertaV2ForSequenceClassification"],
     ),
+    # castorini/monot5-base-msmarco (T5 v1.0 base: ReLU FFN, tied embeddings)
+    "monot5-base": dict(
+        model_type="t5", d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12,
+        num_heads=12, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="relu", tie_word_embeddings=True, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+        architectures=["T5ForConditionalGeneration"],
+    ),
 }  # fmt: skip
 
 
 def random_checkpoint(shape: str, directory: Path, seed: int = 0) -> Path:
-    """A random checkpoint of ``SHAPES[shape]`` saved to ``directory``, with a DeBERTa-v3
-    SentencePiece tokenizer whose pieces are the quick set's words (so inputs are about as long
-    as with the real tokenizer)."""
+    """A random checkpoint of ``SHAPES[shape]`` saved to ``directory``, with a SentencePiece
+    tokenizer of the family's class (DeBERTa-v3's, or T5's with MonoT5's prompt words) whose
+    pieces are the quick set's words (so inputs are about as long as with the real tokenizer)."""
     import torch
     import transformers
 
     settings = dict(SHAPES[shape])
     col = quick_set()
     texts = [*col.queries.values(), *(p.document for p in col.candidates(depth=20))]
-    words = sorted({w for t in texts for w in t.lower().split()})
+    t5 = settings["model_type"] == "t5"  # T5's tokenizer keeps the case
+    words = sorted({w for t in texts for w in (t if t5 else t.lower()).split()})
     chars = sorted({c for w in words for c in w})
-    vocab = [(t, 0.0) for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")]
-    vocab += [(f"\u2581{w}", -1.0) for w in words] + [(c, -10.0) for c in [*chars, "\u2581"]]
-    tokenizer = transformers.DebertaV2Tokenizer(vocab=vocab, do_lower_case=True, unk_id=3)
+    pieces = [(f"\u2581{w}", -1.0) for w in words] + [(c, -10.0) for c in [*chars, "\u2581"]]
+    if t5:  # <pad> 0, </s> 1, <unk> 2 as T5's; the prompt's words
+        prompt = {f"\u2581{w}" for w in ("Query", "Document", "Relevant", "true", "false")} | {":"}
+        vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        vocab += [(w, -1.0) for w in sorted(prompt)] + [p for p in pieces if p[0] not in prompt]
+        tokenizer = transformers.T5TokenizerFast(vocab=vocab, extra_ids=0)
+    else:
+        vocab = [(t, 0.0) for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")] + pieces
+        tokenizer = transformers.DebertaV2Tokenizer(vocab=vocab, do_lower_case=True, unk_id=3)
     config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
     config.vocab_size = len(tokenizer)
     torch.manual_seed(seed)

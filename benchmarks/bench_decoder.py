@@ -156,7 +156,7 @@ def main() -> None:
     batch = model.encode(queries, documents, max_length=args.max_length).to(args.device)
     assert bool(batch.attention_mask.bool().all()), "every prompt must fill max_length"
     assert batch.input_ids.shape[1] == args.max_length
-    no, yes = model.answer_ids  # (non-relevant, relevant)
+    yes, no = model.answer_ids  # (relevant, non-relevant)
     chunks = list(batch.chunks(args.batch_size))
     ablate = direction_ablation_hooks(model, attending="document", attended="query", layers="all")
 

@@ -9,8 +9,10 @@ load from other processes (and this machine's drifting speed) affects all alike.
 
     python benchmarks/bench_scoring.py [--model DIR] [--pairs 256] [--batch-size 32] [--repeats 5]
 
-``--shape deberta-v3-base`` measures a random checkpoint of that shape instead (a family whose
-weights are not on the machine) and writes ``scoring_<shape>_<device>.json``.
+``--shape deberta-v3-base`` (or ``monot5-base``: Hugging Face's ``T5ForConditionalGeneration``,
+``logit(true) - logit(false)`` at the first decoder step) measures a random checkpoint of that
+shape instead (a family whose weights are not on the machine) and writes
+``scoring_<shape>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -59,22 +61,21 @@ def main() -> None:
     chunks = list(batch.chunks(args.batch_size))
     ablate = direction_ablation_hooks(model, directions="query_to_document")
 
+    def hf_score(c) -> torch.Tensor:
+        if model.family.kind == "encoder-decoder":  # MonoT5: logit(true) - logit(false), step 1
+            start = torch.full((len(c), 1), hf.config.decoder_start_token_id, device=args.device)
+            logits = hf(
+                input_ids=c.input_ids, attention_mask=c.attention_mask, decoder_input_ids=start
+            ).logits[:, 0]
+            relevant, non_relevant = model.answer_ids
+            return logits[:, relevant] - logits[:, non_relevant]
+        return hf(
+            input_ids=c.input_ids, token_type_ids=c.token_type_ids, attention_mask=c.attention_mask
+        ).logits[:, 0]
+
     def run_hf() -> torch.Tensor:
-        out = []
         with torch.no_grad():
-            for c in chunks:
-                c = c.to(args.device)
-                out.append(
-                    hf(
-                        input_ids=c.input_ids,
-                        token_type_ids=c.token_type_ids,
-                        attention_mask=c.attention_mask,
-                    )
-                    .logits[:, 0]
-                    .float()
-                    .cpu()
-                )
-        return torch.cat(out)
+            return torch.cat([hf_score(c.to(args.device)).float().cpu() for c in chunks])
 
     def run_hooked(hooks=None) -> torch.Tensor:
         return torch.cat([model.score(c, hooks=hooks) for c in chunks])

@@ -542,7 +542,9 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
             ``softmax([logit(no), logit(yes)])[1]``).
 
     Build it with :func:`load` (or :func:`mechir.load_cross_encoder`): the constructor makes
-    the modules on the current default device (``torch.device("meta")`` when loading).
+    the modules on the current default device (``torch.device("meta")`` when loading). A loaded
+    yes/no reranker's ``answer_ids`` are the token ids of its (relevant, non-relevant) answers,
+    as MonoT5's (None for a classifier).
     """
 
     is_causal = True
@@ -995,13 +997,15 @@ def _load_weights(
     model: HookedDecoderReranker,
     tensors: Any,
     *,
-    answer_ids: tuple[int, int] | None,
+    label_ids: tuple[int, int] | None,
     tied: bool,
     device: torch.device,
     dtype: torch.dtype,
     source: str,
 ) -> None:
-    """Stream the checkpoint's tensors into ``model`` (see the module docstring)."""
+    """Stream the checkpoint's tensors into ``model`` (see the module docstring); a yes/no
+    reranker's ``lm_head`` rows ``label_ids`` (non-relevant, relevant: the labels 0 and 1)
+    become its classifier."""
     names = list(tensors.where)
     prefix = "model." if any(n.startswith("model.") for n in names) else ""
     done: set[str] = set()
@@ -1025,11 +1029,11 @@ def _load_weights(
         if short.endswith(_IGNORED):
             continue
         if hf_name == "lm_head.weight":
-            if answer_ids is not None:
-                head_rows = convert(tensors.get(hf_name, rows=answer_ids))
+            if label_ids is not None:
+                head_rows = convert(tensors.get(hf_name, rows=label_ids))
             continue
         if hf_name in ("score.weight", "score.bias"):
-            if answer_ids is None:
+            if label_ids is None:
                 t = convert(tensors.get(hf_name))
                 put("classifier.W" if hf_name.endswith("weight") else "classifier.b",
                     t.T if hf_name.endswith("weight") else t, hf_name)  # fmt: skip
@@ -1051,14 +1055,14 @@ def _load_weights(
                 f"of {model.cfg.n_layers} layers: the checkpoint does not match its config.json"
             )
         put(*mapped, hf_name)
-    if answer_ids is not None:
+    if label_ids is not None:
         if head_rows is None:
             if not tied:
                 raise ValueError(
                     f"{source}: no lm_head.weight and the embeddings are not tied: the "
                     "checkpoint has no language-model head"
                 )
-            head_rows = model.embed.W_E.detach()[list(answer_ids)].clone()
+            head_rows = model.embed.W_E.detach()[list(label_ids)].clone()
         put("classifier.W", head_rows.T.contiguous(), "lm_head.weight")
         put("classifier.b", torch.zeros(2, device=device, dtype=dtype), "lm_head.weight")
     _materialize(model, done, device, dtype, source)
@@ -1109,7 +1113,8 @@ def _kind(family: Family, architecture: str) -> Kind:
 
 
 def _answer_ids(tokenizer: Any, answers: tuple[str, str]) -> tuple[int, int]:
-    """Token ids of (non-relevant, relevant) answers; each must be one token."""
+    """Token ids of the (relevant, non-relevant) answers (as MonoT5's ``answer_ids``); each must
+    be one token."""
     if len(answers) != 2 or answers[0] == answers[1]:
         raise ValueError(
             f"answer_tokens must be two different answers (relevant, non-relevant), got {answers!r}"
@@ -1127,7 +1132,7 @@ def _answer_ids(tokenizer: Any, answers: tuple[str, str]) -> tuple[int, int]:
             token_id = encoded[0]
         ids.append(int(token_id))
     relevant, non_relevant = ids
-    return non_relevant, relevant
+    return relevant, non_relevant
 
 
 def _prompt(kind: Kind, options: LoadOptions) -> DecoderPrompt:
@@ -1203,7 +1208,7 @@ def load(
     _load_weights(
         model,
         tensors,
-        answer_ids=answer_ids,
+        label_ids=None if answer_ids is None else answer_ids[::-1],
         tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
         device=torch.device(cfg.device),
         dtype=dtype,

@@ -82,7 +82,7 @@ def hf_scores(hf, model, batch):
     if model.kind == "classifier":
         return logits[:, 0]
     last = logits[torch.arange(len(batch)), last_real(batch)]
-    no, yes = model.answer_ids
+    yes, no = model.answer_ids
     return last[:, yes] - last[:, no]
 
 
@@ -176,6 +176,7 @@ def test_yes_no_score_ranks_like_qwen3_rerankers_probability(qwen3):
         logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     last = logits[torch.arange(len(batch)), last_real(batch)]
     no, yes = model.tokenizer.convert_tokens_to_ids(["no", "yes"])
+    assert model.answer_ids == (yes, no)  # (relevant, non-relevant), as MonoT5's
     official = torch.stack([last[:, no], last[:, yes]], 1).log_softmax(1)[:, 1].exp()
     model.score_type = "prob"
     try:
