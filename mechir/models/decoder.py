@@ -66,7 +66,14 @@ from mechir.models.encoder import (
 )
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
-from mechir.models.tl import Embed, HookedTransformer, HookedTransformerConfig, HookPoint
+from mechir.models.tl import (
+    Attention,
+    Embed,
+    GroupedQueryAttention,
+    HookedTransformer,
+    HookedTransformerConfig,
+    HookPoint,
+)
 from mechir.parts import CrossEncoderBatch, Part, check_max_length, parse_parts
 from mechir.running import RunningKey, current_frame
 
@@ -517,6 +524,94 @@ class LastTokenPooler(nn.Module):
         return self.hook_pooler_out(resid[torch.arange(len(resid), device=resid.device), last])
 
 
+#: TransformerLens's attention forward (``Attention`` and ``GroupedQueryAttention`` share it).
+TL_ATTENTION_FORWARD = Attention.forward
+#: OLMo's QK norm runs inside TransformerLens's own forward only.
+_TL_ONLY_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def _lean(self: Any) -> bool:
+    """Whether :func:`_lean_forward` covers this attention's configuration."""
+    c = self.cfg
+    return (
+        c.positional_embedding_type == "rotary"
+        and (self._attention_dir_override or c.attention_dir) == "causal"
+        and not (c.use_attn_result or c.load_in_4bit or c.use_logn_attn)
+        and not c.use_attention_sinks
+        and c.clip_qkv is None
+        and not c.attn_scores_soft_cap > 0
+        and c.original_architecture not in _TL_ONLY_ARCHITECTURES
+    )
+
+
+def _lean_forward(
+    self: Any,
+    query_input: Float[Tensor, "batch pos *head d_model"],
+    key_input: Float[Tensor, "batch kv_pos *kv_head d_model"],
+    value_input: Float[Tensor, "batch kv_pos *kv_head d_model"],
+    past_kv_cache_entry: Any = None,
+    additive_attention_mask: Float[Tensor, "batch 1 1 kv_pos"] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    position_bias: Tensor | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """``softmax(rot(q) rot(k)^T / sqrt(d_head) + causal and padding mask) v W_O + b_O``, hooks
+    as in TransformerLens, in fewer passes over the ``[batch, head, query, key]`` scores: the
+    causal (and padding) mask is filled in with one ``masked_fill`` and fully masked rows
+    (softmax NaN, the queries of left padding) become zeros in one op, where TransformerLens
+    runs a ``where`` and an ``isnan`` / ``zeros_like`` / ``where`` per layer. A configuration
+    this path does not cover (a cache, attention results, an additive mask, logn scaling, sinks,
+    clipping, soft caps, OLMo's QK norm) runs TransformerLens's own forward."""
+    if (
+        past_kv_cache_entry is not None
+        or additive_attention_mask is not None
+        or position_bias is not None
+        or not _lean(self)
+    ):
+        return TL_ATTENTION_FORWARD(
+            self, query_input, key_input, value_input, past_kv_cache_entry,
+            additive_attention_mask, attention_mask, position_bias,
+        )  # fmt: skip
+    q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+    q = self.hook_rot_q(self.apply_rotary(q, 0, attention_mask))
+    k = self.hook_rot_k(self.apply_rotary(k, 0, attention_mask))
+    scores = self.calculate_attention_scores(q, k)  # [batch, head, query_pos, key_pos]
+    n_query, n_key = scores.shape[-2:]
+    keep = self._make_causal_mask(
+        query_ctx_length=n_query, key_ctx_length=n_key, past_kv_pos_offset=0, device=scores.device
+    )
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, None, None, :].bool()
+    scores = self.hook_attn_scores(scores.masked_fill(~keep, float("-inf")))
+    pattern = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    pattern = self.hook_pattern(pattern).to(dtype=v.dtype)
+    z = self.calculate_z_scores(v, pattern)  # [batch, pos, head, d_head], hook_z
+    w_o = self.W_O.reshape(-1, self.cfg.d_model).T.contiguous()  # [d_model, head * d_head]
+    return nn.functional.linear(z.reshape(*z.shape[:2], -1), w_o, self.b_O)
+
+
+class DecoderAttention(Attention):
+    """TransformerLens's ``Attention`` (same parameters, hook points and hook values) with the
+    lean causal forward (:func:`_lean_forward`); :class:`HookedDecoderReranker` builds its
+    blocks' attention from it, with TransformerLens's constructor arguments."""
+
+    forward = _lean_forward  # type: ignore[assignment]
+
+
+class DecoderGroupedQueryAttention(GroupedQueryAttention):
+    """TransformerLens's ``GroupedQueryAttention`` with the lean causal forward
+    (:func:`_lean_forward`)."""
+
+    forward = _lean_forward  # type: ignore[assignment]
+
+
+def _lean_attention_class(attn: nn.Module) -> type:
+    return (
+        DecoderGroupedQueryAttention
+        if isinstance(attn, GroupedQueryAttention)
+        else DecoderAttention
+    )
+
+
 def _rotate_positions(
     attn: nn.Module, x: Float[Tensor, "batch pos head d_head"]
 ) -> Float[Tensor, "batch pos head d_head"]:
@@ -586,6 +681,9 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         self.pooler = LastTokenPooler(self._running_key)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_score = HookPoint()
+        for layer, block in enumerate(self.blocks):
+            if type(block.attn) in (Attention, GroupedQueryAttention):
+                block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
         if not cfg.use_qk_norm:  # AtP* recomputes scores from rotated q and k (linear in them)
             for block in self.blocks:
                 block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)

@@ -155,6 +155,65 @@ def test_every_hidden_state_and_the_score_match_hf(decoder, side):
     torch.testing.assert_close(model.score(batch), score, atol=0, rtol=0)
 
 
+DECODER_ATTENTION_HOOKS = (
+    "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern",
+    "hook_z",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("mask_a_row", [False, True])
+def test_lean_attention_equals_transformer_lens_attention(decoder, side, mask_a_row):
+    """mechir's causal attention forward gives TransformerLens's scores and every attention hook
+    value (padding on either side; a row masked by a hook: NaN after the softmax, zeros in
+    both), each block's attention run by both classes in turn."""
+    from transformer_lens.components import Attention, GroupedQueryAttention
+
+    from mechir.models.decoder import DecoderAttention, DecoderGroupedQueryAttention, _lean
+
+    _, model, _, _ = decoder
+    lean_classes = {type(block.attn) for block in model.blocks}
+    assert lean_classes <= {DecoderAttention, DecoderGroupedQueryAttention}
+    assert all(_lean(block.attn) for block in model.blocks)  # no fallback to TL's forward
+    batch = model.encode(QUERIES, DOCUMENTS, padding_side=side)
+    names = [f"blocks.{i}.attn.{h}" for i in range(model.cfg.n_layers)
+             for h in DECODER_ATTENTION_HOOKS]  # fmt: skip
+
+    def mask_row(scores, hook):
+        scores = scores.clone()
+        scores[:, :, 3, :] = -torch.inf  # query position 3 reads nothing
+        return scores
+
+    def run(tl: bool):
+        seen = {}
+        keep = lambda x, hook: seen.__setitem__(hook.name, x.detach().clone())  # noqa: E731
+        hooks = [("blocks.0.attn.hook_attn_scores", mask_row)] if mask_a_row else []
+        kept = [type(block.attn) for block in model.blocks]
+        try:
+            if tl:
+                for block in model.blocks:
+                    block.attn.__class__ = block.attn.__class__.__bases__[0]
+            assert {type(b.attn) for b in model.blocks} <= (
+                {Attention, GroupedQueryAttention} if tl else lean_classes
+            )
+            return model.score(batch, hooks=[*hooks, *((n, keep) for n in names)]), seen
+        finally:
+            for block, cls in zip(model.blocks, kept):
+                block.attn.__class__ = cls
+
+    lean, lean_seen = run(tl=False)
+    ref, ref_seen = run(tl=True)
+    torch.testing.assert_close(lean, ref, atol=ATOL, rtol=0)
+    assert lean_seen.keys() == ref_seen.keys() == set(names)
+    for name, value in ref_seen.items():
+        torch.testing.assert_close(lean_seen[name], value, atol=ATOL, rtol=1e-5, msg=name)
+    if mask_a_row:
+        assert (lean_seen["blocks.0.attn.hook_pattern"][:, :, 3] == 0).all()
+    if side == "left":  # the queries of left padding read nothing: zero rows in both
+        pads = batch.attention_mask[:, 0] == 0
+        assert pads.any() and (lean_seen["blocks.1.attn.hook_pattern"][pads, :, 0] == 0).all()
+
+
 def test_left_and_right_padding_and_single_pairs_score_alike(decoder):
     _, model, _, batch = decoder
     right = model.score(batch)
