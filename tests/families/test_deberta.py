@@ -380,6 +380,31 @@ def test_atp_star_on_queries_and_keys_is_exact_on_a_linear_tail(variant_dirs):
         assert (content_only.patched - exact.patched).nan_to_num().abs().max() > 1e-4 * scale
 
 
+def test_guided_top_cells_are_the_sweeps_top_cells(v3):
+    """Guided patching on DeBERTa-v3 (heads x part, and keys: AtP* bounds with the p2c term):
+    verified cells hold the sweep's exact score changes; with a wide safety margin the top 3
+    of each pair is the sweep's top 3; 'certified' only where every cell was patched exactly."""
+    from patching import head_target, patch_sweep, patch_top_cells, qk_target
+    from tests.families.test_analyses import corrupted_pairs
+
+    model, _, batch = v3
+    pairs = corrupted_pairs(model, batch[:3])
+    for target in (head_target(by="part"), qk_target("k", heads=["1/0", "1/1", "1/2"])):
+        top = patch_top_cells(model, pairs, target, k=3, rtol=10.0, progress=False)
+        sweep = patch_sweep(model, pairs, target, progress=False)
+        shape = (-1, *[1] * (sweep.patched.dim() - 1))
+        effect = (sweep.patched - sweep.corrupted.view(shape)).nan_to_num()
+        for i in range(len(pairs)):
+            verified, valid = top.verified[i], ~sweep.patched[i].isnan()  # NaN: no such cell
+            assert bool(top.certified[i]) == bool((verified | ~valid).all())
+            assert verified.any()
+            torch.testing.assert_close(
+                top.exact[i][verified], effect[i][verified], atol=ATOL, rtol=0
+            )
+            best = effect[i].abs().flatten().topk(3).indices
+            assert top.top[i].tolist() == best.tolist(), (target, i)
+
+
 # ------------------------------------------------------------------ dtype, refusals
 def test_bf16_on_cpu(variant_dirs):
     """bf16 weights and activations: scores near fp32 (bf16 keeps ~3 significant digits), as
