@@ -13,8 +13,9 @@
 #   edges_cuda.json       all-edge EAP-IG vs exact per-edge patching (batched and naive loop),
 #                         Spearman, top-1% faithfulness (benchmarks/bench_edges.py, issue 22),
 #                         after the edge tests' GPU parity check (tests/patching/test_edges.py)
-#   scoring_deberta-v3-base_cuda.json, decoder_cuda.json  the new families' scoring vs HF
-#                         (random checkpoints of mxbai-rerank-base-v1's / Qwen3-Reranker-0.6B's shape)
+#   scoring_deberta-v3-base_cuda.json, scoring_monot5-base_cuda.json, decoder_cuda.json  the
+#                         new families' scoring vs HF (random checkpoints of mxbai-rerank-base-v1's /
+#                         monot5-base-msmarco's / Qwen3-Reranker-0.6B's shape)
 #   distributed_cuda.json 1..N GPUs data-parallel rerank + NIG, when N > 1 GPUs are visible
 # Sized for < 10 minutes on one H100/H200 (each step has its own time limit). Without CUDA it says
 # so and exits 0.   Usage: bash benchmarks/gpu_check.sh   (from any directory)
@@ -52,6 +53,8 @@ step 60 "$PY" -m pytest -q -rs -m cuda tests/patching/test_edges.py
 step 240 "$PY" benchmarks/bench_edges.py --device cuda --pairs 2 --naive-sample 30
 step 60 "$PY" -m pytest -q -rs tests/families -k "bf16 or cuda"
 step 60 "$PY" benchmarks/bench_scoring.py --device cuda --shape deberta-v3-base --pairs 256 \
+    --batch-size 32 --repeats 3
+step 60 "$PY" benchmarks/bench_scoring.py --device cuda --shape monot5-base --pairs 256 \
     --batch-size 32 --repeats 3
 step 150 "$PY" benchmarks/bench_decoder.py --device cuda --pairs 8 --batch-size 8 --repeats 3
 if [ "$GPUS" -gt 1 ]; then
