@@ -228,6 +228,11 @@ def guided_runs(model, pairs, target, data: dict, ks: list[int]) -> list[dict]:
         sim = simulate_top_cells(
             effects, g.estimate.reshape(n, -1), g.uncertainty.reshape(n, -1), k
         )
+        # the same replay on the run's own exact values where it has them: the sweep's differ
+        # from them by float32 rounding (batched differently), which can flip a near-zero cell
+        own = simulate_top_cells(
+            effects.where(~done, exact), g.estimate.reshape(n, -1), g.uncertainty.reshape(n, -1), k
+        )
         rows.append(
             {
                 "k": k,
@@ -255,6 +260,8 @@ def guided_runs(model, pairs, target, data: dict, ks: list[int]) -> list[dict]:
                 ),
                 "replay_same_verified_cells": sim.verified.tolist() == done.tolist(),
                 "replay_same_top": sim.top.tolist() == g.top.tolist(),
+                "replay_on_run_values_same_verified_cells": own.verified.tolist() == done.tolist(),
+                "replay_on_run_values_same_top": own.top.tolist() == g.top.tolist(),
                 "max_attribution_error_seen": float(g.attribution_error.max()),
             }
         )
