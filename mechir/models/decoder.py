@@ -923,6 +923,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
                 leaving no room for a document token; the message names the pair.
         """
         pieces = self.template_tokens()
+        n_special = sum(len(ids) for ids, _ in pieces)
         length = self.max_length if max_length is None else max_length
         if len(query_ids) != len(document_ids) or not query_ids:
             raise ValueError(
@@ -934,11 +935,11 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
             q, d = [int(x) for x in q], [int(x) for x in d]
             if not q or not d:
                 raise ValueError(f"pair {i}: the {'query' if not q else 'document'} is empty")
-            room = length - self.n_special - len(q)
+            room = length - n_special - len(q)
             if room < 1:
                 raise ValueError(
                     f"pair {i}: the query has {len(q)} tokens, which leaves no room for the "
-                    f"document within max_length={length} (the prompt takes {self.n_special}); "
+                    f"document within max_length={length} (the prompt takes {n_special}); "
                     "raise max_length"
                 )
             fields = {Part.QUERY: q, Part.DOCUMENT: d[:room]}
