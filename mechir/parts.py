@@ -326,6 +326,76 @@ def cross_encoder_batch_from_tokens(
     return CrossEncoderBatch(input_ids, token_type_ids, attention_mask, parts)
 
 
+def padded_batch(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_token_id: int,
+    padding_side: str = "right",
+) -> CrossEncoderBatch:
+    """``(ids, parts)`` rows of different lengths padded on ``padding_side`` (``"right"`` or
+    ``"left"``) into one batch (token types all 0: the prompt-based rerankers')."""
+    width = max(len(ids) for ids, _ in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    parts = torch.full((n, width), int(Part.PAD), dtype=torch.long)
+    for i, (ids, row_parts) in enumerate(rows):
+        at = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+        input_ids[i, at] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, at] = 1
+        parts[i, at] = torch.tensor(list(row_parts), dtype=torch.long)
+    return CrossEncoderBatch(input_ids, torch.zeros_like(input_ids), attention_mask, parts)
+
+
+def prompt_batch_from_tokens(
+    pieces: Sequence[tuple[Sequence[int], Part]],
+    query_ids: Sequence[Sequence[int]],
+    document_ids: Sequence[Sequence[int]],
+    *,
+    max_length: int,
+    pad_token_id: int,
+    padding_side: str = "right",
+) -> CrossEncoderBatch:
+    """A prompt-based reranker's batch from already-tokenized queries and documents: what
+    :func:`cross_encoder_batch_from_tokens` is for ``[CLS] q [SEP] d [SEP]``.
+
+    ``pieces`` is the prompt in reading order, ``(ids, part)`` each, with one piece of part
+    QUERY and one of part DOCUMENT (their ids unused) where the query and the document go; each
+    document is cut so that its row fits ``max_length``.
+
+    Raises:
+        ValueError: lists of different lengths, an empty query or document, or a query leaving
+            no room for a document token; the message names the pair.
+    """
+    n_special = sum(len(ids) for ids, part in pieces if part not in (Part.QUERY, Part.DOCUMENT))
+    if len(query_ids) != len(document_ids) or not query_ids:
+        raise ValueError(
+            f"got {len(query_ids)} queries and {len(document_ids)} documents: pass one "
+            "document per query, at least one pair"
+        )
+    rows = []
+    for i, (q, d) in enumerate(zip(query_ids, document_ids)):
+        q, d = [int(x) for x in q], [int(x) for x in d]
+        if not q or not d:
+            raise ValueError(f"pair {i}: the {'query' if not q else 'document'} is empty")
+        room = max_length - n_special - len(q)
+        if room < 1:
+            raise ValueError(
+                f"pair {i}: the query has {len(q)} tokens, which leaves no room for the "
+                f"document within max_length={max_length} (the prompt's template takes "
+                f"{n_special}); raise max_length"
+            )
+        fields = {Part.QUERY: q, Part.DOCUMENT: d[:room]}
+        ids: list[int] = []
+        parts: list[int] = []
+        for piece, part in pieces:
+            piece = fields.get(part, piece)
+            ids += piece
+            parts += [int(part)] * len(piece)
+        rows.append((ids, parts))
+    return padded_batch(rows, pad_token_id=pad_token_id, padding_side=padding_side)
+
+
 def infer_parts(
     input_ids: Int[torch.Tensor, "batch pos"],
     attention_mask: Int[torch.Tensor, "batch pos"],

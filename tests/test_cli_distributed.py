@@ -76,6 +76,37 @@ def run_both(argv_of, tmp_path: Path) -> tuple[Path, Path]:
     return one, two
 
 
+def assert_prompt_reranker_runs_alike(model_dir: Path, tmp_path: Path, option: str, value: str):
+    """A prompt-based reranker reranks a tiny collection (5 queries x 4) alike with one plain
+    process and with 2 torchrun processes, ``--<option> value`` recorded in both stores'
+    settings, and its first two stored rows hold the model's own scores."""
+    import torch
+
+    from mechir import load_cross_encoder
+
+    collection = write_tiny_collection(tmp_path / "col", n_queries=5, depth=4)
+    flag = "--" + option.replace("_", "-")
+    one, two = run_both(lambda out: rerank_argv(model_dir, collection, out, flag, value), tmp_path)
+    assert_same_rerank(one, two)
+    for run in (one, two):
+        meta = json.loads(run.with_name(run.name + ".mechir.json").read_text())
+        assert meta["settings"][option] == value
+    rows = store_rows(one)
+    model = load_cross_encoder(model_dir, device="cpu", **{option: value})
+    tsv = lambda name: dict(  # noqa: E731
+        line.split("\t", 1) for line in (collection / name).read_text().splitlines()
+    )
+    queries, documents = tsv("queries.test.tsv"), tsv("docs.tsv")
+    assert len(rows) == 5
+    for row in rows[:2]:
+        texts = [documents[d] for d in row["docids"]]
+        batch = model.encode([queries[row["unit"]]] * len(texts), texts)
+        torch.testing.assert_close(
+            torch.tensor(row["scores"]), model.score(batch), atol=1e-5, rtol=0
+        )
+
+
+@pytest.mark.slow  # torchrun: over 9 s here
 def test_two_processes_equal_one(saved_model, tmp_path):  # noqa: F811
     collection = write_tiny_collection(tmp_path / "col", n_queries=7, depth=5)
     one, two = run_both(lambda out: rerank_argv(saved_model, collection, out), tmp_path)
@@ -83,6 +114,7 @@ def test_two_processes_equal_one(saved_model, tmp_path):  # noqa: F811
     assert_same_rerank(two, one)
 
 
+@pytest.mark.slow  # torchrun: over 9 s here
 def test_kill_rank_one_then_resume_with_one_process(saved_model, tmp_path):  # noqa: F811
     pytest.importorskip("psutil", reason="psutil finds the PID of rank 1 (pip install psutil)")
     n_queries = 120  # small batches over many queries: the kill lands mid-run
@@ -123,6 +155,7 @@ def test_scifact_quick_two_processes_equal_one(tmp_path):
     assert_same_rerank(two, one)
 
 
+@pytest.mark.slow  # torchrun: over 9 s here
 def test_leftover_shards_of_another_world_size_resume_with_two(saved_model, tmp_path):  # noqa: F811
     """A store and shards left by a killed 4-process run (ranks 0 and 3 had written) resume
     with 2 processes: merged in query order, the rest split over the 2 ranks, same output."""

@@ -63,6 +63,7 @@ from mechir.models.encoder import (
     CrossEncoderClassifier,
     HookedCrossEncoder,
     ScoreType,
+    attend,
 )
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
@@ -74,7 +75,14 @@ from mechir.models.tl import (
     HookedTransformerConfig,
     HookPoint,
 )
-from mechir.parts import CrossEncoderBatch, Part, check_max_length, parse_parts
+from mechir.parts import (
+    CrossEncoderBatch,
+    Part,
+    check_max_length,
+    padded_batch,
+    parse_parts,
+    prompt_batch_from_tokens,
+)
 from mechir.running import RunningKey, current_frame
 
 __all__ = [
@@ -301,24 +309,7 @@ def encode_prompts(
     rows = []
     for i, (q, d) in enumerate(zip(queries, documents)):
         rows.append(_encode_one(tokenizer, prompt, q, d, max_length, i))
-    return _padded(rows, _pad_id(tokenizer), padding_side)
-
-
-def _padded(
-    rows: Sequence[tuple[list[int], list[int]]], pad: int, padding_side: Literal["right", "left"]
-) -> CrossEncoderBatch:
-    """``(ids, parts)`` rows padded on ``padding_side`` into one batch."""
-    width = max(len(ids) for ids, _ in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    parts = torch.full((n, width), int(Part.PAD), dtype=torch.long)
-    for i, (ids, row_parts) in enumerate(rows):
-        at = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
-        input_ids[i, at] = torch.tensor(ids)
-        attention_mask[i, at] = 1
-        parts[i, at] = torch.tensor(row_parts)
-    return CrossEncoderBatch(input_ids, torch.zeros_like(input_ids), attention_mask, parts)
+    return padded_batch(rows, pad_token_id=_pad_id(tokenizer), padding_side=padding_side)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -525,7 +516,7 @@ class LastTokenPooler(nn.Module):
 
 
 #: TransformerLens's attention forward (``Attention`` and ``GroupedQueryAttention`` share it).
-TL_ATTENTION_FORWARD = Attention.forward
+_TL_ATTENTION_FORWARD = Attention.forward
 #: OLMo's QK norm runs inside TransformerLens's own forward only.
 _TL_ONLY_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -567,7 +558,7 @@ def _lean_forward(
         or position_bias is not None
         or not _lean(self)
     ):
-        return TL_ATTENTION_FORWARD(
+        return _TL_ATTENTION_FORWARD(
             self, query_input, key_input, value_input, past_kv_cache_entry,
             additive_attention_mask, attention_mask, position_bias,
         )  # fmt: skip
@@ -581,12 +572,7 @@ def _lean_forward(
     )
     if attention_mask is not None:
         keep = keep & attention_mask[:, None, None, :].bool()
-    scores = self.hook_attn_scores(scores.masked_fill(~keep, float("-inf")))
-    pattern = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-    pattern = self.hook_pattern(pattern).to(dtype=v.dtype)
-    z = self.calculate_z_scores(v, pattern)  # [batch, pos, head, d_head], hook_z
-    w_o = self.W_O.reshape(-1, self.cfg.d_model).T.contiguous()  # [d_model, head * d_head]
-    return nn.functional.linear(z.reshape(*z.shape[:2], -1), w_o, self.b_O)
+    return attend(self, scores.masked_fill(~keep, float("-inf")), v)
 
 
 class DecoderAttention(Attention):
@@ -922,35 +908,11 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
             ValueError: lists of different lengths, an empty query or document, or a query
                 leaving no room for a document token; the message names the pair.
         """
-        pieces = self.template_tokens()
-        n_special = sum(len(ids) for ids, _ in pieces)
-        length = self.max_length if max_length is None else max_length
-        if len(query_ids) != len(document_ids) or not query_ids:
-            raise ValueError(
-                f"got {len(query_ids)} queries and {len(document_ids)} documents: pass one "
-                "document per query, at least one pair"
-            )
-        rows = []
-        for i, (q, d) in enumerate(zip(query_ids, document_ids)):
-            q, d = [int(x) for x in q], [int(x) for x in d]
-            if not q or not d:
-                raise ValueError(f"pair {i}: the {'query' if not q else 'document'} is empty")
-            room = length - n_special - len(q)
-            if room < 1:
-                raise ValueError(
-                    f"pair {i}: the query has {len(q)} tokens, which leaves no room for the "
-                    f"document within max_length={length} (the prompt takes {n_special}); "
-                    "raise max_length"
-                )
-            fields = {Part.QUERY: q, Part.DOCUMENT: d[:room]}
-            ids: list[int] = []
-            parts: list[int] = []
-            for piece, part in pieces:
-                piece = fields.get(part, piece)
-                ids += piece
-                parts += [int(part)] * len(piece)
-            rows.append((ids, parts))
-        return _padded(rows, _pad_id(self.tokenizer), self.padding_side)
+        return prompt_batch_from_tokens(
+            self.template_tokens(), query_ids, document_ids,
+            max_length=self.max_length if max_length is None else max_length,
+            pad_token_id=_pad_id(self.tokenizer), padding_side=self.padding_side,
+        )  # fmt: skip
 
     @property
     def max_length(self) -> int:

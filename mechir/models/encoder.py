@@ -185,12 +185,24 @@ class EncoderAttention(Attention):
         scores = (q / self.attn_scale).transpose(1, 2) @ k.permute(0, 2, 3, 1)
         if additive_attention_mask is not None:
             scores = scores + additive_attention_mask
-        scores = self.hook_attn_scores(scores)  # [batch, head, query_pos, key_pos]
-        pattern = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-        pattern = self.hook_pattern(pattern).to(dtype=v.dtype)
-        z = self.calculate_z_scores(v, pattern)  # [batch, pos, head, d_head], hook_z
-        w_o = self.W_O.reshape(-1, self.cfg.d_model).T.contiguous()  # [d_model, head * d_head]
-        return nn.functional.linear(z.reshape(*z.shape[:2], -1), w_o, self.b_O)
+        return attend(self, scores, v)
+
+
+def attend(
+    attn: nn.Module,
+    scores: Float[Tensor, "batch head query_pos key_pos"],
+    v: Float[Tensor, "batch key_pos kv_head d_head"],
+) -> Float[Tensor, "batch query_pos d_model"]:
+    """The second half of a lean attention forward, hooks as in TransformerLens:
+    ``hook_attn_scores`` (masked scores), ``softmax`` with fully masked rows (NaN) zeroed in one
+    op, ``hook_pattern``, ``hook_z`` (``calculate_z_scores``: grouped values repeated), then
+    ``z W_O + b_O``."""
+    scores = attn.hook_attn_scores(scores)
+    pattern = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    pattern = attn.hook_pattern(pattern).to(dtype=v.dtype)
+    z = attn.calculate_z_scores(v, pattern)  # [batch, pos, head, d_head]
+    w_o = attn.W_O.reshape(-1, attn.cfg.d_model).T.contiguous()  # [d_model, head * d_head]
+    return nn.functional.linear(z.reshape(*z.shape[:2], -1), w_o, attn.b_O)
 
 
 class CrossEncoderEmbed(BertEmbed):

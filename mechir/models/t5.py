@@ -81,7 +81,13 @@ from mechir.models.tl import (
     T5Attention,
     TypedModuleList,
 )
-from mechir.parts import CrossEncoderBatch, Part, check_max_length
+from mechir.parts import (
+    CrossEncoderBatch,
+    Part,
+    check_max_length,
+    padded_batch,
+    prompt_batch_from_tokens,
+)
 
 #: MonoT5's prompt (Nogueira et al. 2020); ``{query}`` and ``{document}`` are filled in.
 DEFAULT_TEMPLATE = "Query: {query} Document: {document} Relevant:"
@@ -617,22 +623,11 @@ def encode_prompts(
         _encode_one(tokenizer, prompt, q, d, max_length, i)
         for i, (q, d) in enumerate(zip(queries, documents))
     ]
-    return _padded_batch(rows, tokenizer)
+    return padded_batch(rows, pad_token_id=_pad_id(tokenizer))
 
 
-def _padded_batch(rows: list[tuple[list[int], list[int]]], tokenizer: Any) -> CrossEncoderBatch:
-    """A right-padded batch of ``(ids, parts)`` rows."""
-    width = max(len(ids) for ids, _ in rows)
-    n = len(rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((n, width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    parts = torch.full((n, width), int(Part.PAD), dtype=torch.long)
-    for i, (ids, row_parts) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        parts[i, : len(ids)] = torch.tensor(row_parts)
-    return CrossEncoderBatch(input_ids, torch.zeros_like(input_ids), attention_mask, parts)
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _encode_one(
@@ -1021,29 +1016,13 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
                 leaving no room for a document token; the message names the pair.
         """
         prefix, middle, suffix = self.template_ids()
-        length = self.max_length if max_length is None else max_length
-        if len(query_ids) != len(document_ids) or not query_ids:
-            raise ValueError(
-                f"got {len(query_ids)} queries and {len(document_ids)} documents: pass one "
-                "document per query, at least one pair"
-            )
-        rows = []
-        for i, (q, d) in enumerate(zip(query_ids, document_ids)):
-            q, d = list(q), list(d)
-            if not q or not d:
-                raise ValueError(f"pair {i}: the {'query' if not q else 'document'} is empty")
-            room = length - len(prefix) - len(middle) - len(suffix) - len(q)
-            if room < 1:
-                raise ValueError(
-                    f"pair {i}: the query has {len(q)} tokens, which leaves no room for the "
-                    f"document within max_length={length} (the template takes "
-                    f"{len(prefix) + len(middle) + len(suffix)}); raise max_length"
-                )
-            d = d[:room]
-            parts = [Part.CLS] * len(prefix) + [Part.QUERY] * len(q) + [Part.SEP1] * len(middle)
-            parts += [Part.DOCUMENT] * len(d) + [Part.SEP2] * len(suffix)
-            rows.append((prefix + q + middle + d + suffix, [int(p) for p in parts]))
-        return _padded_batch(rows, self.tokenizer)
+        pieces = [(prefix, Part.CLS), ([], Part.QUERY), (middle, Part.SEP1), ([], Part.DOCUMENT),
+                  (suffix, Part.SEP2)]  # fmt: skip
+        return prompt_batch_from_tokens(
+            pieces, query_ids, document_ids,
+            max_length=self.max_length if max_length is None else max_length,
+            pad_token_id=_pad_id(self.tokenizer),
+        )  # fmt: skip
 
     def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
         """Move (or cast) the model and keep ``cfg.device`` / ``cfg.dtype`` in step."""

@@ -87,6 +87,33 @@ DIRECTION_ABLATION_WORK = [
 ]
 
 
+def run_the_five_studies(
+    argv: list[str], collection_dir: Path, out_root: Path, direction_ablation: list[str]
+) -> dict[str, Path]:
+    """Each bundled study on small settings (``direction_ablation``: that study's own options),
+    asserting that it exits 0 and stores results; ``{short name: output directory}``."""
+    from analyses import direction_ablation as da
+    from analyses import matching_heads, neuron_attribution, patching_tfc1, qk_svd
+
+    runs = {
+        "da": (da, [*direction_ablation, "--random-shuffles", "5"]),
+        "mh": (matching_heads, ["--no-correct-only", "--threshold", "0.01", "--random-shuffles",
+                                "5", "--knockout-top", "1", "--knockout-random", "1"]),
+        "na": (neuron_attribution, ["--pairs-per-class", "4", "--per-query", "1", "--n-steps",
+                                    "4", "--unit-pairs", "3", "--prune-seeds", "1", "--percents",
+                                    "10", "--attribution-datasets", f"{collection_dir}@test"]),
+        "tfc1": (patching_tfc1, ["--unit-pairs", "10"]),
+        "qk": (qk_svd, ["--top-heads", "2", "--directions", "2", "--tokens", "4",
+                        "--cosine-pairs", "12"]),
+    }  # fmt: skip
+    outputs = {}
+    for name, (study, extra) in runs.items():
+        out = outputs[name] = out_root / name
+        assert study.main([*argv, *extra, "--output", str(out)]) == 0, name
+        assert (out / "results.jsonl").read_text().strip(), name
+    return outputs
+
+
 def run_direction_ablation(argv: list[str]) -> int:
     from analyses import direction_ablation
 

@@ -35,6 +35,7 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert not list(a.glob("results.rank*")) and not list(b.glob("results.rank*"))
 
 
+@pytest.mark.slow  # torchrun: over 9 s here
 def test_two_processes_equal_one(direction_ablation_run, common_argv, tmp_path):
     out = tmp_path / "two"
     argv = [*common_argv, *WORK, "--random-shuffles", "20", "--output", str(out)]
@@ -53,6 +54,7 @@ def slow_collection(tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.slow  # torchrun: over 9 s here
 def test_kill_one_rank_then_resume_with_one_process(tiny_model_dir, slow_collection, tmp_path):
     pytest.importorskip("psutil", reason="psutil finds the PID of rank 1 (pip install psutil)")
     argv = common_options(tiny_model_dir, slow_collection)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mechir import load_cross_encoder
 from tests.families.builders import (
@@ -11,6 +12,15 @@ from tests.families.builders import (
     save_tiny_t5,
 )
 from tests.helpers import DOCUMENTS, QUERIES
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every family test on one torch thread (small models: threads only add noise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,6 @@ from tests.hooks.test_attention import hand_keep
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------ Hugging Face oracles
 def hf_scores(hf, batch, name):
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)

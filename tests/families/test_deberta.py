@@ -45,14 +45,6 @@ VARIANTS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def variant_dirs(tmp_path_factory):
     cache: dict[str, object] = {}
@@ -465,32 +457,11 @@ def test_tokenizer_is_deberta_v3s_own_class(v3):
 # ------------------------------------------------------------------ studies, PyTerrier, torchrun
 @pytest.mark.slow
 def test_the_five_studies_run(variant_dirs, tmp_path):
-    from analyses import (
-        direction_ablation,
-        matching_heads,
-        neuron_attribution,
-        patching_tfc1,
-        qk_svd,
-    )
-    from tests.analyses.conftest import common_options, write_tiny_collection
+    from tests.analyses.conftest import common_options, run_the_five_studies, write_tiny_collection
 
     collection = write_tiny_collection(tmp_path / "col")
     argv = common_options(variant_dirs("v3"), collection)
-    runs = {
-        "da": (direction_ablation, ["--conditions", "query_to_document", "--random-shuffles", "5"]),
-        "mh": (matching_heads, ["--no-correct-only", "--threshold", "0.01", "--random-shuffles",
-                                "5", "--knockout-top", "1", "--knockout-random", "1"]),
-        "na": (neuron_attribution, ["--pairs-per-class", "4", "--per-query", "1", "--n-steps",
-                                    "4", "--unit-pairs", "3", "--prune-seeds", "1", "--percents",
-                                    "10", "--attribution-datasets", f"{collection}@test"]),
-        "tfc1": (patching_tfc1, ["--unit-pairs", "10"]),
-        "qk": (qk_svd, ["--top-heads", "2", "--directions", "2", "--tokens", "4",
-                        "--cosine-pairs", "12"]),
-    }  # fmt: skip
-    for name, (study, extra) in runs.items():
-        out = tmp_path / name
-        assert study.main([*argv, *extra, "--output", str(out)]) == 0, name
-        assert (out / "results.jsonl").read_text().strip(), name
+    run_the_five_studies(argv, collection, tmp_path, ["--conditions", "query_to_document"])
 
 
 @pytest.mark.slow

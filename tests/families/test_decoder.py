@@ -28,14 +28,6 @@ ATOL = 1e-5
 NAMES = tuple(DECODER_SPECS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def decoder_dirs(tmp_path_factory):
     cache: dict[str, object] = {}

@@ -12,20 +12,12 @@ import torch
 
 from mechir import load_cross_encoder
 from mechir.hooks import direction_ablation_hooks, head_knockout_hooks
-from tests.analyses.conftest import common_options, write_tiny_collection
+from tests.analyses.conftest import common_options, run_the_five_studies, write_tiny_collection
 from tests.families.builders import save_tiny_decoder
 from tests.helpers import DOCUMENTS, QUERIES
 
 ATOL = 1e-5
 INSTRUCTION = "Judge whether the document answers the query"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -37,42 +29,22 @@ def qwen3_setup(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_five_studies_run_on_a_qwen3_reranker(qwen3_setup, tmp_path):
-    from analyses import (
-        direction_ablation,
-        matching_heads,
-        neuron_attribution,
-        patching_tfc1,
-        qk_svd,
-    )
     from mechir.circuits import qk_alignment
 
     model_dir, collection = qwen3_setup
     # the Qwen3-Reranker prompt alone is ~100 tokens: the last --max-length wins
     argv = [*common_options(model_dir, collection), "--max-length", "160"]
     argv += ["--instruction", INSTRUCTION]
-    runs = {
-        # causal attention: the document reads the query, never the other way round
-        "da": (direction_ablation, ["--conditions", "document_to_query", "--layers",
-                                    "cumulative", "--random-shuffles", "5"]),
-        "mh": (matching_heads, ["--no-correct-only", "--threshold", "0.01", "--random-shuffles",
-                                "5", "--knockout-top", "1", "--knockout-random", "1"]),
-        "na": (neuron_attribution, ["--pairs-per-class", "4", "--per-query", "1", "--n-steps",
-                                    "4", "--unit-pairs", "3", "--prune-seeds", "1", "--percents",
-                                    "10", "--attribution-datasets", f"{collection}@test"]),
-        "tfc1": (patching_tfc1, ["--unit-pairs", "10"]),
-        "qk": (qk_svd, ["--top-heads", "2", "--directions", "2", "--tokens", "4",
-                        "--cosine-pairs", "12"]),
-    }  # fmt: skip
-    for name, (study, extra) in runs.items():
-        out = tmp_path / name
-        assert study.main([*argv, *extra, "--output", str(out)]) == 0, name
-        assert (out / "results.jsonl").read_text().strip(), name
+    # causal attention: the document reads the query, never the other way round
+    conditions = ["--conditions", "document_to_query", "--layers", "cumulative"]
+    outputs = run_the_five_studies(argv, collection, tmp_path, conditions)
+    for name, out in outputs.items():
         summary = json.loads((out / "summary.json").read_text())
         assert str(model_dir) in json.dumps(summary), name
-    table = pd.read_csv(tmp_path / "da" / "table.csv")
+    table = pd.read_csv(outputs["da"] / "table.csv")
     assert table["nDCG@10"].between(0, 1).all()
     model = load_cross_encoder(model_dir, device="cpu", instruction=INSTRUCTION)
-    alignment = pd.read_csv(tmp_path / "qk" / "alignment.csv")
+    alignment = pd.read_csv(outputs["qk"] / "alignment.csv")
     pd.testing.assert_frame_equal(alignment, qk_alignment(model, k=3), check_dtype=False)
 
 
@@ -121,30 +93,6 @@ def test_pyterrier_reranks_with_a_qwen3_reranker_and_its_hooks(qwen3_setup):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_on_a_qwen3_reranker(qwen3_setup, tmp_path):
-    from tests.test_cli import rerank_argv
-    from tests.test_cli_distributed import assert_same_rerank, run_both
+    from tests.test_cli_distributed import assert_prompt_reranker_runs_alike
 
-    model_dir, _ = qwen3_setup
-    collection = write_tiny_collection(tmp_path / "col", n_queries=5, depth=4)
-
-    def argv_of(out):
-        return rerank_argv(model_dir, collection, out, "--instruction", INSTRUCTION)
-
-    one, two = run_both(argv_of, tmp_path)
-    assert_same_rerank(one, two)
-    for run in (one, two):  # the instruction is recorded in the store's settings
-        meta = json.loads(run.with_name(run.name + ".mechir.json").read_text())
-        assert meta["settings"]["instruction"] == INSTRUCTION
-    rows = [json.loads(line) for line in one.with_name(one.name + ".mechir.jsonl").open()]
-    model = load_cross_encoder(model_dir, device="cpu", instruction=INSTRUCTION)
-    tsv = lambda name: dict(  # noqa: E731
-        line.split("\t", 1) for line in (collection / name).read_text().splitlines()
-    )
-    queries, documents = tsv("queries.test.tsv"), tsv("docs.tsv")
-    assert len(rows) == 5
-    for row in rows[:2]:  # the stored scores are the model's
-        texts = [documents[d] for d in row["docids"]]
-        batch = model.encode([queries[row["unit"]]] * len(texts), texts)
-        torch.testing.assert_close(
-            torch.tensor(row["scores"]), model.score(batch), atol=ATOL, rtol=0
-        )
+    assert_prompt_reranker_runs_alike(qwen3_setup[0], tmp_path, "instruction", INSTRUCTION)

@@ -34,14 +34,6 @@ from tests.helpers import DOCUMENTS, QUERIES
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_logits(hf, batch, **kwargs):
     start = torch.full((len(batch), 1), hf.config.decoder_start_token_id)
     with torch.no_grad():

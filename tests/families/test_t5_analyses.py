@@ -39,14 +39,6 @@ from tests.helpers import DOCUMENTS, QUERIES
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def corrupted_pairs(batch: CrossEncoderBatch) -> AlignedPairs:
     """Clean pairs and the same pairs with every document token replaced by the query's first
     token (same lengths and parts: aligned)."""
@@ -245,30 +237,7 @@ def test_pyterrier_reranks_with_monot5_and_its_hooks(t5):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_on_monot5(t5_study_setup, tmp_path):
-    from tests.test_cli import rerank_argv
-    from tests.test_cli_distributed import assert_same_rerank, run_both
+    from tests.test_cli_distributed import assert_prompt_reranker_runs_alike
 
-    model_dir, _ = t5_study_setup
-    collection = write_tiny_collection(tmp_path / "col", n_queries=5, depth=4)
     template = "Query: {query} Document: {document} Relevant:"
-
-    def argv_of(out):
-        return rerank_argv(model_dir, collection, out, "--template", template)
-
-    one, two = run_both(argv_of, tmp_path)
-    assert_same_rerank(one, two)
-    for run in (one, two):  # the template is recorded in the store's settings
-        meta = json.loads(run.with_name(run.name + ".mechir.json").read_text())
-        assert meta["settings"]["template"] == template
-    rows = [json.loads(line) for line in one.with_name(one.name + ".mechir.jsonl").open()]
-    model = load_cross_encoder(model_dir, device="cpu", template=template)
-    tsv = lambda name: dict(  # noqa: E731
-        line.split("\t", 1) for line in (collection / name).read_text().splitlines()
-    )
-    queries, documents = tsv("queries.test.tsv"), tsv("docs.tsv")
-    assert len(rows) == 5
-    for row in rows[:2]:  # the stored scores are the model's
-        texts = [documents[d] for d in row["docids"]]
-        batch = model.encode([queries[row["unit"]]] * len(texts), texts)
-        scores = torch.tensor(row["scores"])
-        torch.testing.assert_close(scores, model.score(batch), atol=1e-5, rtol=0)
+    assert_prompt_reranker_runs_alike(t5_study_setup[0], tmp_path, "template", template)
