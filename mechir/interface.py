@@ -66,5 +66,10 @@ class HookedReranker(Protocol):
 
     def block_output_name(self, layer: int) -> str: ...
 
+    def active_hooks(self) -> list[str]:
+        """The hook point of every hook that fires for a forward pass started in this execution
+        context (active ``with model.hooks(...)`` blocks, and hooks added without a scope)."""
+        ...
+
 
 __all__ = ["HookedReranker"]

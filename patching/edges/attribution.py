@@ -67,6 +67,7 @@ from mechir.attribution.integration import integration_rule
 from mechir.attribution.result import AUTO_SAFETY, error_factor
 from mechir.display import fields_repr
 from mechir.parts import CrossEncoderBatch
+from mechir.running import refuse_active_hooks
 from patching.edges.engine import (
     Kept,
     PointHandler,
@@ -433,6 +434,7 @@ def edge_attribution(
     Returns:
         :class:`EdgeScores`.
     """
+    refuse_active_hooks(model, "edge_attribution")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     graph = check_graph(model, graph, parts=parts)

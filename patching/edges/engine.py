@@ -49,9 +49,11 @@ the per-part means of the clean runs over the pairs (``"mean"``), or zero (``"ze
 The engine runs the model's own embedding, MLP and score-head modules and LayerNorm parameters,
 and its own attention (the same computation as the model's: softmax of ``q k^T / sqrt(d_head)``
 plus the padding mask; rotary positions and sliding windows for ModernBERT), which is what lets a
-head read different q, k and v inputs. Hooks active on the model apply where the engine calls
-the model's modules (embedding, MLP, score head) and nowhere else (attention, block and
-LayerNorm hook points): run edge patching without other interventions. A query position whose
+head read different q, k and v inputs. So the engine would apply a user's hooks where it calls
+the model's modules (embedding, MLP, score head) and skip them everywhere else (attention, block
+and LayerNorm hook points): every public edge function refuses, in one line, to run while hooks
+are active on the model (:func:`mechir.running.refuse_active_hooks`; one intervention dialect:
+hooks go to the model's own forward, engines run without them). A query position whose
 keys are all masked (padding inside a sliding window) gets ``z = 0`` as in the model, with a zero
 gradient (the model's own softmax backward gives NaN there).
 """

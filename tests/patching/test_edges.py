@@ -10,10 +10,14 @@ import torch.nn as nn
 from scipy import stats
 
 from mechir import load_cross_encoder
+from mechir.hooks import head_knockout_hooks
 from patching import AlignedPairs, PairBuilder
 from patching.edges import (
+    circuit_metric,
     edge_attribution,
     edge_graph,
+    faithfulness_curve,
+    greedy_circuit,
     patch_edge_sets,
     patch_edges,
     single_edge_scores,
@@ -356,3 +360,38 @@ def test_families_whose_blocks_the_engine_does_not_follow_are_refused(tmp_path):
     model = load_cross_encoder(save_tiny_t5(tmp_path / "t5"))
     with pytest.raises(ValueError, match="edge circuits follow the blocks of BERT.*MonoT5"):
         is_pre_ln(model)
+
+
+# ---------------------------------------------------------------------- one intervention dialect
+ENGINE_ENTRIES = {
+    "patch_edges": lambda m, p: patch_edges(m, p, edges=[]),
+    "patch_edge_sets": lambda m, p: patch_edge_sets(m, p, sets=[[]]),
+    "single_edge_scores": lambda m, p: single_edge_scores(m, p),
+    "edge_attribution": lambda m, p: edge_attribution(m, p, method="eap"),
+    "circuit_metric": lambda m, p: circuit_metric(m, p, circuits=[[]]),
+    "faithfulness_curve": lambda m, p: faithfulness_curve(
+        m, p, scores=torch.arange(edge_graph(m).n_edges, 0, -1.0), budgets=[0.1]
+    ),
+    "greedy_circuit": lambda m, p: greedy_circuit(m, p, budgets=[0.1]),
+}
+
+
+@pytest.mark.parametrize("entry", ENGINE_ENTRIES)
+def test_the_edge_engine_refuses_active_hooks(model, pairs, entry):
+    """The engine runs its own attention and LayerNorms, so it would apply a user's hooks at
+    some points (embedding, MLP, score head) and skip them at others: inside active hooks
+    every entry refuses in one line, before any work (reproduction t4_edges_ignore_hooks.py:
+    with every head knocked out, patch_edges(edges=[]) returned the un-hooked clean score)."""
+    knockout = head_knockout_hooks(model, layers=[0, 1], heads=[0, 1])
+    with model.hooks(fwd_hooks=knockout):
+        knocked_out = model.score(pairs.clean)
+        with pytest.raises(ValueError) as info:
+            ENGINE_ENTRIES[entry](model, pairs)
+    assert str(info.value).startswith(f"{entry} runs its own forward pass")
+    assert "2 hooks are active (blocks.0.attn.hook_z, blocks.1.attn.hook_z)" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not torch.allclose(knocked_out, model.score(pairs.clean), atol=1e-3)
+    if entry == "patch_edges":  # outside the block: the clean run, as before
+        torch.testing.assert_close(
+            ENGINE_ENTRIES[entry](model, pairs), model.score(pairs.clean), atol=TOL, rtol=0
+        )
