@@ -25,12 +25,18 @@ class HookedReranker(Protocol):
         tokenizer: the Hugging Face tokenizer (or None).
         family: the :class:`~mechir.models.Family` the model was loaded as.
         hook_dict: hook name -> ``HookPoint``.
+        qk_norm: whether queries and keys are RMS-normalized per head after ``hook_q`` /
+            ``hook_k`` (QK-norm, Qwen3): the attention scores are then not bilinear in them,
+            and the normalized vectors are at ``blocks.{l}.attn.q_norm.hook_normalized`` /
+            ``k_norm.hook_normalized`` (``[batch * pos * head, d_head]``, before the norm
+            weight).
     """
 
     cfg: Any
     tokenizer: Any
     family: Any
     hook_dict: dict[str, Any]
+    qk_norm: bool
 
     def encode(
         self,

@@ -698,9 +698,9 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         for layer, block in enumerate(self.blocks):
             if type(block.attn) in (Attention, GroupedQueryAttention):
                 block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
-        if not cfg.use_qk_norm:  # AtP* recomputes scores from rotated q and k (linear in them)
-            for block in self.blocks:
-                block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
+        self.qk_norm = bool(cfg.use_qk_norm)  # Qwen3
+        for block in self.blocks:  # AtP* and the QK references rotate q and k themselves
+            block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
         self.setup()
 
     @property

@@ -116,6 +116,9 @@ class HookedRerankerMixin:
 
     tokenizer: Any
     cfg: Any
+    #: Queries and keys RMS-normalized per head after hook_q / hook_k (QK-norm): a family with
+    #: it declares it (:attr:`mechir.interface.HookedReranker.qk_norm`).
+    qk_norm: bool = False
 
     def init_reranker(self, tokenizer: Any, family: Any) -> None:
         """Call in the constructor, before building modules that read the running batch."""

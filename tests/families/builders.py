@@ -574,12 +574,15 @@ def _decoder_spec(name: str) -> DecoderSpec:
     return DECODER_SPECS.get(name) or PAD_EOS_CLASSIFIER_SPECS[name]
 
 
-def save_tiny_decoder(name: str, directory: Path, *, seed: int = 0) -> Path:
+def save_tiny_decoder(name: str, directory: Path, *, seed: int = 0, **config_changes: Any) -> Path:
     """Build a random tiny decoder reranker ``name`` (:data:`DECODER_SPECS` or
-    :data:`PAD_EOS_CLASSIFIER_SPECS`) and save model + tokenizer to ``directory``."""
+    :data:`PAD_EOS_CLASSIFIER_SPECS`; ``config_changes`` set on its config) and save model +
+    tokenizer to ``directory``."""
     spec = _decoder_spec(name)
     tok = spec.tokenizer()
     config = spec.config(len(tok))
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     config.architectures = [spec.model_class]
     torch.manual_seed(seed)
     model = getattr(transformers, spec.model_class)(config)
