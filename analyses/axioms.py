@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 
 from analyses.base import Stage, Study, Unit, UsageError
-from analyses.common import slug, writes_outputs
+from analyses.common import require_family, slug, writes_outputs
 from analyses.reranking import compare_to_baseline, per_query_values, rerank_row
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
+from mechir.cli import finite_float, nonnegative_float, percent, positive_float
 from mechir.lazy import lazy_import
 
 pd = lazy_import("pandas")
@@ -70,14 +71,9 @@ def idf_statistics(args: argparse.Namespace, collection: Any, candidates: Sequen
 
 def require_cross_encoder(family: Any, name: str) -> None:
     """The study reads a cross-encoder's [CLS] token, its pair layout and its embedding
-    matrix: prompt-based rerankers (MonoT5, LLM rerankers) are refused in one line (``family``
-    None: not known before loading, checked again after)."""
-    if family is not None and family.kind != "encoder":
-        raise UsageError(
-            f"{name}: the axioms study analyses cross-encoders ([CLS] query [SEP] document "
-            f"[SEP]); {family.name} is a prompt-based reranker ({family.kind}): run "
-            "patching_tfc1 and the other studies on it"
-        )
+    matrix: prompt-based rerankers (MonoT5, LLM rerankers) are refused in one line
+    (:func:`analyses.common.require_family`; ``family`` None: checked again once loaded)."""
+    require_family(family, name, Axioms.name, Axioms.needs)
 
 
 def build_sets(
@@ -504,6 +500,7 @@ def _first(dset: Any, n: int) -> Any:
 # ====================================================================== the study
 class Axioms(Study):
     name = "axioms"
+    needs = ("cross_encoder",)
     work_options = (
         "min_delta",
         "top",
@@ -570,11 +567,14 @@ class Axioms(Study):
         )
         t.add_argument("--top-heads", type=int, default=3, help="top heads (pattern, fits)")
         t.add_argument(
-            "--memory-budget", type=float, default=2**30, help="bytes of one expanded forward"
+            "--memory-budget",
+            type=positive_float,
+            default=2**30,
+            help="bytes of one expanded forward",
         )
         t.add_argument(
             "--min-delta",
-            type=float,
+            type=nonnegative_float,
             default=1e-3,
             help="pairs with |clean - corrupted| below this are excluded (summary option)",
         )
@@ -584,11 +584,13 @@ class Axioms(Study):
         b.add_argument(
             "--fit-queries", type=int, default=None, help="queries of the soft-TF x IDF fit"
         )
-        b.add_argument("--soft-tf-power", type=float, default=4.0, help="softTF = sum cos^p")
+        b.add_argument(
+            "--soft-tf-power", type=positive_float, default=4.0, help="softTF = sum cos^p"
+        )
         b.add_argument(
             "--idf-factors",
             nargs="+",
-            type=float,
+            type=finite_float,
             default=[0.0],
             help="scale the IDF direction of the embeddings by these factors (0 removes it)",
         )
@@ -597,7 +599,7 @@ class Axioms(Study):
         s.add_argument(
             "--head-scaling",
             nargs="*",
-            type=float,
+            type=finite_float,
             default=[],
             help="scale the matching heads (and random heads) by these factors, e.g. 0 0.5 1 1.5 2",
         )
@@ -622,14 +624,14 @@ class Axioms(Study):
         )
         s.add_argument(
             "--nig-percent",
-            type=float,
+            type=percent,
             default=None,
             help="NIG top-p%% neurons of one half of the queries, ablated on the other half",
         )
         s.add_argument(
             "--nig-factors",
             nargs="+",
-            type=float,
+            type=finite_float,
             default=[0.0, 0.25, 0.5, 0.75],
             help="partial ablation: neuron activations scaled by these factors",
         )
@@ -656,18 +658,15 @@ class Axioms(Study):
                 spec.startswith("top:") and spec[4:].isdigit() and int(spec[4:]) > 0
             ):
                 raise UsageError(f"--qk-directions {spec!r}: use 'all' or 'top:K' (K >= 1)")
-        if args.nig_percent is not None and not 0 < args.nig_percent <= 100:
-            raise UsageError("--nig-percent must be in (0, 100]")
         from mechir.settings import model_family
 
-        for name in (args.model, *args.replicate):
+        for name in args.replicate:  # --model: by the base (Study.needs)
             require_cross_encoder(model_family(name), name)
         self.shape  # noqa: B018 -- the model's config is readable
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> Iterator[Stage]:
         args = self.args
-        require_cross_encoder(self.model.family, args.model)  # a hub id is known once loaded
         self.stats = idf_statistics(args, self.collection, self.candidates)
         self.sets = build_sets(self.model, self.collection, self.candidates, self.stats, args)
         if writes_outputs():

@@ -388,6 +388,40 @@ def check_study_args(args: argparse.Namespace, study: str) -> None:
     check_prompt_options(args)
 
 
+#: What a study may need of the model's family, as :class:`~mechir.models.Family` declares it.
+FAMILY_NEEDS = ("cross_encoder", "edge_circuits")
+
+
+def require_family(family: Any, name: str, study: str, needs: Iterable[str]) -> None:
+    """Refuse in one line a model whose family lacks what ``study`` needs (``needs``: names of
+    :data:`FAMILY_NEEDS`): ``"cross_encoder"``, a cross-encoder's [CLS] token, pair layout and
+    embedding matrix (``family.kind == "encoder"``: not MonoT5 nor LLM rerankers);
+    ``"edge_circuits"``, blocks the edge engine follows (``family.edge_circuits``). ``family``
+    None (a hub id not yet downloaded) passes: the study checks again once the model is loaded.
+
+    Raises:
+        UsageError: naming the model, its family and what to run instead.
+    """
+    if family is None:
+        return
+    needs = set(needs)
+    if needs & set(FAMILY_NEEDS) and family.kind != "encoder":
+        raise UsageError(
+            f"{name}: the {study} study analyses cross-encoders ([CLS] query [SEP] document "
+            f"[SEP]); {family.name} is a prompt-based reranker ({family.kind}): run "
+            "patching_tfc1 and the other studies on it"
+        )
+    if "edge_circuits" in needs and not family.edge_circuits:
+        from mechir.models.registry import FAMILIES
+
+        followed = ", ".join(f.name for f in FAMILIES if f.edge_circuits)
+        raise UsageError(
+            f"{name}: the {study} study patches edges, and the edge engine follows the blocks "
+            f"of {followed}; the {family.name} family is not one of them: run the other studies "
+            "on it"
+        )
+
+
 def study_main(
     run: Callable[[argparse.Namespace], int],
     parser: argparse.ArgumentParser,

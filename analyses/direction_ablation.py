@@ -42,6 +42,7 @@ from analyses.reranking import (
     tied_queries,
 )
 from analyses.summary import Summary
+from mechir.cli import fraction
 from mechir.hooks import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,
@@ -223,7 +224,9 @@ class DirectionAblation(Study):
         g.add_argument(
             "--random-shuffles", type=int, default=200, help="shuffles of the random floor"
         )
-        g.add_argument("--alpha", type=float, default=0.05, help="significance level (after Holm)")
+        g.add_argument(
+            "--alpha", type=fraction, default=0.05, help="significance level (after Holm)"
+        )
 
     def check(self) -> None:
         self.conditions = parse_conditions(self.args.conditions)
