@@ -495,6 +495,30 @@ def candidate_pairs(args: argparse.Namespace, collection: Any) -> list[Any]:
     return pairs
 
 
+def require_queries(
+    candidates: Sequence[Any], args: argparse.Namespace, *, at_least: int, needed_by: str
+) -> None:
+    """Refuse, before any model work, a selection of fewer than ``at_least`` queries with
+    candidates when ``needed_by`` (e.g. the summary's paired t-tests) needs that many.
+
+    Raises:
+        UsageError: naming how many queries were selected and the option to change.
+    """
+    n = len({p.qid for p in candidates})
+    if n >= at_least:
+        return
+    chosen = (
+        f"--limit-queries {args.limit_queries} selects"
+        if args.limit_queries is not None
+        else f"{args.dataset} has"
+    )
+    fix = f"use --limit-queries {at_least} or more" if args.limit_queries else "use more queries"
+    raise UsageError(
+        f"{chosen} {n} judged {'query' if n == 1 else 'queries'} with candidates; {needed_by} "
+        f"need at least {at_least}: {fix}"
+    )
+
+
 # ---------------------------------------------------------------------- units of work
 @dataclass(frozen=True)
 class Unit:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from analyses.base import Study, StudyRun, Unit
+from analyses.common import require_queries
 from analyses.reranking import (
     compare_to_baseline,
     per_query_values,
@@ -236,6 +237,9 @@ class DirectionAblation(Study):
         return [self.args.mode]
 
     def plan(self) -> list[Unit]:
+        require_queries(
+            self.candidates, self.args, at_least=2, needed_by="the summary's paired t-tests"
+        )
         return plan_units(self.conditions, self.ranges)
 
     def compute(self, unit: Unit) -> dict[str, Any]:

@@ -510,7 +510,9 @@ def _score_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[
     where = [f"--query/--document pair {i}" for i in range(1, len(queries) + 1)]
     if args.pairs:
         given = len(queries)
-        for n, line in enumerate(args.pairs.read_text(encoding="utf-8").splitlines(), 1):
+        from mechir.data import text_lines  # a byte that is not UTF-8: its file and line
+
+        for n, line in text_lines(args.pairs):
             if line.strip():
                 q, sep, d = line.partition("\t")
                 if not sep:
