@@ -1,7 +1,7 @@
 """Circuit discovery: which edges of the cross-encoder carry relevance? Edge attribution (EAP-IG
 and EAP) of clean pairs against pairs whose query words are replaced, top-n and greedy circuits
 checked by exact edge patching (faithfulness curves, CPR/CMD), the circuit drawn, and its heads
-against the matching heads (issue 22; Hanna et al. 2024; MIB, Mueller et al. 2025).
+against the matching heads (Hanna et al. 2024; MIB, Mueller et al. 2025).
 
 Pairs: for each of the first ``--limit-queries`` judged queries, up to ``--relevant`` relevant and
 ``--non-relevant`` non-relevant documents among its top ``--depth`` candidates; the corrupted
@@ -463,7 +463,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
     s = Summary(
         "Circuit discovery: the edges behind relevance",
         "Clean pairs against the same pairs with the query's content words replaced by "
-        f"'{filler_of(study.model, args)}'; edges patched from the corrupted run (issue 22).",
+        f"'{filler_of(study.model, args)}'; edges patched from the corrupted run.",
     )
     s.heading("Setting")
     s.facts(

@@ -459,7 +459,9 @@ def load_model(args: argparse.Namespace) -> Any:
     """The cross-encoder named by ``--model`` on ``--device``."""
     from mechir import load_cross_encoder
 
-    return load_cross_encoder(args.model, device=args.device, **prompt_options(args))
+    return load_cross_encoder(
+        args.model, device=args.device, progress=args.progress, **prompt_options(args)
+    )
 
 
 def model_shape(args: argparse.Namespace) -> dict[str, int]:

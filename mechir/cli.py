@@ -926,7 +926,9 @@ def _load_model(args: argparse.Namespace, saved_score_type: str | None, store_pa
     """The cross-encoder of ``--model``, its score type checked against the stored one."""
     from mechir.loading import load_cross_encoder
 
-    model = load_cross_encoder(args.model, device=args.device, **prompt_options(args))
+    model = load_cross_encoder(
+        args.model, device=args.device, progress=args.progress, **prompt_options(args)
+    )
     check_score_type(saved_score_type, model.score_type, store_path)
     return model
 
