@@ -32,6 +32,7 @@ Example (the embedded demo, ~10 minutes on one CPU thread)::
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -222,6 +223,14 @@ class CircuitDiscovery(Study):
         args = self.args
         # the inputs are checked before the model loads (a file at fault is named)
         items, self.left_out = select_candidates(args, self.collection, self.candidates)
+        if self.left_out and writes_outputs():  # say why fewer queries than selected are used
+            selected = len(self.left_out) + len({p.qid for p in items})
+            reasons = "; ".join(f"{q}: {r}" for q, r in self.left_out.items())
+            print(
+                f"{self.name}: {len(self.left_out)} of {selected} selected queries left out of "
+                f"the margin ({reasons})",
+                file=sys.stderr,
+            )
         self.pairs, self.skipped = build_pairs(self.model, self.collection, args, items)
         self.queries = list(dict.fromkeys(query_of(p) for p in self.pairs.pair_ids))
         if writes_outputs():
@@ -471,6 +480,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
         | {
             "pairs": f"{len(study.pairs)} ({len(study.queries)} queries; {len(study.skipped)} "
             "skipped)",
+            "queries left out": "; ".join(f"{q}: {r}" for q, r in study.left_out.items()) or "none",
             "metric": args.metric
             + (
                 " (mean relevant - mean non-relevant score per query)"

@@ -360,6 +360,7 @@ def summarize(study: DirectionAblation) -> Summary:
             },
         )
     )
+    s.small_sample(n_queries, "the paired t-tests")
     s.heading("Reference rankings")
     s.table(refs)
 

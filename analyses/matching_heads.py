@@ -524,6 +524,7 @@ def knockout_section(
         f"of as many other heads; {measure} over {len(candidates)} first-stage candidates "
         "(paired t-test against the full model, Holm over these conditions)."
     )
+    s.small_sample(len(values[KNOCKOUT_BASELINE]), "the paired t-tests of the knockouts")
     s.table(refs)
     cols = ["condition", "heads", measure, "delta", "t", "p_holm", "significant"]
     s.table(table[cols], f"{measure} with heads knocked out", FORMATS)

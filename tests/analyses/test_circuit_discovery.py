@@ -235,3 +235,18 @@ def test_options_are_checked_at_parse_time(common_argv, tmp_path, capsys, option
     assert len(err.splitlines()) == 1 and named in err, err
     assert "n_steps_arg" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_queries_left_out_of_the_margin_are_named(tiny_collection_dir):
+    """Issue 30: a selected query without a non-relevant (or relevant) candidate is left out
+    of the margin with its reason, which the study prints and its summary lists."""
+    from mechir.data import load_collection
+    from tests.analyses.conftest import common_options
+
+    collection = load_collection(tiny_collection_dir, split="test")
+    first = collection.query_ids()[0]
+    collection.qrels[first] = {p.docid: 1 for p in collection.candidates(depth=6)[:6]}
+    args = cd.build_parser().parse_args(common_options("m", tiny_collection_dir))
+    items, left_out = cd.select_candidates(args, collection)
+    assert left_out == {first: "no non-relevant document in its top 6"}
+    assert first not in {p.qid for p in items} and len({p.qid for p in items}) == 5
