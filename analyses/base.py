@@ -99,6 +99,9 @@ class Study:
     #: checked from the model's ``config.json`` before anything is opened, and again once the
     #: model is loaded (a hub id's family is known then), before any unit runs.
     needs: ClassVar[tuple[str, ...]] = ()
+    #: Named settings for ``--preset NAME``: option destination -> value (the preset's values
+    #: become defaults; options given on the command line still win).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -190,7 +193,7 @@ class Study:
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         """The common options and the study's own."""
-        parser = study_parser(cls.name, cls.description())
+        parser = study_parser(cls.name, cls.description(), cls.presets)
         cls.add_options(parser)
         return parser
 

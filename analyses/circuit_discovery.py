@@ -137,6 +137,21 @@ def query_of(pair_id: str) -> str:
 class CircuitDiscovery(Study):
     name = "circuit_discovery"
     needs = ("edge_circuits",)
+    #: ``--preset quick``: a first look in about a minute on the embedded demo (3 usable
+    #: queries x 2 pairs, EAP-IG in 4 steps, three budgets, no greedy search, no matching
+    #: heads); the full default run takes about half an hour there.
+    presets = {
+        "quick": {
+            "limit_queries": 4,
+            "depth": 10,
+            "relevant": 1,
+            "non_relevant": 1,
+            "n_steps": 4,
+            "budgets": [0.01, 0.05, 0.2],
+            "greedy_budget": 0.0,
+            "matching": False,
+        }
+    }
     work_options = ("draw_budget", "top_edges")
 
     @classmethod

@@ -29,7 +29,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ DEFAULT_RESULTS = Path("results")
 #: Options that change how a run executes but not what it computes (not checked on resume).
 RUNTIME_OPTIONS: frozenset[str] = frozenset(
     {"device", "batch_size", "output", "run_name", "max_units", "progress", "func", "debug"}
+    | {"preset"}  # a preset's values are recorded, not its name
 )
 
 
@@ -87,17 +88,71 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def study_parser(study: str, description: str | None) -> argparse.ArgumentParser:
-    """An argument parser with the options every study shares (its own are added by the study).
+class PresetParser(OneLineParser):
+    """A study's parser with ``--preset NAME``: the preset's values become the defaults of the
+    options it names, so options given on the command line still win (in any order)."""
+
+    def __init__(self, *args: Any, presets: Mapping[str, Mapping[str, Any]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.presets = {k: dict(v) for k, v in presets.items()}
+        self.add_argument(
+            "--preset",
+            choices=sorted(self.presets),
+            default=None,
+            help="a named setting: "
+            + "; ".join(f"{k}: {_preset_text(v)}" for k, v in self.presets.items())
+            + " (options given on the command line still win)",
+        )
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = sys.argv[1:] if args is None else list(args)
+        probe = argparse.ArgumentParser(add_help=False)
+        probe.add_argument("--preset", default=None)
+        chosen = probe.parse_known_args(argv)[0].preset
+        if chosen not in self.presets:  # none, or an unknown name refused by the parse
+            return super().parse_known_args(argv, namespace)
+        preset = self.presets[chosen]
+        saved = {dest: self.get_default(dest) for dest in preset}
+        self.set_defaults(**preset)
+        try:
+            return super().parse_known_args(argv, namespace)
+        finally:  # the parser itself keeps its own defaults
+            self.set_defaults(**saved)
+
+
+def _preset_text(values: Mapping[str, Any]) -> str:
+    """``{"limit_queries": 4, "matching": False}`` -> ``"limit-queries 4, matching off"``."""
+    parts = []
+    for dest, value in values.items():
+        if isinstance(value, bool):
+            shown = "on" if value else "off"
+        elif isinstance(value, (list, tuple)):
+            shown = " ".join(map(str, value))
+        else:
+            shown = value
+        parts.append(f"{dest.replace('_', '-')} {shown}")
+    return ", ".join(parts)
+
+
+def study_parser(
+    study: str,
+    description: str | None,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+) -> argparse.ArgumentParser:
+    """An argument parser with the options every study shares (its own are added by the study),
+    and ``--preset`` when the study names ``presets`` (name -> option destination -> value).
 
     Defaults name the papers' setting: MonoBERT-large on TREC DL 2019 (judged queries), BM25
     top-100 candidates.
     """
-    parser = OneLineParser(
+    common = dict(
         prog=f"python -m analyses.{study}",
         description=description,
         formatter_class=_DefaultsHelpFormatter,
     )
+    parser = PresetParser(**common, presets=presets) if presets else OneLineParser(**common)
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory or 'demo'")
     g.add_argument(

@@ -250,3 +250,25 @@ def test_queries_left_out_of_the_margin_are_named(tiny_collection_dir):
     items, left_out = cd.select_candidates(args, collection)
     assert left_out == {first: "no non-relevant document in its top 6"}
     assert first not in {p.qid for p in items} and len({p.qid for p in items}) == 5
+
+
+def test_quick_preset_sets_defaults_that_the_command_line_overrides():
+    """``--preset quick`` (issue 30, a first look in about a minute on the demo): its values are
+    the defaults; an option given on the command line wins before or after it; the preset's
+    name is not a result-determining option (its values are)."""
+    from analyses.common import study_config
+
+    parse = cd.build_parser().parse_args
+    quick = parse(["--preset", "quick"])
+    for dest, value in cd.CircuitDiscovery.presets["quick"].items():
+        assert getattr(quick, dest) == value, dest
+    assert parse([]).greedy_budget == 0.002 and parse([]).limit_queries is None
+    for argv in (
+        ["--limit-queries", "2", "--preset", "quick"],
+        ["--preset", "quick", "--limit-queries", "2"],
+    ):
+        args = parse(argv)
+        assert args.limit_queries == 2 and args.n_steps == 4
+    assert "preset" not in study_config(quick) and study_config(quick)["n_steps"] == 4
+    with pytest.raises(ValueError, match="argument --preset: invalid choice: 'slow'"):
+        parse(["--preset", "slow"])
