@@ -320,8 +320,14 @@ def summarize(study: PatchingTFC1) -> Summary:
                     if np.isfinite(mean[i, j])
                 ]
             )
-            top = flat.reindex(flat["mean metric"].abs().sort_values(ascending=False).index)
-            s.table(top.head(10), f"top cells ({label}) by |mean metric|", "+.4f")
+            if flat.empty:  # every pair excluded: no mean to rank (say why, not a KeyError)
+                s.paragraph(
+                    f"No cell to rank: no pair changes the score by --min-delta {args.min_delta:g}"
+                    " or more between the clean and the corrupted input."
+                )
+            else:
+                top = flat.reindex(flat["mean metric"].abs().sort_values(ascending=False).index)
+                s.table(top.head(10), f"top cells ({label}) by |mean metric|", "+.4f")
         comparison = {
             "target": target,
             **attribution_vs_exact(approx, exact, min_delta=args.min_delta),

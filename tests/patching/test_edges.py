@@ -313,6 +313,12 @@ def test_edge_scores_frame(model, pairs):
     long = res.to_frame()
     assert len(long) == len(res.units) * res.n_edges and list(long.unit.unique()) == res.units
     assert res.top(0.05).tolist() == res.ranking()[: round(0.05 * res.n_edges)].tolist()
+    named = res.top_edges(5)  # issue 30: the top edges by name, as patch_edges takes them
+    assert named.edge.tolist() == res.top(5).tolist()
+    rows = frame.set_index("edge").loc[named.edge]
+    assert named.label.tolist() == (rows.sender + "->" + rows.receiver).tolist()
+    assert [res.graph.edge_index(label) for label in named.label] == named.edge.tolist()
+    assert named.effect.tolist() == rows.effect.tolist()
 
 
 @pytest.mark.cuda
