@@ -24,8 +24,10 @@ Stages (each resumable, and split across ranks under torchrun):
 5. ``matching``: the matching heads of the same queries, as ``analyses.matching_heads`` finds them
    with its defaults (relevant vs easy negatives, max Q->D attention, ``|Delta| > 0.1``).
 
-Example (the embedded demo, ~10 minutes on one CPU thread)::
+Examples (the embedded demo: about a minute with ``--preset quick``; about half an hour with
+the defaults below, the greedy search a third of it)::
 
+    python -m analyses.circuit_discovery --model demo --dataset demo --preset quick
     python -m analyses.circuit_discovery --model demo --dataset demo --limit-queries 4 --depth 10
 """
 
