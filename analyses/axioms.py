@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 
 from analyses.base import Stage, Study, Unit, UsageError
-from analyses.common import slug, writes_outputs
+from analyses.common import require_family, slug, writes_outputs
 from analyses.reranking import compare_to_baseline, per_query_values, rerank_row
 from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
+from mechir.cli import finite_float, nonnegative_float, percent, positive_float
 from mechir.lazy import lazy_import
 
 pd = lazy_import("pandas")
@@ -70,14 +71,9 @@ def idf_statistics(args: argparse.Namespace, collection: Any, candidates: Sequen
 
 def require_cross_encoder(family: Any, name: str) -> None:
     """The study reads a cross-encoder's [CLS] token, its pair layout and its embedding
-    matrix: prompt-based rerankers (MonoT5, LLM rerankers) are refused in one line (``family``
-    None: not known before loading, checked again after)."""
-    if family is not None and family.kind != "encoder":
-        raise UsageError(
-            f"{name}: the axioms study analyses cross-encoders ([CLS] query [SEP] document "
-            f"[SEP]); {family.name} is a prompt-based reranker ({family.kind}): run "
-            "patching_tfc1 and the other studies on it"
-        )
+    matrix: prompt-based rerankers (MonoT5, LLM rerankers) are refused in one line
+    (:func:`analyses.common.require_family`; ``family`` None: checked again once loaded)."""
+    require_family(family, name, Axioms.name, Axioms.needs)
 
 
 def build_sets(
@@ -504,6 +500,7 @@ def _first(dset: Any, n: int) -> Any:
 # ====================================================================== the study
 class Axioms(Study):
     name = "axioms"
+    needs = ("cross_encoder",)
     work_options = (
         "min_delta",
         "top",
@@ -570,11 +567,14 @@ class Axioms(Study):
         )
         t.add_argument("--top-heads", type=int, default=3, help="top heads (pattern, fits)")
         t.add_argument(
-            "--memory-budget", type=float, default=2**30, help="bytes of one expanded forward"
+            "--memory-budget",
+            type=positive_float,
+            default=2**30,
+            help="bytes of one expanded forward",
         )
         t.add_argument(
             "--min-delta",
-            type=float,
+            type=nonnegative_float,
             default=1e-3,
             help="pairs with |clean - corrupted| below this are excluded (summary option)",
         )
@@ -584,11 +584,13 @@ class Axioms(Study):
         b.add_argument(
             "--fit-queries", type=int, default=None, help="queries of the soft-TF x IDF fit"
         )
-        b.add_argument("--soft-tf-power", type=float, default=4.0, help="softTF = sum cos^p")
+        b.add_argument(
+            "--soft-tf-power", type=positive_float, default=4.0, help="softTF = sum cos^p"
+        )
         b.add_argument(
             "--idf-factors",
             nargs="+",
-            type=float,
+            type=finite_float,
             default=[0.0],
             help="scale the IDF direction of the embeddings by these factors (0 removes it)",
         )
@@ -597,7 +599,7 @@ class Axioms(Study):
         s.add_argument(
             "--head-scaling",
             nargs="*",
-            type=float,
+            type=finite_float,
             default=[],
             help="scale the matching heads (and random heads) by these factors, e.g. 0 0.5 1 1.5 2",
         )
@@ -622,14 +624,14 @@ class Axioms(Study):
         )
         s.add_argument(
             "--nig-percent",
-            type=float,
+            type=percent,
             default=None,
             help="NIG top-p%% neurons of one half of the queries, ablated on the other half",
         )
         s.add_argument(
             "--nig-factors",
             nargs="+",
-            type=float,
+            type=finite_float,
             default=[0.0, 0.25, 0.5, 0.75],
             help="partial ablation: neuron activations scaled by these factors",
         )
@@ -656,18 +658,15 @@ class Axioms(Study):
                 spec.startswith("top:") and spec[4:].isdigit() and int(spec[4:]) > 0
             ):
                 raise UsageError(f"--qk-directions {spec!r}: use 'all' or 'top:K' (K >= 1)")
-        if args.nig_percent is not None and not 0 < args.nig_percent <= 100:
-            raise UsageError("--nig-percent must be in (0, 100]")
         from mechir.settings import model_family
 
-        for name in (args.model, *args.replicate):
+        for name in args.replicate:  # --model: by the base (Study.needs)
             require_cross_encoder(model_family(name), name)
         self.shape  # noqa: B018 -- the model's config is readable
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> Iterator[Stage]:
         args = self.args
-        require_cross_encoder(self.model.family, args.model)  # a hub id is known once loaded
         self.stats = idf_statistics(args, self.collection, self.candidates)
         self.sets = build_sets(self.model, self.collection, self.candidates, self.stats, args)
         if writes_outputs():
@@ -1133,7 +1132,8 @@ def _bm25_section(study: Axioms, s: Summary) -> None:
     )  # fmt: skip
     s.image(path.name, "Token embeddings projected on the IDF direction vs IDF (sample)")
     fit_unit = next(u for u in study.bm25_units if u.spec == "fit")
-    fit = fit_table(study.store.get(fit_unit.id), args)
+    fit_row = study.store.get(fit_unit.id)
+    fit = fit_table(fit_row, args)
     fit.to_csv(out / "soft_tf_fit.csv", index=False)
     s.heading("A linear soft-TF x IDF model of the relevance-scoring heads", 3)
     s.paragraph(
@@ -1143,6 +1143,7 @@ def _bm25_section(study: Axioms, s: Summary) -> None:
         f"to the power {args.soft_tf_power:g}, so exact matches count 1), its log-saturated form, "
         "and exact TF x IDF. Least squares on every other query, R² on the held-out queries."
     )
+    s.small_sample(len(set(fit_row["qids"])) // 2, "the held-out R²")
     s.table(
         fit[["target", "feature", "slope", "r2_train", "r2_heldout", "pearson_heldout"]]
         if "slope" in fit else fit,
@@ -1179,6 +1180,7 @@ def _idf_edit_section(study: Axioms, s: Summary) -> None:
         f"LayerNorm, against a random direction; {args.measure} of the reranked candidates "
         f"(unedited: {base:.4f}), paired t-test over queries, Holm-adjusted."
     )
+    s.small_sample(int(frame["queries"].min()) if len(frame) else 0, "the paired t-tests")
     s.table(frame, None, {"delta": "+.4f", "t": ".2f", "p": ".3g", "p_holm": ".3g", "queries": "d"})
 
 
@@ -1202,6 +1204,7 @@ def _matching_section(study: Axioms, s: Summary) -> None:
     labels = [u.label for u in study.match_units]
     frame = _rerank_table(study, study.match_units, labels)
     frame.to_csv(out / "matching_heads_checks.csv", index=False)
+    s.small_sample(int(frame["queries"].min()) if len(frame) else 0, "the paired t-tests")
     s.table(frame, None, {"delta": "+.4f", "t": ".2f", "p": ".3g", "p_holm": ".3g", "queries": "d"})
     if args.head_scaling:
         base = _baseline_value(study)

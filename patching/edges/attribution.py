@@ -149,8 +149,23 @@ class EdgeScores:
         return torch.argsort(key, descending=True, stable=True)
 
     def top(self, n: int | float, *, absolute: bool = True) -> Int[Tensor, " n"]:
-        """The ``n`` most important edges (a float in (0, 1]: that fraction of the edges)."""
+        """The edge indices of the ``n`` most important edges (a float in (0, 1]: that fraction
+        of the edges), as circuits take them; their names: :meth:`top_edges`, or
+        ``graph.edge_labels(top(n))``."""
         return self.ranking(absolute=absolute)[: n_edges_of(n, self.n_edges)]
+
+    def top_edges(self, n: int | float, *, absolute: bool = True) -> pd.DataFrame:
+        """The ``n`` most important edges by name, most important first: one row per edge with
+        its ``edge`` index, ``label`` (``"2/9->3/9.v"``, as :func:`patch_edges` takes it) and
+        mean ``effect`` over the units."""
+        top = self.top(n, absolute=absolute)
+        return pd.DataFrame(
+            {
+                "edge": top.numpy(),
+                "label": self.graph.edge_labels(top.tolist()),
+                "effect": self.mean()[top].numpy(),
+            }
+        )
 
     def relative_error(self) -> Float[Tensor, " unit"]:
         """``error / max_e |score|`` per unit."""

@@ -70,6 +70,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import HookedReranker
+from mechir.models.registry import FAMILIES
 from mechir.parts import CrossEncoderBatch, Part
 
 Point = tuple[str, int]
@@ -79,14 +80,15 @@ N_PARTS = 5
 
 
 # ---------------------------------------------------------------------- model pieces
-#: Families whose blocks the engine follows (attention, MLP and LayerNorms of ``EncoderSpec``).
-EDGE_FAMILIES = ("BERT", "ELECTRA", "RoBERTa", "XLM-RoBERTa", "DistilBERT", "ModernBERT")
+#: Families whose blocks the engine follows (attention, MLP and LayerNorms of ``EncoderSpec``):
+#: those declaring ``Family.edge_circuits``.
+EDGE_FAMILIES = tuple(f.name for f in FAMILIES if f.edge_circuits)
 
 
 def is_pre_ln(model: HookedReranker) -> bool:
     """ModernBERT-style blocks (the stream is a plain sum; receivers normalize what they read);
     a one-line error for families whose blocks the engine does not follow."""
-    if model.family.name not in EDGE_FAMILIES:
+    if not model.family.edge_circuits:
         raise ValueError(
             f"edge circuits follow the blocks of {', '.join(EDGE_FAMILIES)}; "
             f"the {model.family.name} family is not supported"

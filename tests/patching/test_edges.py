@@ -317,6 +317,12 @@ def test_edge_scores_frame(model, pairs):
     long = res.to_frame()
     assert len(long) == len(res.units) * res.n_edges and list(long.unit.unique()) == res.units
     assert res.top(0.05).tolist() == res.ranking()[: round(0.05 * res.n_edges)].tolist()
+    named = res.top_edges(5)  # issue 30: the top edges by name, as patch_edges takes them
+    assert named.edge.tolist() == res.top(5).tolist()
+    rows = frame.set_index("edge").loc[named.edge]
+    assert named.label.tolist() == (rows.sender + "->" + rows.receiver).tolist()
+    assert [res.graph.edge_index(label) for label in named.label] == named.edge.tolist()
+    assert named.effect.tolist() == rows.effect.tolist()
 
 
 @pytest.mark.cuda
@@ -395,3 +401,26 @@ def test_the_edge_engine_refuses_active_hooks(model, pairs, entry):
         torch.testing.assert_close(
             ENGINE_ENTRIES[entry](model, pairs), model.score(pairs.clean), atol=TOL, rtol=0
         )
+
+
+def test_post_ln_edge_of_an_unchanged_sender_carries_the_corrupted_layernorm_scales(tok, pairs):
+    """Documented (docs/api/edges.md): head 0/0 with zero value weights writes the same output
+    (its value bias through W_O) in the clean and the corrupted run, yet its edges into layer 1
+    have an effect in a post-LN encoder: its contribution there is carried through each run's
+    own LayerNorm scales, c = gamma * P z / sigma, and sigma differs between the runs."""
+    hf = tiny_hf_model(0)
+    d_head = hf.config.hidden_size // hf.config.num_attention_heads
+    with torch.no_grad():
+        value = hf.bert.encoder.layer[0].attention.self.value
+        value.weight[:d_head] = 0
+        value.bias[:d_head] = 1.0
+    model = load_cross_encoder(hf, tokenizer=tok, device="cpu")
+    outputs = []
+    for batch in (pairs.clean, pairs.corrupted):
+        _, cache = model.run_with_cache(batch, names_filter="blocks.0.attn.hook_z")
+        real = batch.attention_mask.bool()
+        outputs.append(cache["blocks.0.attn.hook_z"][:, :, 0][real])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)  # sender unchanged
+    clean = patch_edges(model, pairs, edges=[])
+    moved = patch_edges(model, pairs, edges=["0/0->1/0.q", "0/0->1/0.k", "0/0->1/0.v", "0/0->mlp1"])
+    assert (moved - clean).abs().max() > 1e-3
