@@ -124,7 +124,10 @@ def test_cli_bad_input(assets, capsys, extra, named):
 #: ``mechir score``: (arguments, text the one-line error must contain)
 SCORE_BAD = [
     (["--query", "a"], "1 --query but 0 --document"),
-    (["--query", "a", "--document", "b", "--output", "{tmp}/precious.txt"], "already exists"),
+    (
+        ["--query", "a", "--document", "b", "--output", "{tmp}/precious.txt"],
+        "{tmp}/precious.txt exists and was not written by mechir",
+    ),
     (["--pairs", "{tmp}/pairs-empty.tsv"], "--pairs {tmp}/pairs-empty.tsv holds no pairs"),
     (
         ["--query", "a", "--document", "b", "--pairs", "{tmp}/pairs-empty.tsv"],
@@ -268,12 +271,15 @@ def test_failed_rerank_leaves_nothing_and_the_corrected_command_runs(
 
 
 def test_a_store_without_results_adopts_the_new_settings(loadable, capsys):
-    """A settings file an older version (or a killed run) left without any stored query does
-    not block the command: its settings are replaced."""
+    """A settings file a killed run left without any stored query does not block the command:
+    its settings are replaced (mechir wrote it; a settings file the user wrote is refused, see
+    test_a_foreign_settings_file_is_refused_and_left_alone)."""
+    from mechir import outputs
+
     out = loadable / "run.trec"
     stub = {"settings": {"model": "elsewhere", "max_length": 3, "score_type": "prob"}}
     meta = out.with_name(out.name + ".mechir.json")
-    meta.write_text(json.dumps({**stub, "written": {}}))
+    outputs.write_json(meta, stub)
     assert main(rerank(loadable, out, "--max-length", "6")) == 0
     saved = json.loads(meta.read_text())["settings"]
     assert saved["max_length"] == 6 and saved["score_type"] == "binary_logit"
