@@ -11,7 +11,11 @@ A study is run as ``python -m analyses.<study> [options]``. Its output directory
   (:class:`ConfigMismatchError`), never a silent mix;
 - ``results.jsonl`` -- one line per finished unit of work (:class:`~mechir.store.ResultsStore`);
   units already there are skipped, so the same command resumes an interrupted run;
-- ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done.
+- ``timings.jsonl`` -- the seconds each unit took, kept apart from the results so that
+  identical runs write byte-identical ``results.jsonl`` and tables;
+- ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done,
+  through :mod:`mechir.outputs` (as ``config.json``): a file there that mechir did not write,
+  or that was edited since, is never modified (recorded in ``.mechir-outputs.json``).
 
 Under ``torchrun --nproc_per_node N -m analyses.<study>`` the unfinished units are split across
 the ranks (strided, in unit order); each rank appends to its own shard ``results.rank<r>.jsonl``
