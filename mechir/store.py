@@ -381,14 +381,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, replacing ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` as indented JSON, replacing ``path`` atomically: kept for callers of
+    earlier versions, it is :func:`mechir.outputs.write_json` (never over a file mechir did not
+    write); use that."""
+    from mechir import outputs
+
+    outputs.write_json(path, data)
 
 
 # ---------------------------------------------------------------------- per-rank shards
