@@ -105,7 +105,31 @@ def _scoped_hook(fn: HookFn, scope: object) -> HookFn:
         return fn(act, hook=hook) if scope_active(scope) else None
 
     hook.__name__ = getattr(fn, "__name__", "hook")
+    hook.__dict__["_mechir_scope"] = scope
     return hook
+
+
+def fires_here(point: nn.Module) -> bool:
+    """Whether a hook on ``point`` (forward or backward, any kind) runs for a forward pass of this
+    execution context: an unscoped hook always does; a hook added by ``with model.hooks(...)``
+    only in the thread or asyncio task that added it, while its block runs (another thread's
+    hooks leave this thread's forward passes unwatched). Fast paths that skip a hook point's
+    tensor (fused attention: no ``hook_pattern``) ask this first."""
+    hooks = (
+        point._forward_hooks,
+        point._forward_pre_hooks,
+        point._backward_hooks,
+        point._backward_pre_hooks,
+    )
+    if not any(hooks):
+        return False
+    idle = {
+        handle.hook.id
+        for handle in (*getattr(point, "fwd_hooks", ()), *getattr(point, "bwd_hooks", ()))
+        if (scope := getattr(handle.user_hook, "_mechir_scope", None)) is not None
+        and not scope_active(scope)
+    }
+    return any(hook_id not in idle for registered in hooks for hook_id in registered)
 
 
 class HookedRerankerMixin:
