@@ -269,11 +269,28 @@ def attend_fused(
     empty_rows: bool,
     is_causal: bool = False,
 ) -> Float[Tensor, "batch query_pos d_model"]:
-    """``softmax(scale q k^T + mask) v`` in one ``scaled_dot_product_attention`` call (flash or
-    memory-efficient kernels: the ``[batch, head, query, key]`` scores are never stored), then
-    ``hook_z`` and ``z W_O + b_O``. ``mask``: additive (0 / -inf) or boolean (True = keep),
-    broadcast to ``[batch, head, query, key]``; grouped key/value heads are shared as in
-    :func:`attend`. Rows without keys give zeros (``empty_rows``: cleaned on ``z``, cheap)."""
+    """The fused second half of a lean attention forward: :func:`fused_attention_z`, then
+    ``hook_z`` and ``z W_O + b_O``."""
+    z = fused_attention_z(q, k, v, mask, scale=scale, empty_rows=empty_rows, is_causal=is_causal)
+    return project_heads(attn, attn.hook_z(z))
+
+
+def fused_attention_z(
+    q: Float[Tensor, "batch query_pos head d_head"],
+    k: Float[Tensor, "batch key_pos kv_head d_head"],
+    v: Float[Tensor, "batch key_pos kv_head d_head"],
+    mask: Tensor | None,
+    *,
+    scale: float,
+    empty_rows: bool,
+    is_causal: bool = False,
+) -> Float[Tensor, "batch query_pos head d_head"]:
+    """``z = softmax(scale q k^T + mask) v`` in one ``scaled_dot_product_attention`` call
+    (flash or memory-efficient kernels: the ``[batch, head, query, key]`` scores are never
+    stored), in ``hook_z``'s layout. ``mask``: additive (0 / -inf) or boolean (True = keep),
+    broadcast to ``[batch, head, query, key]``; grouped key/value heads are shared as
+    TransformerLens repeats them. Rows without keys give zeros, as the explicit path's
+    (``empty_rows``: the cleanup runs on ``z``, cheap)."""
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     z = nn.functional.scaled_dot_product_attention(
@@ -285,9 +302,7 @@ def attend_fused(
         is_causal=is_causal,
         enable_gqa=k.shape[2] != q.shape[2],
     ).transpose(1, 2)  # [batch, query_pos, head, d_head]
-    if empty_rows:
-        z = torch.nan_to_num(z, nan=0.0)
-    return project_heads(attn, attn.hook_z(z))
+    return torch.nan_to_num(z, nan=0.0) if empty_rows else z
 
 
 def project_heads(

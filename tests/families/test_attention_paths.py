@@ -276,3 +276,21 @@ def test_decoder_paths_equal_transformer_lens(decoder, padding_side, sdpa_calls)
     assert_caches_equal(explicit, ref, every)
     torch.testing.assert_close(explicit_score, ref_score, atol=ATOL, rtol=1e-5)
     assert torch.isfinite(fused_score).all()  # (Hugging Face parity: tests/families/test_decoder)
+
+
+# ---------------------------------------------------------------------- ModernBERT
+@pytest.mark.parametrize("name", ["modernbert", "modernbert-cls"])
+def test_modernbert_fused_equals_explicit(name, family_dirs, sdpa_calls):
+    """Rotary attention with local (sliding-window) layers over a padded batch: queries whose
+    window holds only padding read nothing on both paths; hook values outside the scores and the
+    score equal the explicit path's, which equals Hugging Face's (tests/families/test_parity)."""
+    model = load_cross_encoder(family_dirs(name), device="cpu")
+    batch = model.encode(QUERIES, DOCUMENTS)
+    points = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z")
+    outside = attention_names(model, points, block_out=False)
+    fused_score, fused = cached(model, batch, outside)
+    assert len(sdpa_calls) == model.cfg.n_layers
+    explicit_score, explicit = cached(model, batch, outside, watch_pattern(model))
+    assert len(sdpa_calls) == model.cfg.n_layers
+    assert_caches_equal(fused, explicit, outside)
+    torch.testing.assert_close(fused_score, explicit_score, atol=ATOL, rtol=0)
