@@ -57,16 +57,13 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
 from mechir.models.encoder import (
     DEFAULT_SCORE_TYPE,
     SCORE_TYPES,
     CrossEncoderClassifier,
     HookedCrossEncoder,
     ScoreType,
-    attend,
-    attend_fused,
-    attention_watched,
-    rows_may_be_empty,
 )
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError

@@ -39,14 +39,13 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.models.attention import attention_watched, fused_attention_z
 from mechir.models.encoder import (
     EncoderShape,
     EncoderSpec,
     HookAwareLayerNorm,
     HookedCrossEncoder,
-    attention_watched,
     entry_points,
-    fused_attention_z,
 )
 from mechir.models.tl import Embed, HookedTransformerConfig, HookPoint, TypedModuleList
 from mechir.parts import PairLayout
