@@ -51,9 +51,11 @@ class HookedReranker(Protocol):
         self,
         batch: CrossEncoderBatch,
         *,
-        batch_size: int | None = None,
+        batch_size: Any = None,
         hooks: Any = None,
         check_finite: bool = True,
+        autocast: Any = None,
+        memory_budget: int | None = None,
     ) -> Any: ...
 
     def hooks(
