@@ -267,6 +267,9 @@ class HookedBiEncoder(HookedCrossEncoder):
     #: The towers of the model (``tower=`` of the hook factories).
     towers: tuple[Tower, ...] = TOWERS
 
+    #: The hook of a tower's output (what embedding-level patching replaces).
+    output_hook_name: str = "head.hook_embedding"
+
     @staticmethod
     def tower_of(batch: CrossEncoderBatch) -> Tower:
         """The tower a batch runs in: ``"document"`` when it has document tokens."""

@@ -126,6 +126,8 @@ class HookedLateInteraction(HookedBiEncoder):
         self.hook_token_scores = HookPoint()
         self.setup()
 
+    output_hook_name = "head.hook_token_embeddings"
+
     def _make_head(self, pooling: Pooling, normalize: bool, include_prefix: bool) -> nn.Module:
         return TokenEmbeddingHead(self.cfg.d_model, self._dim, normalize, self.cfg.dtype)
 

@@ -57,12 +57,14 @@ def test_minilm_scores_like_sentence_transformers_on_literal_pairs(minilm):
     batch = model.encode(LITERAL_QUERIES, LITERAL_DOCUMENTS)
     assert batch.documents.input_ids.shape[1] == 256  # cut at max_seq_length, as ST cuts
     ours = model.score(batch, batch_size=3)
-    torch.testing.assert_close(ours, _st_scores(st, LITERAL_QUERIES, LITERAL_DOCUMENTS),
-                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        ours, _st_scores(st, LITERAL_QUERIES, LITERAL_DOCUMENTS), atol=1e-5, rtol=0
+    )
     # the embeddings themselves, too
     q = model.embeddings(LITERAL_QUERIES, "query")
-    torch.testing.assert_close(q, st.encode(LITERAL_QUERIES, convert_to_tensor=True).cpu(),
-                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        q, st.encode(LITERAL_QUERIES, convert_to_tensor=True).cpu(), atol=1e-5, rtol=0
+    )
 
 
 def test_minilm_loaded_from_the_sentence_transformer_object(minilm):
@@ -117,16 +119,22 @@ def _reference(hf_base, batch, pooling: str, normalize: bool, sim: str, token_ty
 
 
 @pytest.mark.parametrize(
-    "pooling,normalize,sim", [("mean", False, "cosine"), ("cls", False, "dot"),
-                              ("last", True, "dot"), ("mean", True, "cosine")]
-)  # fmt: skip
+    "pooling,normalize,sim",
+    [
+        ("mean", False, "cosine"),
+        ("cls", False, "dot"),
+        ("last", True, "dot"),
+        ("mean", True, "cosine"),
+    ],
+)
 def test_tiny_bert_bi_encoder_equals_plain_reference(tmp_path, pooling, normalize, sim):
     from tests.helpers import tiny_tokenizer
 
     tok = tiny_tokenizer(tmp_path)
     base = tiny_hf_model(3).bert
-    model = load_bi_encoder(base, tokenizer=tok, pooling=pooling, normalize=normalize,
-                            similarity=sim, device="cpu")  # fmt: skip
+    model = load_bi_encoder(
+        base, tokenizer=tok, pooling=pooling, normalize=normalize, similarity=sim, device="cpu"
+    )
     batch = model.encode(QUERIES, DOCUMENTS)
     ref = _reference(base, batch, pooling, normalize, sim, token_types=True)
     torch.testing.assert_close(model.score(batch, batch_size=3), ref, atol=1e-5, rtol=0)
@@ -148,13 +156,16 @@ def test_prefixes_are_instruction_tokens_and_change_the_input(tmp_path):
 
     tok = tiny_tokenizer(tmp_path)
     base = tiny_hf_model(1).bert
-    model = load_bi_encoder(base, tokenizer=tok, query_prefix="what is ", document_prefix="the ",
-                            device="cpu")  # fmt: skip
+    model = load_bi_encoder(
+        base, tokenizer=tok, query_prefix="what is ", document_prefix="the ", device="cpu"
+    )
     batch = model.encode(["cat"], ["dog runs"])
-    assert batch.queries.parts.tolist() == [[Part.CLS, Part.INSTRUCTION, Part.INSTRUCTION,
-                                             Part.QUERY, Part.SEP2]]  # fmt: skip
-    assert batch.documents.parts.tolist() == [[Part.CLS, Part.INSTRUCTION, Part.DOCUMENT,
-                                               Part.DOCUMENT, Part.SEP2]]  # fmt: skip
+    assert batch.queries.parts.tolist() == [
+        [Part.CLS, Part.INSTRUCTION, Part.INSTRUCTION, Part.QUERY, Part.SEP2]
+    ]
+    assert batch.documents.parts.tolist() == [
+        [Part.CLS, Part.INSTRUCTION, Part.DOCUMENT, Part.DOCUMENT, Part.SEP2]
+    ]
     plain = load_bi_encoder(base, tokenizer=tok, device="cpu")
     joined = plain.encode(["what is cat"], ["the dog runs"])
     torch.testing.assert_close(model.score(batch), plain.score(joined), atol=1e-6, rtol=0)
