@@ -373,6 +373,31 @@ class HookedBiEncoder(HookedCrossEncoder):
             return q, d
         return self.score_towers(q.to(d.device), d, input)
 
+    def score(  # type: ignore[override]
+        self,
+        batch: BiEncoderBatch,
+        *,
+        batch_size: int | None = None,
+        hooks: Any = None,
+        check_finite: bool = True,
+    ) -> Float[Tensor, " batch"]:
+        """Pair scores (no gradients, float32 on the CPU), as :meth:`HookedCrossEncoder.score`
+        (``hooks``: a list, or ``sub_batch -> list``; both towers run under them)."""
+        out = []
+        with torch.no_grad():
+            for chunk in batch.chunks(batch_size):
+                fwd = hooks(chunk) if callable(hooks) else (hooks or [])
+                with self.hooks(fwd_hooks=fwd):
+                    out.append(self(chunk).float().cpu())
+        scores = torch.cat(out)
+        if check_finite and not bool(torch.isfinite(scores).all()):
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"{len(bad)} of {len(scores)} scores are NaN or infinite (pairs {bad[:10]}): "
+                "check that the weights and the hooks keep activations finite"
+            )
+        return scores
+
     def embeddings(
         self, texts: str | Sequence[str], tower: Tower, *, batch_size: int = 64
     ) -> Tensor:

@@ -46,12 +46,14 @@ def _st_scores(st, queries, documents) -> torch.Tensor:
     return st.similarity_pairwise(q, d).float().cpu()
 
 
+@pytest.mark.slow  # the real model: ~8 s to load on a busy CPU
 def test_minilm_reads_the_sentence_transformers_directory(minilm):
     model, _ = minilm
     assert (model.head.pooling, model.head.normalize, model.similarity) == ("mean", True, "cosine")
     assert model.max_length == 256 and model.family.name == "BERT"
 
 
+@pytest.mark.slow  # the real model: ~8 s to load on a busy CPU
 def test_minilm_scores_like_sentence_transformers_on_literal_pairs(minilm):
     model, st = minilm
     batch = model.encode(LITERAL_QUERIES, LITERAL_DOCUMENTS)
@@ -67,6 +69,7 @@ def test_minilm_scores_like_sentence_transformers_on_literal_pairs(minilm):
     )
 
 
+@pytest.mark.slow  # the real model: ~8 s to load on a busy CPU
 def test_minilm_loaded_from_the_sentence_transformer_object(minilm):
     model, st = minilm
     again = load_bi_encoder(st, device="cpu")
@@ -75,6 +78,7 @@ def test_minilm_loaded_from_the_sentence_transformer_object(minilm):
 
 
 @pytest.mark.shared
+@pytest.mark.slow
 def test_minilm_scores_like_sentence_transformers_on_scifact(minilm):
     requires_shared(SCIFACT)
     model, st = minilm
@@ -171,7 +175,7 @@ def test_prefixes_are_instruction_tokens_and_change_the_input(tmp_path):
     torch.testing.assert_close(model.score(batch), plain.score(joined), atol=1e-6, rtol=0)
 
 
-def test_bad_input_is_refused_in_one_line(tmp_path):
+def test_bad_input_is_refused_in_one_line(tmp_path, unchecked_shapes):
     from tests.helpers import tiny_tokenizer
 
     tok = tiny_tokenizer(tmp_path)

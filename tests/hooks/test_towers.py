@@ -173,7 +173,9 @@ def test_direction_ablation_inside_a_tower_and_the_refusal(bi):
         direction_ablation_hooks(model, directions="no_interaction")
 
 
-def test_tower_on_a_cross_encoder_is_refused_and_both_changes_nothing(tiny, tiny_batch):
+def test_tower_on_a_cross_encoder_is_refused_and_both_changes_nothing(
+    tiny, tiny_batch, unchecked_shapes
+):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="no towers"):
         head_knockout_hooks(model, heads=["0/1"], tower="document")
