@@ -54,6 +54,20 @@ def in_tower(model: HookedReranker, hooks: Hooks, tower: TowerSelection) -> Hook
     return [(name, restrict(fn)) for name, fn in hooks]
 
 
+def refuse_two_towers(model: HookedReranker, what: str) -> None:
+    """One line for an analysis that needs query and document in one input (cross-attention).
+
+    Raises:
+        ValueError: ``model`` is a two-tower model (bi-encoder, late interaction).
+    """
+    if isinstance(model, HookedTwoTower):
+        raise ValueError(
+            f"{what} needs query and document tokens attending to each other, but "
+            f"{type(model).__name__} embeds them in separate towers (no cross-attention): use "
+            "tower= hooks, QK circuits or patching inside one tower instead"
+        )
+
+
 def tower_source(
     model: HookedReranker, batch: Any, names: Sequence[str], *, tower: str = "document"
 ) -> Any:
@@ -112,4 +126,11 @@ def output_patch_hooks(
     return in_tower(model, [(name, hook)], tower)
 
 
-__all__ = ["TOWER_CHOICES", "TowerSelection", "in_tower", "output_patch_hooks", "tower_source"]
+__all__ = [
+    "TOWER_CHOICES",
+    "refuse_two_towers",
+    "TowerSelection",
+    "in_tower",
+    "output_patch_hooks",
+    "tower_source",
+]

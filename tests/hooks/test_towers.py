@@ -199,3 +199,15 @@ def test_neuron_ablation_in_one_tower_leaves_the_other_alone(bi):
             q1, d1 = model(batch, return_type="towers")
     torch.testing.assert_close(d1, d0, atol=0, rtol=0)
     assert not torch.allclose(q1, q0, atol=1e-5)
+
+
+def test_analyses_needing_cross_attention_refuse_a_bi_encoder_and_qk_circuits_run(bi):
+    from mechir.circuits import qk_svd, qk_svd_reference
+    from mechir.matching import attention_statistics
+
+    model, _ = bi
+    batch = model.encode(QUERIES, DOCUMENTS)
+    with pytest.raises(ValueError, match="separate towers"):
+        attention_statistics(model, batch.documents)
+    fast, reference = qk_svd(model), qk_svd_reference(model)  # the tower's weights: as ever
+    torch.testing.assert_close(fast.S, reference.S, atol=1e-4, rtol=1e-4)
