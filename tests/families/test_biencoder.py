@@ -187,3 +187,37 @@ def test_bad_input_is_refused_in_one_line(tmp_path, unchecked_shapes):
         model.encode(["cat", " "], ["dog", "dog"])
     with pytest.raises(ValueError, match="2 queries but 1 documents"):
         BiEncoderBatch(model.encode_tower(["a", "b"], "query"), model.encode_tower("c", "document"))
+
+
+def test_a_sentence_transformers_directory_with_prompts_cls_pooling_and_dot(tmp_path):
+    """A tiny sentence-transformers model saved with CLS pooling, Normalize, E5-style prompts
+    and dot similarity: read from its directory, it scores like sentence-transformers with the
+    prompts applied."""
+    st = pytest.importorskip("sentence_transformers", reason="optional extra retrievers")
+    from sentence_transformers import models
+
+    from tests.families.builders import save_tiny_family
+
+    inner = models.Transformer(str(save_tiny_family("bert", tmp_path / "bert")))
+    pooling = models.Pooling(inner.get_word_embedding_dimension(), pooling_mode="cls")
+    prompts = {"query": "what is ", "document": "the "}
+    reference = st.SentenceTransformer(
+        modules=[inner, pooling, models.Normalize()],
+        prompts=prompts,
+        similarity_fn_name="dot",
+        device="cpu",
+    )
+    reference.save(str(tmp_path / "st"))
+    model = load_bi_encoder(tmp_path / "st", device="cpu")
+    assert (model.head.pooling, model.head.normalize, model.similarity) == ("cls", True, "dot")
+    assert model.prefixes == prompts
+    q = reference.encode(QUERIES, prompt_name="query", convert_to_tensor=True)
+    d = reference.encode(DOCUMENTS, prompt_name="document", convert_to_tensor=True)
+    expected = reference.similarity_pairwise(q, d).float().cpu()
+    torch.testing.assert_close(
+        model.score(model.encode(QUERIES, DOCUMENTS)), expected, atol=1e-5, rtol=0
+    )
+    for loaded in (load_bi_encoder(reference, device="cpu"),):  # the object, too
+        torch.testing.assert_close(
+            loaded.score(loaded.encode(QUERIES, DOCUMENTS)), expected, atol=1e-5, rtol=0
+        )
