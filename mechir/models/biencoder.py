@@ -398,6 +398,22 @@ class HookedBiEncoder(HookedCrossEncoder):
             )
         return scores
 
+    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """TransformerLens ``run_with_cache`` on **one tower's** batch (``batch.documents``,
+        ``batch.queries``): its output and a cache recording that batch, a patching source for
+        :func:`mechir.hooks.patch_hooks` with ``tower=``.
+
+        Raises:
+            ValueError: a :class:`BiEncoderBatch` (both towers write the same hook names).
+        """
+        batch = model_args[0] if model_args else kwargs.get("input")
+        if isinstance(batch, BiEncoderBatch):
+            raise ValueError(
+                "run_with_cache caches one tower (both towers write the same hook names): pass "
+                "batch.queries or batch.documents, or use mechir.hooks.tower_source"
+            )
+        return super().run_with_cache(*model_args, **kwargs)
+
     def embeddings(
         self, texts: str | Sequence[str], tower: Tower, *, batch_size: int = 64
     ) -> Tensor:

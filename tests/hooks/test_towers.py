@@ -211,3 +211,22 @@ def test_analyses_needing_cross_attention_refuse_a_bi_encoder_and_qk_circuits_ru
         attention_statistics(model, batch.documents)
     fast, reference = qk_svd(model), qk_svd_reference(model)  # the tower's weights: as ever
     torch.testing.assert_close(fast.S, reference.S, atol=1e-4, rtol=1e-4)
+
+
+def test_run_with_cache_caches_one_tower_and_serves_as_a_patching_source(bi):
+    model, _ = bi
+    ids = ["p0", "p1"]
+    clean = model.encode(QUERIES[:2], ["the cat sleeps", "a red car"], pair_ids=ids)
+    corrupted = model.encode(QUERIES[:2], ["the dog sleeps", "a blue car"], pair_ids=ids)
+    with pytest.raises(ValueError, match="caches one tower"):
+        model.run_with_cache(clean)
+    _, cache = model.run_with_cache(clean.documents)
+    assert cache.batch is clean.documents
+    from_cache = patch_hooks(model, cache, "resid_pre", layers=[1], tower="document")
+    source = tower_source(model, clean, ["blocks.1.hook_resid_pre"], tower="document")
+    from_source = patch_hooks(model, source, "resid_pre", layers=[1], tower="document")
+    patched = model.score(corrupted, hooks=from_cache)
+    torch.testing.assert_close(
+        patched, model.score(corrupted, hooks=from_source), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(patched, model.score(clean), atol=1e-6, rtol=0)  # every position
