@@ -39,7 +39,13 @@ from mechir.models.biencoder import (
 from mechir.models.tl import HookPoint
 from mechir.parts import CrossEncoderBatch, Part
 
-__all__ = ["HookedLateInteraction", "MaxSimMatch", "load_late_interaction", "maxsim"]
+__all__ = [
+    "HookedLateInteraction",
+    "MaxSimMatch",
+    "load_late_interaction",
+    "match_head_effects",
+    "maxsim",
+]
 
 
 class TokenEmbeddingHead(nn.Module):
@@ -272,3 +278,47 @@ def _stored_projection(directory: Any) -> Tensor | None:
             if "linear.weight" in f.keys():
                 return f.get_tensor("linear.weight")
     return None
+
+
+def match_head_effects(
+    model: HookedLateInteraction,
+    batch: BiEncoderBatch,
+    *,
+    heads: Sequence[str] | None = None,
+    tower: Tower = "document",
+) -> Any:
+    """Which heads build each MaxSim match: every head of ``heads`` (default all, ``"l/h"``)
+    knocked out (``z = 0``) in ``tower``, one forward pass per head, exact. One row per head,
+    pair and real query token: the query token, its clean winner and similarity
+    (``token_score``), the score it gets with the head knocked out (``knocked``, its winner may
+    move: ``knocked_winner``) and ``effect = knocked - token_score``."""
+    import pandas as pd
+
+    from mechir.hooks import head_knockout_hooks
+
+    if heads is None:
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        heads = [f"{layer}/{h}" for layer in range(n_layers) for h in range(n_heads)]
+    clean = model.matches(batch)
+    real = batch.queries.attention_mask.bool().cpu()
+    ids = batch.queries.input_ids.cpu()
+    tokens = model.tokenizer.convert_ids_to_tokens if model.tokenizer is not None else str
+    rows = []
+    for head in heads:
+        knocked = model.matches(batch, hooks=head_knockout_hooks(model, heads=[head], tower=tower))
+        for b, i in real.nonzero().tolist():
+            rows.append(
+                {
+                    "head": head,
+                    "pair": b,
+                    "query_pos": i,
+                    "query_token": tokens(int(ids[b, i])),
+                    "winner": int(clean.winners[b, i]),
+                    "token_score": float(clean.token_scores[b, i]),
+                    "knocked_winner": int(knocked.winners[b, i]),
+                    "knocked": float(knocked.token_scores[b, i]),
+                }
+            )
+    table = pd.DataFrame(rows)
+    table["effect"] = table["knocked"] - table["token_score"]
+    return table

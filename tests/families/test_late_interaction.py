@@ -102,3 +102,41 @@ def test_no_projection_is_refused(tmp_path):
         load_late_interaction(base, tokenizer=tok, device="cpu")
     with pytest.raises(ValueError, match=r"expected \[dim, 32\]"):
         load_late_interaction(base, projection=torch.zeros(4, 7), tokenizer=tok, device="cpu")
+
+
+def test_match_head_effects_equal_an_hf_knockout_oracle(late):
+    """Head 1/2 knocked out in the document tower: the per-token MaxSim of every query token
+    equals the plain-torch reference with that head's slice of the attention output zeroed by a
+    Hugging Face forward hook."""
+    from mechir.models.late_interaction import match_head_effects
+
+    model, base, projection, tok, skip = late
+    batch = model.encode(QUERIES[:2], DOCUMENTS[:2])
+    table = match_head_effects(model, batch, heads=["1/2", "0/0"])
+    assert set(table["head"]) == {"1/2", "0/0"}
+
+    def zero_head(module, args, out):
+        z = out[0].clone()
+        z[..., 2 * 8 : 3 * 8] = 0
+        return (z, *out[1:])
+
+    scores = []
+    for q, d in zip(QUERIES[:2], DOCUMENTS[:2]):
+        q_ids = tok(q)["input_ids"]
+        q_ids = q_ids + [tok.mask_token_id] * (QUERY_LENGTH - len(q_ids))
+        with torch.no_grad():
+            qe = base(input_ids=torch.tensor([q_ids])).last_hidden_state[0] @ projection.T
+            handle = base.encoder.layer[1].attention.self.register_forward_hook(zero_head)
+            try:
+                de = base(input_ids=torch.tensor([tok(d)["input_ids"]])).last_hidden_state[0]
+            finally:
+                handle.remove()
+        qe = qe / qe.norm(dim=-1, keepdim=True)
+        de = de @ projection.T
+        de = de / de.norm(dim=-1, keepdim=True)
+        scores.append((qe @ de.T).max(-1).values)
+    rows = table[table["head"] == "1/2"]
+    for b in range(2):
+        got = torch.tensor(rows[rows["pair"] == b]["knocked"].to_list())
+        torch.testing.assert_close(got, scores[b], atol=1e-5, rtol=0)
+    assert (rows["effect"].abs() > 1e-4).any()
