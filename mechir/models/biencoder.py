@@ -417,14 +417,18 @@ class HookedBiEncoder(HookedCrossEncoder):
     def embeddings(
         self, texts: str | Sequence[str], tower: Tower, *, batch_size: int = 64
     ) -> Tensor:
-        """Tower outputs of ``texts`` (no gradients, float32 on the CPU), in input order."""
+        """Tower outputs of ``texts`` (no gradients, float32 on the CPU), in input order; run
+        longest first in batches of ``batch_size``, so a batch pads little (as
+        sentence-transformers' ``encode`` does)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
-                chunk = self.encode_tower(texts[start : start + batch_size], tower)
-                out.append(self.run_tower(chunk).float().cpu())
-        return torch.cat(out)
+                chunk = [texts[i] for i in order[start : start + batch_size]]
+                out.append(self.run_tower(self.encode_tower(chunk, tower)).float().cpu())
+        embeddings = torch.cat(out)
+        return embeddings[torch.argsort(torch.tensor(order))]
 
     def _cls_only_is_safe(self, layer: int) -> bool:
         return False  # the head may read every position
