@@ -99,6 +99,7 @@ def maxsim(
 
 class HookedLateInteraction(HookedBiEncoder):
     """A ColBERT-style late-interaction model on a hooked tower (see the module docstring).
+    The arguments not listed are :class:`~mechir.models.biencoder.HookedBiEncoder`'s.
 
     Args:
         dim: the width of the token embeddings (the projection's output).
@@ -107,7 +108,6 @@ class HookedLateInteraction(HookedBiEncoder):
         augment: fill queries with ``[MASK]`` tokens.
         normalize: L2-normalise every token embedding.
         skiplist: token ids left out of the document side of MaxSim (ColBERT: punctuation).
-        The other arguments are :class:`~mechir.models.biencoder.HookedBiEncoder`'s.
     """
 
     def __init__(
