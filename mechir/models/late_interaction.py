@@ -12,7 +12,11 @@ hooks, the same hook names); its head keeps every token::
 
 Query augmentation (ColBERT): every query is filled up to ``query_length`` tokens with
 ``[MASK]`` tokens, attended to and counted in the sum (parts ``QUERY``; ``input_ids`` tell them
-apart). :meth:`HookedLateInteraction.matches` records, for every query token, the document token
+apart). This is ColBERT v1's augmentation: ColBERTv2's default ``attend_to_mask_tokens=False``
+(the ``[MASK]`` keys masked out) and its ``[Q]``/``[D]`` marker tokens after ``[CLS]`` are not
+reproduced (pass markers as ``query_prefix``/``document_prefix`` text), so a ColBERTv2
+checkpoint does not score exactly as the colbert library scores it; none was measured here.
+:meth:`HookedLateInteraction.matches` records, for every query token, the document token
 that wins its max (the matching analysis).
 """
 
