@@ -81,3 +81,21 @@ class HookedReranker(Protocol):
 
 
 __all__ = ["HookedReranker"]
+
+
+@runtime_checkable
+class HookedTwoTower(Protocol):
+    """A model embedding query and document in separate towers (bi-encoders, late
+    interaction): each tower runs on its own batch, and :meth:`tower_of` says which tower a
+    running batch belongs to (the hook factories' ``tower=``, :mod:`mechir.hooks.towers`).
+
+    Attributes:
+        towers: the towers' names (``("query", "document")``).
+    """
+
+    towers: tuple[str, ...]
+
+    def tower_of(self, batch: CrossEncoderBatch) -> str: ...
+
+
+__all__ += ["HookedTwoTower"]
