@@ -143,7 +143,9 @@ def _baseline_value(baseline: Any, clean: torch.Tensor) -> torch.Tensor:
 def _check_baseline(baseline: Any, size: int, what: str) -> None:
     if isinstance(baseline, str):
         if baseline not in BASELINES:
-            raise ValueError(f"unknown {what} baseline {baseline!r}: choose one of {BASELINES} or a tensor")
+            raise ValueError(
+                f"unknown {what} baseline {baseline!r}: choose one of {BASELINES} or a tensor"
+            )
         return
     if not hasattr(baseline, "shape") or tuple(baseline.shape) != (size,):
         raise ValueError(f"{what} baseline must be 'zero', 'clean' or a [{size}] tensor")
@@ -192,7 +194,9 @@ def feature_attribution(
     if n_steps == "auto":
         steps = 8
         while True:
-            result = _integrated(run, clean, baseline_score, integration_rule("riemann_middle", steps))
+            result = _integrated(
+                run, clean, baseline_score, integration_rule("riemann_middle", steps)
+            )
             scale = result.delta.abs().max().clamp_min(1e-12)
             if result.completeness_error.max() <= rtol * scale or steps * 2 > max_steps:
                 return result
@@ -200,7 +204,9 @@ def feature_attribution(
     return _integrated(run, clean, baseline_score, integration_rule(integration, n_steps))
 
 
-def _integrated(run: Any, clean: tuple, baseline_score: torch.Tensor, rule: Any) -> FeatureAttribution:
+def _integrated(
+    run: Any, clean: tuple, baseline_score: torch.Tensor, rule: Any
+) -> FeatureAttribution:
     _, _, _, df, de = clean
     gf = torch.zeros_like(df)
     ge = torch.zeros_like(de)

@@ -51,7 +51,9 @@ class PCABaseline:
         _, _, vh = torch.linalg.svd(x - self.mean, full_matrices=False)
         self.components = vh[:k].T.contiguous()  # [d, k]
         self.mean, self.components = self.mean.float(), self.components.float()
-        self.cfg = SimpleNamespace(d_in=acts.shape[1], d_sae=k, metadata=SimpleNamespace(hook_name=site))
+        self.cfg = SimpleNamespace(
+            d_in=acts.shape[1], d_sae=k, metadata=SimpleNamespace(hook_name=site)
+        )
         self.dtype = torch.float32
         self.device = torch.device("cpu")
         self.training = False
@@ -66,9 +68,7 @@ class PCABaseline:
         return self.mean.to(c.device) + c @ self.components.T.to(c.device)
 
 
-def mean_ablation_hooks(
-    model: HookedReranker, site: str, mean: Float[torch.Tensor, " d"]
-) -> Hooks:
+def mean_ablation_hooks(model: HookedReranker, site: str, mean: Float[torch.Tensor, " d"]) -> Hooks:
     """Hooks setting ``site`` to ``mean`` (flattened ``d``) at every real token."""
     check_site(model, site)
     real = per_forward(lambda b: b.attention_mask.bool())
@@ -102,6 +102,11 @@ def _softmax_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float((p * (lp - lq)).sum())
 
 
+def _varies(*arrays: np.ndarray) -> bool:
+    """Whether every array has two or more distinct values (a rank correlation is defined)."""
+    return all(len(a) > 1 and np.ptp(a) > 0 for a in arrays)
+
+
 def score_fidelity(
     clean: Sequence[float],
     spliced: Sequence[float],
@@ -121,7 +126,7 @@ def score_fidelity(
     var = s.var()
     out: dict[str, float] = {
         "score_fvu": float(((s1 - s) ** 2).mean() / var) if var > 0 else float("nan"),
-        "spearman": float(spearmanr(s, s1).statistic) if len(s) > 1 else float("nan"),
+        "spearman": float(spearmanr(s, s1).statistic) if _varies(s, s1) else float("nan"),
     }
     groups: dict[str, list[int]] = {}
     for i, q in enumerate(qids):
@@ -132,7 +137,7 @@ def score_fidelity(
         a, b, c = s[idx], s1[idx], s0[idx]
         kl_sae.append(_softmax_kl(a, b))
         kl_floor.append(_softmax_kl(a, c))
-        tau = float(kendalltau(a, b).statistic) if len(idx) > 1 else float("nan")
+        tau = float(kendalltau(a, b).statistic) if _varies(a, b) else float("nan")
         taus.append(tau)
         n = min(10, len(idx))
         top_a = set(np.argsort(-a, kind="stable")[:n])

@@ -147,7 +147,9 @@ def encode(sae: Any, act: Float[torch.Tensor, "*rows d"]) -> Float[torch.Tensor,
     return sae.encode(act.to(sae.dtype))
 
 
-def decode(sae: Any, features: Float[torch.Tensor, "*rows d_sae"]) -> Float[torch.Tensor, "*rows d"]:
+def decode(
+    sae: Any, features: Float[torch.Tensor, "*rows d_sae"]
+) -> Float[torch.Tensor, "*rows d"]:
     """The reconstruction of feature activations (flattened for attention ``z``)."""
     return sae.decode(features)
 

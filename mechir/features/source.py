@@ -284,7 +284,10 @@ class ActivationStream:
             perm = torch.randperm(len(self.pairs), generator=self.generator).tolist()
             self._order = perm
             self.epoch += 1
-        take, self._order = self._order[: self.pairs_per_forward], self._order[self.pairs_per_forward :]
+        take, self._order = (
+            self._order[: self.pairs_per_forward],
+            self._order[self.pairs_per_forward :],
+        )
         return [self.pairs[i] for i in take]
 
     def _fill(self) -> None:

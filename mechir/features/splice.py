@@ -66,7 +66,9 @@ class FeatureEdit:
     def check(self, d_sae: int) -> None:
         bad = [i for i in self.features if not 0 <= i < d_sae]
         if bad:
-            raise ValueError(f"feature indices {bad} out of range: the SAE has {d_sae} (0-{d_sae - 1})")
+            raise ValueError(
+                f"feature indices {bad} out of range: the SAE has {d_sae} (0-{d_sae - 1})"
+            )
 
     def apply(
         self, f: Float[torch.Tensor, "*rows d_sae"], where: Bool[torch.Tensor, "*rows"]
@@ -88,7 +90,9 @@ class FeatureEdit:
 
 
 SaesArg = Any  # an SAE, SAEs, or {site: SAE}
-EditArg = FeatureEdit | Sequence[FeatureEdit] | Mapping[str, FeatureEdit | Sequence[FeatureEdit]] | None
+EditArg = (
+    FeatureEdit | Sequence[FeatureEdit] | Mapping[str, FeatureEdit | Sequence[FeatureEdit]] | None
+)
 
 
 def sae_by_site(saes: SaesArg) -> dict[str, Any]:
@@ -197,8 +201,18 @@ def sae_hooks(
         hooks.append(
             (
                 site,
-                _splice_fn(sae, site, site_in, site_edits, error, edit_mask, splice_mask, inputs,
-                           edit_parts, spliced_parts),
+                _splice_fn(
+                    sae,
+                    site,
+                    site_in,
+                    site_edits,
+                    error,
+                    edit_mask,
+                    splice_mask,
+                    inputs,
+                    edit_parts,
+                    spliced_parts,
+                ),
             )
         )
     return hooks

@@ -66,7 +66,9 @@ def reconstruction_metrics(
 
 
 @torch.no_grad()
-def evaluate_sae(sae: Any, acts: Float[torch.Tensor, "n d"], *, chunk: int = 4096) -> dict[str, float]:
+def evaluate_sae(
+    sae: Any, acts: Float[torch.Tensor, "n d"], *, chunk: int = 4096
+) -> dict[str, float]:
     """:func:`reconstruction_metrics` of ``sae`` (inference or training form, eval mode) on raw
     activations ``acts``."""
     was_training = sae.training
@@ -85,18 +87,16 @@ def evaluate_sae(sae: Any, acts: Float[torch.Tensor, "n d"], *, chunk: int = 409
     return reconstruction_metrics(torch.cat(xs), torch.cat(hats), torch.cat(feats))
 
 
-def _scaled_training_sae(trainer: Any) -> Any:
-    """An inference view of the training SAE with the activation scaler folded in, for
-    evaluation on raw activations mid-training (a copy: the training SAE is left alone)."""
+def inference_view(trainer: Any) -> Any:
+    """The SAE as it would be saved now (scaler folded, SAELens's inference form, e.g.
+    BatchTopK as JumpReLU), for evaluation mid-training; the training SAE is left alone."""
     import copy
 
-    sae = trainer.sae
+    view = copy.deepcopy(trainer.sae)
     factor = trainer.activation_scaler.scaling_factor
-    if factor is None:
-        return sae
-    view = copy.deepcopy(sae)
-    view.fold_activation_norm_scaling_factor(factor)
-    return view
+    if factor is not None:
+        view.fold_activation_norm_scaling_factor(factor)
+    return save_and_reload(view, None)
 
 
 def train_sae(
@@ -120,8 +120,9 @@ def train_sae(
     """Train an SAE of SAELens ``config`` (:func:`mechir.features.saes.training_config`) on
     ``stream`` (``[batch_size, d_in]`` batches, e.g. :class:`ActivationStream`) for ``steps``
     steps through SAELens's ``SAETrainer``, evaluating on ``eval_acts`` every ``eval_every``
-    steps (JSON lines appended to ``log``). Saved to ``output`` in SAELens's format (its
-    inference form); returns the SAE loaded back by SAELens.
+    steps (JSON lines appended to ``log``; the SAE is evaluated in the form it is saved in).
+    Saved to ``output`` in SAELens's format (its inference form); returns the SAE loaded back
+    by SAELens.
 
     Args:
         norm_batches: batches of the activation-norm estimate when
@@ -180,7 +181,7 @@ def train_sae(
                 "loss": float(out.loss.item()),
                 "lr": trainer.optimizer.param_groups[0]["lr"],
                 "trainer_dead": int(trainer.dead_neurons.sum()),
-                **evaluate_sae(_scaled_training_sae(trainer), eval_acts),
+                **evaluate_sae(inference_view(trainer), eval_acts),
             }
             bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
             if log_path is not None:
@@ -218,7 +219,9 @@ def _exact_batches(stream: Iterator[Any], batch_size: int, d_in: int) -> Iterato
 
 # ---------------------------------------------------------------------- transcoders
 def train_transcoder(
-    pairs_stream: Iterator[tuple[Float[torch.Tensor, "batch d_in"], Float[torch.Tensor, "batch d_out"]]],
+    pairs_stream: Iterator[
+        tuple[Float[torch.Tensor, "batch d_in"], Float[torch.Tensor, "batch d_out"]]
+    ],
     *,
     d_in: int,
     d_out: int,
@@ -273,7 +276,11 @@ def train_transcoder(
             with torch.no_grad():
                 ex, ey = eval_pairs
                 ef = tc.encode(ex)
-                row = {"step": step, "loss": float(loss), **reconstruction_metrics(ey, tc.decode(ef), ef)}
+                row = {
+                    "step": step,
+                    "loss": float(loss),
+                    **reconstruction_metrics(ey, tc.decode(ef), ef),
+                }
             bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
             if log_path is not None:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +298,7 @@ def train_transcoder(
 __all__ = [
     "DENSE_FRACTION",
     "evaluate_sae",
+    "inference_view",
     "reconstruction_metrics",
     "save_and_reload",
     "train_sae",
