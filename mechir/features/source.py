@@ -325,8 +325,59 @@ class ActivationStream:
         return torch.cat([next(self) for _ in range(n_batches)])
 
 
+class RowStream:
+    """Endless exactly-sized batches from activation rows held in memory (or loaded from an
+    fp16 cache, :func:`save_rows`): a fresh random order each epoch, batches that cross epoch
+    boundaries, never a short batch."""
+
+    def __init__(self, rows: Float[torch.Tensor, "n d"], *, batch_size: int, seed: int = 0):
+        if batch_size < 1 or len(rows) == 0:
+            raise ValueError(f"need rows and batch_size >= 1 (got {len(rows)} rows, {batch_size})")
+        self.rows, self.batch_size = rows, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def __iter__(self) -> RowStream:
+        return self
+
+    def __next__(self) -> Float[torch.Tensor, "batch_size d"]:
+        while len(self._order) < self.batch_size:
+            perm = torch.randperm(len(self.rows), generator=self.generator)
+            self._order = torch.cat([self._order, perm])
+            self.epoch += 1
+        take, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return self.rows[take].float()
+
+
+def save_rows(acts: SiteActivations, path: str | Any) -> None:
+    """Save tagged rows with the activations in float16 (an on-disk cache; :func:`load_rows`)."""
+    fields = {f: getattr(acts, f) for f in ("pair", "position", "token", "part", "matched")}
+    tmp = f"{path}.tmp"
+    torch.save({"acts": acts.acts.half(), **fields}, tmp)
+    import os
+
+    os.replace(tmp, path)
+
+
+def load_rows(path: str | Any) -> SiteActivations:
+    """Rows saved by :func:`save_rows` (activations back in float32)."""
+    data = torch.load(path)
+    return SiteActivations(
+        data["acts"].float(),
+        data["pair"],
+        data["position"],
+        data["token"],
+        data["part"],
+        data["matched"],
+    )
+
+
 __all__ = [
     "CONTENT_PARTS",
+    "RowStream",
+    "load_rows",
+    "save_rows",
     "DECODER_POSITION",
     "ActivationStream",
     "SiteActivations",

@@ -81,3 +81,18 @@ def test_unknown_site_is_refused_in_one_line(tiny, tiny_batch):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="no hook point"):
         site_activations(model, tiny_batch, "blocks.0.hook_resid_pots")
+
+
+def test_row_stream_and_fp16_cache(tiny, tmp_path):
+    from mechir.features.source import RowStream, load_rows, save_rows
+
+    model, _, _ = tiny
+    rows = collect_activations(model, PAIRS, "blocks.0.hook_resid_post")
+    save_rows(rows, tmp_path / "rows.pt")
+    back = load_rows(tmp_path / "rows.pt")
+    torch.testing.assert_close(back.acts, rows.acts.half().float())
+    assert torch.equal(back.matched, rows.matched) and torch.equal(back.pair, rows.pair)
+    stream = RowStream(back.acts, batch_size=len(rows) - 1)
+    first = [next(stream) for _ in range(3)]
+    assert all(b.shape == (len(rows) - 1, rows.acts.shape[1]) for b in first)
+    assert stream.epoch >= 3
