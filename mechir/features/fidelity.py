@@ -38,6 +38,10 @@ from mechir.running import Hooks, per_forward
 torch = lazy_import("torch")
 
 
+#: Scores per pair: a float sequence, a numpy array or a tensor.
+ScoresLike = Sequence[float] | Float[np.ndarray, " n"] | Float[torch.Tensor, " n"]
+
+
 class PCABaseline:
     """Reconstruction from the top ``k`` principal components of activation rows: ``encode(x)
     = (x - mu) V_k`` (``[.., k]``), ``decode(c) = mu + c V_k^T``. Spliced by
@@ -108,9 +112,9 @@ def _varies(*arrays: np.ndarray) -> bool:
 
 
 def score_fidelity(
-    clean: Sequence[float],
-    spliced: Sequence[float],
-    floor: Sequence[float],
+    clean: ScoresLike,
+    spliced: ScoresLike,
+    floor: ScoresLike,
     qids: Sequence[str],
     *,
     docids: Sequence[str] | None = None,

@@ -135,14 +135,17 @@ def _reshapes_itself(sae: Any) -> bool:
 
 
 def encode(sae: Any, act: Float[torch.Tensor, "*rows d"]) -> Float[torch.Tensor, "*rows d_sae"]:
-    """Feature activations of a site activation (``[..., d]``; attention ``z`` passed as
-    ``[..., head, d_head]`` or already flattened)."""
-    if act.dim() >= 2 and act.shape[-1] != sae.cfg.d_in and act.shape[-2:].numel() == sae.cfg.d_in:
-        act = act.flatten(-2)
-    if _reshapes_itself(sae):  # SAELens's hook_z mode unflattens on its own: give it [.., h, dh]
+    """Feature activations of site activations ``[..., d]`` (attention ``z`` flattened to
+    ``n_heads * d_head`` by the caller, :func:`mechir.features.source.flatten_site`)."""
+    if _reshapes_itself(sae):  # SAELens's hook_z mode would unflatten on its own
         raise ValueError(
             "this SAE reshapes hook_z itself (cfg.reshape_activations='hook_z'): load it with "
             "mechir.features.saes.load_sae, which turns that off (mechir flattens z itself)"
+        )
+    if act.shape[-1] != sae.cfg.d_in:
+        raise ValueError(
+            f"activation of width {act.shape[-1]} but the SAE reads d_in={sae.cfg.d_in}: is it "
+            "the SAE of this site?"
         )
     return sae.encode(act.to(sae.dtype))
 

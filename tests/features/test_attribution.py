@@ -61,7 +61,7 @@ def test_attribution_patching_agrees_with_exact_ablation(bert_sae, tiny_batch):
     assert r >= 0.9
 
 
-def test_bad_baselines_are_refused(bert_sae, tiny_batch):
+def test_bad_baselines_are_refused(bert_sae, tiny_batch, unchecked_shapes):
     model, sae, _ = bert_sae
     with pytest.raises(ValueError, match="feature baseline"):
         feature_attribution(model, tiny_batch, sae, feature_baseline=torch.zeros(3))

@@ -132,7 +132,7 @@ def test_threads_get_their_own_splicing(bert_sae, tiny_batch):
     assert all(torch.allclose(r, drop, atol=1e-6) for r in results[1])
 
 
-def test_bad_arguments_are_refused_in_one_line(bert_sae):
+def test_bad_arguments_are_refused_in_one_line(bert_sae, unchecked_shapes):
     model, sae, _ = bert_sae
     with pytest.raises(ValueError, match="unknown error mode"):
         sae_hooks(model, sae, error="kept")
