@@ -101,7 +101,7 @@ def collection_bench(model, hf, pairs, max_length, batch_size):
     diff = 0.0
     for b, h in zip(batches, caught):
         ours = site_activations(model, b, SITE)
-        ref = h[ours.pair, ours.position]
+        ref = h[ours.pair, ours.position].float().cpu()
         diff = max(diff, float((ours.acts - ref).abs().max()))
     out["max_abs_difference"] = diff
     out["rows"] = rows[0]
@@ -136,6 +136,7 @@ def train_bench(train_rows, eval_rows, args, log_dir):
             site=SITE,
             k=args.k,
             normalize_activations="expected_average_only_in",
+            device=args.device,
         )
         log = log_dir / f"train_{fraction}.jsonl"
         log.unlink(missing_ok=True)
@@ -188,6 +189,7 @@ def main(argv=None):
     p.add_argument("--top-features", type=int, default=50)
     p.add_argument("--attribution-pairs", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model and the SAE)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/features_cpu.json")
     args = p.parse_args(argv)
 
@@ -207,7 +209,7 @@ def main(argv=None):
     from mechir.features.training import evaluate_sae
 
     name = default_model()
-    model = load_cross_encoder(name, device="cpu")
+    model = load_cross_encoder(name, device=args.device)
     if SCIFACT.exists():
         train_col = load_collection(SCIFACT, split="train")
         eval_col = load_collection(SCIFACT, split="test")
@@ -221,16 +223,16 @@ def main(argv=None):
     eval_pairs = eval_col.candidates(depth=args.depth, query_ids=held_q)
     result = {
         "benchmark": "features",
-        "device": "cpu",
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "model": name,
         "data": data,
         "site": SITE,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "gpu": "not measured",
+        "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "not measured",
     }
-    hf = hf_model(name)
+    hf = hf_model(name).to(args.device)
     result["collection"] = collection_bench(
         model, hf, train_pairs[: args.collection_pairs], args.max_length, args.batch_size
     )
@@ -255,6 +257,7 @@ def main(argv=None):
     log_dir = Path("/tmp/mechir_bench_features")
     log_dir.mkdir(parents=True, exist_ok=True)
     sae, curve = train_bench(train.acts, eval_acts, args, log_dir)
+    sae = sae.to(args.device)
     result["training"] = curve
     print("training", json.dumps([{k: c[k] for k in ("training_activations", "seconds",
                                    "step_reaching_target")} | {"fvu": c["final"]["fvu"]}

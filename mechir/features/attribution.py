@@ -230,9 +230,9 @@ def node_means(
 ) -> tuple[Float[torch.Tensor, " d_sae"], Float[torch.Tensor, " d"]]:
     """Mean features and mean error node over activation rows (a baseline for
     :func:`feature_attribution`: ``feature_baseline=means[0], error_baseline=means[1]``)."""
-    x = acts.to(sae.dtype)
+    x = acts.to(sae.device, sae.dtype)
     f = encode(sae, x)
-    return f.mean(0).float(), (x - decode(sae, f)).mean(0).float()
+    return f.mean(0).float().cpu(), (x - decode(sae, f)).mean(0).float().cpu()
 
 
 def feature_ablation_effects(
