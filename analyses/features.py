@@ -58,10 +58,10 @@ class Features(Study):
         g.add_argument("--d-sae", type=int, default=None, help="latents (default 4 x d_in)")
         g.add_argument("--k", type=int, default=32, help="active latents (TopK / BatchTopK)")
         g.add_argument("--l1", type=float, default=1.0, help="L1 (standard) / L0 (JumpReLU)")
-        g.add_argument("--steps", type=int, default=1500, help="training steps")
-        g.add_argument("--train-batch", type=int, default=512, help="activations per step")
+        g.add_argument("--steps", type=int, default=600, help="training steps")
+        g.add_argument("--train-batch", type=int, default=256, help="activations per step")
         g.add_argument("--lr", type=float, default=1e-3)
-        g.add_argument("--eval-every", type=int, default=250, help="steps between evaluations")
+        g.add_argument("--eval-every", type=int, default=150, help="steps between evaluations")
         g.add_argument("--train-queries", type=int, default=30, help="first N judged queries")
         g.add_argument("--eval-queries", type=int, default=20, help="the next N (held out)")
         g.add_argument(
