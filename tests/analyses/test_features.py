@@ -44,3 +44,22 @@ def test_the_study_runs_resumes_and_saves_a_splicable_sae(common_argv, tmp_path,
     batch = model.encode(["cat runs"], ["the cat runs fast"])
     clean = model.score(batch)
     assert (model.score(batch, hooks=splice.sae_hooks(model, sae)) - clean).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["monot5", "qwen3"])
+def test_the_study_runs_on_prompt_rerankers(family, tmp_path, tiny_collection_dir):
+    from tests.analyses.conftest import common_options
+    from tests.families.builders import save_tiny_decoder, save_tiny_t5
+
+    model_dir = tmp_path / family
+    model_dir.mkdir()
+    if family == "monot5":
+        save_tiny_t5(model_dir)
+    else:
+        save_tiny_decoder("qwen3", model_dir)
+    out = tmp_path / "features"
+    argv = [*common_options(model_dir, tiny_collection_dir), *WORK, "--output", str(out)]
+    assert features.main(argv) == 0
+    assert units(out) == UNITS
+    assert "SAE vs PCA at equal L0" in (out / "summary.md").read_text()
