@@ -16,5 +16,7 @@ One concept per module (imported on use; nothing here imports ``sae_lens``, the 
 * :mod:`mechir.features.attribution`: feature and error-node attribution to the score
   (attribution patching, integrated gradients) with the completeness check;
 * :mod:`mechir.features.fidelity`: reconstruction and ranking-aware fidelity, PCA baseline;
-* :mod:`mechir.features.cards`: per-feature statistics, HTML cards and JSON export.
+* :mod:`mechir.features.cards`: per-feature statistics, HTML cards and JSON export;
+* :mod:`mechir.features.circuits`: two-SAE feature circuits with attention patterns and norm
+  scales frozen by hooks, pruning, exact faithfulness by node budget.
 """
