@@ -21,6 +21,8 @@
 #                         new families' scoring vs HF (random checkpoints of mxbai-rerank-base-v1's /
 #                         monot5-base-msmarco's / Qwen3-Reranker-0.6B's shape)
 #   distributed_cuda.json 1..N GPUs data-parallel rerank + NIG, when N > 1 GPUs are visible
+#   features_cuda.json    sparse features: activation collection vs HF, SAE training to an FVU,
+#                         attribution patching vs exact ablation, SAE vs PCA (bench_features.py)
 # Sized for < 10 minutes on one H100/H200 (each step has its own time limit). Without CUDA it says
 # so and exits 0.   Usage: bash benchmarks/gpu_check.sh   (from any directory)
 set -uo pipefail
@@ -62,6 +64,8 @@ step 60 "$PY" benchmarks/bench_scoring.py --device cuda --shape deberta-v3-base 
 step 60 "$PY" benchmarks/bench_scoring.py --device cuda --shape monot5-base --pairs 256 \
     --batch-size 32 --repeats 3
 step 150 "$PY" benchmarks/bench_decoder.py --device cuda --pairs 8 --batch-size 8 --repeats 3
+step 240 "$PY" benchmarks/bench_features.py --device cuda --train-queries 40 --eval-queries 20 \
+    --out benchmarks/results/features_cuda.json
 if [ "$GPUS" -gt 1 ]; then
     procs=1; n=2
     while [ "$n" -le "$GPUS" ]; do procs="$procs,$n"; n=$((n * 2)); done
