@@ -93,14 +93,34 @@ class _Stop(Exception):
     """Raised by the capture hook: nothing after the site needs to run."""
 
 
+#: TransformerLens hook points that exist on every block but run only when their config switch
+#: is on (a splice there would silently do nothing).
+DORMANT_UNLESS = {
+    "use_hook_mlp_in": ("hook_mlp_in",),
+    "use_attn_result": ("hook_result",),
+    "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
+    "use_attn_in": ("hook_attn_in",),
+}
+
+
 def check_site(model: HookedReranker, site: str) -> str:
-    """``site`` if the model has that hook point, else a ``ValueError`` naming close ones."""
+    """``site`` if the model has that hook point and it runs, else a one-line ``ValueError``
+    (naming close ones, or the config switch that keeps a dormant point from running)."""
     if not isinstance(site, str) or site not in model.hook_dict:
         import difflib
 
         close = difflib.get_close_matches(str(site), list(model.hook_dict), n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"no hook point {site!r} in this model{hint} (model.hook_dict lists all)")
+    leaf = site.rsplit(".", 1)[-1]
+    for switch, points in DORMANT_UNLESS.items():
+        if leaf in points and not getattr(model.cfg, switch, True):
+            raise ValueError(
+                f"hook point {site!r} exists but never runs in this model (TransformerLens "
+                f"config {switch}=False): choose one that runs (model.hook_dict; the MLP input "
+                "is blocks.L.ln1.hook_normalized in post-LN encoders, ln2.hook_normalized in "
+                "pre-LN models)"
+            )
     return site
 
 

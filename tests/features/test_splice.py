@@ -142,3 +142,12 @@ def test_bad_arguments_are_refused_in_one_line(bert_sae, unchecked_shapes):
         FeatureEdit((0,), "zero")
     with pytest.raises(ValueError, match="no hook point"):
         sae_hooks(model, {"blocks.9.hook_resid_pre": sae})
+
+
+def test_a_dormant_hook_point_is_refused_not_silently_skipped(bert_sae, unchecked_shapes):
+    """``blocks.0.hook_mlp_in`` is in the BERT's hook_dict but never runs (TransformerLens's
+    ``use_hook_mlp_in`` is off): splicing there would change nothing, so it is refused."""
+    model, sae, _ = bert_sae
+    assert "blocks.0.hook_mlp_in" in model.hook_dict and not model.cfg.use_hook_mlp_in
+    with pytest.raises(ValueError, match="exists but never runs .*use_hook_mlp_in=False"):
+        sae_hooks(model, {"blocks.0.hook_mlp_in": sae})
