@@ -45,9 +45,9 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug, writes_outputs
 from analyses.reranking import compare_to_baseline, per_query_values, rerank_row
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.lazy import lazy_import
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

@@ -39,9 +39,9 @@ import numpy as np
 
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import writes_outputs
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.lazy import lazy_import
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

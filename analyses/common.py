@@ -253,11 +253,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def load_config(output: Path) -> dict[str, Any]:
-    """The ``config.json`` record of a study output directory."""
-    return json.loads((Path(output) / "config.json").read_text(encoding="utf-8"))
-
-
 # ---------------------------------------------------------------------- a study run
 @dataclass
 class StudyRun:
@@ -314,7 +309,7 @@ def open_study(
     ``work_options`` name the study's options that only choose *which* units to compute (units
     are keyed by what they compute, so such lists may grow between runs of one directory).
     """
-    from mechir.fingerprint import weights_fingerprint
+    from mechir.model_files import weights_fingerprint
 
     output = output_dir(args, study, *run_name_extra)
     # the weights' fingerprint makes weights replaced in place a config mismatch

@@ -86,10 +86,6 @@ class Condition:
     def name(self) -> str:
         return self.names[0]
 
-    @property
-    def is_single(self) -> bool:
-        return len(self.pairs) == 1
-
     def directions(self) -> list[tuple[Part, Part]]:
         return sorted(self.pairs)
 

@@ -37,7 +37,6 @@ from analyses.reranking import (
     reference_rankings,
     rerank_row,
 )
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.data import matching_pairs
 from mechir.interface import HookedReranker
@@ -51,6 +50,7 @@ from mechir.matching import (
     matching_head_labels,
 )
 from mechir.selection import head_label, parse_head
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

@@ -30,10 +30,10 @@ import numpy as np
 
 from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

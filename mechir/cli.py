@@ -737,7 +737,7 @@ def check_score_type(saved: str | None, score_type: str, store_path: Path) -> No
 
 def _rerank(args: argparse.Namespace) -> int:
     from mechir.data import Pair, load_collection
-    from mechir.fingerprint import weights_fingerprint
+    from mechir.model_files import weights_fingerprint
     from mechir.settings import check_device
 
     check_output_writable(args.output)

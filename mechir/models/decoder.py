@@ -164,10 +164,6 @@ class DecoderPrompt:
                 "to the template or drop the instruction"
             )
 
-    @property
-    def has_instruction(self) -> bool:
-        return any(f == "instruction" for _, f, _, _ in string.Formatter().parse(self.template))
-
     def segments(self) -> list[Part]:
         """The parts of the prompt in reading order, one per literal text or field
         (``[CLS, INSTRUCTION, CLS, QUERY, SEP1, DOCUMENT, SEP2]`` for Qwen3-Reranker)."""

@@ -39,7 +39,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.models.hooked import HookedRerankerMixin, HooksArg
-from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
+from mechir.models.registry import Family, LoadOptions, UnsupportedModelError, family_of
 from mechir.models.tl import (
     Attention,
     BertBlock,
@@ -353,12 +353,13 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
     ):
         # HookedEncoder.__init__ would build the (unused, vocabulary-sized) MLM/NSP heads and warn
         # about its deprecation; we build only what a cross-encoder has.
-        from mechir.models import bert
-
+        if family is None or spec is None:  # built by hand: BERT (its family file, by name)
+            bert = family_of("bert", "BertForSequenceClassification")
+            family, spec = family or bert, spec or bert.implementation().SPEC
         HookedRootModule.__init__(self)
         self.cfg = cfg
-        self.init_reranker(tokenizer, family or bert.FAMILY)
-        self.spec = spec or bert.SPEC
+        self.init_reranker(tokenizer, family)
+        self.spec = spec
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if num_labels > 1 and not 0 <= relevant_label < num_labels:
