@@ -40,6 +40,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import writes_outputs
 from analyses.summary import Summary
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.store import decode_array, encode_array
 
@@ -72,7 +73,9 @@ def select_candidates(args: argparse.Namespace, collection: Any) -> list[Any]:
     return out
 
 
-def build_pairs(model: Any, collection: Any, args: argparse.Namespace) -> tuple[Any, dict]:
+def build_pairs(
+    model: HookedReranker, collection: Any, args: argparse.Namespace
+) -> tuple[Any, dict]:
     from patching.edges.pairs import replace_query_words
 
     items = select_candidates(args, collection)
@@ -85,7 +88,7 @@ def build_pairs(model: Any, collection: Any, args: argparse.Namespace) -> tuple[
     )
 
 
-def filler_of(model: Any, args: argparse.Namespace) -> str:
+def filler_of(model: HookedReranker, args: argparse.Namespace) -> str:
     """``--filler``, else the tokenizer's mask token (on the SciFact demo model it lowers the
     relevance margin of 8 of 10 queries, 3.22 -> 0.60 on average; "a" 6 of 10, -> 1.71), else
     "a"."""

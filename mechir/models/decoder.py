@@ -57,6 +57,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.interface import Abilities
 from mechir.models.encoder import (
     DEFAULT_SCORE_TYPE,
     SCORE_TYPES,
@@ -74,6 +75,10 @@ from mechir.models.tl import (
     HookedTransformer,
     HookedTransformerConfig,
     HookPoint,
+    attention_direction,
+    causal_mask,
+    rotary_base,
+    tl_attention_forward,
 )
 from mechir.parts import (
     CrossEncoderBatch,
@@ -511,8 +516,6 @@ class LastTokenPooler(nn.Module):
         return self.hook_pooler_out(resid[torch.arange(len(resid), device=resid.device), last])
 
 
-#: TransformerLens's attention forward (``Attention`` and ``GroupedQueryAttention`` share it).
-_TL_ATTENTION_FORWARD = Attention.forward
 #: OLMo's QK norm runs inside TransformerLens's own forward only.
 _TL_ONLY_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -522,7 +525,7 @@ def _lean(self: Any) -> bool:
     c = self.cfg
     return (
         c.positional_embedding_type == "rotary"
-        and (self._attention_dir_override or c.attention_dir) == "causal"
+        and attention_direction(self) == "causal"
         and not (c.use_attn_result or c.load_in_4bit or c.use_logn_attn)
         and not c.use_attention_sinks
         and c.clip_qkv is None
@@ -554,7 +557,7 @@ def _lean_forward(
         or position_bias is not None
         or not _lean(self)
     ):
-        return _TL_ATTENTION_FORWARD(
+        return tl_attention_forward(
             self, query_input, key_input, value_input, past_kv_cache_entry,
             additive_attention_mask, attention_mask, position_bias,
         )  # fmt: skip
@@ -563,9 +566,7 @@ def _lean_forward(
     k = self.hook_rot_k(self.apply_rotary(k, 0, attention_mask))
     scores = self.calculate_attention_scores(q, k)  # [batch, head, query_pos, key_pos]
     n_query, n_key = scores.shape[-2:]
-    keep = self._make_causal_mask(
-        query_ctx_length=n_query, key_ctx_length=n_key, past_kv_pos_offset=0, device=scores.device
-    )
+    keep = causal_mask(self, n_query, n_key, scores.device)
     if attention_mask is not None:
         keep = keep & attention_mask[:, None, None, :].bool()
     return attend(self, scores.masked_fill(~keep, float("-inf")), v)
@@ -802,6 +803,20 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         return FactoredMatrix(W_Q, W_K.transpose(-2, -1))
 
     # ------------------------------------------------------------------ parts
+    @property
+    def abilities(self) -> Abilities:
+        """A decoder's: causal, pre-norm, a prompt; QK-norm and grouped k/v as its config says."""
+        n_kv = self.cfg.n_key_value_heads
+        return Abilities(
+            causal=True,
+            post_ln=False,
+            qk_norm=bool(self.cfg.use_qk_norm),
+            grouped_kv=n_kv is not None and n_kv < self.cfg.n_heads,
+            cross_attention=False,
+            prompt=True,
+            edges=False,
+        )
+
     def impossible_direction(
         self, attending: Sequence[Part | str | int], attended: Sequence[Part | str | int]
     ) -> str | None:
@@ -1149,7 +1164,7 @@ def _materialize(
         attn.IGNORE = torch.tensor(-torch.inf, device=device)
         size = min(cfg.n_ctx, attn.ROTARY_INITIAL_CACHE_SIZE)
         sin, cos = attn.calculate_sin_cos_rotary(
-            cfg.rotary_dim, size, base=attn._rotary_base(), dtype=dtype
+            cfg.rotary_dim, size, base=rotary_base(attn), dtype=dtype
         )
         attn.rotary_sin, attn.rotary_cos = sin.to(device), cos.to(device)
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -38,6 +38,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.interface import Abilities
 from mechir.models.hooked import HookedRerankerMixin, HooksArg
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError, family_of
 from mechir.models.tl import (
@@ -51,6 +52,7 @@ from mechir.models.tl import (
     HookPoint,
     LayerNorm,
     TypedModuleList,
+    attention_direction,
 )
 from mechir.parts import CrossEncoderBatch, PairLayout, check_max_length, encode, pair_layout_of
 from mechir.running import HookFn, Hooks, running_batch
@@ -114,6 +116,8 @@ class EncoderSpec:
         body: for a body TransformerLens's BERT blocks cannot express, ``body(model, cfg,
             shape)`` sets ``model.embed``, ``model.blocks``, ``model.ln_final`` and
             ``model.pooler`` (ModernBERT); None: BERT blocks.
+        edges: whether :mod:`patching.edges` follows the family's blocks (BERT-block and
+            ModernBERT attention, MLP and LayerNorms; not DeBERTa's disentangled attention).
     """
 
     layout: PairLayout
@@ -124,6 +128,7 @@ class EncoderSpec:
     head_activation: str = "tanh"
     blocks: BlockKind = "post_ln"
     body: Callable[[Any, HookedTransformerConfig, EncoderShape], None] | None = None
+    edges: bool = True
 
     def position_offset(self, shape: EncoderShape) -> int:
         """Row of the position table used by the first token (RoBERTa: ``padding_idx + 1``)."""
@@ -158,7 +163,7 @@ class EncoderAttention(Attention):
         c = self.cfg
         return (
             c.positional_embedding_type == "standard"
-            and (self._attention_dir_override or c.attention_dir) == "bidirectional"
+            and attention_direction(self) == "bidirectional"
             and not (c.use_attn_result or c.load_in_4bit or c.use_qk_norm or c.use_logn_attn)
             and not c.use_attention_sinks
             and c.clip_qkv is None
@@ -480,7 +485,19 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
             raise ValueError(f"{what}={layer!r} out of range: the model has {n} layers (0-{n})")
         return layer
 
-    # ------------------------------------------------------------------ hooks
+    @property
+    def abilities(self) -> Abilities:
+        """A cross-encoder's: bidirectional, post-LN or pre-LN as its spec says, no prompt."""
+        return Abilities(
+            causal=False,
+            post_ln=self.spec.blocks == "post_ln",
+            qk_norm=False,
+            grouped_kv=False,
+            cross_attention=False,
+            prompt=False,
+            edges=self.spec.edges,
+        )
+
     # ------------------------------------------------------------------ block-level API
     @staticmethod
     def additive_attention_mask(

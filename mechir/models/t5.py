@@ -68,6 +68,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.interface import Abilities
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
 from mechir.models.tl import (
@@ -78,8 +79,8 @@ from mechir.models.tl import (
     HookedTransformerConfig,
     HookPoint,
     RMSNorm,
-    T5Attention,
     TypedModuleList,
+    t5_relative_position_bucket,
 )
 from mechir.parts import (
     CrossEncoderBatch,
@@ -273,7 +274,7 @@ def relative_position_bucket(
     reused from TransformerLens's copy of it): exact buckets for small distances, logarithmic
     ones up to ``max_distance``; bidirectional (the encoder) halves the buckets by sign, causal
     (the decoder) maps every later key to bucket 0."""
-    return T5Attention._relative_position_bucket(
+    return t5_relative_position_bucket(
         relative_position,
         bidirectional=bidirectional,
         num_buckets=num_buckets,
@@ -741,6 +742,20 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
             nn.Module.to(self, cfg.device)
         self.setup()
 
+    @property
+    def abilities(self) -> Abilities:
+        """MonoT5's: a bidirectional pre-norm encoder read by a decoder through cross-attention,
+        a prompt."""
+        return Abilities(
+            causal=False,
+            post_ln=False,
+            qk_norm=False,
+            grouped_kv=False,
+            cross_attention=True,
+            prompt=True,
+            edges=False,
+        )
+
     # ------------------------------------------------------------------ settings
     @property
     def template(self) -> str:
@@ -998,6 +1013,15 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
     def n_special(self) -> int:
         """Tokens of a pair's input besides its query and document: the template's."""
         return sum(len(ids) for ids in self.template_ids())
+
+    def field_tokens(
+        self, text: str, field: Literal["query", "document"] = "document"
+    ) -> list[int]:
+        """``text``'s token ids as the query or the document of this model's prompt: the
+        tokenizer's, without special tokens (T5's template pieces end at the fields)."""
+        if field not in ("query", "document"):
+            raise ValueError(f"field must be 'query' or 'document', got {field!r}")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def batch_from_tokens(
         self,
