@@ -58,16 +58,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import Abilities
-from mechir.models.encoder import (
-    DEFAULT_SCORE_TYPE,
-    SCORE_TYPES,
-    CrossEncoderClassifier,
-    HookedCrossEncoder,
-    ScoreType,
-    attend,
-)
+from mechir.models.encoder import CrossEncoderClassifier, HookedCrossEncoder, attend
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
+from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
 from mechir.models.tl import (
     Attention,
     Embed,
@@ -678,9 +672,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
 
     @score_type.setter
     def score_type(self, value: ScoreType) -> None:
-        if value not in SCORE_TYPES:
-            raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
-        self._score_type = value
+        self._score_type = check_score_type(value)
 
     # ------------------------------------------------------------------ forward
     def forward(  # type: ignore[override]

@@ -1,10 +1,10 @@
 """The hooked cross-encoder: a TransformerLens ``HookedEncoder`` with a hooked relevance head.
 
 What every encoder family shares: the model class :class:`HookedCrossEncoder`, its BERT-block
-body and heads, :class:`EncoderShape` (the family-independent description the model is built
-from) and :class:`EncoderSpec` (what an encoder family's file declares: how its config and state
-dict map onto mechir's, its embedding rule, head activation and pair layout, and, for a body
-TransformerLens's blocks cannot express, its own body builder: ModernBERT). The families
+body and heads, built from an ``EncoderShape`` and the family's ``EncoderSpec``
+(:mod:`mechir.models.spec`: how its config and state dict map onto mechir's, its embedding
+rule, head activation and pair layout, and, for a body TransformerLens's blocks cannot express,
+its own body builder: ModernBERT). The families
 themselves are one file each (:mod:`mechir.models.bert`, ``electra``, ``roberta``, ``distilbert``,
 ``modernbert``).
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -41,6 +40,8 @@ from torch import Tensor
 from mechir.interface import Abilities
 from mechir.models.hooked import HookedRerankerMixin, HooksArg
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError, family_of
+from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
+from mechir.models.spec import EncoderShape, EncoderSpec
 from mechir.models.tl import (
     Attention,
     BertBlock,
@@ -54,7 +55,7 @@ from mechir.models.tl import (
     TypedModuleList,
     attention_direction,
 )
-from mechir.parts import CrossEncoderBatch, PairLayout, check_max_length, encode, pair_layout_of
+from mechir.parts import CrossEncoderBatch, check_max_length, encode, pair_layout_of
 from mechir.running import HookFn, Hooks, running_batch
 
 __all__ = [
@@ -68,71 +69,7 @@ __all__ = [
     "running_batch",
 ]
 
-ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "pooled", "resid", None]
-PositionRule = Literal["absolute", "padding_offset", "rotary", "relative"]
-BlockKind = Literal["post_ln", "pre_ln"]
-
-SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
-#: The default score: the log-odds of relevance. For one label it is the logit; for two or more it
-#: is ``z_rel - logsumexp(z_other)`` (``z1 - z0`` for MonoBERT), which ranks exactly like the
-#: softmax probability and, for two labels, is linear in the classifier.
-DEFAULT_SCORE_TYPE: ScoreType = "binary_logit"
-
-
-@dataclass(frozen=True)
-class EncoderShape:
-    """The family-independent description of an encoder (what the hooked model is built from)."""
-
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    n_layers: int
-    n_positions: int  #: rows of the position-embedding table
-    d_vocab: int
-    eps: float
-    act_fn: str
-    n_token_types: int  #: 0 when the family has no token-type embedding
-    d_embed: int  #: embedding width (== d_model unless projected, ELECTRA-small)
-    pad_token_id: int
-    extra: Any = None  #: what a family with its own body adds (ModernBERT: ``ModernShape``)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """What an encoder family's file declares (see the module docstring).
-
-    Attributes:
-        layout: how pairs are joined (``[CLS] q [SEP] d [SEP]`` or RoBERTa's ``</s></s>``).
-        encoder_config: Hugging Face config -> :class:`EncoderShape` (ValueError when a setting
-            is not supported).
-        state_dict: ``(hf_model, n_heads) -> {mechir name: tensor}``.
-        head_keys: Hugging Face state-dict prefixes of the trained head (a checkpoint missing
-            them has no trained head).
-        positions: ``"absolute"``, RoBERTa's ``"padding_offset"``, ``"rotary"`` or DeBERTa's
-            ``"relative"`` (positions enter the attention scores).
-        head_activation: the pooler's activation (``"tanh"``, ``"gelu"``, ``"relu"``).
-        blocks: ``"post_ln"`` (BERT blocks) or ``"pre_ln"``.
-        body: for a body TransformerLens's BERT blocks cannot express, ``body(model, cfg,
-            shape)`` sets ``model.embed``, ``model.blocks``, ``model.ln_final`` and
-            ``model.pooler`` (ModernBERT); None: BERT blocks.
-        edges: whether :mod:`patching.edges` follows the family's blocks (BERT-block and
-            ModernBERT attention, MLP and LayerNorms; not DeBERTa's disentangled attention).
-    """
-
-    layout: PairLayout
-    encoder_config: Callable[[Any], EncoderShape]
-    state_dict: Callable[[Any, int], dict[str, Tensor]]
-    head_keys: tuple[str, ...]
-    positions: PositionRule = "absolute"
-    head_activation: str = "tanh"
-    blocks: BlockKind = "post_ln"
-    body: Callable[[Any, HookedTransformerConfig, EncoderShape], None] | None = None
-    edges: bool = True
-
-    def position_offset(self, shape: EncoderShape) -> int:
-        """Row of the position table used by the first token (RoBERTa: ``padding_idx + 1``)."""
-        return shape.pad_token_id + 1 if self.positions == "padding_offset" else 0
 
 
 class HookAwareLayerNorm(LayerNorm):
@@ -398,9 +335,7 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
 
     @score_type.setter
     def score_type(self, value: ScoreType) -> None:
-        if value not in SCORE_TYPES:
-            raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
-        self._score_type = value
+        self._score_type = check_score_type(value)
 
     # ------------------------------------------------------------------ forward
     def scores_from_logits(

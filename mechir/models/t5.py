@@ -71,6 +71,7 @@ from torch import Tensor
 from mechir.interface import Abilities
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
+from mechir.models.scores import ScoreType, check_score_type
 from mechir.models.tl import (
     ActivationCache,
     Embed,
@@ -97,9 +98,7 @@ DEFAULT_ANSWERS: tuple[str, str] = ("true", "false")
 #: The input length MonoT5 was trained with (T5 has no position table to bound it).
 DEFAULT_MAX_LENGTH = 512
 
-ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "vocab_logits", "resid", None]
-SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
 
 
 def gelu_new(x: Tensor) -> Tensor:
@@ -767,9 +766,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
 
     @score_type.setter
     def score_type(self, value: ScoreType) -> None:
-        if value not in SCORE_TYPES:
-            raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
-        self._score_type = value
+        self._score_type = check_score_type(value)
 
     @property
     def max_length(self) -> int:
@@ -1273,8 +1270,8 @@ def load(family: Family, source: Any, tokenizer: Any, options: LoadOptions) -> H
             "the words into --template)"
         )
     Prompt.parse(options.template or DEFAULT_TEMPLATE, family.name)
-    if options.score_type is not None and options.score_type not in SCORE_TYPES:
-        raise ValueError(f"unknown score_type {options.score_type!r}: choose one of {SCORE_TYPES}")
+    if options.score_type is not None:
+        check_score_type(options.score_type)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is a slow tokenizer: MonoT5 needs a fast one (with "
