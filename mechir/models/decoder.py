@@ -988,12 +988,12 @@ class _Checkpoint:
             return torch.cat([sl[r : r + 1] for r in rows])
 
 
-def _hf_tensors(model: Any) -> Any:
+def _hf_tensors(hf_model: nn.Module) -> Any:
     """An in-memory Hugging Face model's tensors, with the :class:`_Checkpoint` interface."""
 
     class _InMemory:
         def __init__(self) -> None:
-            self.tensors = {k: v.detach() for k, v in model.state_dict().items()}
+            self.tensors = {k: v.detach() for k, v in hf_model.state_dict().items()}
             self.where = dict.fromkeys(self.tensors)
 
         def get(self, name: str, rows: Sequence[int] | None = None) -> Tensor:

@@ -622,7 +622,7 @@ def hooked_config_from_hf(
     )
 
 
-def state_dict_from_hf(hf_model: Any, n_heads: int) -> dict[str, Tensor]:
+def state_dict_from_hf(hf_model: nn.Module, n_heads: int) -> dict[str, Tensor]:
     """Map a supported ``*ForSequenceClassification`` state dict to mechir names."""
     _, spec = encoder_family(hf_model.config, type(hf_model).__name__)
     sd = spec.state_dict(hf_model, n_heads)
@@ -630,7 +630,7 @@ def state_dict_from_hf(hf_model: Any, n_heads: int) -> dict[str, Tensor]:
 
 
 def hooked_cross_encoder_from_hf(
-    hf_model: Any,
+    hf_model: nn.Module,
     tokenizer: Any,
     *,
     device: str | torch.device | None = None,

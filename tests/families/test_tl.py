@@ -83,7 +83,7 @@ def test_t5_buckets_are_exact_for_small_distances_and_signed_when_bidirectional(
     assert causal.tolist() == [[3, 2, 1, 0, 0, 0, 0]]  # every later key in bucket 0
 
 
-def test_retype_hook_point_keeps_its_hooks_and_refuses_an_unrelated_class():
+def test_retype_hook_point_keeps_its_hooks_and_refuses_an_unrelated_class(unchecked_shapes):
     point = tl.HookPoint()
     point.add_hook(lambda act, hook: act + 1)
     tl.retype_hook_point(point, FrameAwareHookPoint)
