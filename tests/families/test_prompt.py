@@ -83,6 +83,9 @@ def test_pair_lists():
         pair_lists([], [])
     with pytest.raises(ValueError, match="pair 1: the document is empty"):
         pair_lists(["a", "b"], ["c", "  "])
+
+
+def test_pair_lists_refuses_a_non_string(unchecked_shapes):
     with pytest.raises(ValueError, match="pair 0: the query is int"):
         pair_lists([3], ["c"])
 
