@@ -51,6 +51,7 @@ from analyses.common import (
     open_study,
     output_dir,
     report_incomplete,
+    require_family,
     run_units,
     study_main,
     study_parser,
@@ -94,6 +95,13 @@ class Study:
     #: Options that only choose which units to compute or how to summarise them: they may
     #: change between runs of one output directory (units are keyed by what they compute).
     work_options: ClassVar[tuple[str, ...]] = ()
+    #: What the study needs of the model's family (:data:`analyses.common.FAMILY_NEEDS`):
+    #: checked from the model's ``config.json`` before anything is opened, and again once the
+    #: model is loaded (a hub id's family is known then), before any unit runs.
+    needs: ClassVar[tuple[str, ...]] = ()
+    #: Named settings for ``--preset NAME``: option destination -> value (the preset's values
+    #: become defaults; options given on the command line still win).
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -143,6 +151,7 @@ class Study:
         """The cross-encoder of ``--model`` on ``--device``, loaded on first use; its score type
         is recorded in (and checked against) the output directory's ``config.json``."""
         model = load_model(self.args)
+        require_family(model.family, self.args.model, self.name, self.needs)
         if hasattr(self, "run"):
             record_score_type(self.run.output, model.score_type, model.num_labels)
         return model
@@ -184,7 +193,7 @@ class Study:
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         """The common options and the study's own."""
-        parser = study_parser(cls.name, cls.description())
+        parser = study_parser(cls.name, cls.description(), cls.presets)
         cls.add_options(parser)
         return parser
 
@@ -197,6 +206,11 @@ class Study:
     def execute(self) -> int:
         """Check the options, open the output directory, run every stage, then summarise."""
         try:
+            if self.needs:
+                from mechir.settings import model_family
+
+                family = model_family(self.args.model)
+                require_family(family, self.args.model, self.name, self.needs)
             self.check()
         except ValueError as err:
             raise UsageError(str(err)) from None

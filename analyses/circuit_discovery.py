@@ -1,7 +1,7 @@
 """Circuit discovery: which edges of the cross-encoder carry relevance? Edge attribution (EAP-IG
 and EAP) of clean pairs against pairs whose query words are replaced, top-n and greedy circuits
 checked by exact edge patching (faithfulness curves, CPR/CMD), the circuit drawn, and its heads
-against the matching heads (issue 22; Hanna et al. 2024; MIB, Mueller et al. 2025).
+against the matching heads (Hanna et al. 2024; MIB, Mueller et al. 2025).
 
 Pairs: for each of the first ``--limit-queries`` judged queries, up to ``--relevant`` relevant and
 ``--non-relevant`` non-relevant documents among its top ``--depth`` candidates; the corrupted
@@ -24,22 +24,26 @@ Stages (each resumable, and split across ranks under torchrun):
 5. ``matching``: the matching heads of the same queries, as ``analyses.matching_heads`` finds them
    with its defaults (relevant vs easy negatives, max Q->D attention, ``|Delta| > 0.1``).
 
-Example (the embedded demo, ~10 minutes on one CPU thread)::
+Examples (the embedded demo: about a minute with ``--preset quick``; about half an hour with
+the defaults below, the greedy search a third of it)::
 
+    python -m analyses.circuit_discovery --model demo --dataset demo --preset quick
     python -m analyses.circuit_discovery --model demo --dataset demo --limit-queries 4 --depth 10
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from analyses.base import Stage, Study, Unit, UsageError
-from analyses.common import writes_outputs
+from analyses.common import candidate_pairs, writes_outputs
 from analyses.summary import Summary
+from mechir.cli import float_range, fraction, positive_float, steps_or_auto
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.store import decode_array, encode_array
@@ -53,32 +57,65 @@ RANKINGS = ("eap_ig", "eap", "exact")
 
 
 # ---------------------------------------------------------------------- pairs
-def select_candidates(args: argparse.Namespace, collection: Any) -> list[Any]:
+def select_candidates(
+    args: argparse.Namespace, collection: Any, candidates: Sequence[Any] | None = None
+) -> tuple[list[Any], dict[str, str]]:
     """Per query, its first ``--relevant`` relevant and ``--non-relevant`` non-relevant
-    candidates (first-stage order); queries lacking one kind are left out for the margin."""
-    out = []
-    for qid in collection.query_ids(args.limit_queries):
-        items = collection.candidates(depth=args.depth, query_ids=[qid])
-        judged = collection.qrels.get(str(qid), {})
+    candidates (first-stage order), and the queries left out with the reason: for the margin, a
+    query lacking either kind among its top ``--depth``.
+
+    ``candidates``: the first ``--limit-queries`` judged queries' top ``--depth`` candidates
+    (default: :func:`analyses.common.candidate_pairs`, which names the file at fault when there
+    are none).
+
+    Raises:
+        UsageError: no query is left, naming why each was left out and what to change.
+    """
+    if candidates is None:
+        candidates = candidate_pairs(args, collection)
+    by_query: dict[str, list[Any]] = {}
+    for p in candidates:
+        by_query.setdefault(str(p.qid), []).append(p)
+    out, left_out = [], {}
+    for qid, items in by_query.items():
+        judged = collection.qrels.get(qid, {})
         rel = [p for p in items if judged.get(str(p.docid), 0) > 0][: args.relevant]
         non = [p for p in items if judged.get(str(p.docid), 0) <= 0][: args.non_relevant]
         if args.metric == "margin" and (not rel or not non):
+            kind = "relevant" if not rel else "non-relevant"
+            left_out[qid] = f"no {kind} document in its top {args.depth}"
             continue
         out += rel + non
     if not out:
-        raise UsageError(
-            "no query has both a relevant and a non-relevant document in its top --depth "
-            "candidates: raise --depth or --limit-queries, or use --metric score"
+        reasons = "; ".join(f"{q}: {r}" for q, r in list(left_out.items())[:3])
+        more = f" (and {len(left_out) - 3} more)" if len(left_out) > 3 else ""
+        hint = (
+            "raise --depth or --limit-queries, or use --metric score"
+            if args.metric == "margin"
+            else "raise --depth or --limit-queries"
         )
-    return out
+        raise UsageError(
+            f"none of the {len(by_query)} selected queries has both a relevant and a "
+            f"non-relevant document among its top {args.depth} candidates ({reasons}{more}), "
+            f"so the relevance margin is undefined: {hint}"
+            if args.metric == "margin"
+            else f"no candidate of the {len(by_query)} selected queries was selected: {hint}"
+        )
+    return out, left_out
 
 
 def build_pairs(
-    model: HookedReranker, collection: Any, args: argparse.Namespace
+    model: HookedReranker,
+    collection: Any,
+    args: argparse.Namespace,
+    items: Sequence[Any] | None = None,
 ) -> tuple[Any, dict]:
+    """The clean and corrupted pairs of the selected candidates (``items``: default
+    :func:`select_candidates`) and the pairs skipped (no content word to replace)."""
     from patching.edges.pairs import replace_query_words
 
-    items = select_candidates(args, collection)
+    if items is None:
+        items, _ = select_candidates(args, collection)
     return replace_query_words(
         model.tokenizer,
         items,
@@ -99,18 +136,25 @@ def query_of(pair_id: str) -> str:
     return pair_id.split(":", 1)[0]
 
 
-def n_steps_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("--n-steps must be a positive int or 'auto'")
-    return value
-
-
 # ---------------------------------------------------------------------- the study
 class CircuitDiscovery(Study):
     name = "circuit_discovery"
+    needs = ("edge_circuits",)
+    #: ``--preset quick``: a first look in about a minute on the embedded demo (3 usable
+    #: queries x 2 pairs, EAP-IG in 4 steps, three budgets, no greedy search, no matching
+    #: heads); the full default run takes about half an hour there.
+    presets = {
+        "quick": {
+            "limit_queries": 4,
+            "depth": 10,
+            "relevant": 1,
+            "non_relevant": 1,
+            "n_steps": 4,
+            "budgets": [0.01, 0.05, 0.2],
+            "greedy_budget": 0.0,
+            "matching": False,
+        }
+    }
     work_options = ("draw_budget", "top_edges")
 
     @classmethod
@@ -134,7 +178,7 @@ class CircuitDiscovery(Study):
         )
         a = p.add_argument_group("edge attribution")
         a.add_argument(
-            "--n-steps", type=n_steps_arg, default=8, help="EAP-IG riemann_left steps, or auto"
+            "--n-steps", type=steps_or_auto, default=8, help="EAP-IG riemann_left steps, or auto"
         )
         a.add_argument("--parts", action="store_true", help="split every edge by input part")
         a.add_argument(
@@ -144,26 +188,26 @@ class CircuitDiscovery(Study):
             help="also patch every edge alone on the first N queries' pairs (slow)",
         )
         a.add_argument(
-            "--memory-budget", type=float, default=2**30, help="bytes of one patched batch"
+            "--memory-budget", type=positive_float, default=2**30, help="bytes of one patched batch"
         )
         c = p.add_argument_group("circuits")
         c.add_argument(
             "--budgets",
-            type=float,
+            type=fraction,
             nargs="+",
             default=list(BUDGETS),
             help="edge fractions of the faithfulness curves",
         )
         c.add_argument(
             "--greedy-budget",
-            type=float,
+            type=float_range(0, 1, high_open=True),
             default=0.002,
             help="greedy search up to this edge fraction (0: no greedy search)",
         )
         c.add_argument("--greedy-step", type=int, default=None, help="edges added per round")
         c.add_argument("--greedy-window", type=int, default=None, help="candidates per round")
         c.add_argument(
-            "--draw-budget", type=float, default=0.005, help="the drawn circuit (summary option)"
+            "--draw-budget", type=fraction, default=0.005, help="the drawn circuit (summary option)"
         )
         c.add_argument("--top-edges", type=int, default=20, help="edges listed (summary option)")
         c.add_argument(
@@ -177,6 +221,13 @@ class CircuitDiscovery(Study):
         args = self.args
         if args.relevant < 0 or args.non_relevant < 0 or args.relevant + args.non_relevant < 1:
             raise UsageError("--relevant and --non-relevant must be >= 0, one of them >= 1")
+        for option, value in (("--relevant", args.relevant), ("--non-relevant", args.non_relevant)):
+            if args.metric == "margin" and value == 0:
+                raise UsageError(
+                    f"{option} 0: the margin metric (mean relevant minus mean non-relevant score) "
+                    f"needs both kinds of document per query; give {option} 1 or more, or use "
+                    "--metric score"
+                )
         budgets = args.budgets
         if any(not 0 < b < 1 for b in budgets) or sorted(budgets) != budgets:
             raise UsageError("--budgets must increase within (0, 1)")
@@ -188,7 +239,17 @@ class CircuitDiscovery(Study):
     # ------------------------------------------------------------------ stages
     def stages(self) -> Iterator[Stage]:
         args = self.args
-        self.pairs, self.skipped = build_pairs(self.model, self.collection, args)
+        # the inputs are checked before the model loads (a file at fault is named)
+        items, self.left_out = select_candidates(args, self.collection, self.candidates)
+        if self.left_out and writes_outputs():  # say why fewer queries than selected are used
+            selected = len(self.left_out) + len({p.qid for p in items})
+            reasons = "; ".join(f"{q}: {r}" for q, r in self.left_out.items())
+            print(
+                f"{self.name}: {len(self.left_out)} of {selected} selected queries left out of "
+                f"the margin ({reasons})",
+                file=sys.stderr,
+            )
+        self.pairs, self.skipped = build_pairs(self.model, self.collection, args, items)
         self.queries = list(dict.fromkeys(query_of(p) for p in self.pairs.pair_ids))
         if writes_outputs():
             pd.DataFrame({"pair": self.pairs.pair_ids, "grade": self.pairs.grades}).to_csv(
@@ -429,7 +490,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
     s = Summary(
         "Circuit discovery: the edges behind relevance",
         "Clean pairs against the same pairs with the query's content words replaced by "
-        f"'{filler_of(study.model, args)}'; edges patched from the corrupted run (issue 22).",
+        f"'{filler_of(study.model, args)}'; edges patched from the corrupted run.",
     )
     s.heading("Setting")
     s.facts(
@@ -437,6 +498,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
         | {
             "pairs": f"{len(study.pairs)} ({len(study.queries)} queries; {len(study.skipped)} "
             "skipped)",
+            "queries left out": "; ".join(f"{q}: {r}" for q, r in study.left_out.items()) or "none",
             "metric": args.metric
             + (
                 " (mean relevant - mean non-relevant score per query)"

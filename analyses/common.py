@@ -29,7 +29,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ DEFAULT_RESULTS = Path("results")
 #: Options that change how a run executes but not what it computes (not checked on resume).
 RUNTIME_OPTIONS: frozenset[str] = frozenset(
     {"device", "batch_size", "output", "run_name", "max_units", "progress", "func", "debug"}
+    | {"preset"}  # a preset's values are recorded, not its name
 )
 
 
@@ -87,17 +88,71 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def study_parser(study: str, description: str | None) -> argparse.ArgumentParser:
-    """An argument parser with the options every study shares (its own are added by the study).
+class PresetParser(OneLineParser):
+    """A study's parser with ``--preset NAME``: the preset's values become the defaults of the
+    options it names, so options given on the command line still win (in any order)."""
+
+    def __init__(self, *args: Any, presets: Mapping[str, Mapping[str, Any]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.presets = {k: dict(v) for k, v in presets.items()}
+        self.add_argument(
+            "--preset",
+            choices=sorted(self.presets),
+            default=None,
+            help="a named setting: "
+            + "; ".join(f"{k}: {_preset_text(v)}" for k, v in self.presets.items())
+            + " (options given on the command line still win)",
+        )
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = sys.argv[1:] if args is None else list(args)
+        probe = argparse.ArgumentParser(add_help=False)
+        probe.add_argument("--preset", default=None)
+        chosen = probe.parse_known_args(argv)[0].preset
+        if chosen not in self.presets:  # none, or an unknown name refused by the parse
+            return super().parse_known_args(argv, namespace)
+        preset = self.presets[chosen]
+        saved = {dest: self.get_default(dest) for dest in preset}
+        self.set_defaults(**preset)
+        try:
+            return super().parse_known_args(argv, namespace)
+        finally:  # the parser itself keeps its own defaults
+            self.set_defaults(**saved)
+
+
+def _preset_text(values: Mapping[str, Any]) -> str:
+    """``{"limit_queries": 4, "matching": False}`` -> ``"limit-queries 4, matching off"``."""
+    parts = []
+    for dest, value in values.items():
+        if isinstance(value, bool):
+            shown = "on" if value else "off"
+        elif isinstance(value, (list, tuple)):
+            shown = " ".join(map(str, value))
+        else:
+            shown = value
+        parts.append(f"{dest.replace('_', '-')} {shown}")
+    return ", ".join(parts)
+
+
+def study_parser(
+    study: str,
+    description: str | None,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+) -> argparse.ArgumentParser:
+    """An argument parser with the options every study shares (its own are added by the study),
+    and ``--preset`` when the study names ``presets`` (name -> option destination -> value).
 
     Defaults name the papers' setting: MonoBERT-large on TREC DL 2019 (judged queries), BM25
     top-100 candidates.
     """
-    parser = OneLineParser(
+    common = dict(
         prog=f"python -m analyses.{study}",
         description=description,
         formatter_class=_DefaultsHelpFormatter,
     )
+    parser = PresetParser(**common, presets=presets) if presets else OneLineParser(**common)
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory or 'demo'")
     g.add_argument(
@@ -383,6 +438,40 @@ def check_study_args(args: argparse.Namespace, study: str) -> None:
     check_prompt_options(args)
 
 
+#: What a study may need of the model's family, as :class:`~mechir.models.Family` declares it.
+FAMILY_NEEDS = ("cross_encoder", "edge_circuits")
+
+
+def require_family(family: Any, name: str, study: str, needs: Iterable[str]) -> None:
+    """Refuse in one line a model whose family lacks what ``study`` needs (``needs``: names of
+    :data:`FAMILY_NEEDS`): ``"cross_encoder"``, a cross-encoder's [CLS] token, pair layout and
+    embedding matrix (``family.kind == "encoder"``: not MonoT5 nor LLM rerankers);
+    ``"edge_circuits"``, blocks the edge engine follows (``family.edge_circuits``). ``family``
+    None (a hub id not yet downloaded) passes: the study checks again once the model is loaded.
+
+    Raises:
+        UsageError: naming the model, its family and what to run instead.
+    """
+    if family is None:
+        return
+    needs = set(needs)
+    if needs & set(FAMILY_NEEDS) and family.kind != "encoder":
+        raise UsageError(
+            f"{name}: the {study} study analyses cross-encoders ([CLS] query [SEP] document "
+            f"[SEP]); {family.name} is a prompt-based reranker ({family.kind}): run "
+            "patching_tfc1 and the other studies on it"
+        )
+    if "edge_circuits" in needs and not family.edge_circuits:
+        from mechir.models.registry import FAMILIES
+
+        followed = ", ".join(f.name for f in FAMILIES if f.edge_circuits)
+        raise UsageError(
+            f"{name}: the {study} study patches edges, and the edge engine follows the blocks "
+            f"of {followed}; the {family.name} family is not one of them: run the other studies "
+            "on it"
+        )
+
+
 def study_main(
     run: Callable[[argparse.Namespace], int],
     parser: argparse.ArgumentParser,
@@ -420,7 +509,9 @@ def load_model(args: argparse.Namespace) -> Any:
     """The cross-encoder named by ``--model`` on ``--device``."""
     from mechir import load_cross_encoder
 
-    return load_cross_encoder(args.model, device=args.device, **prompt_options(args))
+    return load_cross_encoder(
+        args.model, device=args.device, progress=args.progress, **prompt_options(args)
+    )
 
 
 def model_shape(args: argparse.Namespace) -> dict[str, int]:
@@ -454,6 +545,30 @@ def candidate_pairs(args: argparse.Namespace, collection: Any) -> list[Any]:
     if not pairs:
         raise ValueError(no_candidates_reason(collection, qids, args.dataset, args.split))
     return pairs
+
+
+def require_queries(
+    candidates: Sequence[Any], args: argparse.Namespace, *, at_least: int, needed_by: str
+) -> None:
+    """Refuse, before any model work, a selection of fewer than ``at_least`` queries with
+    candidates when ``needed_by`` (e.g. the summary's paired t-tests) needs that many.
+
+    Raises:
+        UsageError: naming how many queries were selected and the option to change.
+    """
+    n = len({p.qid for p in candidates})
+    if n >= at_least:
+        return
+    chosen = (
+        f"--limit-queries {args.limit_queries} selects"
+        if args.limit_queries is not None
+        else f"{args.dataset} has"
+    )
+    fix = f"use --limit-queries {at_least} or more" if args.limit_queries else "use more queries"
+    raise UsageError(
+        f"{chosen} {n} judged {'query' if n == 1 else 'queries'} with candidates; {needed_by} "
+        f"need at least {at_least}: {fix}"
+    )
 
 
 # ---------------------------------------------------------------------- units of work

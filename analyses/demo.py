@@ -49,6 +49,17 @@ DESCRIPTION = (
 )
 
 
+def demo_queries(text: str) -> int:
+    """argparse type of ``--limit-queries``: at least 2 queries (the summary's paired
+    t-tests), refused before anything runs."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is too few: the summary's paired t-tests need at least 2 queries"
+        )
+    return value
+
+
 def add_demo_options(p: argparse.ArgumentParser) -> None:
     """The demo's own options (``--device``/``--batch-size`` come from the CLI's)."""
     p.add_argument(
@@ -56,7 +67,7 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--limit-queries",
-        type=positive_int,
+        type=demo_queries,
         default=None,
         help="first N of the 50 demo queries only (a quicker, smaller run; own output directory)",
     )

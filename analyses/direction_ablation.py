@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from analyses.base import Study, StudyRun, Unit
+from analyses.common import require_queries
 from analyses.reranking import (
     compare_to_baseline,
     per_query_values,
@@ -42,6 +43,7 @@ from analyses.reranking import (
     tied_queries,
 )
 from analyses.summary import Summary
+from mechir.cli import fraction
 from mechir.hooks import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,
@@ -219,7 +221,9 @@ class DirectionAblation(Study):
         g.add_argument(
             "--random-shuffles", type=int, default=200, help="shuffles of the random floor"
         )
-        g.add_argument("--alpha", type=float, default=0.05, help="significance level (after Holm)")
+        g.add_argument(
+            "--alpha", type=fraction, default=0.05, help="significance level (after Holm)"
+        )
 
     def check(self) -> None:
         self.conditions = parse_conditions(self.args.conditions)
@@ -229,6 +233,9 @@ class DirectionAblation(Study):
         return [self.args.mode]
 
     def plan(self) -> list[Unit]:
+        require_queries(
+            self.candidates, self.args, at_least=2, needed_by="the summary's paired t-tests"
+        )
         return plan_units(self.conditions, self.ranges)
 
     def compute(self, unit: Unit) -> dict[str, Any]:
@@ -349,6 +356,7 @@ def summarize(study: DirectionAblation) -> Summary:
             },
         )
     )
+    s.small_sample(n_queries, "the paired t-tests")
     s.heading("Reference rankings")
     s.table(refs)
 

@@ -38,6 +38,7 @@ from analyses.reranking import (
     rerank_row,
 )
 from analyses.summary import Summary
+from mechir.cli import fraction, nonnegative_float
 from mechir.data import matching_pairs
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
@@ -201,7 +202,9 @@ class MatchingHeads(Study):
             help="exact matches must also be the same whole word (WordPieces joined)",
         )
         s = p.add_argument_group("matching heads (summary options)")
-        s.add_argument("--threshold", type=float, default=0.1, help="|Delta| of a matching head")
+        s.add_argument(
+            "--threshold", type=nonnegative_float, default=0.1, help="|Delta| of a matching head"
+        )
         s.add_argument(
             "--paired", action="store_true", help="median of per-query differences (paired Delta)"
         )
@@ -227,7 +230,7 @@ class MatchingHeads(Study):
         k.add_argument(
             "--random-shuffles", type=int, default=200, help="shuffles of the random floor"
         )
-        k.add_argument("--alpha", type=float, default=0.05)
+        k.add_argument("--alpha", type=fraction, default=0.05)
 
     def check(self) -> None:
         self.shape  # noqa: B018 -- the model's config is readable
@@ -521,6 +524,7 @@ def knockout_section(
         f"of as many other heads; {measure} over {len(candidates)} first-stage candidates "
         "(paired t-test against the full model, Holm over these conditions)."
     )
+    s.small_sample(len(values[KNOCKOUT_BASELINE]), "the paired t-tests of the knockouts")
     s.table(refs)
     cols = ["condition", "heads", measure, "delta", "t", "p_holm", "significant"]
     s.table(table[cols], f"{measure} with heads knocked out", FORMATS)

@@ -31,6 +31,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug
 from analyses.summary import Summary
+from mechir.cli import percent, positive_float, steps_or_auto
 from mechir.data import Pair, load_collection
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
@@ -288,17 +289,19 @@ class NeuronAttribution(Study):
         g.add_argument("--method", default="riemann_right", help="integration rule")
         g.add_argument(
             "--n-steps",
-            type=lambda v: v if v == "auto" else int(v),
+            type=steps_or_auto,
             default=50,
             help="path steps, or 'auto' (refine until the estimated error is below --rtol)",
         )
-        g.add_argument("--rtol", type=float, default=0.01, help="target error of --n-steps auto")
+        g.add_argument(
+            "--rtol", type=positive_float, default=0.01, help="target error of --n-steps auto"
+        )
         g.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
         g.add_argument("--max-batch", type=int, default=None, help="rows per NIG forward/backward")
         s = p.add_argument_group("selection and pruning")
         s.add_argument(
             "--percents",
-            type=float,
+            type=percent,
             nargs="+",
             default=[0.005, 0.05, 0.5],
             help="top p %% of all neurons",

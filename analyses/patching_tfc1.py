@@ -31,6 +31,7 @@ import numpy as np
 from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
 from analyses.summary import Summary
+from mechir.cli import nonnegative_float, positive_float
 from mechir.interface import HookedReranker, PromptReranker
 from mechir.lazy import lazy_import
 from mechir.store import decode_array, encode_array
@@ -199,11 +200,14 @@ class PatchingTFC1(Study):
         t.add_argument("--resid-by", choices=["part", "position"], default="part")
         t.add_argument("--unit-pairs", type=int, default=16, help="pairs per unit of work")
         t.add_argument(
-            "--memory-budget", type=float, default=2**30, help="bytes of one expanded forward pass"
+            "--memory-budget",
+            type=positive_float,
+            default=2**30,
+            help="bytes of one expanded forward pass",
         )
         t.add_argument(
             "--min-delta",
-            type=float,
+            type=nonnegative_float,
             default=1e-3,
             help="pairs with |clean - corrupted| below this are excluded (summary option)",
         )
@@ -317,8 +321,14 @@ def summarize(study: PatchingTFC1) -> Summary:
                     if np.isfinite(mean[i, j])
                 ]
             )
-            top = flat.reindex(flat["mean metric"].abs().sort_values(ascending=False).index)
-            s.table(top.head(10), f"top cells ({label}) by |mean metric|", "+.4f")
+            if flat.empty:  # every pair excluded: no mean to rank (say why, not a KeyError)
+                s.paragraph(
+                    f"No cell to rank: no pair changes the score by --min-delta {args.min_delta:g}"
+                    " or more between the clean and the corrupted input."
+                )
+            else:
+                top = flat.reindex(flat["mean metric"].abs().sort_values(ascending=False).index)
+                s.table(top.head(10), f"top cells ({label}) by |mean metric|", "+.4f")
         comparison = {
             "target": target,
             **attribution_vs_exact(approx, exact, min_delta=args.min_delta),

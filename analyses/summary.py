@@ -60,6 +60,23 @@ def markdown_table(frame: pd.DataFrame, formats: Formats = ".4f") -> str:
     return "\n".join(lines)
 
 
+#: Below this many queries, a summary's paired t-tests and held-out fits carry a warning.
+MIN_QUERIES = 10
+
+
+def small_sample_warning(n: int, what: str) -> str | None:
+    """The warning a summary shows when ``what`` (paired t-tests, held-out R²) rests on ``n`` <
+    :data:`MIN_QUERIES` queries, else None."""
+    if n >= MIN_QUERIES:
+        return None
+    return (
+        f"**Small sample:** {what} rest on {n} {'query' if n == 1 else 'queries'} (fewer than "
+        f"{MIN_QUERIES}): p-values, significance and R² this small are unreliable (a held-out R² "
+        "can fall far below 0); read them as a smoke test, not a finding. Use more queries "
+        "(--limit-queries) for conclusions."
+    )
+
+
 class Summary:
     """Blocks of a summary page, rendered to Markdown and saved with a JSON twin.
 
@@ -87,6 +104,11 @@ class Summary:
     def bullets(self, items: Sequence[str]) -> Summary:
         self.blocks.append({"type": "list", "items": list(items)})
         return self
+
+    def small_sample(self, n: int, what: str) -> Summary:
+        """The :func:`small_sample_warning` paragraph, when ``n`` queries are too few."""
+        warning = small_sample_warning(n, what)
+        return self.paragraph(warning) if warning else self
 
     def facts(self, facts: Mapping[str, Any]) -> Summary:
         """A two-column key/value list (the setting of a run)."""

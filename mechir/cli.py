@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -50,6 +51,58 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (at least 1)")
     return value
+
+
+def steps_or_auto(text: str) -> int | str:
+    """argparse type: a number of integration steps (an integer >= 1) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a positive integer nor 'auto'"
+        ) from None
+
+
+def float_range(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[str], float]:
+    """argparse type: a finite number (never ``nan`` or ``inf``) within ``[low, high]`` (bounds
+    None: unbounded; ``*_open``: the bound itself excluded), refused at parse time in one line
+    naming the value and the range, e.g. ``argument --alpha: 'nan' is not a finite number``."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    span = f"{lo}{'-inf' if low is None else format(low, 'g')}, "
+    span += f"{'inf' if high is None else format(high, 'g')}{hi}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"{text!r} is outside {span}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+#: argparse types of the studies' float options (see :func:`float_range`).
+finite_float = float_range()
+positive_float = float_range(0, low_open=True)
+nonnegative_float = float_range(0)
+fraction = float_range(0, 1, low_open=True, high_open=True)
+percent = float_range(0, 100, low_open=True)
 
 
 def one_line(err: BaseException) -> str:
@@ -457,7 +510,9 @@ def _score_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[
     where = [f"--query/--document pair {i}" for i in range(1, len(queries) + 1)]
     if args.pairs:
         given = len(queries)
-        for n, line in enumerate(args.pairs.read_text(encoding="utf-8").splitlines(), 1):
+        from mechir.data import text_lines  # a byte that is not UTF-8: its file and line
+
+        for n, line in text_lines(args.pairs):
             if line.strip():
                 q, sep, d = line.partition("\t")
                 if not sep:
@@ -871,7 +926,9 @@ def _load_model(args: argparse.Namespace, saved_score_type: str | None, store_pa
     """The cross-encoder of ``--model``, its score type checked against the stored one."""
     from mechir.loading import load_cross_encoder
 
-    model = load_cross_encoder(args.model, device=args.device, **prompt_options(args))
+    model = load_cross_encoder(
+        args.model, device=args.device, progress=args.progress, **prompt_options(args)
+    )
     check_score_type(saved_score_type, model.score_type, store_path)
     return model
 

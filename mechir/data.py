@@ -45,7 +45,7 @@ class Pair(NamedTuple):
         )
 
 
-def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """``(line number, line without its newline)`` of a UTF-8 text file, decoding line by line so
     that an invalid byte is reported with its file and line."""
     with open(path, "rb") as f:
@@ -63,7 +63,7 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
 def read_tsv(path: str | Path) -> dict[str, str]:
     """``id \\t text`` lines into a dict (text may contain no tab)."""
     out: dict[str, str] = {}
-    for n, line in _lines(path):
+    for n, line in text_lines(path):
         if not line:
             continue
         key, sep, text = line.partition("\t")
@@ -77,7 +77,7 @@ def _columns(path: str | Path, layout: str) -> Iterator[tuple[int, list[str]]]:
     """``(line number, columns)`` of the non-blank lines of a whitespace-separated file whose
     lines all have the columns named in ``layout``."""
     width = len(layout.split())
-    for n, line in _lines(path):
+    for n, line in text_lines(path):
         cols = line.split()
         if not cols:
             continue

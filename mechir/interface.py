@@ -39,14 +39,17 @@ class Abilities:
             so some part-to-part attention cannot exist (``model.impossible_direction``).
         post_ln: LayerNorm after each residual sum (BERT blocks: the stream a block writes is
             normalized); False: pre-norm blocks (ModernBERT, T5, LLMs).
-        qk_norm: queries and keys are normalized per head before their dot product (Qwen3), so
-            the score is not bilinear in the residual stream.
+        qk_norm: queries and keys are RMS-normalized per head after ``hook_q`` / ``hook_k``
+            (QK-norm, Qwen3): the attention scores are then not bilinear in them, and the
+            normalized vectors are at ``blocks.{l}.attn.q_norm.hook_normalized`` /
+            ``k_norm.hook_normalized`` (``[batch * pos * head, d_head]``, before the norm
+            weight).
         grouped_kv: fewer key/value heads than query heads (``cfg.n_key_value_heads``).
         cross_attention: a decoder reads the encoder's input through cross-attention (MonoT5).
         prompt: inputs are a rendered prompt around the query and the document; the model is a
             :class:`PromptReranker` (``n_special``, ``field_tokens``, ``batch_from_tokens``).
         edges: :mod:`patching.edges` follows its blocks (attention, MLP and LayerNorms of an
-            ``EncoderSpec``, post-LN or pre-LN).
+            ``EncoderSpec``, post-LN or pre-LN): its family's ``Family.edge_circuits``.
     """
 
     causal: bool
@@ -125,6 +128,11 @@ class HookedReranker(Protocol):
 
     def additive_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The mask in the form :meth:`run_block` takes, from a ``[batch, pos]`` 0/1 mask."""
+        ...
+
+    def active_hooks(self) -> list[str]:
+        """The hook point of every hook that fires for a forward pass started in this execution
+        context (active ``with model.hooks(...)`` blocks, and hooks added without a scope)."""
         ...
 
     def run_block(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +217,7 @@ def load_cross_encoder(
     template: str | None = None,
     instruction: str | None = None,
     answer_tokens: tuple[str, str] | None = None,
+    progress: bool = True,
 ) -> HookedReranker:
     """Load a reranker into mechir: a :class:`~mechir.models.HookedCrossEncoder` for the encoder
     families, the family's own hooked model otherwise.
@@ -239,6 +242,8 @@ def load_cross_encoder(
         template, instruction, answer_tokens: the prompt of a prompt-based reranker (MonoT5,
             LLM rerankers; see :class:`mechir.models.LoadOptions`); each defaults to the
             family's own, and families that read no prompt refuse them.
+        progress: show Hugging Face's download and "Loading weights" progress bars (False:
+            silenced for this call only, see :func:`hf_progress_bars`).
 
     Returns:
         a model satisfying :class:`mechir.interface.HookedReranker`.
@@ -274,7 +279,8 @@ def load_cross_encoder(
         family = family_for_config(model.config, source, architecture=source)
         if tokenizer is None:
             raise ValueError("an in-memory model needs its tokenizer: pass tokenizer=...")
-        return family.load(model, tokenizer, options)
+        with hf_progress_bars(progress):
+            return family.load(model, tokenizer, options)
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(
             "model must be a hub id, a local directory, a transformers model or a "
@@ -283,7 +289,8 @@ def load_cross_encoder(
     source = str(model)
     location = resolve_model_source(model)
     try:
-        config = AutoConfig.from_pretrained(location)
+        with hf_progress_bars(progress):
+            config = AutoConfig.from_pretrained(location)
     except ValueError as err:  # a downloaded config.json of a type Transformers lacks
         model_type = _unknown_model_type(str(err))
         if model_type is None:
@@ -299,9 +306,35 @@ def load_cross_encoder(
             source, f"the hub {_hub_endpoint()} did not provide it ({reason})"
         ) from None
     family = family_for_config(config, source)
-    if tokenizer is None:
-        tokenizer = _load_tokenizer(str(location))
-    return family.load(location, tokenizer, options)
+    with hf_progress_bars(progress):
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(str(location))
+        return family.load(location, tokenizer, options)
+
+
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Within the block, Hugging Face's progress bars (``transformers``' "Loading weights",
+    ``huggingface_hub``'s downloads) are shown or not as ``enabled`` says; on leaving, both
+    libraries' switches are restored to what they were (the switches are process-wide:
+    another thread loading at the same time sees the same setting)."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as hf_logging
+
+    shown, hub_shown = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    if enabled == shown and enabled == hub_shown:
+        yield
+        return
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+        (enable_progress_bars if hub_shown else disable_progress_bars)()
 
 
 def _unknown_model_type(message: str) -> str | None:

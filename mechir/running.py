@@ -159,6 +159,31 @@ def scope_active(scope: object) -> bool:
     return scope in _SCOPES.get()
 
 
+def refuse_active_hooks(model: HookedReranker, engine: str) -> None:
+    """Refuse to run an engine that computes its own forward pass (the edge engine: its own
+    attention and LayerNorms) while user hooks are active on ``model`` here (a ``with
+    model.hooks(...)`` block of this thread or task, or hooks added without a scope): such an
+    engine would apply some of them (the model modules it calls) and silently skip the rest.
+    One intervention dialect: hooks go to the model's own forward; an engine runs without
+    them. Call at the entry of every public function of such an engine, before it adds any
+    hook of its own.
+
+    Raises:
+        ValueError: ``model`` has active hooks (the message names the engine, how many hooks,
+            one or two of their hook points, and what to do).
+    """
+    names = model.active_hooks()
+    if names:
+        shown = ", ".join(dict.fromkeys(names[:2]))
+        more = ", ..." if len(set(names)) > len(dict.fromkeys(names[:2])) else ""
+        raise ValueError(
+            f"{engine} runs its own forward pass and would skip hooks on the model, but "
+            f"{len(names)} hook{'s are' if len(names) > 1 else ' is'} active ({shown}{more}): "
+            "call it outside the `with model.hooks(...)` block (and remove hooks added with "
+            "add_hook or reset_hooks_end=False: model.reset_hooks())"
+        )
+
+
 def running_frames(key: RunningKey) -> tuple[Frame, ...]:
     """The running frames of the model ``key`` in this execution context, innermost last."""
     return tuple(f for f in _FRAMES.get() if f.key is key)

@@ -302,7 +302,7 @@ def patch_top_cells(
             points and, with ``gradient="corrupted"``, no backward pass on the clean inputs).
         path_points: the points ``alpha`` in (0, 1) of the input path whose gradients widen
             the intervals (one forward and backward pass per pair each; ``()``: only the
-            corrupted- and mean-gradient rules, the behaviour before issue 24).
+            corrupted- and mean-gradient rules, the behaviour of earlier versions).
         step: cells verified per unit in each round after the first ``k`` (default ``ceil(k/5)``).
         max_cells: at most this many cells verified per unit (default: no limit).
         batch_size, memory_budget: rows per exact forward pass (as in :func:`patch_sweep`).

@@ -47,6 +47,7 @@ def assets(tmp_path, monkeypatch):
     (tmp_path / "pairs-empty.tsv").write_text("\n  \n")
     (tmp_path / "pairs-blank-doc.tsv").write_text("cat\tthe cat\ndog\t \n")
     (tmp_path / "precious.txt").write_text("precious user data\n")
+    (tmp_path / "pairs-latin1.tsv").write_bytes("cat\tthe cat\ncafé\tle café\n".encode("latin-1"))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before a cheap check")
@@ -131,6 +132,8 @@ SCORE_BAD = [
         "--pairs {tmp}/pairs-empty.tsv holds no pairs",
     ),
     (["--pairs", "{tmp}/pairs-blank-doc.tsv"], "pairs-blank-doc.tsv:2: the document is empty"),
+    # issue 30: a byte that is not UTF-8 is named with its file and line
+    (["--pairs", "{tmp}/pairs-latin1.tsv"], "{tmp}/pairs-latin1.tsv:2: not valid UTF-8 (byte 0xe9"),
     (["--query", " ", "--document", "b"], "--query/--document pair 1: the query is empty"),
     ([], "nothing to score: give --query/--document or --pairs"),
     (["--query", "a", "--document", "b", "--max-length", "2"], "--max-length 2 is too small"),
@@ -186,7 +189,25 @@ STUDY_BAD += [
     (["--output", "{tmp}/file"], "is a file"),
     (["--output", "{tmp}/file/sub"], "file/sub"),
     (["--conditions", "query->nowhere"], "nowhere"),
+    # issue 30: the summary's paired t-tests need 2 queries: refused before the model loads
+    (
+        ["--limit-queries", "1"],
+        "--limit-queries 1 selects 1 judged query with candidates; the summary's paired t-tests "
+        "need at least 2: use --limit-queries 2 or more",
+    ),
 ]
+
+
+def test_demo_with_one_query_is_refused_before_running(tmp_path, capsys, monkeypatch):
+    """Issue 30: ``mechir demo --limit-queries 1`` cannot produce its paired tests: one line at
+    parse time, nothing run, nothing left behind."""
+    import analyses.direction_ablation
+
+    monkeypatch.setattr(analyses.direction_ablation, "main", None)  # never started
+    assert main(["demo", "--output", str(tmp_path / "d"), "--limit-queries", "1"]) == 2
+    line = one_line_error(capsys)
+    assert "argument --limit-queries: '1' is too few: the summary's paired t-tests" in line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(("extra", "named"), STUDY_BAD)

@@ -274,3 +274,24 @@ def test_prompt_options_are_refused_by_families_without_a_prompt(tmp_path):
 
     with pytest.raises(ValueError, match="template: BERT reads no prompt"):
         load_cross_encoder(tiny_hf_model(0), tokenizer=tiny_tokenizer(tmp_path), template="{query}")
+
+
+def test_no_progress_silences_the_loading_bars_for_that_call_only(tmp_path, capfd):
+    """Issue 30: ``--no-progress`` (``progress=False``) hides transformers' "Loading weights"
+    bar; the process-wide switches of transformers and huggingface_hub are restored after."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from tests.helpers import tiny_hf_model, tiny_tokenizer
+
+    tiny_hf_model().save_pretrained(tmp_path)
+    tiny_tokenizer(tmp_path).save_pretrained(tmp_path)
+    from mechir.loading import hf_progress_bars
+
+    with hf_progress_bars(True):  # bars on, as for a user (restored after the test)
+        capfd.readouterr()
+        load_cross_encoder(tmp_path, device="cpu")  # the reference: the bar is shown
+        assert "Loading weights" in capfd.readouterr().err
+        load_cross_encoder(tmp_path, device="cpu", progress=False)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()

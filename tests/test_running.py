@@ -16,7 +16,7 @@ import torch
 
 from mechir import load_cross_encoder
 from mechir.hooks import direction_ablation_hooks, head_knockout_hooks, neuron_ablation_hooks
-from mechir.running import per_forward, running_batch
+from mechir.running import per_forward, refuse_active_hooks, running_batch
 from tests.families.builders import save_tiny_family
 from tests.helpers import tiny_cross_encoder
 
@@ -325,3 +325,46 @@ def test_per_forward_values_belong_to_their_forward_pass(tmp_path: Path):
         t.join()
     wa, wb = short.input_ids.shape[1], long.input_ids.shape[1]
     assert seen == {"a": [(wa, wa)], "b": [(wb, wb)]}
+
+
+def test_refuse_active_hooks_counts_this_contexts_hooks_only(tmp_path: Path):
+    """``refuse_active_hooks`` refuses in one line while hooks of this thread's ``with
+    model.hooks(...)`` block or unscoped hooks are active, and not for another thread's block
+    or after the block exits."""
+    model, _, _ = tiny_cross_encoder(tmp_path)
+    refuse_active_hooks(model, "an engine")  # no hooks: nothing to refuse
+    knockout = head_knockout_hooks(model, layers=[0, 1], heads=[0])
+    with model.hooks(fwd_hooks=knockout):
+        assert model.active_hooks() == ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+        with pytest.raises(ValueError) as info:
+            refuse_active_hooks(model, "an engine")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("an engine runs its own forward pass")
+    assert "2 hooks are active (blocks.0.attn.hook_z, blocks.1.attn.hook_z)" in message
+    assert "call it outside the `with model.hooks(...)` block" in message
+    refuse_active_hooks(model, "an engine")  # the block exited
+    inside, leave = threading.Event(), threading.Event()
+
+    def holder():
+        with model.hooks(fwd_hooks=knockout):
+            inside.set()
+            leave.wait(timeout=10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    inside.wait(timeout=10)
+    try:
+        assert model.active_hooks() == []  # another thread's block does not fire here
+        refuse_active_hooks(model, "an engine")
+    finally:
+        leave.set()
+        thread.join()
+    with model.hooks(fwd_hooks=knockout[:1], reset_hooks_end=False):
+        pass  # unscoped: fires everywhere until reset_hooks()
+    try:
+        with pytest.raises(ValueError, match=r"1 hook is active \(blocks\.0\.attn\.hook_z\)"):
+            refuse_active_hooks(model, "an engine")
+    finally:
+        model.reset_hooks()
+    refuse_active_hooks(model, "an engine")

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from analyses.base import UsageError
+from analyses.common import require_family
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.store import decode_array, encode_array
@@ -21,6 +21,9 @@ AXIOM_NAMES = ("TFC1", "TFC2", "STMC1", "LNC1", "LNC2")
 ALIGNED = ("TFC1", "TFC2", "STMC1")
 BLOCKS = ("resid_pre", "attn_out", "mlp_out")
 BASELINE = "rerank:baseline"
+#: The study's name and what it needs of a model (:attr:`analyses.base.Study.needs`).
+STUDY = "axioms"
+NEEDS = ("cross_encoder",)
 
 
 def idf_statistics(args: argparse.Namespace, collection: Any, candidates: Sequence[Any]) -> Any:
@@ -33,14 +36,9 @@ def idf_statistics(args: argparse.Namespace, collection: Any, candidates: Sequen
 
 def require_cross_encoder(family: Any, name: str) -> None:
     """The study reads a cross-encoder's [CLS] token, its pair layout and its embedding
-    matrix: prompt-based rerankers (MonoT5, LLM rerankers) are refused in one line (``family``
-    None: not known before loading, checked again after)."""
-    if family is not None and family.kind != "encoder":
-        raise UsageError(
-            f"{name}: the axioms study analyses cross-encoders ([CLS] query [SEP] document "
-            f"[SEP]); {family.name} is a prompt-based reranker ({family.kind}): run "
-            "patching_tfc1 and the other studies on it"
-        )
+    matrix: prompt-based rerankers (MonoT5, LLM rerankers) are refused in one line
+    (:func:`analyses.common.require_family`; ``family`` None: checked again once loaded)."""
+    require_family(family, name, STUDY, NEEDS)
 
 
 def build_sets(

@@ -274,7 +274,8 @@ def _bm25_section(study: Study, s: Summary) -> None:
     )  # fmt: skip
     s.image(path.name, "Token embeddings projected on the IDF direction vs IDF (sample)")
     fit_unit = next(u for u in study.bm25_units if u.spec == "fit")
-    fit = fit_table(study.store.get(fit_unit.id), args)
+    fit_row = study.store.get(fit_unit.id)
+    fit = fit_table(fit_row, args)
     fit.to_csv(out / "soft_tf_fit.csv", index=False)
     s.heading("A linear soft-TF x IDF model of the relevance-scoring heads", 3)
     s.paragraph(
@@ -284,6 +285,7 @@ def _bm25_section(study: Study, s: Summary) -> None:
         f"to the power {args.soft_tf_power:g}, so exact matches count 1), its log-saturated form, "
         "and exact TF x IDF. Least squares on every other query, R² on the held-out queries."
     )
+    s.small_sample(len(set(fit_row["qids"])) // 2, "the held-out R²")
     s.table(
         fit[["target", "feature", "slope", "r2_train", "r2_heldout", "pearson_heldout"]]
         if "slope" in fit else fit,
@@ -320,6 +322,7 @@ def _idf_edit_section(study: Study, s: Summary) -> None:
         f"LayerNorm, against a random direction; {args.measure} of the reranked candidates "
         f"(unedited: {base:.4f}), paired t-test over queries, Holm-adjusted."
     )
+    s.small_sample(int(frame["queries"].min()) if len(frame) else 0, "the paired t-tests")
     s.table(frame, None, {"delta": "+.4f", "t": ".2f", "p": ".3g", "p_holm": ".3g", "queries": "d"})
 
 
@@ -343,6 +346,7 @@ def _matching_section(study: Study, s: Summary) -> None:
     labels = [u.label for u in study.match_units]
     frame = _rerank_table(study, study.match_units, labels)
     frame.to_csv(out / "matching_heads_checks.csv", index=False)
+    s.small_sample(int(frame["queries"].min()) if len(frame) else 0, "the paired t-tests")
     s.table(frame, None, {"delta": "+.4f", "t": ".2f", "p": ".3g", "p_holm": ".3g", "queries": "d"})
     if args.head_scaling:
         base = _baseline_value(study)

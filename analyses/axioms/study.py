@@ -50,6 +50,8 @@ from analyses.axioms.diagnostics import (
     AXIOM_NAMES,
     BASELINE,
     BLOCKS,
+    NEEDS,
+    STUDY,
     build_sets,
     compute_diagnostic,
     idf_statistics,
@@ -71,6 +73,7 @@ from analyses.axioms.seed_checks import matching_head_list, qk_directions, rando
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug, writes_outputs
 from analyses.summary import Summary
+from mechir.cli import finite_float, nonnegative_float, percent, positive_float
 from mechir.lazy import lazy_import
 from mechir.store import decode_array
 
@@ -80,7 +83,8 @@ plots = lazy_import("analyses.plots")
 
 
 class Axioms(Study):
-    name = "axioms"
+    name = STUDY
+    needs = NEEDS
     work_options = (
         "min_delta",
         "top",
@@ -147,11 +151,14 @@ class Axioms(Study):
         )
         t.add_argument("--top-heads", type=int, default=3, help="top heads (pattern, fits)")
         t.add_argument(
-            "--memory-budget", type=float, default=2**30, help="bytes of one expanded forward"
+            "--memory-budget",
+            type=positive_float,
+            default=2**30,
+            help="bytes of one expanded forward",
         )
         t.add_argument(
             "--min-delta",
-            type=float,
+            type=nonnegative_float,
             default=1e-3,
             help="pairs with |clean - corrupted| below this are excluded (summary option)",
         )
@@ -161,11 +168,13 @@ class Axioms(Study):
         b.add_argument(
             "--fit-queries", type=int, default=None, help="queries of the soft-TF x IDF fit"
         )
-        b.add_argument("--soft-tf-power", type=float, default=4.0, help="softTF = sum cos^p")
+        b.add_argument(
+            "--soft-tf-power", type=positive_float, default=4.0, help="softTF = sum cos^p"
+        )
         b.add_argument(
             "--idf-factors",
             nargs="+",
-            type=float,
+            type=finite_float,
             default=[0.0],
             help="scale the IDF direction of the embeddings by these factors (0 removes it)",
         )
@@ -174,7 +183,7 @@ class Axioms(Study):
         s.add_argument(
             "--head-scaling",
             nargs="*",
-            type=float,
+            type=finite_float,
             default=[],
             help="scale the matching heads (and random heads) by these factors, e.g. 0 0.5 1 1.5 2",
         )
@@ -199,14 +208,14 @@ class Axioms(Study):
         )
         s.add_argument(
             "--nig-percent",
-            type=float,
+            type=percent,
             default=None,
             help="NIG top-p%% neurons of one half of the queries, ablated on the other half",
         )
         s.add_argument(
             "--nig-factors",
             nargs="+",
-            type=float,
+            type=finite_float,
             default=[0.0, 0.25, 0.5, 0.75],
             help="partial ablation: neuron activations scaled by these factors",
         )
@@ -233,18 +242,15 @@ class Axioms(Study):
                 spec.startswith("top:") and spec[4:].isdigit() and int(spec[4:]) > 0
             ):
                 raise UsageError(f"--qk-directions {spec!r}: use 'all' or 'top:K' (K >= 1)")
-        if args.nig_percent is not None and not 0 < args.nig_percent <= 100:
-            raise UsageError("--nig-percent must be in (0, 100]")
         from mechir.settings import model_family
 
-        for name in (args.model, *args.replicate):
+        for name in args.replicate:  # --model: by the base (Study.needs)
             require_cross_encoder(model_family(name), name)
         self.shape  # noqa: B018 -- the model's config is readable
 
     # ------------------------------------------------------------------ stages
     def stages(self) -> Iterator[Stage]:
         args = self.args
-        require_cross_encoder(self.model.family, args.model)  # a hub id is known once loaded
         self.stats = idf_statistics(args, self.collection, self.candidates)
         self.sets = build_sets(self.model, self.collection, self.candidates, self.stats, args)
         if writes_outputs():

@@ -41,6 +41,20 @@ so the head reads its queries and keys through the complement of the removed sub
 distance: at distance 0 the identity above holds exactly, removing all directions still gives a
 uniform pattern, and at other distances the rotated cross terms of the removed directions go too.
 
+**QK-norm (Qwen3: the model declares** ``qk_norm``). Queries and keys are RMS-normalized per
+head after ``hook_q`` / ``hook_k``: ``q_n = q / r(q) * w_q``, ``r(q) = sqrt(mean(q^2) + eps)``.
+The score is then ``q_n . k_n = (x W_Q D_q)(y W_K D_k)^T / (r(q) r(k))`` (``D = diag(w)``),
+whose SVD is the one :func:`mechir.circuits.qk_svd` takes (``model.QK`` folds the norm weights
+in: ``W_QK = W_Q D_q D_k W_K^T``). A projection at ``hook_q`` would be undone by the norm (it
+rescales by the projected vector's own ``r``), so the same ``P_Q``, ``P_K`` act on the normalized
+vectors (``attn.q_norm.hook_normalized`` / ``k_norm.hook_normalized``, after the division by
+``r``, before ``w``)::
+
+    q_n' = (q / r(q)) P_Q D_q = (x / r(q)) (I - U_K U_K^T) W_Q D_q
+
+(``r`` of the unablated ``q``), and the decomposition holds with the per-token factor ``1 /
+(r(q_i) r(k_j))`` in every term: ``s'(K) + s'(K^c) = s`` exactly at distance 0.
+
 **Rank.** A middle ablation (some directions, not all) needs ``W_Q`` and ``W_K`` of full column
 rank (their smallest singular value above ``1e-6`` of the largest); a head without it raises.
 """
@@ -52,7 +66,7 @@ from typing import Any, Literal
 
 from jaxtyping import Float
 
-from mechir.hooks.site import Action, site_hooks
+from mechir.hooks.site import Action, get_site, refuse_shared_heads, site_hooks
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.running import Hooks
@@ -214,12 +228,48 @@ def qk_subspace_ablation_hooks(
     """
     selected = _per_head(model, heads, directions)
     projections = qk_subspace_projections(model, directions=selected)
+    units = list(selected)
+    if model.abilities.qk_norm:
+        refuse_shared_heads(model, get_site("k"), units)
+        return [
+            hook
+            for layer, pair in projections.items()
+            for which, matrix in zip(("q", "k"), pair)
+            for hook in _normalized_projection_hooks(model, layer, which, matrix, selected)
+        ]
     query = HeadProjection({layer: pq for layer, (pq, _) in projections.items()})
     key = HeadProjection({layer: pk for layer, (_, pk) in projections.items()})
-    units = list(selected)
     return site_hooks(model, "q", action=query, units=units) + site_hooks(
         model, "k", action=key, units=units
     )
+
+
+def _normalized_projection_hooks(
+    model: HookedReranker,
+    layer: int,
+    which: str,
+    matrix: Float[torch.Tensor, "n_heads d_head d_head"],
+    selected: Mapping[tuple[int, int], tuple[int, ...]],
+) -> Hooks:
+    """The projection of a QK-norm layer (module docstring), on the normalized queries or keys:
+    ``blocks.{layer}.attn.{which}_norm.hook_normalized``, ``[batch * pos * head, d_head]``."""
+    n_heads, d_head = matrix.shape[0], matrix.shape[-1]
+    chosen = torch.zeros(n_heads, dtype=torch.bool)
+    chosen[[h for (lay, h) in selected if lay == layer]] = True
+    name = f"blocks.{layer}.attn.{which}_norm.hook_normalized"
+
+    def project(act: Float[torch.Tensor, "rows d_head"], hook: Any) -> torch.Tensor:
+        if act.shape[-1] != d_head or act.numel() % (n_heads * d_head):
+            raise ValueError(
+                f"{name} holds {tuple(act.shape)}, not [batch * pos * {n_heads} heads, {d_head}]: "
+                "this TransformerLens lays out its QK norm differently; a partial QK ablation "
+                "cannot be applied"
+            )
+        x = act.reshape(-1, n_heads, d_head)
+        projected = torch.einsum("rhd,hde->rhe", x, matrix.to(x))
+        return torch.where(chosen[:, None].to(x.device), projected, x).reshape(act.shape)
+
+    return [(name, project)]
 
 
 def qk_subspace_scores_reference(
@@ -236,20 +286,29 @@ def qk_subspace_scores_reference(
         s'_ij = sum_{k not in K} S_k a_ik b_jk / sqrt(d_head)
 
     For rotary layers, the queries ``(x + p_Q)(I - U_K U_K^T) W_Q`` and keys are rotated to
-    their positions before the dot product (no padding mask, no window mask)."""
+    their positions before the dot product (no padding mask, no window mask). With QK-norm,
+    ``x + p`` is divided by ``r`` of the unablated query or key and ``W`` carries the norm
+    weights (``W_Q D_q``, ``W_K D_k``; module docstring)."""
     cfg = model.cfg
     ks = set(_directions(directions, cfg.d_head, head_label(layer, head)))
     W_Q = model.W_Q[layer, head].detach().to("cpu", torch.float64)
     W_K = model.W_K[layer, head].detach().to("cpu", torch.float64)
     b_Q = model.b_Q[layer, head].detach().to("cpu", torch.float64)
     b_K = model.b_K[layer, head].detach().to("cpu", torch.float64)
-    u, s, vh = torch.linalg.svd(W_Q @ W_K.T)
-    U, S, V = u[:, : cfg.d_head], s[: cfg.d_head], vh[: cfg.d_head].T
     x = attention_input.detach().to("cpu", torch.float64)
     xq = x + torch.linalg.lstsq(W_Q.T, b_Q[:, None]).solution[:, 0]
     xk = x + torch.linalg.lstsq(W_K.T, b_K[:, None]).solution[:, 0]
-    keep = [k for k in range(cfg.d_head) if k not in ks]
     attn = model.blocks[layer].attn
+    # x / r(q) and x / r(k) of the unablated q, k; W D with the norm weights
+    if model.abilities.qk_norm:
+        q_norm, k_norm = attn.q_norm, attn.k_norm
+        xq = xq / (xq @ W_Q).pow(2).mean(-1, keepdim=True).add(q_norm.eps).sqrt()
+        xk = xk / (xk @ W_K).pow(2).mean(-1, keepdim=True).add(k_norm.eps).sqrt()
+        W_Q = W_Q * q_norm.w.detach().to("cpu", torch.float64)
+        W_K = W_K * k_norm.w.detach().to("cpu", torch.float64)
+    u, s, vh = torch.linalg.svd(W_Q @ W_K.T)
+    U, S, V = u[:, : cfg.d_head], s[: cfg.d_head], vh[: cfg.d_head].T
+    keep = [k for k in range(cfg.d_head) if k not in ks]
     if not hasattr(attn, "rotate_positions"):
         a, b = xq @ U[:, keep], xk @ V[:, keep]
         return torch.einsum("bik,bjk,k->bij", a, b, S[keep]) / cfg.d_head**0.5

@@ -363,7 +363,7 @@ def select_units(
 KV_SITES = ("k", "v", "k_input", "v_input")
 
 
-def _refuse_shared_heads(model: HookedReranker, site: Site, units: Any) -> None:
+def refuse_shared_heads(model: HookedReranker, site: Site, units: Any) -> None:
     """With grouped-query attention ``hook_k``/``hook_v`` (and their split inputs) have
     ``n_key_value_heads`` heads, each shared by a group of query heads: a query head's key or
     value cannot be changed alone, so selecting heads there is refused (every head is fine)."""
@@ -391,7 +391,7 @@ def site_hooks(
     one hook per selected layer, built once, reading the parts of each batch it runs on.
     ``positions`` select on the ``"position"`` axis (attention: the attending rows)."""
     site = get_site(site)
-    _refuse_shared_heads(model, site, units)
+    refuse_shared_heads(model, site, units)
     per_layer = select_units(model, site, layers, units)
     boxes = _boxes(site, parts)
     if positions is not None and "position" not in site.axes:

@@ -612,7 +612,6 @@ SPEC = EncoderSpec(
     head_activation="gelu",  # the default; the checkpoint's pooler_hidden_act is used
     blocks="post_ln",
     body=_body,
-    edges=False,  # disentangled attention: the edge engine follows BERT-block attention only
 )
 
 __all__ = [

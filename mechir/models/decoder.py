@@ -22,7 +22,9 @@ The computation, with the hook point of every step (TransformerLens's names)::
                 hook_resid_mid -> ln2 -> mlp (hook_pre = x W_gate, hook_pre_linear = x W_in,
                 hook_post = act(hook_pre) * hook_pre_linear) -> hook_mlp_out -> hook_resid_post
     ln_final -> hook_final_hidden                                   the final hidden states
-    -> pooler.hook_pooler_out      final hidden state of each example's last real token
+    -> pooler.hook_pooler_out      final hidden state of each example's last real token (a
+                                   classifier with a pad token: its last real token that is not
+                                   the pad token, as Hugging Face pools)
     -> classifier.hook_logits      [batch, 2] = (logit(no), logit(yes)) of the language-model
                                    head; or the ``score`` head's logits (``*ForSequence-
                                    Classification``)
@@ -481,29 +483,52 @@ class LastTokenPooler(nn.Module):
     logits the reranker reads), hooked at ``hook_pooler_out`` ``[batch, d_model]``.
 
     The last real token is read from the running input's attention mask (any padding side);
-    without a mask it is the last position."""
+    without a mask it is the last position. With ``pad_token_id`` (a
+    ``*ForSequenceClassification`` whose config has one) it is the last real token whose id is
+    not ``pad_token_id``, as Hugging Face's ``GenericForSequenceClassification`` pools ("the
+    rightmost token that is not equal to pad_token_id"): with pad = EOS and a prompt ending in
+    EOS (RankLLaMA's), the token before the EOS. Hugging Face reads the ids alone, so the two
+    agree on every batch padded with ``pad_token_id`` (either side) and on every example alone;
+    without a pad token Hugging Face pools the last position of single examples (and refuses
+    batches), which is the last real token here."""
 
-    def __init__(self, key: RunningKey):
+    def __init__(self, key: RunningKey, pad_token_id: int | None = None):
         super().__init__()
         self._running_key = key
+        self.pad_token_id = pad_token_id
         self.hook_pooler_out = HookPoint()
 
     def last_positions(self, resid: Float[Tensor, "batch pos d_model"]) -> Int[Tensor, " batch"]:
-        """Index of the last real token of every row of ``resid``."""
+        """Index of the last real token of every row of ``resid`` (not a pad id, with
+        :attr:`pad_token_id`)."""
         n, width = resid.shape[:2]
-        mask = current_frame(self._running_key).input.attention_mask
-        if mask is None:
+        running = current_frame(self._running_key).input
+        mask = running.attention_mask
+        if mask is None and self.pad_token_id is None:
             return torch.full((n,), width - 1, dtype=torch.long, device=resid.device)
-        mask = mask.to(resid.device)
-        if len(mask) == 1 and n > 1:  # rows grown from one example (as the attention mask)
-            mask = mask.expand(n, -1)
-        if mask.shape != (n, width):
+        real = (
+            torch.ones(running.tokens.shape, dtype=torch.bool, device=resid.device)
+            if mask is None
+            else mask.to(resid.device).bool()
+        )
+        if self.pad_token_id is not None:
+            real = real & (running.tokens.to(resid.device) != self.pad_token_id)
+        if len(real) == 1 and n > 1:  # rows grown from one example (as the attention mask)
+            real = real.expand(n, -1)
+        if real.shape != (n, width):
             raise ValueError(
-                f"the running batch's attention mask {tuple(mask.shape)} does not match the "
+                f"the running batch's attention mask {tuple(real.shape)} does not match the "
                 f"hidden states {(n, width)}: run the head inside model.running_on(batch) of "
                 "these rows"
             )
-        return width - 1 - mask.flip(1).argmax(1)
+        empty = [] if self.pad_token_id is None else (~real.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"row {empty[0]} holds nothing but pad tokens (id {self.pad_token_id}), so the "
+                "classifier has no token to pool: give each pair a query and a document that "
+                "are not the pad token"
+            )
+        return width - 1 - real.flip(1).int().argmax(1)
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
         last = self.last_positions(resid)
@@ -612,6 +637,8 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         relevant_label, score_type: as for :class:`~mechir.models.HookedCrossEncoder` (for
             yes/no: ``"binary_logit"`` = ``logit(yes) - logit(no)``, ``"prob"`` = Qwen3-Reranker's
             ``softmax([logit(no), logit(yes)])[1]``).
+        pad_token_id: a classifier's ``config.pad_token_id``: it pools at the last token whose
+            id is not this one, as Hugging Face does (:class:`LastTokenPooler`).
 
     Build it with :func:`load` (or :func:`mechir.load_cross_encoder`): the constructor makes
     the modules on the current default device (``torch.device("meta")`` when loading). A loaded
@@ -633,6 +660,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         num_labels: int = 2,
         relevant_label: int = 1,
         score_type: ScoreType | None = None,
+        pad_token_id: int | None = None,
     ):
         nn.Module.__init__(self)
         self.init_reranker(tokenizer, family)
@@ -655,15 +683,14 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         self.padding_side: Literal["right", "left"] = "right"
         self.hook_full_embed = HookPoint()
         self.hook_final_hidden = HookPoint()
-        self.pooler = LastTokenPooler(self._running_key)
+        self.pooler = LastTokenPooler(self._running_key, pad_token_id)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_score = HookPoint()
         for layer, block in enumerate(self.blocks):
             if type(block.attn) in (Attention, GroupedQueryAttention):
                 block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
-        if not cfg.use_qk_norm:  # AtP* recomputes scores from rotated q and k (linear in them)
-            for block in self.blocks:
-                block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
+        for block in self.blocks:  # AtP* and the QK references rotate q and k themselves
+            block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
         self.setup()
 
     @property
@@ -806,7 +833,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
             grouped_kv=n_kv is not None and n_kv < self.cfg.n_heads,
             cross_attention=False,
             prompt=True,
-            edges=False,
+            edges=self.family.edge_circuits,
         )
 
     def impossible_direction(
@@ -1267,6 +1294,7 @@ def load(
             num_labels=num_labels,
             relevant_label=1 if kind == "yes_no" else options.relevant_label,
             score_type=options.score_type,  # type: ignore[arg-type]
+            pad_token_id=hf_config.get_text_config().pad_token_id if kind == "classifier" else None,
         )
     model.answer_ids = answer_ids
     _load_weights(

@@ -430,7 +430,7 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
             grouped_kv=False,
             cross_attention=False,
             prompt=False,
-            edges=self.spec.edges,
+            edges=self.family.edge_circuits,
         )
 
     # ------------------------------------------------------------------ block-level API

@@ -97,15 +97,18 @@ class FrameAwareHookPoint(HookPoint):
             self._forward_hooks.move_to_end(hook_id)
 
 
-def _scoped_hook(fn: HookFn, scope: object) -> HookFn:
+class ScopedHook:
     """``fn``, firing only where the hook scope ``scope`` is active (see
     :meth:`HookedRerankerMixin.hooks`)."""
 
-    def hook(act: Any, hook: HookPoint) -> Any:
-        return fn(act, hook=hook) if scope_active(scope) else None
+    __slots__ = ("fn", "scope", "__name__")
 
-    hook.__name__ = getattr(fn, "__name__", "hook")
-    return hook
+    def __init__(self, fn: HookFn, scope: object):
+        self.fn, self.scope = fn, scope
+        self.__name__ = getattr(fn, "__name__", "hook")
+
+    def __call__(self, act: Any, hook: HookPoint) -> Any:
+        return self.fn(act, hook=hook) if scope_active(self.scope) else None
 
 
 class HookedRerankerMixin:
@@ -113,7 +116,6 @@ class HookedRerankerMixin:
 
     tokenizer: Any
     cfg: Any
-
     def init_reranker(self, tokenizer: Any, family: Any) -> None:
         """Call in the constructor, before building modules that read the running batch."""
         self.tokenizer = tokenizer
@@ -205,6 +207,19 @@ class HookedRerankerMixin:
             return [self.mod_dict[name]]
         return [point for point_name, point in self.hook_dict.items() if name(point_name)]
 
+    def active_hooks(self) -> list[str]:
+        """The hook point of every hook that fires for a forward pass started here: hooks of
+        the ``with model.hooks(...)`` blocks active in this execution context (thread or task),
+        and hooks added without a scope (``reset_hooks_end=False``, ``add_hook``), which fire
+        everywhere. One entry per hook, in hook-point order."""
+        out = []
+        for name, point in self.hook_dict.items():
+            for handle in (*point.fwd_hooks, *point.bwd_hooks):
+                user = handle.user_hook
+                if not isinstance(user, ScopedHook) or scope_active(user.scope):
+                    out.append(name)
+        return out
+
     @contextlib.contextmanager
     def hooks(  # type: ignore[override]
         self,
@@ -233,7 +248,7 @@ class HookedRerankerMixin:
             try:
                 for direction, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
                     for name, fn in pairs:
-                        scoped = _scoped_hook(fn, scope)
+                        scoped = ScopedHook(fn, scope)
                         for point in self._hook_points(name):
                             added.append((point, point.add_hook(scoped, dir=direction)))
                 yield self

@@ -75,6 +75,9 @@ class Family:
         n_special: the tokens a pair's input has besides its query and document tokens (BERT's
             ``[CLS] q [SEP] d [SEP]``: 3; RoBERTa's ``<s> q </s></s> d </s>``: 4), for checking
             ``--max-length`` before a model loads.
+        edge_circuits: whether the edge engine (``patching.edges``) follows its blocks: encoder
+            blocks of plain softmax attention and an MLP, post-LN or pre-LN (not DeBERTa's
+            disentangled attention, nor MonoT5's or the decoders' prompt-reading stacks).
     """
 
     name: str
@@ -84,6 +87,7 @@ class Family:
     examples: str
     kind: Literal["encoder", "encoder-decoder", "decoder"] = "encoder"
     n_special: int = 3
+    edge_circuits: bool = False
 
     @property
     def hf_class(self) -> str:
@@ -118,28 +122,30 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "BERT", ("bert",), ("BertForSequenceClassification",), "mechir.models.bert",
         "castorini/monobert-large-msmarco, cross-encoder/ms-marco-MiniLM-L-6-v2",
+        edge_circuits=True,
     ),
     Family(
         "ELECTRA", ("electra",), ("ElectraForSequenceClassification",), "mechir.models.electra",
-        "cross-encoder/ms-marco-electra-base",
+        "cross-encoder/ms-marco-electra-base", edge_circuits=True,
     ),
     Family(
         "RoBERTa", ("roberta",), ("RobertaForSequenceClassification",), "mechir.models.roberta",
-        "cross-encoder/stsb-roberta-base, RoBERTa rerankers", n_special=4,
+        "cross-encoder/stsb-roberta-base, RoBERTa rerankers", n_special=4, edge_circuits=True,
     ),
     Family(
         "XLM-RoBERTa", ("xlm-roberta",), ("XLMRobertaForSequenceClassification",),
         "mechir.models.roberta",
         "BAAI/bge-reranker-base, BAAI/bge-reranker-large, BAAI/bge-reranker-v2-m3", n_special=4,
+        edge_circuits=True,
     ),
     Family(
         "DistilBERT", ("distilbert",), ("DistilBertForSequenceClassification",),
         "mechir.models.distilbert",
-        "DistilBERT cross-encoders (e.g. fine-tuned distilbert-base-uncased)",
+        "DistilBERT cross-encoders (e.g. fine-tuned distilbert-base-uncased)", edge_circuits=True,
     ),
     Family(
         "ModernBERT", ("modernbert",), ("ModernBertForSequenceClassification",),
-        "mechir.models.modernbert", "Alibaba-NLP/gte-reranker-modernbert-base",
+        "mechir.models.modernbert", "Alibaba-NLP/gte-reranker-modernbert-base", edge_circuits=True,
     ),
     Family(
         "DeBERTa-v2", ("deberta-v2",), ("DebertaV2ForSequenceClassification",),

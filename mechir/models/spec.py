@@ -1,7 +1,7 @@
 """What an encoder family's file declares: :class:`EncoderShape` (the family-independent
 description a hooked cross-encoder is built from) and :class:`EncoderSpec` (how the family's
 config and state dict map onto mechir's, its embedding rule, head activation, pair layout, block
-kind, edge support and, for a body TransformerLens's blocks cannot express, its own builder).
+kind and, for a body TransformerLens's blocks cannot express, its own builder).
 """
 
 from __future__ import annotations
@@ -55,8 +55,6 @@ class EncoderSpec:
         body: for a body TransformerLens's BERT blocks cannot express, ``body(model, cfg,
             shape)`` sets ``model.embed``, ``model.blocks``, ``model.ln_final`` and
             ``model.pooler`` (ModernBERT); None: BERT blocks.
-        edges: whether :mod:`patching.edges` follows the family's blocks (BERT-block and
-            ModernBERT attention, MLP and LayerNorms; not DeBERTa's disentangled attention).
     """
 
     layout: PairLayout
@@ -67,7 +65,6 @@ class EncoderSpec:
     head_activation: str = "tanh"
     blocks: BlockKind = "post_ln"
     body: Callable[[Any, HookedTransformerConfig, EncoderShape], None] | None = None
-    edges: bool = True
 
     def position_offset(self, shape: EncoderShape) -> int:
         """Row of the position table used by the first token (RoBERTa: ``padding_idx + 1``)."""

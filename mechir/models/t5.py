@@ -752,7 +752,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
             grouped_kv=False,
             cross_attention=True,
             prompt=True,
-            edges=False,
+            edges=self.family.edge_circuits,
         )
 
     # ------------------------------------------------------------------ settings

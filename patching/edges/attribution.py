@@ -68,6 +68,7 @@ from mechir.attribution.result import AUTO_SAFETY, error_factor
 from mechir.display import fields_repr
 from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
+from mechir.running import refuse_active_hooks
 from patching.edges.engine import (
     Kept,
     PointHandler,
@@ -149,8 +150,23 @@ class EdgeScores:
         return torch.argsort(key, descending=True, stable=True)
 
     def top(self, n: int | float, *, absolute: bool = True) -> Int[Tensor, " n"]:
-        """The ``n`` most important edges (a float in (0, 1]: that fraction of the edges)."""
+        """The edge indices of the ``n`` most important edges (a float in (0, 1]: that fraction
+        of the edges), as circuits take them; their names: :meth:`top_edges`, or
+        ``graph.edge_labels(top(n))``."""
         return self.ranking(absolute=absolute)[: n_edges_of(n, self.n_edges)]
+
+    def top_edges(self, n: int | float, *, absolute: bool = True) -> pd.DataFrame:
+        """The ``n`` most important edges by name, most important first: one row per edge with
+        its ``edge`` index, ``label`` (``"2/9->3/9.v"``, as :func:`patch_edges` takes it) and
+        mean ``effect`` over the units."""
+        top = self.top(n, absolute=absolute)
+        return pd.DataFrame(
+            {
+                "edge": top.numpy(),
+                "label": self.graph.edge_labels(top.tolist()),
+                "effect": self.mean()[top].numpy(),
+            }
+        )
 
     def relative_error(self) -> Float[Tensor, " unit"]:
         """``error / max_e |score|`` per unit."""
@@ -436,6 +452,7 @@ def edge_attribution(
     Returns:
         :class:`EdgeScores`.
     """
+    refuse_active_hooks(model, "edge_attribution")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
     graph = check_graph(model, graph, parts=parts)

@@ -48,6 +48,7 @@ from torch import Tensor
 from mechir.display import fields_repr
 from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
+from mechir.running import refuse_active_hooks
 from patching.edges.attribution import EdgeScores
 from patching.edges.graph import EdgeGraph
 from patching.edges.inputs import Align, CorruptedLike, EdgeInputs
@@ -167,6 +168,7 @@ def circuit_metric(
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
 ) -> Float[Tensor, "circuit unit"]:
     """The exact metric of each circuit (every edge outside it patched)."""
+    refuse_active_hooks(model, "circuit_metric")
     inputs, graph, a, _, rows = _setup(model, clean, corrupted, graph, metric, align, memory_budget)
     keep = _circuit_masks(graph, circuits)
     scores = patch_edge_sets(
@@ -204,6 +206,7 @@ def faithfulness_curve(
             an edge ranking ``[edge]`` (most important first).
         budgets: increasing edge fractions in (0, 1).
     """
+    refuse_active_hooks(model, "faithfulness_curve")
     if scores is None:
         raise ValueError("pass scores: EdgeScores from edge_attribution, or an edge ranking")
     budgets = [float(b) for b in budgets]
@@ -270,6 +273,7 @@ def greedy_circuit(
         every round's circuit size and exact faithfulness, ``meta["rows"]`` the exact patched
         rows run.
     """
+    refuse_active_hooks(model, "greedy_circuit")
     if scores is None:
         raise ValueError("pass scores: EdgeScores (e.g. EAP-IG) that propose the candidates")
     budgets = [float(b) for b in budgets]

@@ -49,9 +49,11 @@ the per-part means of the clean runs over the pairs (``"mean"``), or zero (``"ze
 The engine runs the model's own embedding, MLP and score-head modules and LayerNorm parameters,
 and its own attention (the same computation as the model's: softmax of ``q k^T / sqrt(d_head)``
 plus the padding mask; rotary positions and sliding windows for ModernBERT), which is what lets a
-head read different q, k and v inputs. Hooks active on the model apply where the engine calls
-the model's modules (embedding, MLP, score head) and nowhere else (attention, block and
-LayerNorm hook points): run edge patching without other interventions. A query position whose
+head read different q, k and v inputs. So the engine would apply a user's hooks where it calls
+the model's modules (embedding, MLP, score head) and skip them everywhere else (attention, block
+and LayerNorm hook points): every public edge function refuses, in one line, to run while hooks
+are active on the model (:func:`mechir.running.refuse_active_hooks`; one intervention dialect:
+hooks go to the model's own forward, engines run without them). A query position whose
 keys are all masked (padding inside a sliding window) gets ``z = 0`` as in the model, with a zero
 gradient (the model's own softmax backward gives NaN there).
 """
@@ -67,6 +69,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import HookedReranker
+from mechir.models.registry import FAMILIES
 from mechir.parts import CrossEncoderBatch, Part
 
 Point = tuple[str, int]
@@ -76,15 +79,19 @@ N_PARTS = 5
 
 
 # ---------------------------------------------------------------------- model pieces
+#: Families whose blocks the engine follows (attention, MLP and LayerNorms of ``EncoderSpec``):
+#: those declaring ``Family.edge_circuits`` (a model's ``abilities.edges``).
+EDGE_FAMILIES = tuple(f.name for f in FAMILIES if f.edge_circuits)
+
+
 def is_pre_ln(model: HookedReranker) -> bool:
     """ModernBERT-style blocks (the stream is a plain sum; receivers normalize what they read);
     a one-line error for a model whose blocks the engine does not follow (``abilities.edges``
     is False: DeBERTa, MonoT5, decoder LLMs)."""
     if not model.abilities.edges:
         raise ValueError(
-            "edge circuits follow the blocks of BERT-block cross-encoders (BERT, ELECTRA, "
-            f"RoBERTa, XLM-RoBERTa, DistilBERT) and ModernBERT; the {model.family.name} family "
-            "is not supported"
+            f"edge circuits follow the blocks of {', '.join(EDGE_FAMILIES)}; "
+            f"the {model.family.name} family is not supported"
         )
     return not model.abilities.post_ln
 

@@ -1,8 +1,8 @@
 """Clean/corrupted pairs whose *query* is corrupted: its content words replaced by filler tokens.
 
 :class:`patching.PerturbedPair` perturbs documents (its query is shared by the clean and the
-corrupted input); edge circuits of relevance also need the other direction, the corruption
-issue 22 names "query words replaced": every word piece of the query's content words (the words
+corrupted input); edge circuits of relevance also need the other direction, "query words
+replaced": every word piece of the query's content words (the words
 :meth:`patching.PairBuilder.candidate_terms` accepts: not stopwords, at least two characters with
 a letter) becomes the filler token, so the corrupted input has the same length, parts and token
 types as the clean one (aligned token for token) and keeps only the query's function words.

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
+from mechir.running import refuse_active_hooks
 from patching.edges.engine import (
     Point,
     PointHandler,
@@ -180,6 +181,7 @@ def patch_edge_sets(
     Returns:
         ``[pair, set]`` float32 scores on the CPU.
     """
+    refuse_active_hooks(model, "patch_edge_sets")
     graph = check_graph(model, graph)
     check_batch_size(batch_size)
     width = (clean.clean if not isinstance(clean, CrossEncoderBatch) else clean).input_ids.shape[1]
@@ -220,6 +222,7 @@ def patch_edges(
     ``patch_edges(model, pairs, edges=["input->score"])``; arguments as
     :func:`patch_edge_sets`. Returns ``[pair]`` float32 scores on the CPU.
     """
+    refuse_active_hooks(model, "patch_edges")
     return patch_edge_sets(
         model, clean, corrupted, [edges], graph=graph, align=align, batch_size=batch_size,
         memory_budget=memory_budget,
@@ -331,6 +334,7 @@ def single_edge_scores(
 ) -> Float[Tensor, "pair edge"]:
     """Exact score of every pair with each single edge patched (``[pair, edge]``, edge order of
     ``graph``): the naive per-edge loop's values, batched (module doc)."""
+    refuse_active_hooks(model, "single_edge_scores")
     graph = check_graph(model, graph)
     check_batch_size(batch_size)
     width = (clean.clean if not isinstance(clean, CrossEncoderBatch) else clean).input_ids.shape[1]

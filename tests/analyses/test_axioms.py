@@ -176,7 +176,12 @@ def test_resume_gives_the_same_results(common_argv, tmp_path):
 def test_bad_options_say_what_to_do(common_argv, tmp_path, capsys):
     for extra, message in (
         (["--qk-directions", "top"], "use 'all' or 'top:K'"),
-        (["--nig-percent", "0"], "--nig-percent must be in (0, 100]"),
+        (["--nig-percent", "0"], "argument --nig-percent: '0' is outside (0, 100]"),
+        # issue 30: non-finite factors are refused at parse time, naming the option
+        (["--idf-factors", "nan", "inf"], "argument --idf-factors: 'nan' is not a finite number"),
+        (["--head-scaling", "1", "inf"], "argument --head-scaling: 'inf' is not a finite number"),
+        (["--nig-factors", "0", "NaN"], "argument --nig-factors: 'NaN' is not a finite number"),
+        (["--min-delta", "-1"], "argument --min-delta: '-1' is outside [0, inf]"),
         (["--lnc2-copies", "1"], "--lnc2-copies must be >= 2"),
         (["--patch-pairs", "0"], "--patch-pairs must be >= 1"),
     ):

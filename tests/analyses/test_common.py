@@ -181,3 +181,15 @@ def test_the_lock_is_taken_before_config_json_is_checked_or_written(tmp_path):
     assert not (used / "results.jsonl.lock").exists()  # released on the error
     with _open_store(used, "demo_study", {"depth": 10}, {}, "cmd") as store:
         assert store.units == ["u1"]
+
+
+def test_small_sample_warning_below_the_minimum_only():
+    """Issue 30: t-tests and held-out R² on a handful of queries carry a warning line."""
+    from analyses.summary import MIN_QUERIES, small_sample_warning
+
+    assert small_sample_warning(MIN_QUERIES, "the paired t-tests") is None
+    one = small_sample_warning(1, "the held-out R²")
+    assert one.startswith("**Small sample:** the held-out R² rest on 1 query (fewer than")
+    md = Summary("T").small_sample(2, "the paired t-tests").to_markdown()
+    assert "the paired t-tests rest on 2 queries" in md
+    assert Summary("T").small_sample(MIN_QUERIES, "x").blocks == []

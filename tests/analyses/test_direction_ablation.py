@@ -93,6 +93,10 @@ def test_end_to_end_outputs(direction_ablation_run, tiny_model_dir, tiny_collect
     for name in images:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Reference rankings" in (out / "summary.md").read_text()
+    # issue 30: t-tests over the tiny collection's 6 queries carry the small-sample warning
+    assert (
+        "**Small sample:** the paired t-tests rest on 6 queries" in (out / "summary.md").read_text()
+    )
     assert "- **score type**: binary_logit" in (out / "summary.md").read_text()  # the default
     per_query = pd.read_csv(out / "per_query.csv")
     assert set(per_query.unit) == set(units) and per_query.qid.nunique() == 6

@@ -50,6 +50,13 @@ def test_tfc1_heads_and_residual(common_argv, tmp_path, tiny_model_dir, tiny_col
     text = (out / "summary.md").read_text()
     assert "## Score change per relevance grade" in text and "heatmap_heads_exact.png" in text
     assert "- **score type**: binary_logit" in text
+    # every pair excluded by --min-delta (a summary option): the summary says so (no KeyError)
+    argv = [*common_argv, "--unit-pairs", "10", "--min-delta", "1e9", "--output", str(out)]
+    assert pt.main(argv) == 0
+    assert (
+        "No cell to rank: no pair changes the score by --min-delta 1e+09"
+        in (out / "summary.md").read_text()
+    )
 
 
 @pytest.mark.slow

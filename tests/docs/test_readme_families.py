@@ -1,7 +1,7 @@
 """The README's "Supported families" table and its edge-circuit claim follow the registry and
 the families' declarations: a family added to :data:`mechir.models.FAMILIES` without its README
 row, a row naming a family mechir does not load, or a family whose declared edge support
-(``EncoderSpec.edges``, ``model.abilities.edges``) disagrees with the README fails here."""
+(``Family.edge_circuits``, a model's ``abilities.edges``) disagrees with the README fails here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 from mechir.models.registry import FAMILIES
-from mechir.models.spec import EncoderSpec
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 #: How the README's prose shortens a family's name.
@@ -25,13 +24,6 @@ def _section(title: str) -> str:
 def _table_first_cells() -> list[str]:
     rows = [r for r in _section("Supported families").splitlines() if r.startswith("| ")]
     return [r.split("|")[1] for r in rows[2:]]  # the header and rule rows are not families
-
-
-def _edges_declared(family) -> bool:
-    """Edge support as the family declares it: its ``EncoderSpec.edges`` (families without an
-    encoder spec, MonoT5 and the decoders, declare ``abilities.edges = False``)."""
-    spec = getattr(family.implementation(), "SPEC", None)
-    return isinstance(spec, EncoderSpec) and spec.edges
 
 
 def test_every_registered_family_has_a_row_naming_its_model_type():
@@ -55,6 +47,6 @@ def test_the_edge_section_names_exactly_the_families_that_declare_edges():
     intro = _section("Edge-level circuits").split("\n\n")[1]
     for family in FAMILIES:
         named = re.search(rf"\b{re.escape(SHORT.get(family.name, family.name))}\b", intro)
-        assert bool(named) == _edges_declared(family), (
+        assert bool(named) == family.edge_circuits, (
             f"README edge section and {family.name}'s declared edge support disagree"
         )

@@ -510,11 +510,79 @@ DECODER_SPECS: dict[str, DecoderSpec] = {
 }
 
 
-def save_tiny_decoder(name: str, directory: Path, *, seed: int = 0) -> Path:
-    """Build a random tiny decoder reranker ``name`` and save model + tokenizer to ``directory``."""
-    spec = DECODER_SPECS[name]
+def _pad_is_eos(make: Callable[[], PreTrainedTokenizerFast]) -> Callable[[], Any]:
+    def tokenizer() -> PreTrainedTokenizerFast:
+        tok = make()
+        tok.pad_token = tok.eos_token
+        return tok
+
+    return tokenizer
+
+
+#: ``*ForSequenceClassification`` decoders whose pad token is their EOS (a common fine-tuning
+#: setting) under RankLLaMA's template, which ends every prompt with the EOS: Hugging Face pools
+#: the token before it. Both tokenizers have their EOS at id 2. ``llama-seqcls-no-pad`` has no pad
+#: token at all (Hugging Face then pools the last position of an example alone).
+PAD_EOS_CLASSIFIER_SPECS: dict[str, DecoderSpec] = {
+    spec.name: spec
+    for spec in (
+        DecoderSpec(
+            "llama-seqcls-pad-eos",
+            "LlamaForSequenceClassification",
+            _pad_is_eos(llama_bpe_tokenizer),
+            lambda v: _decoder_config(
+                "LlamaConfig", v, pad_token_id=2, bos_token_id=1, eos_token_id=2, num_labels=1
+            ),
+        ),
+        DecoderSpec(
+            "qwen3-seqcls-pad-eos",
+            "Qwen3ForSequenceClassification",
+            _pad_is_eos(chat_bpe_tokenizer),
+            lambda v: _decoder_config(
+                "Qwen3Config", v, head_dim=8, pad_token_id=2, eos_token_id=2, num_labels=1
+            ),
+        ),
+        DecoderSpec(
+            "qwen2-seqcls-pad-eos",
+            "Qwen2ForSequenceClassification",
+            _pad_is_eos(chat_bpe_tokenizer),
+            lambda v: _decoder_config(
+                "Qwen2Config", v, pad_token_id=2, eos_token_id=2, num_labels=1
+            ),
+        ),
+        DecoderSpec(
+            "mistral-seqcls-pad-eos",
+            "MistralForSequenceClassification",
+            _pad_is_eos(chat_bpe_tokenizer),
+            lambda v: _decoder_config(
+                "MistralConfig", v, sliding_window=24, pad_token_id=2, eos_token_id=2, num_labels=1
+            ),
+        ),
+        DecoderSpec(
+            "llama-seqcls-no-pad",
+            "LlamaForSequenceClassification",
+            llama_bpe_tokenizer,
+            lambda v: _decoder_config(
+                "LlamaConfig", v, pad_token_id=None, bos_token_id=1, eos_token_id=2, num_labels=1
+            ),
+        ),
+    )
+}
+
+
+def _decoder_spec(name: str) -> DecoderSpec:
+    return DECODER_SPECS.get(name) or PAD_EOS_CLASSIFIER_SPECS[name]
+
+
+def save_tiny_decoder(name: str, directory: Path, *, seed: int = 0, **config_changes: Any) -> Path:
+    """Build a random tiny decoder reranker ``name`` (:data:`DECODER_SPECS` or
+    :data:`PAD_EOS_CLASSIFIER_SPECS`; ``config_changes`` set on its config) and save model +
+    tokenizer to ``directory``."""
+    spec = _decoder_spec(name)
     tok = spec.tokenizer()
     config = spec.config(len(tok))
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     config.architectures = [spec.model_class]
     torch.manual_seed(seed)
     model = getattr(transformers, spec.model_class)(config)
@@ -538,5 +606,5 @@ def load_hf_t5(directory: Path) -> Any:
 
 def load_hf_decoder(name: str, directory: Path) -> Any:
     """The saved decoder as Hugging Face runs it (eager attention, eval mode)."""
-    cls = getattr(transformers, DECODER_SPECS[name].model_class)
+    cls = getattr(transformers, _decoder_spec(name).model_class)
     return cls.from_pretrained(directory, attn_implementation="eager").eval()

@@ -21,7 +21,12 @@ from mechir.hooks import (
 )
 from mechir.models.decoder import DEFAULT_INSTRUCTION, HookedDecoderReranker
 from mechir.models.registry import family_of
-from tests.families.builders import DECODER_SPECS, load_hf_decoder, save_tiny_decoder
+from tests.families.builders import (
+    DECODER_SPECS,
+    PAD_EOS_CLASSIFIER_SPECS,
+    load_hf_decoder,
+    save_tiny_decoder,
+)
 from tests.helpers import DOCUMENTS, QUERIES
 
 ATOL = 1e-5
@@ -216,6 +221,42 @@ def test_left_and_right_padding_and_single_pairs_score_alike(decoder):
     left_batch = model.encode(QUERIES, DOCUMENTS, padding_side="left")
     chunked = model.score(left_batch, batch_size=3)  # sub-batches of a left-padded batch
     torch.testing.assert_close(chunked, right, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("name", tuple(PAD_EOS_CLASSIFIER_SPECS))
+def test_classifier_pools_the_last_token_that_is_not_the_pad_token_like_hf(
+    decoder_dirs, name, side
+):
+    """Hugging Face's sequence classifiers pool the last token whose id is not
+    ``config.pad_token_id``. With pad = EOS and RankLLaMA's template (every prompt ends with
+    the EOS) that is the token before the EOS, on a padded batch (either side) and on each
+    example alone; without a pad token, the last position of each example alone."""
+    directory = decoder_dirs(name)
+    model = load_cross_encoder(directory, device="cpu")
+    hf = load_hf_decoder(name, directory)
+    batch = model.encode(QUERIES, DOCUMENTS, padding_side=side)
+    assert batch.attention_mask.sum(-1).unique().numel() > 1, "batch must contain padding"
+    eos = model.tokenizer.eos_token_id
+    ends = batch.input_ids[torch.arange(len(batch)), last_real(batch)]
+    assert (ends == eos).all(), "every prompt must end with the EOS"
+    alone = []
+    for q, d in zip(QUERIES, DOCUMENTS):
+        one = model.encode([q], [d])
+        alone.append(hf(input_ids=one.input_ids).logits[:, 0].detach())
+        torch.testing.assert_close(model.score(one), alone[-1], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(model.score(batch), torch.cat(alone), atol=ATOL, rtol=1e-5)
+    if hf.config.pad_token_id is None:
+        return
+    assert hf.config.pad_token_id == eos == model.tokenizer.pad_token_id
+    torch.testing.assert_close(
+        model.score(batch), hf_scores(hf, model, batch), atol=ATOL, rtol=1e-5
+    )
+    with torch.no_grad():  # the EOS's own score differs (the test can tell the two apart)
+        _, cache = model.run_with_cache(batch, names_filter=[model.final_hidden_name])
+    resid = cache[model.final_hidden_name]
+    at_eos = model.classifier(resid[torch.arange(len(batch)), last_real(batch)])[:, 0]
+    assert (at_eos - model.score(batch)).abs().min() > 1e-4
 
 
 def test_yes_no_score_ranks_like_qwen3_rerankers_probability(qwen3):

@@ -191,3 +191,72 @@ def test_a_rank_deficient_head_refuses_a_partial_ablation(tiny, tiny_batch):
     real = tiny_batch.attention_mask.bool()
     uniform = (vis / vis.sum(-1, keepdim=True).clamp(min=1)).float()
     torch.testing.assert_close(pattern[real], uniform[real], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------- QK-norm (Qwen3)
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """``(model, batch)``: a tiny Qwen3 reranker (QK-norm with non-trivial norm weights, rotary
+    positions), one key head per query head (a partial ablation selects query heads)."""
+    from tests.families.builders import save_tiny_decoder
+
+    directory = tmp_path_factory.mktemp("qwen3-mha")
+    save_tiny_decoder("qwen3", directory, num_key_value_heads=4, initializer_range=0.2)
+    model = load_cross_encoder(directory, device="cpu")
+    return model, model.encode(QUERIES, DOCUMENTS)
+
+
+def decoder_scores(model, batch, hooks):
+    """Per layer: ``(pre-softmax scores [batch, head, q, k], attention input)``; and the mask of
+    real causal (query, key) pairs."""
+    _, cache = run(model, batch, hooks)
+    real = batch.attention_mask.bool()
+    n = real.shape[1]
+    vis = real[:, :, None] & real[:, None, :] & torch.ones(n, n, dtype=torch.bool).tril()
+    out = []
+    for layer in range(model.cfg.n_layers):
+        with torch.no_grad():
+            x = model.blocks[layer].ln1(cache[f"blocks.{layer}.hook_resid_pre"])
+        out.append((cache[f"blocks.{layer}.attn.hook_attn_scores"], x))
+    return out, vis
+
+
+def test_a_qk_norm_model_declares_it(qwen3, tiny):
+    assert qwen3[0].abilities.qk_norm is True and tiny[0].abilities.qk_norm is False
+
+
+def test_complementary_removals_add_up_to_the_score_under_qk_norm(qwen3):
+    """Reproduction t4_qwen3_qk_subspace.py: at distance 0, removing K and removing its
+    complement add up to the unablated score (the hooks at hook_q/hook_k, before the per-head
+    norm, missed by 2.3 on scores <= 2)."""
+    model, batch = qwen3
+    d = model.cfg.d_head
+    for layer, head in ((0, 1), (1, 2)):
+        kept = [[]] + [[0, 1], list(range(2, d))]
+        diag = []
+        for directions in kept:
+            hooks = qk_subspace_ablation_hooks(model, heads=[(layer, head)], directions=directions)
+            scores = decoder_scores(model, batch, hooks)[0][layer][0]
+            diag.append(scores[:, head].diagonal(dim1=-2, dim2=-1))
+        s, s1, s2 = diag
+        assert s.abs().max() > 0.5
+        torch.testing.assert_close(s1 + s2, s, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("directions", [[], [0], [1, 3], "all"])
+def test_a_middle_ablation_under_qk_norm_equals_the_naive_recomputation(qwen3, directions):
+    """Every pre-softmax score of the ablated heads (rotary, every distance) = the float64
+    recomputation from the attention input (normalized by the unablated q and k, norm weights
+    folded in); the other heads are unchanged."""
+    model, batch = qwen3
+    heads = [(0, 1), (1, 0), (1, 2)]
+    hooks = qk_subspace_ablation_hooks(model, heads=heads, directions=directions)
+    per_layer, vis = decoder_scores(model, batch, hooks)
+    for layer, (scores, x) in enumerate(per_layer):
+        for head in range(model.cfg.n_heads):
+            removed = directions if (layer, head) in heads else []
+            if removed == "all":
+                assert (scores[:, head][vis] == 0).all()
+                continue
+            ref = qk_subspace_scores_reference(model, x, layer, head, removed)
+            torch.testing.assert_close(scores[:, head][vis], ref.float()[vis], atol=ATOL, rtol=1e-5)

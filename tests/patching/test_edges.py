@@ -10,10 +10,14 @@ import torch.nn as nn
 from scipy import stats
 
 from mechir import load_cross_encoder
+from mechir.hooks import head_knockout_hooks
 from patching import AlignedPairs, PairBuilder
 from patching.edges import (
+    circuit_metric,
     edge_attribution,
     edge_graph,
+    faithfulness_curve,
+    greedy_circuit,
     patch_edge_sets,
     patch_edges,
     single_edge_scores,
@@ -313,6 +317,12 @@ def test_edge_scores_frame(model, pairs):
     long = res.to_frame()
     assert len(long) == len(res.units) * res.n_edges and list(long.unit.unique()) == res.units
     assert res.top(0.05).tolist() == res.ranking()[: round(0.05 * res.n_edges)].tolist()
+    named = res.top_edges(5)  # issue 30: the top edges by name, as patch_edges takes them
+    assert named.edge.tolist() == res.top(5).tolist()
+    rows = frame.set_index("edge").loc[named.edge]
+    assert named.label.tolist() == (rows.sender + "->" + rows.receiver).tolist()
+    assert [res.graph.edge_index(label) for label in named.label] == named.edge.tolist()
+    assert named.effect.tolist() == rows.effect.tolist()
 
 
 @pytest.mark.cuda
@@ -356,3 +366,61 @@ def test_families_whose_blocks_the_engine_does_not_follow_are_refused(tmp_path):
     model = load_cross_encoder(save_tiny_t5(tmp_path / "t5"))
     with pytest.raises(ValueError, match="edge circuits follow the blocks of BERT.*MonoT5"):
         is_pre_ln(model)
+
+
+# ---------------------------------------------------------------------- one intervention dialect
+ENGINE_ENTRIES = {
+    "patch_edges": lambda m, p: patch_edges(m, p, edges=[]),
+    "patch_edge_sets": lambda m, p: patch_edge_sets(m, p, sets=[[]]),
+    "single_edge_scores": lambda m, p: single_edge_scores(m, p),
+    "edge_attribution": lambda m, p: edge_attribution(m, p, method="eap"),
+    "circuit_metric": lambda m, p: circuit_metric(m, p, circuits=[[]]),
+    "faithfulness_curve": lambda m, p: faithfulness_curve(
+        m, p, scores=torch.arange(edge_graph(m).n_edges, 0, -1.0), budgets=[0.1]
+    ),
+    "greedy_circuit": lambda m, p: greedy_circuit(m, p, budgets=[0.1]),
+}
+
+
+@pytest.mark.parametrize("entry", ENGINE_ENTRIES)
+def test_the_edge_engine_refuses_active_hooks(model, pairs, entry):
+    """The engine runs its own attention and LayerNorms, so it would apply a user's hooks at
+    some points (embedding, MLP, score head) and skip them at others: inside active hooks
+    every entry refuses in one line, before any work (reproduction t4_edges_ignore_hooks.py:
+    with every head knocked out, patch_edges(edges=[]) returned the un-hooked clean score)."""
+    knockout = head_knockout_hooks(model, layers=[0, 1], heads=[0, 1])
+    with model.hooks(fwd_hooks=knockout):
+        knocked_out = model.score(pairs.clean)
+        with pytest.raises(ValueError) as info:
+            ENGINE_ENTRIES[entry](model, pairs)
+    assert str(info.value).startswith(f"{entry} runs its own forward pass")
+    assert "2 hooks are active (blocks.0.attn.hook_z, blocks.1.attn.hook_z)" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not torch.allclose(knocked_out, model.score(pairs.clean), atol=1e-3)
+    if entry == "patch_edges":  # outside the block: the clean run, as before
+        torch.testing.assert_close(
+            ENGINE_ENTRIES[entry](model, pairs), model.score(pairs.clean), atol=TOL, rtol=0
+        )
+
+
+def test_post_ln_edge_of_an_unchanged_sender_carries_the_corrupted_layernorm_scales(tok, pairs):
+    """Documented (docs/api/edges.md): head 0/0 with zero value weights writes the same output
+    (its value bias through W_O) in the clean and the corrupted run, yet its edges into layer 1
+    have an effect in a post-LN encoder: its contribution there is carried through each run's
+    own LayerNorm scales, c = gamma * P z / sigma, and sigma differs between the runs."""
+    hf = tiny_hf_model(0)
+    d_head = hf.config.hidden_size // hf.config.num_attention_heads
+    with torch.no_grad():
+        value = hf.bert.encoder.layer[0].attention.self.value
+        value.weight[:d_head] = 0
+        value.bias[:d_head] = 1.0
+    model = load_cross_encoder(hf, tokenizer=tok, device="cpu")
+    outputs = []
+    for batch in (pairs.clean, pairs.corrupted):
+        _, cache = model.run_with_cache(batch, names_filter="blocks.0.attn.hook_z")
+        real = batch.attention_mask.bool()
+        outputs.append(cache["blocks.0.attn.hook_z"][:, :, 0][real])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=0)  # sender unchanged
+    clean = patch_edges(model, pairs, edges=[])
+    moved = patch_edges(model, pairs, edges=["0/0->1/0.q", "0/0->1/0.k", "0/0->1/0.v", "0/0->mlp1"])
+    assert (moved - clean).abs().max() > 1e-3
