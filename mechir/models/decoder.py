@@ -4,7 +4,8 @@ decoders (RankLLaMA), for the Qwen2/2.5, Qwen3, Llama and Mistral architectures.
 
 The input is a prompt: a template with ``{query}``, ``{document}`` and optionally
 ``{instruction}`` (and ``{bos}``/``{eos}``, the tokenizer's own tokens), rendered and tokenized as
-one string. Every token gets a :class:`~mechir.parts.Part` from the character span it covers:
+one string. Every token gets a :class:`~mechir.parts.Part` from the character span it covers
+(:func:`mechir.models.prompt.token_parts`, the rule of every prompt-based reranker):
 ``QUERY``, ``DOCUMENT``, ``INSTRUCTION``, and for the template's own text, by position,
 ``CLS`` ("prefix", before the query), ``SEP1`` ("middle", between query and document) and
 ``SEP2`` ("suffix", after the document). A document too long for ``max_length`` is cut at a token
@@ -62,6 +63,7 @@ from torch import Tensor
 from mechir.interface import Abilities
 from mechir.models.encoder import CrossEncoderClassifier, HookedCrossEncoder, attend
 from mechir.models.hooked import HookedRerankerMixin
+from mechir.models.prompt import pad_token_id, pair_lists, token_parts
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
 from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
 from mechir.models.tl import (
@@ -240,25 +242,6 @@ class DecoderPrompt:
         return "".join(text), spans
 
 
-def _token_parts(
-    offsets: Sequence[tuple[int, int]], spans: dict[str, tuple[int, int]]
-) -> list[int]:
-    """The part of every token from its character span: a token overlapping the document, the
-    query or the instruction (in that order) belongs to it; other (template) tokens are
-    prefix (before the query), middle (before the document) or suffix (after it)."""
-    q0, d0 = spans["query"][0], spans["document"][0]
-    fields = [(Part.DOCUMENT, spans["document"]), (Part.QUERY, spans["query"])]
-    if "instruction" in spans and spans["instruction"][1] > spans["instruction"][0]:
-        fields.append((Part.INSTRUCTION, spans["instruction"]))
-    out = []
-    for start, end in offsets:
-        part = next((p for p, (a, b) in fields if start < b and end > a and end > start), None)
-        if part is None:
-            part = Part.CLS if start < q0 else Part.SEP1 if start < d0 else Part.SEP2
-        out.append(int(part))
-    return out
-
-
 def encode_prompts(
     tokenizer: Any,
     prompt: DecoderPrompt,
@@ -272,23 +255,16 @@ def encode_prompts(
 
     Each prompt is tokenized as one string (without added special tokens: the template writes
     them), so the tokens are exactly those of ``tokenizer(prompt_text)``; the part of each token
-    is read from its character offsets (:func:`_token_parts`). A prompt longer than
-    ``max_length`` has its document cut after the last token that fits, and is re-tokenized.
+    is read from its character offsets (:func:`mechir.models.prompt.token_parts`). A prompt
+    longer than ``max_length`` has its document cut after the last token that fits, and is
+    re-tokenized.
 
     Raises:
         ValueError: no pairs, lists of different lengths, an empty query/document, a tokenizer
             without offsets (not a fast tokenizer), or a prompt that leaves no room for one
             document token (the message names the pair).
     """
-    queries = [queries] if isinstance(queries, str) else list(queries)
-    documents = [documents] if isinstance(documents, str) else list(documents)
-    if len(queries) != len(documents):
-        raise ValueError(
-            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
-            "query (repeat the query for several documents)"
-        )
-    if not queries:
-        raise ValueError("empty batch: pass at least one (query, document) pair")
+    queries, documents = pair_lists(queries, documents)
     check_max_length(max_length)
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -297,23 +273,10 @@ def encode_prompts(
             f"{type(tokenizer).__name__} gives no character offsets: decoder rerankers need a "
             "fast tokenizer (tokenizer.json)"
         )
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        for what, text in (("query", q), ("document", d)):
-            if not isinstance(text, str):
-                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
-            if not text.strip():
-                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
     rows = []
     for i, (q, d) in enumerate(zip(queries, documents)):
         rows.append(_encode_one(tokenizer, prompt, q, d, max_length, i))
-    return padded_batch(rows, pad_token_id=_pad_id(tokenizer), padding_side=padding_side)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pad is not None:
-            return int(pad)
-    return 0
+    return padded_batch(rows, pad_token_id=pad_token_id(tokenizer), padding_side=padding_side)
 
 
 def _encode_one(
@@ -323,7 +286,7 @@ def _encode_one(
         text, spans = prompt.render(query, document, tokenizer)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        parts = _token_parts(offsets, spans)
+        parts = token_parts(offsets, spans)
         if len(ids) <= max_length:
             return ids, parts
         doc = [k for k, p in enumerate(parts) if p == int(Part.DOCUMENT)]
@@ -941,7 +904,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         return prompt_batch_from_tokens(
             self.template_tokens(), query_ids, document_ids,
             max_length=self.max_length if max_length is None else max_length,
-            pad_token_id=_pad_id(self.tokenizer), padding_side=self.padding_side,
+            pad_token_id=pad_token_id(self.tokenizer), padding_side=self.padding_side,
         )  # fmt: skip
 
     @property

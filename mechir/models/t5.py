@@ -43,9 +43,10 @@ so every encoder site and hook factory of :mod:`mechir.hooks` works on the encod
 
 Parts of the encoder input: the template's tokens before the query are ``prefix`` (``CLS``),
 between query and document ``middle`` (``SEP1``), after the document, with the final ``</s>``,
-``suffix`` (``SEP2``). A token belongs to the part holding its last character. Long documents are
-cut (the template's suffix is always kept) and the pair re-tokenized, so ``input_ids`` are always
-the tokenizer's own encoding of a prompt string.
+``suffix`` (``SEP2``), by the one part rule of every prompt-based reranker
+(:func:`mechir.models.prompt.token_parts`: a token overlapping the query or the document belongs
+to it). Long documents are cut (the template's suffix is always kept) and the pair re-tokenized,
+so ``input_ids`` are always the tokenizer's own encoding of a prompt string.
 
 Interventions on the decoder: the sites ``cross_pattern``, ``cross_attn_scores``, ``cross_z``,
 ``decoder_z`` and ``decoder_neuron`` of :mod:`mechir.hooks.site`, and
@@ -70,6 +71,7 @@ from torch import Tensor
 
 from mechir.interface import Abilities
 from mechir.models.hooked import HookedRerankerMixin
+from mechir.models.prompt import pad_token_id, pair_lists, token_parts
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
 from mechir.models.scores import ScoreType, check_score_type
 from mechir.models.tl import (
@@ -547,48 +549,6 @@ class Prompt:
         )  # fmt: skip
 
 
-def _token_parts(offsets: Sequence[tuple[int, int]], spans: tuple[int, int, int, int]) -> list[int]:
-    """The part of every token of one prompt: the part holding its last character. A special
-    token (empty offsets, e.g. T5's final ``</s>``) is a template token of the gap it sits in:
-    ``prefix`` before the query, ``middle`` after it, ``suffix`` after the document."""
-    q0, q1, d0, d1 = spans
-    gap = {Part.CLS: Part.CLS, Part.QUERY: Part.SEP1, Part.SEP1: Part.SEP1}
-    gap |= {Part.DOCUMENT: Part.SEP2, Part.SEP2: Part.SEP2}
-    parts: list[Part] = []
-    for start, end in offsets:
-        if end <= start:
-            parts.append(gap[parts[-1]] if parts else Part.CLS)
-            continue
-        c = end - 1
-        if c < q0:
-            parts.append(Part.CLS)
-        elif c < q1:
-            parts.append(Part.QUERY)
-        elif c < d0:
-            parts.append(Part.SEP1)
-        elif c < d1:
-            parts.append(Part.DOCUMENT)
-        else:
-            parts.append(Part.SEP2)
-    return [int(p) for p in parts]
-
-
-def _check_pairs(queries: Sequence[str], documents: Sequence[str]) -> None:
-    if len(queries) != len(documents):
-        raise ValueError(
-            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
-            "query (repeat the query for several documents)"
-        )
-    if len(queries) == 0:
-        raise ValueError("empty batch: pass at least one (query, document) pair")
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        for what, text in (("query", q), ("document", d)):
-            if not isinstance(text, str):
-                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
-            if not text.strip():
-                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
-
-
 def encode_prompts(
     tokenizer: Any,
     prompt: Prompt,
@@ -610,9 +570,7 @@ def encode_prompts(
             tokenizer (offsets are needed), or a pair whose query and template leave no room
             for a document token, or without a query token; the message names the pair.
     """
-    queries = [queries] if isinstance(queries, str) else list(queries)
-    documents = [documents] if isinstance(documents, str) else list(documents)
-    _check_pairs(queries, documents)
+    queries, documents = pair_lists(queries, documents)
     check_max_length(max_length)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -623,11 +581,7 @@ def encode_prompts(
         _encode_one(tokenizer, prompt, q, d, max_length, i)
         for i, (q, d) in enumerate(zip(queries, documents))
     ]
-    return padded_batch(rows, pad_token_id=_pad_id(tokenizer))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return padded_batch(rows, pad_token_id=pad_token_id(tokenizer))
 
 
 def _encode_one(
@@ -639,7 +593,7 @@ def _encode_one(
         text, spans = prompt.text(query, doc)
         enc = tokenizer(text, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        parts = _token_parts(offsets, spans)
+        parts = token_parts(offsets, {"query": spans[:2], "document": spans[2:]})
         if int(Part.QUERY) not in parts:
             raise ValueError(
                 f"pair {i}: no token of the query {query!r} in the prompt (the template's "
@@ -1042,7 +996,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         return prompt_batch_from_tokens(
             pieces, query_ids, document_ids,
             max_length=self.max_length if max_length is None else max_length,
-            pad_token_id=_pad_id(self.tokenizer),
+            pad_token_id=pad_token_id(self.tokenizer),
         )  # fmt: skip
 
     def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
