@@ -14,6 +14,10 @@ module                 what it holds
 ``modernbert``,
 ``deberta``
 ``tl``                 everything taken from TransformerLens
+``prompt``             what every prompt-based reranker shares: the part rule, pair checks, padding
+``t5``                 MonoT5 (``t5_blocks``: its architecture; ``t5_prompt``; ``t5_weights``)
+``decoder``            decoder LLM rerankers (``decoder_config``, ``decoder_prompt``,
+                       ``decoder_weights``)
 =====================  =====================================================================
 
 A new family is one file here (defining ``load(family, source, tokenizer, options)``) plus one
