@@ -43,7 +43,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import candidate_pairs, writes_outputs
 from analyses.summary import Summary
-from mechir.cli import float_range, fraction, positive_float, steps_or_auto
+from mechir.cli_common import float_range, fraction, positive_float, steps_or_auto
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.store import decode_array, encode_array

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechir.cli import (
+from mechir.cli import missing_dirs, remove_empty_dirs
+from mechir.cli_common import (
     PROMPT_OPTIONS,
     OneLineParser,
     add_execution_options,
@@ -42,11 +43,9 @@ from mechir.cli import (
     add_prompt_options,
     check_output_writable,
     check_prompt_options,
-    missing_dirs,
     no_candidates_reason,
     positive_int,
     prompt_options,
-    remove_empty_dirs,
     resolve_max_length,
     run_command,
 )
@@ -479,7 +478,7 @@ def study_main(
 ) -> int:
     """Parse ``argv`` (default: the command line; defaults from ``MECHIR_*`` variables and
     ``mechir.toml``, see :mod:`mechir.settings`), check it and run the study. A user error
-    prints one line and raises :class:`~mechir.cli.UserExit` (``SystemExit``, status 2, its
+    prints one line and raises :class:`~mechir.cli_common.UserExit` (``SystemExit``, status 2, its
     text the line); ``--debug`` shows the traceback instead."""
     from mechir.settings import apply_defaults, user_defaults
 
@@ -538,7 +537,7 @@ def candidate_pairs(args: argparse.Namespace, collection: Any) -> list[Any]:
 
     Raises:
         ValueError: no candidates (an empty queries file, no judged query, no first-stage run
-            for these queries: :func:`mechir.cli.no_candidates_reason`).
+            for these queries: :func:`mechir.cli_common.no_candidates_reason`).
     """
     qids = collection.query_ids(args.limit_queries)
     pairs = collection.candidates(depth=args.depth, query_ids=qids)

@@ -21,7 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mechir.cli import Command, add_execution_options, positive_int
+from mechir.cli_common import add_execution_options, positive_int
+from mechir.cli_plugins import Command
 from mechir.demo import (
     DEMO,
     DEMO_COLLECTION_NAME,

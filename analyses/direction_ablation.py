@@ -43,7 +43,7 @@ from analyses.reranking import (
     tied_queries,
 )
 from analyses.summary import Summary
-from mechir.cli import fraction
+from mechir.cli_common import fraction
 from mechir.hooks import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,

@@ -38,7 +38,7 @@ from analyses.reranking import (
     rerank_row,
 )
 from analyses.summary import Summary
-from mechir.cli import fraction, nonnegative_float
+from mechir.cli_common import fraction, nonnegative_float
 from mechir.data import matching_pairs
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import

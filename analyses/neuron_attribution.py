@@ -31,7 +31,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug
 from analyses.summary import Summary
-from mechir.cli import percent, positive_float, steps_or_auto
+from mechir.cli_common import percent, positive_float, steps_or_auto
 from mechir.data import Pair, load_collection
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import

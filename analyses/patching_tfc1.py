@@ -31,7 +31,7 @@ import numpy as np
 from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
 from analyses.summary import Summary
-from mechir.cli import nonnegative_float, positive_float
+from mechir.cli_common import nonnegative_float, positive_float
 from mechir.interface import HookedReranker, PromptReranker
 from mechir.lazy import lazy_import
 from mechir.store import decode_array, encode_array

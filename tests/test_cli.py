@@ -313,7 +313,7 @@ def test_pyproject_declares_the_known_commands_as_entry_points():
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib
-    from mechir.cli import COMMAND_GROUP, KNOWN_COMMANDS
+    from mechir.cli_plugins import COMMAND_GROUP, KNOWN_COMMANDS
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert project["entry-points"][COMMAND_GROUP] == KNOWN_COMMANDS
@@ -328,7 +328,7 @@ def test_help_lists_demo(capsys):
 
 
 def fake_command(calls: list) -> Any:
-    from mechir.cli import Command
+    from mechir.cli_plugins import Command
 
     def add(p):
         p.add_argument("--answer", type=int, required=True)
@@ -395,7 +395,7 @@ def test_a_broken_entry_point_does_not_break_the_other_commands(monkeypatch, cap
 
     monkeypatch.setattr(cli, "_entry_points", lambda: {"bad": "tests.test_cli:no_such_object"})
     assert cli.main(["bad"]) == 2
-    assert "is not a mechir.cli.Command" in capsys.readouterr().err
+    assert "is not a mechir.cli_plugins.Command" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         cli.main(["score", "--help"])
     assert info.value.code == 0
@@ -425,7 +425,8 @@ def test_score_output_is_a_new_file_and_never_replaced(saved_model, tmp_path, ca
 
 
 def test_write_new_file_never_replaces_a_file_that_appeared(tmp_path):
-    from mechir.cli import UsageError, write_new_file
+    from mechir.cli import write_new_file
+    from mechir.cli_common import UsageError
 
     path = tmp_path / "f.txt"
     path.write_text("precious user data\n")  # appeared after the check, before the write

@@ -73,7 +73,7 @@ from analyses.axioms.seed_checks import matching_head_list, qk_directions, rando
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug, writes_outputs
 from analyses.summary import Summary
-from mechir.cli import finite_float, nonnegative_float, percent, positive_float
+from mechir.cli_common import finite_float, nonnegative_float, percent, positive_float
 from mechir.lazy import lazy_import
 from mechir.store import decode_array
 

@@ -95,9 +95,7 @@ def _split_heads_in(w: Tensor, n: int) -> Tensor:
     return w.view(n, -1, w.shape[-1]).permute(0, 2, 1)
 
 
-def _layer_tensor(
-    model: nn.Module, layer: int, rest: str, t: Tensor
-) -> tuple[str, Tensor] | None:
+def _layer_tensor(model: nn.Module, layer: int, rest: str, t: Tensor) -> tuple[str, Tensor] | None:
     """The mechir name and view of one Hugging Face per-layer tensor (None: not a weight)."""
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads

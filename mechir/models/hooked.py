@@ -116,6 +116,7 @@ class HookedRerankerMixin:
 
     tokenizer: Any
     cfg: Any
+
     def init_reranker(self, tokenizer: Any, family: Any) -> None:
         """Call in the constructor, before building modules that read the running batch."""
         self.tokenizer = tokenizer
