@@ -30,8 +30,6 @@ the next). See ``analyses/README.md``, "Adding a study".
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from analyses.common import (
+    OUTPUT_ADVICE,
     ConfigMismatchError,
     StudyRun,
     Unit,
@@ -50,6 +49,7 @@ from analyses.common import (
     model_shape,
     open_study,
     output_dir,
+    read_study_record,
     report_incomplete,
     require_family,
     run_units,
@@ -58,10 +58,14 @@ from analyses.common import (
     writes_outputs,
 )
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.store import ResultsStore
 
 __all__ = ["Stage", "Study", "StudyRun", "Summary", "Unit", "UsageError"]
 
+#: The time each unit took, apart from the results (``{"unit", "seconds"}`` per line), so that
+#: identical runs write byte-identical results files.
+TIMINGS = "timings.jsonl"
 #: The score of every directory written before the score type was recorded (mechir's only
 #: score then: the relevant class's logit).
 LEGACY_SCORE_TYPE = "logit"
@@ -102,6 +106,9 @@ class Study:
     #: Named settings for ``--preset NAME``: option destination -> value (the preset's values
     #: become defaults; options given on the command line still win).
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Files the study always writes into its output directory (besides ``summary.md`` and
+    #: ``summary.json``), checked before any work (:meth:`check_outputs`).
+    output_files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -215,7 +222,9 @@ class Study:
         except ValueError as err:
             raise UsageError(str(err)) from None
         extra = list(self.run_name_extra())
-        saved = _saved_record(output_dir(self.args, self.name, *extra))
+        out = output_dir(self.args, self.name, *extra)
+        saved = _saved_record(out, self.name)
+        self.check_outputs(out)
         with open_study(
             self.name, self.args, work_options=self.work_options, run_name_extra=extra
         ) as self.run:
@@ -234,6 +243,15 @@ class Study:
             print(self.output / "summary.md")
         return 0
 
+    def check_outputs(self, output: Path) -> None:
+        """Refuse before any work when ``output`` holds a file the study writes
+        (:attr:`output_files`, the summary's) that mechir did not write, or a file mechir wrote
+        that was changed since (:mod:`mechir.outputs`). Files named from the options are
+        checked when they are written (the finished units are kept)."""
+        outputs.check_directory(output, advice=OUTPUT_ADVICE)
+        for name in ("summary.md", "summary.json", *self.output_files):
+            outputs.check_writable(output / name, advice=OUTPUT_ADVICE)
+
     def run_stage(self, stage: Stage) -> None:
         """Compute the stage's units not yet stored (the one unit loop of every study).
 
@@ -249,6 +267,7 @@ class Study:
             desc=f"{self.name}: {stage.name}" if stage.name else self.name,
             progress=self.args.progress,
             max_units=self._budget,
+            timings=self.output / TIMINGS,
         )
         if self._budget is not None:
             self._budget -= len(self.store) - before
@@ -271,7 +290,7 @@ class Study:
 def recorded_score_type(output: Path) -> str | None:
     """The score type recorded in ``output/config.json``; :data:`LEGACY_SCORE_TYPE` for a
     directory with results from before it was recorded; None when nothing was computed."""
-    record = json.loads((Path(output) / "config.json").read_text(encoding="utf-8"))
+    record = _saved_record(output)
     if "score_type" in record:
         return record["score_type"]
     results = Path(output) / "results.jsonl"
@@ -301,14 +320,11 @@ def record_score_type(output: Path, score_type: str, num_labels: int) -> None:
         _update_record(output, score_type=score_type)
 
 
-def _saved_record(output: Path) -> dict[str, Any]:
-    path = Path(output) / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+def _saved_record(output: Path, study: str | None = None) -> dict[str, Any]:
+    return read_study_record(output, study) or {}
 
 
 def _update_record(output: Path, **items: Any) -> None:
     path = Path(output) / "config.json"
-    record = {**json.loads(path.read_text(encoding="utf-8")), **items}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    record = {**_saved_record(output), **items}
+    outputs.write_json(path, record, advice=OUTPUT_ADVICE)

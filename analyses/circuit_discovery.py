@@ -43,6 +43,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import candidate_pairs, writes_outputs
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.cli_common import float_range, fraction, positive_float, steps_or_auto
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
@@ -156,6 +157,7 @@ class CircuitDiscovery(Study):
         }
     }
     work_options = ("draw_budget", "top_edges")
+    output_files = ("pairs.csv", "edges.csv.gz", "faithfulness.csv", "circuit.svg")
 
     @classmethod
     def add_options(cls, p: argparse.ArgumentParser) -> None:
@@ -252,8 +254,9 @@ class CircuitDiscovery(Study):
         self.pairs, self.skipped = build_pairs(self.model, self.collection, args, items)
         self.queries = list(dict.fromkeys(query_of(p) for p in self.pairs.pair_ids))
         if writes_outputs():
-            pd.DataFrame({"pair": self.pairs.pair_ids, "grade": self.pairs.grades}).to_csv(
-                self.output / "pairs.csv", index=False
+            outputs.write_csv(
+                pd.DataFrame({"pair": self.pairs.pair_ids, "grade": self.pairs.grades}),
+                self.output / "pairs.csv",
             )
         yield Stage(
             "attribution",
@@ -547,7 +550,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
     )
     if "exact" in study.effects:
         frame["exact"] = study.ranking("exact")[1].numpy()
-    frame.to_csv(out / "edges.csv.gz", index=False)
+    outputs.write_csv(frame, out / "edges.csv.gz")
     top = frame.reindex(frame.eap_ig.abs().sort_values(ascending=False).index).head(args.top_edges)
     s.heading("Edges")
     s.table(
@@ -575,7 +578,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
         for b, k, f in zip(c["budgets"], c["n_edges"], c["faithfulness"]):
             rows.append({"ranking": name, "budget": b, "edges": k, "faithfulness": f})
     curve_frame = pd.DataFrame(rows)
-    curve_frame.to_csv(out / "faithfulness.csv", index=False)
+    outputs.write_csv(curve_frame, out / "faithfulness.csv")
     s.heading("Faithfulness")
     s.paragraph(
         "f(C) = (m(C) - m(empty)) / (m(N) - m(empty)) with every edge outside the circuit "
@@ -627,7 +630,7 @@ def summarize(study: CircuitDiscovery) -> Summary:
         units=list(study.units), pair_ids=list(study.pairs.pair_ids), source="token",
     )  # fmt: skip
     svg = circuit_svg(graph, circuit, scores, title=f"EAP-IG top {k} edges")
-    (out / "circuit.svg").write_text(svg, encoding="utf-8")
+    outputs.write_text(out / "circuit.svg", svg)
     s.heading("The circuit")
     s.image("circuit.svg", f"the top {k} edges by |EAP-IG| ({args.draw_budget:.1%} of the edges)")
     heads = [f"{lay}/{h}" for lay, h in heads_in(graph, circuit)]

@@ -11,7 +11,11 @@ A study is run as ``python -m analyses.<study> [options]``. Its output directory
   (:class:`ConfigMismatchError`), never a silent mix;
 - ``results.jsonl`` -- one line per finished unit of work (:class:`~mechir.store.ResultsStore`);
   units already there are skipped, so the same command resumes an interrupted run;
-- ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done.
+- ``timings.jsonl`` -- the seconds each unit took, kept apart from the results so that
+  identical runs write byte-identical ``results.jsonl`` and tables;
+- ``summary.md`` / ``summary.json``, CSV tables and PNG plots, written once every unit is done,
+  through :mod:`mechir.outputs` (as ``config.json``): a file there that mechir did not write,
+  or that was edited since, is never modified (recorded in ``.mechir-outputs.json``).
 
 Under ``torchrun --nproc_per_node N -m analyses.<study>`` the unfinished units are split across
 the ranks (strided, in unit order); each rank appends to its own shard ``results.rank<r>.jsonl``
@@ -23,17 +27,20 @@ next opened, with any number of processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mechir import outputs
 from mechir.cli import missing_dirs, remove_empty_dirs
 from mechir.cli_common import (
     PROMPT_OPTIONS,
@@ -69,6 +76,13 @@ DEFAULT_RESULTS = Path("results")
 RUNTIME_OPTIONS: frozenset[str] = frozenset(
     {"device", "batch_size", "output", "run_name", "max_units", "progress", "func", "debug"}
     | {"preset"}  # a preset's values are recorded, not its name
+)
+
+
+#: What a refusal to write over a file mechir did not write tells the user of a study.
+OUTPUT_ADVICE = (
+    "choose another --output (or --run-name) or move the file away, then rerun (finished "
+    "units are kept)"
 )
 
 
@@ -257,13 +271,8 @@ def prepare_output(
     output.mkdir(parents=True, exist_ok=True)
     path = output / "config.json"
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("study") != study:
-            raise ConfigMismatchError(
-                f"{output} holds results of study {saved.get('study')!r}, not {study!r}; "
-                "use another --output"
-            )
+    saved = read_study_record(output, study)
+    if saved is not None:
         diff = config_diff(saved.get("config", {}), config)
         if diff:
             raise ConfigMismatchError(
@@ -289,9 +298,7 @@ def prepare_output(
         "updated": now,
         "command": command,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    outputs.write_json(path, record, advice=OUTPUT_ADVICE)
     return record
 
 
@@ -305,6 +312,44 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "?"
     return out
+
+
+def read_study_record(output: Path, study: str | None = None) -> dict[str, Any] | None:
+    """The ``config.json`` record of the study output directory ``output`` (None when there is
+    none), checked to be a study record (of ``study``, when given).
+
+    Raises:
+        ConfigMismatchError: one line naming the file and the cause: it is not UTF-8 JSON, not
+            a study record (a JSON object with ``"study"`` and ``"config"``), or the record of
+            another study.
+    """
+    path = Path(output) / "config.json"
+    if not path.exists():
+        return None
+    advice = "choose another --output or move the file away"
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ConfigMismatchError(
+            f"{path} is not JSON ({err}), so not a mechir study record; {advice}"
+        ) from None
+    except OSError as err:
+        raise ConfigMismatchError(f"{path} cannot be read ({err.strerror}); {advice}") from None
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("study"), str)
+        or not isinstance(record.get("config"), dict)
+    ):
+        raise ConfigMismatchError(
+            f'{path} is JSON but not a mechir study record (no "study" and "config" '
+            f"entries); {advice}"
+        )
+    if study is not None and record["study"] != study:
+        raise ConfigMismatchError(
+            f"{output} holds results of study {record['study']!r}, not {study!r} (see {path}); "
+            "use another --output"
+        )
+    return record
 
 
 # ---------------------------------------------------------------------- a study run
@@ -334,9 +379,10 @@ class StudyRun:
         lock is released (another rank may still store a unit)."""
         alone = distributed.world_size() == 1
         if alone and not len(self.store) and not shard_paths(self.store.path):
-            for new, name in zip(self.new_files, ("config.json", self.store.path.name)):
-                if new:
-                    (self.output / name).unlink(missing_ok=True)
+            if self.new_files[0]:
+                outputs.remove(self.output / "config.json")  # only if mechir wrote it
+            if self.new_files[1]:
+                self.store.path.unlink(missing_ok=True)  # empty: no unit is stored
         self.close()
         if alone:
             remove_empty_dirs(self.new_dirs)
@@ -589,10 +635,15 @@ def run_units(
     desc: str = "units",
     progress: bool = True,
     max_units: int | None = None,
+    timings: Path | None = None,
 ) -> bool:
     """Compute every unit not yet in ``store`` (in order, de-duplicated by id), storing each as
     soon as it is done, with a progress bar and ETA. Returns True when all units are stored,
-    False when ``max_units`` new units were computed first."""
+    False when ``max_units`` new units were computed first.
+
+    ``timings``: a results store (e.g. ``timings.jsonl``) that gets ``{"unit", "seconds"}`` of
+    each unit computed, kept apart from the results so that identical runs write identical
+    results files."""
     from tqdm.auto import tqdm
 
     first: dict[str, Unit] = {}
@@ -601,20 +652,25 @@ def run_units(
     unique = list(first.values())
     todo = [u for u in unique if u.id not in store]
     if distributed.world_size() > 1:
-        return _run_units_on_ranks(store, unique, todo, compute, desc, progress, max_units)
-    with tqdm(
-        total=len(unique),
-        initial=len(unique) - len(todo),
-        desc=desc,
-        unit="unit",
-        disable=not progress,
-        dynamic_ncols=True,
-    ) as bar:
+        return _run_units_on_ranks(store, unique, todo, compute, desc, progress, max_units, timings)
+    with (
+        _timings_store(timings) as clock,
+        tqdm(
+            total=len(unique),
+            initial=len(unique) - len(todo),
+            desc=desc,
+            unit="unit",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         for n, unit in enumerate(todo):
             if max_units is not None and n >= max_units:
                 return False
             bar.set_postfix_str(unit.label or unit.id, refresh=True)
+            start = time.perf_counter()
             store.add(unit.id, compute(unit))
+            clock.record(unit.id, time.perf_counter() - start)
             bar.update()
     store.reorder([u.id for u in unique])  # after shards of a killed multi-process run
     return True
@@ -628,15 +684,18 @@ def _run_units_on_ranks(
     desc: str,
     progress: bool,
     max_units: int | None,
+    timings: Path | None,
 ) -> bool:
     """:func:`run_units` under a process group: rank ``r`` computes the units ``r, r + world,
     ...`` of ``todo`` into its shard (library calls inside run unsharded); rank 0 then merges the
-    shards into ``store`` in unit order and every rank re-reads it."""
+    shards into ``store`` in unit order and every rank re-reads it (timings likewise)."""
     batch = todo if max_units is None else todo[: max(max_units, 0)]
     mine = distributed.shard(batch)
-    shard = ResultsStore(shard_path(store.path, distributed.rank()))
+    rank = distributed.rank()
+    shard = ResultsStore(shard_path(store.path, rank))
     try:
         with (
+            _timings_store(None if timings is None else shard_path(timings, rank)) as clock,
             distributed.progress_bar(
                 len(unique),
                 initial=len(unique) - len(todo),
@@ -649,19 +708,46 @@ def _run_units_on_ranks(
         ):
             for unit in mine:
                 bar.set_postfix_str(unit.label or unit.id)
+                start = time.perf_counter()
                 shard.add(unit.id, compute(unit))
+                clock.record(unit.id, time.perf_counter() - start)
                 bar.update()
     finally:
         shard.close()
     distributed.barrier()
     if distributed.is_main():
         merge_shards(store, [u.id for u in unique])
+        if timings is not None:
+            with ResultsStore(timings) as times:
+                merge_shards(times, [u.id for u in unique])
         if len(batch) == len(todo):
             store.reorder([u.id for u in unique])  # unit order, as one process writes it
     distributed.barrier()
     if not distributed.is_main():
         store.reload()
     return len(batch) == len(todo)
+
+
+class _Timings:
+    """Records ``{"unit", "seconds"}`` rows in a results store of timings (or nowhere)."""
+
+    def __init__(self, store: ResultsStore | None):
+        self.store = store
+
+    def record(self, unit: str, seconds: float) -> None:
+        if self.store is not None and unit not in self.store:
+            self.store.add(unit, {"seconds": round(seconds, 3)})
+
+
+@contextlib.contextmanager
+def _timings_store(path: Path | None) -> Iterator[_Timings]:
+    """The timings store at ``path`` (None: timings are not kept), open while the loop runs."""
+    if path is None:
+        yield _Timings(None)
+        return
+    with ResultsStore(path) as store:
+        merge_shards(store)  # timings of the ranks of an interrupted torchrun run
+        yield _Timings(store)
 
 
 def report_incomplete(run: StudyRun, units: Sequence[Unit]) -> int:

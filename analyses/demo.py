@@ -155,15 +155,19 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run (or resume) the study, write the report, print the paths and the summary."""
     from analyses import direction_ablation
     from analyses.report import build_report
+    from mechir import outputs
 
     directory = study_dir(args)
+    report_path = Path(args.output) / "report.html"
+    # before any work: the report is never written over a page mechir did not write
+    outputs.check_writable(report_path, advice="choose another --output or move the file away")
     print(f"mechir demo: direction ablation on the embedded demo -> {directory}", file=sys.stderr)
     status = direction_ablation.main(study_argv(args))
     if status != 0 or not (directory / "summary.json").exists():
         return status or 1
     report = build_report(
         [directory],
-        Path(args.output) / "report.html",
+        report_path,
         title="mechir demo: attention direction ablation on the embedded SciFact demo",
     )
     print(f"report:  {report}")
@@ -188,8 +192,17 @@ COMMAND = Command(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mechir demo [options]`` / ``python -m analyses.demo [options]``."""
-    return run_demo(build_parser().parse_args(argv))
+    """``mechir demo [options]`` / ``python -m analyses.demo [options]``: a user error is one
+    line and exit status 2."""
+    from mechir.cli_common import run_command
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(
+        run_demo,
+        lambda: build_parser().parse_args(argv),
+        prog="python -m analyses.demo",
+        debug="--debug" in argv,
+    )
 
 
 if __name__ == "__main__":

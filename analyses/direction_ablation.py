@@ -43,6 +43,7 @@ from analyses.reranking import (
     tied_queries,
 )
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.cli_common import fraction
 from mechir.hooks import (
     ALL_DIRECTIONS,
@@ -198,6 +199,7 @@ def plan_units(conditions: Sequence[Condition], ranges: Sequence[list[int]]) -> 
 class DirectionAblation(Study):
     name = "direction_ablation"
     work_options = ("conditions", "layers", "measure", "random_shuffles", "alpha")
+    output_files = ("table.csv", "per_query.csv", "references.csv")
 
     @classmethod
     def add_options(cls, p: argparse.ArgumentParser) -> None:
@@ -320,8 +322,8 @@ def summarize(study: DirectionAblation) -> Summary:
     n_layers = study.shape["n_layers"]
     args, out, measure = run.args, run.output, run.args.measure
     table, per_query = result_table(run, collection)
-    table.to_csv(out / "table.csv", index=False)
-    per_query.to_csv(out / "per_query.csv", index=False)
+    outputs.write_csv(table, out / "table.csv")
+    outputs.write_csv(per_query, out / "per_query.csv")
 
     baseline = float(per_query.loc[per_query.unit == BASELINE, measure].mean())
     refs, references = reference_rankings(
@@ -332,7 +334,7 @@ def summarize(study: DirectionAblation) -> Summary:
         shuffles=args.random_shuffles,
         seed=args.seed,
     )
-    refs.to_csv(out / "references.csv", index=False)
+    outputs.write_csv(refs, out / "references.csv")
 
     n_queries = per_query.loc[per_query.unit == BASELINE, "qid"].nunique()
     s = Summary(

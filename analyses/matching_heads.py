@@ -38,6 +38,7 @@ from analyses.reranking import (
     rerank_row,
 )
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.cli_common import fraction, nonnegative_float
 from mechir.data import matching_pairs
 from mechir.interface import HookedReranker
@@ -243,8 +244,8 @@ class MatchingHeads(Study):
         args = self.args
         self.pairs = study_pairs(args, self.collection)
         if writes_outputs():  # torchrun: rank 0 writes the outputs
-            self.pairs[["pair", "qid", "docid", "kind", "relevance"]].to_csv(
-                self.output / "pairs.csv", index=False
+            outputs.write_csv(
+                self.pairs[["pair", "qid", "docid", "kind", "relevance"]], self.output / "pairs.csv"
             )
         yield Stage(
             "statistics",
@@ -341,9 +342,9 @@ def summarize(study: MatchingHeads) -> Summary:
     shape = study.shape
     args, out = run.args, run.output
     n_layers, n_heads = shape["n_layers"], shape["n_heads"]
-    deltas.to_csv(out / "deltas.csv", index=False)
+    outputs.write_csv(deltas, out / "deltas.csv")
     wide = _wide_deltas(deltas)
-    wide.to_csv(out / "head_deltas.csv", index=False)
+    outputs.write_csv(wide, out / "head_deltas.csv")
     negative = "easy" if any(c.endswith("vs easy") for c in wide.columns) else "hard"
     main_col = f"Δ qd_max vs {negative}"
     top = wide.reindex(wide[main_col].abs().sort_values(ascending=False).index).head(args.top)
@@ -420,7 +421,7 @@ def summarize(study: MatchingHeads) -> Summary:
 
     s.heading("Lexical vs semantic matching, and no-op attention, per layer")
     layer_table = per_layer_table(stats, used, wide, negative)
-    layer_table.to_csv(out / "per_layer.csv", index=False)
+    outputs.write_csv(layer_table, out / "per_layer.csv")
     s.table(layer_table, "per layer: max over heads of Δ, and mean attention over heads and pairs")
     layer_path = plots.line_plot(
         {
@@ -506,7 +507,7 @@ def knockout_section(
     labels = {u.id: u.label for u in knock}
     table.insert(0, "condition", table.unit.map(labels))
     table.insert(1, "heads", table.unit.map({u.id: ", ".join(u.spec) for u in knock}))
-    table.drop(columns="unit").to_csv(out / "knockout.csv", index=False)
+    outputs.write_csv(table.drop(columns="unit"), out / "knockout.csv")
     baseline = float(np.mean(list(values[KNOCKOUT_BASELINE].values())))
     refs, levels = reference_rankings(
         collection,

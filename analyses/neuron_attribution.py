@@ -31,6 +31,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.cli_common import percent, positive_float, steps_or_auto
 from mechir.data import Pair, load_collection
 from mechir.interface import HookedReranker
@@ -363,7 +364,7 @@ def summarize(study: NeuronAttribution) -> Summary:
     sels, pair_counts, keys = study.sels, study.pair_counts, study.keys
     prune_units, candidates = study.prune_units, study.candidates
     args, out, measure = run.args, run.output, run.args.measure
-    np.savez_compressed(
+    outputs.write_npz(
         out / "mean_attributions.npz",
         **{f"{d}__{c}": m.astype(np.float32) for (d, c), m in means.items()},
         layers=np.asarray(layers),
@@ -433,7 +434,7 @@ def summarize(study: NeuronAttribution) -> Summary:
         t.insert(1, "percent", p)
         frames.append(t)
     neurons = pd.concat(frames, ignore_index=True)
-    neurons.to_csv(out / "selected_neurons.csv", index=False)
+    outputs.write_csv(neurons, out / "selected_neurons.csv")
     s.heading("Selected neurons")
     p0 = min(args.percents)
     size = pd.DataFrame(
@@ -486,7 +487,7 @@ def summarize(study: NeuronAttribution) -> Summary:
         t.insert(1, "p", p)
         summaries.append(t)
     table = pd.concat(summaries, ignore_index=True)
-    table.to_csv(out / "pruning.csv", index=False)
+    outputs.write_csv(table, out / "pruning.csv")
     cols = [
         "kind",
         "p",

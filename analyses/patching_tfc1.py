@@ -31,6 +31,7 @@ import numpy as np
 from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.cli_common import nonnegative_float, positive_float
 from mechir.interface import HookedReranker, PromptReranker
 from mechir.lazy import lazy_import
@@ -286,8 +287,8 @@ def summarize(study: PatchingTFC1) -> Summary:
         }
     )
     if skipped:
-        pd.DataFrame(sorted(skipped.items()), columns=["pair", "reason"]).to_csv(
-            out / "skipped.csv", index=False
+        outputs.write_csv(
+            pd.DataFrame(sorted(skipped.items()), columns=["pair", "reason"]), out / "skipped.csv"
         )
     comparisons = []
     first = True
@@ -302,12 +303,12 @@ def summarize(study: PatchingTFC1) -> Summary:
         frame = pd.concat(
             [exact.to_frame(args.min_delta), approx.to_frame(args.min_delta)], ignore_index=True
         )
-        frame.to_csv(out / f"{target}.csv.gz", index=False)
+        outputs.write_csv(frame, out / f"{target}.csv.gz")
         s.heading(f"{target}: {exact.target}")
         for result, kind in ((exact, "exact"), (approx, "attribution")):
             fig = plot_patching(result, min_delta=args.min_delta)
             path = out / f"heatmap_{target}_{kind}.png"
-            fig.savefig(path, dpi=plots.DPI, bbox_inches="tight")
+            outputs.save_figure(fig, path, dpi=plots.DPI, bbox_inches="tight")
             s.image(path.name, f"{target}, {kind} patching: mean metric, all pairs and per grade")
         mean = exact.mean(args.min_delta).numpy()
         if mean.ndim == 2:
@@ -340,7 +341,7 @@ def summarize(study: PatchingTFC1) -> Summary:
         "per cell between the gradient approximation and exact patching."
     )
     table = pd.DataFrame(comparisons)
-    table.to_csv(out / "attribution_vs_exact.csv", index=False)
+    outputs.write_csv(table, out / "attribution_vs_exact.csv")
     s.table(table, None, {"n_pairs": "d", "n_values": "d"} | {c: ".4f" for c in table.columns[3:]})
     s.paragraph(
         "Files: `<target>.csv.gz` (tidy: pair, grade, method, cell, metric, scores), "

@@ -20,10 +20,11 @@ REFERENCE_STYLES = ("--", ":", "-.", (0, (1, 3)))
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", format="png")
-    return path
+    """Write ``fig`` as PNG through :mod:`mechir.outputs` (never over a file mechir did not
+    write)."""
+    from mechir import outputs
+
+    return outputs.save_figure(fig, path, dpi=DPI, bbox_inches="tight", format="png")
 
 
 def _limits(values: np.ndarray, center: float | None) -> tuple[float | None, float | None]:

@@ -31,6 +31,7 @@ import numpy as np
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import DEFAULT_RESULTS, candidate_pairs, default_run_name
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.selection import head_label, parse_head, select_heads
@@ -251,11 +252,11 @@ def summarize(study: QKSVD) -> Summary:
     token_units, cos_unit, shape = study.token_units, study.cos_unit, study.shape
     args, out = run.args, run.output
     n_layers, n_heads = shape["n_layers"], shape["n_heads"]
-    alignment.to_csv(out / "alignment.csv", index=False)
+    outputs.write_csv(alignment, out / "alignment.csv")
     tokens = [pd.DataFrame(run.store.get(u.id)["table"]) for u in token_units]
-    pd.concat(tokens, ignore_index=True).to_csv(out / "direction_tokens.csv", index=False)
+    outputs.write_csv(pd.concat(tokens, ignore_index=True), out / "direction_tokens.csv")
     cosines = pd.DataFrame(run.store.get(cos_unit.id)["table"])
-    cosines.to_csv(out / "part_cosines.csv", index=False)
+    outputs.write_csv(cosines, out / "part_cosines.csv")
 
     s = Summary(
         "QK-circuit SVD",
@@ -330,7 +331,7 @@ def summarize(study: QKSVD) -> Summary:
     else:
         deltas = pd.read_csv(mdir / "head_deltas.csv")
         corr = correlations(alignment, deltas)
-        corr.to_csv(out / "correlations.csv", index=False)
+        outputs.write_csv(corr, out / "correlations.csv")
         s.paragraph(f"Matching-head Δ from `{mdir}`, correlated over heads.")
         if len(corr):
             s.table(corr, None, {"heads": "d", "p (pearson)": ".3g", "p (spearman)": ".3g"})

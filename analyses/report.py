@@ -23,6 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mechir import outputs
+
+#: What a refusal to write over a page mechir did not write tells the user.
+REPORT_ADVICE = "choose another -o/--output or move the file away"
 #: Section order of the bundled studies (others follow alphabetically).
 STUDY_ORDER = (
     "direction_ablation",
@@ -187,7 +191,10 @@ def build_report(
     Raises:
         FileNotFoundError: a root does not exist.
         ValueError: no study summary was found under the roots.
+        mechir.outputs.ForeignFileError: ``output`` exists and mechir did not write it (it is
+            never replaced).
     """
+    outputs.check_writable(output, advice=REPORT_ADVICE)
     runs = find_runs(roots)
     if not runs:
         raise ValueError(
@@ -210,9 +217,7 @@ def build_report(
         f"{html.escape(', '.join(map(str, roots)))}.</p>\n"
         f"<nav><ul>{toc}</ul></nav>\n" + "\n".join(s for _, s in sections) + "\n</body></html>\n"
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(page, encoding="utf-8")
-    return output
+    return outputs.write_text(output, page, advice=REPORT_ADVICE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

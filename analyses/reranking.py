@@ -6,7 +6,6 @@ stored as its full run; then per-query values, the comparison with the uninterve
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +23,10 @@ if TYPE_CHECKING:  # imported lazily: mechir.models pulls in TransformerLens
 def rerank_row(
     model: HookedReranker, pairs: Sequence[Pair], args: argparse.Namespace, hooks: HooksArg = None
 ) -> dict[str, Any]:
-    """Rerank ``pairs`` under ``hooks``; the stored row: ``{"seconds", "run"}``."""
+    """Rerank ``pairs`` under ``hooks``; the stored row: ``{"run"}`` (the unit's time goes to
+    ``timings.jsonl``, apart from the results, see :func:`analyses.common.run_units`)."""
     from mechir.evaluation import rerank
 
-    start = time.perf_counter()
     run = rerank(
         model,
         pairs,
@@ -36,7 +35,7 @@ def rerank_row(
         max_length=args.max_length,
         progress=False,
     )
-    return {"seconds": round(time.perf_counter() - start, 3), "run": run}
+    return {"run": run}
 
 
 def per_query_values(

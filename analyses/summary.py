@@ -6,7 +6,6 @@ Inline markup in text and table cells: ```code``` and ``**bold**`` only.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -164,12 +163,11 @@ class Summary:
         return {"title": self.title, "subtitle": self.subtitle, "blocks": self.blocks}
 
     def write(self, directory: str | Path) -> Path:
-        """Write ``summary.md`` and ``summary.json`` into ``directory``; returns the .md path."""
+        """Write ``summary.md`` and ``summary.json`` into ``directory`` (through
+        :mod:`mechir.outputs`: a file there that mechir did not write is refused, never
+        replaced); returns the .md path."""
+        from mechir import outputs
+
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "summary.json").write_text(
-            json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        md = d / "summary.md"
-        md.write_text(self.to_markdown(), encoding="utf-8")
-        return md
+        outputs.write_json(d / "summary.json", self.to_dict(), indent=1, ensure_ascii=False)
+        return outputs.write_text(d / "summary.md", self.to_markdown())

@@ -147,47 +147,8 @@ def _score_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], list[
     return queries, docs, where
 
 
-def check_new_output(path: Path, option: str = "--output") -> None:
-    """``path`` does not exist: a command that writes a new file never replaces one (mechir
-    keeps no record of having written it, so any existing file may be the user's).
-
-    Raises:
-        UsageError: naming the file.
-    """
-    if os.path.lexists(path):
-        raise UsageError(
-            f"{option} {path} already exists and mechir never overwrites a file it may not have "
-            "written; choose another name or remove the file"
-        )
-
-
-def write_new_file(path: Path, text: str, option: str = "--output") -> None:
-    """Write ``text`` to the new file ``path`` in one step: a temporary file beside it is
-    hard-linked into place, so a file that appeared meanwhile is never replaced and a crash
-    never leaves a partial ``path`` (without hard links: exclusive creation).
-
-    Raises:
-        UsageError: ``path`` appeared in the meantime.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links
-            with open(path, "x", encoding="utf-8") as f:
-                f.write(text)
-    except FileExistsError:
-        raise UsageError(
-            f"{option} {path} appeared while mechir was running and was left alone; choose "
-            "another name"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+#: What a refusal to write over a file mechir did not write tells the user of a command.
+OUTPUT_ADVICE = "choose another --output or move the file away"
 
 
 def truncated_pairs(tokenizer: Any, batch: Any, documents: Sequence[str]) -> list[int]:
@@ -205,8 +166,10 @@ def _score(args: argparse.Namespace) -> int:
 
     queries, docs, where = _score_inputs(args)
     if args.output:
+        from mechir import outputs
+
         check_output_writable(args.output)
-        check_new_output(args.output)
+        outputs.check_writable(args.output, advice=OUTPUT_ADVICE)
     check_device(args.device)
     max_length = resolve_max_length(args.model, args.max_length)
     check_prompt_options(args)
@@ -222,7 +185,7 @@ def _score(args: argparse.Namespace) -> int:
     ]
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        write_new_file(args.output, text)
+        outputs.write_text(args.output, text, advice=OUTPUT_ADVICE)
     else:
         sys.stdout.write(text)
     cut = truncated_pairs(model.tokenizer, batch, docs)
@@ -268,8 +231,9 @@ class RerankOutput:
     """The files of one ``mechir rerank --output OUTPUT``: the lossless store
     ``OUTPUT.mechir.jsonl`` (one line per query: candidate ids and full-precision scores), its
     settings ``OUTPUT.mechir.json`` and what mechir wrote from it (``OUTPUT``, the TREC run,
-    and ``OUTPUT.per_query.csv``, with their hashes: a file mechir did not write, or that was
-    changed since, is never modified).
+    and ``OUTPUT.per_query.csv``). The settings, the run and the CSV are written through
+    :mod:`mechir.outputs`: a file mechir did not write, or that was changed since, is never
+    modified.
 
     The store's lock is taken first; the settings are read and checked under it. A store
     without results (none stored, no shards) adopts the settings of the run that opens it. One
@@ -279,7 +243,8 @@ class RerankOutput:
     (:meth:`save`: every rank's shard then has them) and a failed run only releases the lock.
 
     Raises:
-        UsageError: ``OUTPUT`` (or the CSV) exists and mechir did not write it.
+        mechir.outputs.ForeignFileError: ``OUTPUT``, the CSV or the settings file exists and
+            mechir did not write it (or it was changed since).
         ConfigMismatchError: the store holds results computed with other settings.
         StoreLockedError: another process writes the same output.
     """
@@ -305,22 +270,13 @@ class RerankOutput:
             raise
 
     def _open(self, settings: dict[str, Any]) -> None:
-        from mechir.store import ConfigMismatchError, config_diff, file_sha256
+        from mechir import outputs
+        from mechir.store import ConfigMismatchError, config_diff
 
+        for path in (self.meta_path, self.output, self.csv):
+            outputs.check_writable(path, advice=OUTPUT_ADVICE)
         self._new_meta = not self.meta_path.exists()
         saved = None if self._new_meta else json.loads(self.meta_path.read_text(encoding="utf-8"))
-        written = (saved or {}).get("written", {})
-        for path in (self.output, self.csv):
-            if path.exists() and written.get(path.name) != file_sha256(path):
-                what = (
-                    "was changed since mechir wrote it"
-                    if path.name in written
-                    else "was not written by mechir"
-                )
-                raise UsageError(
-                    f"{path} exists and {what} (mechir never modifies a file it did not "
-                    "create); choose another --output or move the file away"
-                )
         if saved is None and self.has_results():
             raise UsageError(
                 f"{self.store.path} has results but {self.meta_path} (their settings) is missing; "
@@ -337,7 +293,8 @@ class RerankOutput:
                 + "); rerun with the same settings to resume, or choose another --output"
             )
         self.settings = settings if score_type is None else {**settings, "score_type": score_type}
-        self.written = dict(written)
+        #: the run and the CSV were written (by this run or an earlier one)
+        self.written = self.output.exists() or self.csv.exists()
 
     @staticmethod
     def store_path(output: Path) -> Path:
@@ -353,9 +310,9 @@ class RerankOutput:
 
     def save(self) -> None:
         """Write the settings file (``OUTPUT.mechir.json``) as they stand."""
-        from mechir.store import write_json_atomic
+        from mechir import outputs
 
-        write_json_atomic(self.meta_path, {"settings": self.settings, "written": self.written})
+        outputs.write_json(self.meta_path, {"settings": self.settings}, advice=OUTPUT_ADVICE)
 
     def check_scoring(self, score_type: str) -> None:
         """Record the model's score type, or check it against the stored one."""
@@ -365,14 +322,12 @@ class RerankOutput:
 
     def write(self, run: dict[str, dict[str, float]], per_query: Any) -> None:
         """Write the TREC run (full precision) and the per-query CSV atomically."""
-        from mechir.data import write_run
-        from mechir.store import file_sha256
+        from mechir import outputs
+        from mechir.data import format_run
 
-        write_run(run, self.output, exact=True)
-        tmp = self.csv.with_name(f".{self.csv.name}.tmp-{os.getpid()}")
-        per_query.to_csv(tmp, index=False)
-        os.replace(tmp, self.csv)
-        self.written = {p.name: file_sha256(p) for p in (self.output, self.csv)}
+        outputs.write_text(self.output, format_run(run, exact=True), advice=OUTPUT_ADVICE)
+        outputs.write_csv(per_query, self.csv, advice=OUTPUT_ADVICE)
+        self.written = True
         self.save()
 
     def discard(self) -> None:
@@ -380,10 +335,13 @@ class RerankOutput:
         settings file and store file this run created, release the lock and remove the
         directories this run created (if empty); otherwise only release the lock (a store with
         real results stays)."""
+        from mechir import outputs
+
         if not self.has_results() and not self.written:
-            for new, path in ((self._new_meta, self.meta_path), (self._new_store, self.store.path)):
-                if new:
-                    path.unlink(missing_ok=True)
+            if self._new_meta:
+                outputs.remove(self.meta_path)  # only if mechir wrote it
+            if self._new_store:
+                self.store.path.unlink(missing_ok=True)
         self.close()
         remove_empty_dirs(self._new_dirs)
 

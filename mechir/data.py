@@ -132,22 +132,30 @@ def read_run(path: str | Path) -> Run:
     return run
 
 
+def format_run(run: Run, *, tag: str = "mechir", exact: bool = False) -> str:
+    """A run as TREC run-file text, documents ranked by descending score (ties by doc id).
+    ``exact=True`` writes each score in full precision (shortest repr that reads back to the
+    same float), so tools that re-sort by score see the same ranking; otherwise scores are
+    written with 6 decimals."""
+    lines = []
+    for qid in sorted(run):
+        ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
+        for rank, (docid, score) in enumerate(ranked, 1):
+            text = repr(float(score)) if exact else f"{score:.6f}"
+            lines.append(f"{qid} Q0 {docid} {rank} {text} {tag}\n")
+    return "".join(lines)
+
+
 def write_run(run: Run, path: str | Path, *, tag: str = "mechir", exact: bool = False) -> None:
-    """Write a TREC run file, documents ranked by descending score (ties by doc id).
+    """Write a TREC run file (:func:`format_run`) to ``path``, a file the caller chose.
 
     The file is replaced atomically (written beside it, then renamed), so a reader never sees
-    a half-written run. ``exact=True`` writes each score in full precision (shortest repr that
-    reads back to the same float), so tools that re-sort by score see the same ranking;
-    otherwise scores are written with 6 decimals."""
+    a half-written run. (Commands write their runs through :mod:`mechir.outputs`, which never
+    replaces a file mechir did not write.)"""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for qid in sorted(run):
-                ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
-                for rank, (docid, score) in enumerate(ranked, 1):
-                    text = repr(float(score)) if exact else f"{score:.6f}"
-                    f.write(f"{qid} Q0 {docid} {rank} {text} {tag}\n")
+        tmp.write_text(format_run(run, tag=tag, exact=exact), encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

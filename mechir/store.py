@@ -3,8 +3,9 @@
 Every line is one JSON object ``{"unit": "<id>", ...}`` (the ``"unit"`` key first, unit ids
 normalised to strings) written with a single ``write`` and flushed to disk before the next unit
 starts. A run killed mid-write leaves at most one torn last line: bytes without a newline that
-start like a store line (a prefix of, or beginning with, ``{"unit":``). The next *writer*
-(``lock=True``, holding the lock) drops it and cuts it from the file; a unit whose line is
+are an incomplete line of the store's own compact form (they begin with ``{"unit":"``, or, after
+at least one complete row, are a shorter piece of it) and do not parse as complete JSON. The next
+*writer* (``lock=True``, holding the lock) drops it and cuts it from the file; a unit whose line is
 complete is never recomputed, so rerunning after an interruption neither loses nor duplicates
 rows. One process at a time may write a store (an advisory lock on ``<file>.lock``, removed
 again when the store is closed; a lock file left by a killed process is taken over).
@@ -12,15 +13,16 @@ again when the store is closed; a lock file left by a killed process is taken ov
 What is never modified:
 
 - a file that is not the store's own: a complete line that is not a JSON object with a
-  ``"unit"`` key (a JSON export, a TREC run, ...), or a last line without a newline that does not
-  start like a store line, raises :class:`CorruptStoreError` naming the file, which is left as
-  it is;
+  ``"unit"`` key (a JSON export, a TREC run, ...), or a last line without a newline that is not
+  a torn store line (it parses as complete JSON, as a ``json.dump`` of ``{"unit": ...}`` does; it
+  has other spacing; it is a lone ``{`` with no row before it), raises
+  :class:`CorruptStoreError` naming the file, which is left as it is;
 - any file opened by a *reader* (``lock=False``): it ignores an incomplete last line (a writer
   may be in the middle of it) and cannot add rows.
 
 An empty file is an empty store; a file holding only a torn first line of the store's form
-(``{"unit":...`` without a newline) is the store of a run killed during its first write and is
-emptied by the next writer.
+(``{"unit":"...`` without a newline, not complete JSON) is the store of a run killed during its
+first write and is emptied by the next writer.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ _NOT_A_STORE = (
     "this is not a results store, or it was edited (only a torn last line is dropped): "
     "move the file away or choose another path"
 )
-#: Every line the store writes starts with these bytes (a compact JSON object, ``"unit"`` first).
-LINE_START = b'{"unit":'
+#: Every line the store writes starts with these bytes (a compact JSON object, ``"unit"`` first,
+#: the unit id a string).
+LINE_START = b'{"unit":"'
 
 
 def unit_key(unit: object) -> str:
@@ -94,10 +97,20 @@ def unit_key(unit: object) -> str:
     )
 
 
-def _starts_like_a_line(tail: bytes) -> bool:
-    """Whether ``tail`` (bytes after the last newline) can be the store's own line torn by an
-    interruption: it begins with :data:`LINE_START`, or is a shorter piece of it."""
-    return tail.startswith(LINE_START) or LINE_START.startswith(tail)
+def _torn_line_problem(tail: bytes, after_rows: bool) -> str | None:
+    """Why ``tail`` (the bytes after the last newline, not empty) cannot be the store's own line
+    torn by an interruption, or None when it can: it begins with :data:`LINE_START` (or, when
+    ``after_rows``, the file already holding complete rows, is a shorter piece of it) and is
+    not complete JSON (a complete object is someone's file, never cut)."""
+    try:
+        json.loads(tail)
+    except ValueError:
+        pass
+    else:
+        return "complete JSON without a newline, not a torn results row"
+    if not (tail.startswith(LINE_START) or (after_rows and LINE_START.startswith(tail))):
+        return "incomplete, and not the start of a results row"
+    return None
 
 
 def _acquire_lock(lock_path: Path, path: Path) -> Any:
@@ -179,10 +192,10 @@ class ResultsStore:
         while pos < len(data):
             newline = data.find(b"\n", pos)
             if newline < 0:  # an incomplete last line: torn by a kill, or being written
-                if not _starts_like_a_line(data[pos:]):
+                problem = _torn_line_problem(data[pos:], after_rows=bool(rows))
+                if problem:
                     raise CorruptStoreError(
-                        f"{self.path}: unreadable line at byte {pos} (incomplete, and not the "
-                        f"start of a results row); {_NOT_A_STORE}"
+                        f"{self.path}: unreadable line at byte {pos} ({problem}); {_NOT_A_STORE}"
                     )
                 break
             line = data[pos : newline + 1]
@@ -368,14 +381,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, replacing ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` as indented JSON, replacing ``path`` atomically: kept for callers of
+    earlier versions, it is :func:`mechir.outputs.write_json` (never over a file mechir did not
+    write); use that."""
+    from mechir import outputs
+
+    outputs.write_json(path, data)
 
 
 # ---------------------------------------------------------------------- per-rank shards

@@ -413,31 +413,26 @@ def score_argv(model: Path, *pairs: tuple[str, str], extra: Sequence[str] = ()) 
     return argv
 
 
-def test_score_output_is_a_new_file_and_never_replaced(saved_model, tmp_path, capsys):
-    """Issue 25, case 1: ``--output`` writes a new file (directories made); a second run into
-    it is refused with one line, and the file is left byte for byte."""
+def test_score_output_replaces_only_its_own_file(saved_model, tmp_path, capsys):
+    """Issue 25, case 1, and issue 30: ``--output`` writes its file (directories made, no
+    temporary file left); a rerun may replace the file mechir wrote, but a file the user
+    wrote or edited is refused with one line and left byte for byte."""
     pair = ("what cat", "the cat runs")
     assert main(score_argv(saved_model, pair)) == 0
     to_stdout = capsys.readouterr().out
     out = tmp_path / "new" / "scores.jsonl"
     assert main(score_argv(saved_model, pair, extra=["--output", str(out)])) == 0
     assert out.read_text() == to_stdout and capsys.readouterr().out == ""
-    assert [p.name for p in out.parent.iterdir()] == ["scores.jsonl"]  # no temporary file left
-    assert main(score_argv(saved_model, ("dog", "a dog"), extra=["--output", str(out)])) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert out.read_text() == to_stdout
-
-
-def test_write_new_file_never_replaces_a_file_that_appeared(tmp_path):
-    from mechir.cli import write_new_file
-    from mechir.cli_common import UsageError
-
-    path = tmp_path / "f.txt"
-    path.write_text("precious user data\n")  # appeared after the check, before the write
-    with pytest.raises(UsageError, match="appeared while mechir was running"):
-        write_new_file(path, "scores\n")
-    assert path.read_text() == "precious user data\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".mechir-outputs.json", "scores.jsonl"]
+    assert main(score_argv(saved_model, ("dog", "a dog"), extra=["--output", str(out)])) == 0
+    second = out.read_text()
+    assert second != to_stdout and '"query": "dog"' in second  # mechir's own file, replaced
+    out.write_text(second + "my note\n")  # the user edits it
+    capsys.readouterr()
+    assert main(score_argv(saved_model, pair, extra=["--output", str(out)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out} was changed since mechir wrote it" in err
+    assert out.read_text() == second + "my note\n"
 
 
 def hf_truncated(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> list[int]:

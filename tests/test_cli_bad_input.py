@@ -48,6 +48,18 @@ def assets(tmp_path, monkeypatch):
     (tmp_path / "pairs-blank-doc.tsv").write_text("cat\tthe cat\ndog\t \n")
     (tmp_path / "precious.txt").write_text("precious user data\n")
     (tmp_path / "pairs-latin1.tsv").write_bytes("cat\tthe cat\ncafé\tle café\n".encode("latin-1"))
+    # issue 30: output directories holding files mechir did not write
+    for name, content in (
+        ("config-not-json", b"not json\n"),
+        ("config-latin-1", b"caf\xe9\n"),
+        ("config-foreign", b'{"a":1}'),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_bytes(content)
+    (tmp_path / "user-summary").mkdir()
+    (tmp_path / "user-summary" / "summary.md").write_text("notes\n")
+    (tmp_path / "user-settings").mkdir()
+    (tmp_path / "user-settings" / "r.trec.mechir.json").write_text('{"mine":true}\n')
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before a cheap check")
@@ -88,6 +100,12 @@ BAD = [
         "the queries file {tmp}/no-queries/queries.test.tsv holds no queries",
     ),
     (["--measures", "nDCG@10", "bogus"], "--measures 'bogus' is not an ir_measures measure"),
+    # issue 30, L2: the user's file where rerank keeps its settings
+    (
+        ["--output", "{tmp}/user-settings/r.trec"],
+        "{tmp}/user-settings/r.trec.mechir.json exists and was not written by mechir, and mechir "
+        "never modifies a file it did not write; choose another --output or move the file away",
+    ),
 ]
 
 
@@ -125,7 +143,10 @@ def test_cli_bad_input(assets, capsys, extra, named):
 #: ``mechir score``: (arguments, text the one-line error must contain)
 SCORE_BAD = [
     (["--query", "a"], "1 --query but 0 --document"),
-    (["--query", "a", "--document", "b", "--output", "{tmp}/precious.txt"], "already exists"),
+    (
+        ["--query", "a", "--document", "b", "--output", "{tmp}/precious.txt"],
+        "{tmp}/precious.txt exists and was not written by mechir",
+    ),
     (["--pairs", "{tmp}/pairs-empty.tsv"], "--pairs {tmp}/pairs-empty.tsv holds no pairs"),
     (
         ["--query", "a", "--document", "b", "--pairs", "{tmp}/pairs-empty.tsv"],
@@ -183,7 +204,9 @@ def test_cli_process_exit_status_and_single_line(tmp_path):
 
 # a study's --output is a directory; it has no --measures; it finds an empty queries file after
 # the model loaded (test_failed_study_leaves_nothing_behind)
-CLI_ONLY = ("file/run.trec", "is a directory", "empty-doc", "--measures", "no-queries")
+CLI_ONLY = (
+    "file/run.trec", "is a directory", "empty-doc", "--measures", "no-queries", "user-settings"
+)  # fmt: skip
 STUDY_BAD = [row for row in BAD if not any(k in str(row) for k in CLI_ONLY)]
 STUDY_BAD += [
     (["--output", "{tmp}/file"], "is a file"),
@@ -194,6 +217,23 @@ STUDY_BAD += [
         ["--limit-queries", "1"],
         "--limit-queries 1 selects 1 judged query with candidates; the summary's paired t-tests "
         "need at least 2: use --limit-queries 2 or more",
+    ),
+    # issue 30: a config.json that is not a study record, named with its cause
+    (
+        ["--output", "{tmp}/config-not-json"],
+        "{tmp}/config-not-json/config.json is not JSON (Expecting value: line 1 column 1 (char 0))"
+        ", so not a mechir study record; choose another --output or move the file away",
+    ),
+    (["--output", "{tmp}/config-latin-1"], "{tmp}/config-latin-1/config.json is not JSON ("),
+    (
+        ["--output", "{tmp}/config-foreign"],
+        '{tmp}/config-foreign/config.json is JSON but not a mechir study record (no "study" and '
+        '"config" entries); choose another --output or move the file away',
+    ),
+    # issue 30: the user's summary in the output directory, refused before any work
+    (
+        ["--output", "{tmp}/user-summary"],
+        "{tmp}/user-summary/summary.md exists and was not written by mechir",
     ),
 ]
 
@@ -289,12 +329,15 @@ def test_failed_rerank_leaves_nothing_and_the_corrected_command_runs(
 
 
 def test_a_store_without_results_adopts_the_new_settings(loadable, capsys):
-    """A settings file an older version (or a killed run) left without any stored query does
-    not block the command: its settings are replaced."""
+    """A settings file a killed run left without any stored query does not block the command:
+    its settings are replaced (mechir wrote it; a settings file the user wrote is refused, see
+    test_a_foreign_settings_file_is_refused_and_left_alone)."""
+    from mechir import outputs
+
     out = loadable / "run.trec"
     stub = {"settings": {"model": "elsewhere", "max_length": 3, "score_type": "prob"}}
     meta = out.with_name(out.name + ".mechir.json")
-    meta.write_text(json.dumps({**stub, "written": {}}))
+    outputs.write_json(meta, stub)
     assert main(rerank(loadable, out, "--max-length", "6")) == 0
     saved = json.loads(meta.read_text())["settings"]
     assert saved["max_length"] == 6 and saved["score_type"] == "binary_logit"

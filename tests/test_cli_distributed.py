@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mechir import outputs
 from mechir.data import read_run
 from tests.analyses.conftest import write_tiny_collection
 from tests.distributed_helpers import ROOT, kill_rank_when_stored, torchrun
@@ -165,7 +166,7 @@ def test_leftover_shards_of_another_world_size_resume_with_two(saved_model, tmp_
     assert ref.returncode == 0, ref.stderr[-3000:]
     out.parent.mkdir()
     meta = reference.with_name("run.trec.mechir.json")
-    out.with_name(meta.name).write_text(json.dumps({**json.loads(meta.read_text()), "written": {}}))
+    outputs.write_json(out.with_name(meta.name), json.loads(meta.read_text()))  # mechir's own
     lines = reference.with_name("run.trec.mechir.jsonl").read_text().splitlines(keepends=True)
     out.with_name("run.trec.mechir.jsonl").write_text(lines[1])
     out.with_name("run.trec.mechir.rank0.jsonl").write_text(lines[4] + lines[0])

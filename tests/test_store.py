@@ -85,6 +85,13 @@ FOREIGN = {
     "store rows, then a foreign line": b'{"unit":"a"}\n{"qid":"q1"}\n{"unit":"b"}\n',
     "a unit id that is a float": b'{"unit":1.5}\n',
     "text": b"hello",
+    # issue 30: tails that look like a row but are someone's complete file, never cut
+    "json.dump of a unit object, no newline": b'{"unit": "run-1", "ndcg@10": 0.71}',
+    "a compact complete unit object, no newline": b'{"unit":"run-1","ndcg@10":0.71}',
+    "a lone brace": b"{",
+    "a piece of a row start, no row before": b'{"un',
+    "store rows, then a complete row without its newline": b'{"unit":"a","x":1}\n{"unit":"b"}',
+    "store rows, then a spaced unit object": b'{"unit":"a"}\n{"unit": "b", "x": [1,',
 }
 
 
@@ -105,9 +112,10 @@ def test_a_foreign_file_is_refused_in_one_line_and_never_modified(tmp_path, cont
     [
         (b"", []),
         (b'{"unit":"a","x":1}\n{"un', ["a"]),  # torn inside the first bytes of a line
-        (b'{"unit":"a","x":1}\n{"unit":"b","x":2}', ["a"]),  # torn just before the newline
+        (b'{"unit":"a","x":1}\n{', ["a"]),  # torn after the first byte of a line
+        (b'{"unit":"a","x":1}\n{"unit":"b","x":2', ["a"]),  # torn just before the brace
         (b'{"unit":"a","x":[1.5,', []),  # torn first line: the store of a run killed at once
-        (b"{", []),
+        (b'{"unit":"', []),
     ],
 )
 def test_a_writer_cuts_only_a_torn_line_of_the_stores_own_form(tmp_path, content, units):

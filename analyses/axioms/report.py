@@ -14,6 +14,7 @@ from analyses.axioms.regression import fit_table
 from analyses.base import Study, Unit
 from analyses.reranking import compare_to_baseline, per_query_values
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.lazy import lazy_import
 from mechir.store import decode_array
 
@@ -23,7 +24,7 @@ plots = lazy_import("analyses.plots")
 
 
 def _save_fig(fig: Any, path: Any) -> None:
-    fig.savefig(path, dpi=plots.DPI, bbox_inches="tight")
+    outputs.save_figure(fig, path, dpi=plots.DPI, bbox_inches="tight")
 
 
 def summarize(study: Study) -> Summary:
@@ -82,9 +83,10 @@ def _diagnostics_section(study: Study, s: Summary) -> dict[str, pd.DataFrame]:
         stats = agreement(frame) if len(frame) else {"pairs": 0}
         rows.append({"axiom": ax, "statement": STATEMENTS[ax], **stats, "skipped": row["skipped"]})
     table = pd.DataFrame(rows)
-    table.to_csv(out / "agreement.csv", index=False)
-    pd.concat([f.assign(axiom=ax) for ax, f in frames.items()], ignore_index=True).to_csv(
-        out / "diagnostics.csv", index=False
+    outputs.write_csv(table, out / "agreement.csv")
+    outputs.write_csv(
+        pd.concat([f.assign(axiom=ax) for ax, f in frames.items()], ignore_index=True),
+        out / "diagnostics.csv",
     )
     s.heading("Diagnostics: does the model agree with the axioms?")
     s.paragraph(
@@ -134,7 +136,7 @@ def _components_section(study: Study, s: Summary, frames: dict[str, pd.DataFrame
                     }
                 )
     table = pd.DataFrame(rows)
-    table.to_csv(out / "components.csv", index=False)
+    outputs.write_csv(table, out / "components.csv")
     s.heading("Components: which layers carry each axiom?")
     s.paragraph(
         f"Each layer's attention (every head's output) or MLP output zeroed, on the first "
@@ -178,7 +180,7 @@ def _patching_section(study: Study, s: Summary, ax: str) -> None:
         row = study.store.get(f"patch:{ax}:{a}")
         result = decode_result(row["result"])
         name = a.replace(":", "_")
-        result.to_frame(args.min_delta).to_csv(out / f"patch_{ax}_{name}.csv.gz", index=False)
+        outputs.write_csv(result.to_frame(args.min_delta), out / f"patch_{ax}_{name}.csv.gz")
         if a.startswith("ffn:"):
             continue
         fig = plot_patching(result, min_delta=args.min_delta, by_grade=a != "position")
@@ -209,7 +211,7 @@ def _patching_section(study: Study, s: Summary, ax: str) -> None:
             continue
         row = study.store.get(unit.id)
         result = decode_result(row["result"])
-        result.to_frame(args.min_delta).to_csv(out / f"patch_{ax}_pattern.csv.gz", index=False)
+        outputs.write_csv(result.to_frame(args.min_delta), out / f"patch_{ax}_pattern.csv.gz")
         mean = result.mean(args.min_delta).numpy()  # [layer, head, position]
         heads = [tuple(int(x) for x in h.split("/")) for h in row["heads"]]
         grid = np.stack([mean[layer, head] for layer, head in heads])
@@ -234,7 +236,7 @@ def _bm25_section(study: Study, s: Summary) -> None:
     dup = study.store.get("bm25:duplicates")
     if dup is not None:
         table = pd.DataFrame(dup["table"])
-        table.to_csv(out / "duplicate_heads.csv", index=False)
+        outputs.write_csv(table, out / "duplicate_heads.csv")
         n_layers, n_heads = study.shape["n_layers"], study.shape["n_heads"]
         grid = np.full((n_layers, n_heads), np.nan)
         for r in table.itertuples(index=False):
@@ -256,7 +258,7 @@ def _bm25_section(study: Study, s: Summary) -> None:
                 {"tokens": "d"})  # fmt: skip
     svd = study.store.get("bm25:idf_svd")
     table = pd.DataFrame(svd["table"])
-    table.to_csv(out / "idf_svd.csv", index=False)
+    outputs.write_csv(table, out / "idf_svd.csv")
     best = table.loc[table.spearman.abs().idxmax()]
     s.heading("IDF in the token embeddings", 3)
     s.paragraph(
@@ -276,7 +278,7 @@ def _bm25_section(study: Study, s: Summary) -> None:
     fit_unit = next(u for u in study.bm25_units if u.spec == "fit")
     fit_row = study.store.get(fit_unit.id)
     fit = fit_table(fit_row, args)
-    fit.to_csv(out / "soft_tf_fit.csv", index=False)
+    outputs.write_csv(fit, out / "soft_tf_fit.csv")
     s.heading("A linear soft-TF x IDF model of the relevance-scoring heads", 3)
     s.paragraph(
         "Target: a head's effect on each candidate's score (score minus the score with the head "
@@ -314,7 +316,7 @@ def _idf_edit_section(study: Study, s: Summary) -> None:
         for u in study.idf_units
     ]
     frame = _rerank_table(study, study.idf_units, labels)
-    frame.to_csv(out / "idf_edit.csv", index=False)
+    outputs.write_csv(frame, out / "idf_edit.csv")
     base = _baseline_value(study)
     s.heading("IDF-direction edit", 3)
     s.paragraph(
@@ -345,7 +347,7 @@ def _matching_section(study: Study, s: Summary) -> None:
     )
     labels = [u.label for u in study.match_units]
     frame = _rerank_table(study, study.match_units, labels)
-    frame.to_csv(out / "matching_heads_checks.csv", index=False)
+    outputs.write_csv(frame, out / "matching_heads_checks.csv")
     s.small_sample(int(frame["queries"].min()) if len(frame) else 0, "the paired t-tests")
     s.table(frame, None, {"delta": "+.4f", "t": ".2f", "p": ".3g", "p_holm": ".3g", "queries": "d"})
     if args.head_scaling:
@@ -396,7 +398,7 @@ def _ffn_section(study: Study, s: Summary) -> None:
                 }
             )
     table = pd.DataFrame(rows)
-    table.to_csv(out / "ffn_share.csv", index=False)
+    outputs.write_csv(table, out / "ffn_share.csv")
     s.heading("Seed check: what the feed-forward networks contribute")
     s.paragraph(
         "Per layer, the attention output and the MLP output patched from the clean run (whole "
@@ -431,7 +433,7 @@ def _nig_section(study: Study, s: Summary) -> None:
                                 measure=args.measure)  # fmt: skip
     frame.insert(0, "condition", [u.label for u in study.nig_units])
     frame = frame.drop(columns="unit")
-    frame.to_csv(out / "nig_ablation.csv", index=False)
+    outputs.write_csv(frame, out / "nig_ablation.csv")
     base = _baseline_value(study, qids_b)
     s.heading("Seed check: NIG neurons on held-out queries, fully and partly ablated")
     s.paragraph(
@@ -487,7 +489,7 @@ def _replicate_section(study: Study, s: Summary) -> None:
         row |= {ax: m["agreement"].get(ax, {}).get("agreement", np.nan) for ax in args.axioms}
         rows.append(row)
     table = pd.DataFrame(rows)
-    table.to_csv(out / "replication.csv", index=False)
+    outputs.write_csv(table, out / "replication.csv")
     s.table(table, "agreement with each axiom per model", {"layers": "d"})
     for kind in ("attention", "mlp"):
         series = {}

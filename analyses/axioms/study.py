@@ -73,6 +73,7 @@ from analyses.axioms.seed_checks import matching_head_list, qk_directions, rando
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug, writes_outputs
 from analyses.summary import Summary
+from mechir import outputs
 from mechir.cli_common import finite_float, nonnegative_float, percent, positive_float
 from mechir.lazy import lazy_import
 from mechir.store import decode_array
@@ -279,8 +280,9 @@ class Axioms(Study):
             for ax, dset in self.sets.items()
             for p in dset.pairs
         ]
-        pd.DataFrame(rows, columns=["axiom", "pair_id", "grade", "info"]).to_csv(
-            self.output / "pairs.csv", index=False
+        outputs.write_csv(
+            pd.DataFrame(rows, columns=["axiom", "pair_id", "grade", "info"]),
+            self.output / "pairs.csv",
         )
 
     @property

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from analyses.base import LEGACY_SCORE_TYPE, Stage, Study, Summary, Unit, recorded_score_type
+from mechir import outputs
 
 README = Path(__file__).resolve().parents[2] / "analyses" / "README.md"
 
@@ -105,13 +106,15 @@ def test_score_type_is_recorded_and_checked(common_argv, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["score_type"] == "binary_logit"
     # units computed under another score type are never mixed with new ones
-    (out / "config.json").write_text(json.dumps({**config, "score_type": "prob"}))
+    # (written as mechir writes it: a config.json edited by hand is refused, see
+    # tests/analyses/test_user_files.py)
+    outputs.write_json(out / "config.json", {**config, "score_type": "prob"})
     with pytest.raises(SystemExit, match="scored as 'prob', but the model now scores as 'binary_"):
         example.main([*common_argv, "--output", str(out), "--layers", "0", "1"])
     # a directory from before the score type was recorded: its results were logits, the same
     # scores as binary_logit for a 1-label model
     del config["score_type"]
-    (out / "config.json").write_text(json.dumps(config))
+    outputs.write_json(out / "config.json", config)
     assert recorded_score_type(out) == LEGACY_SCORE_TYPE == "logit"
     assert example.main(argv) == 0  # all done: summarised without loading the model
     assert "- **score type**: logit" in (out / "summary.md").read_text()
