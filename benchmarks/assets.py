@@ -26,9 +26,10 @@ def quick_set() -> Any:
     return load_collection(SCIFACT, split="quick") if SCIFACT.exists() else load_collection("demo")
 
 
-def hf_model(name: str) -> Any:
-    """The same checkpoint as a Hugging Face model in float32 with eager attention (the oracle):
-    the sequence classifier, or for a MonoT5 checkpoint ``T5ForConditionalGeneration``."""
+def hf_model(name: str, attn_implementation: str = "eager") -> Any:
+    """The same checkpoint as a Hugging Face model in float32 with eager attention (the oracle;
+    ``attn_implementation="sdpa"``: PyTorch's fused attention): the sequence classifier, or for
+    a MonoT5 checkpoint ``T5ForConditionalGeneration``."""
     import torch
     import transformers
 
@@ -41,7 +42,7 @@ def hf_model(name: str) -> Any:
         if "T5ForConditionalGeneration" in architectures
         else transformers.AutoModelForSequenceClassification
     )
-    return cls.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    return cls.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
 #: Random checkpoints of real rerankers' shapes (the weights do not change the speed), for

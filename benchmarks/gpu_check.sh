@@ -5,6 +5,10 @@
 #   gpu_cuda.json         scoring fp32/bf16 vs HF eager, NIG kernel vs naive vs captum, patching
 #                         sweep vs per-cell, each against the CPU      (benchmarks/bench_gpu.py)
 #   scoring_cuda.json     hooked vs HF eager throughput                (benchmarks/bench_scoring.py)
+#   gpu_throughput_cuda.json pairs/s and TFLOP/s as a fraction of peak: MiniLM-L6, BERT-base,
+#                         BERT-large, Qwen3-0.6B shapes x batch 64..2048 x bf16/fp32/tf32 x fused
+#                         / explicit attention / direction ablation / HF eager / HF sdpa
+#                         (benchmarks/bench_gpu_throughput.py, issue 34; rows past 300 s skipped)
 #   nig_accuracy_cuda.json NIG time to 1% / 5% error: auto vs fixed rules, naive loop, captum
 #                         (benchmarks/bench_nig_accuracy.py, issue 14)
 #   guided_patching_cuda.json guided exact top-k patching vs the full sweep (miss rate), heads and
@@ -46,6 +50,7 @@ step 150 bash -c '"$0" -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 |
     tee benchmarks/results/gpu_check_tests.txt; exit "${PIPESTATUS[0]}"' "$PY"
 step 150 "$PY" benchmarks/bench_gpu.py --device cuda
 step 60 "$PY" benchmarks/bench_scoring.py --device cuda --pairs 1000 --batch-size 64 --repeats 3
+step 360 "$PY" benchmarks/bench_gpu_throughput.py --device cuda --budget-s 300
 step 240 "$PY" benchmarks/bench_nig_accuracy.py --device cuda
 step 200 "$PY" benchmarks/bench_guided_patching.py --device cuda --pairs 20 \
     --targets heads "heads x part" --cache /tmp/mechir_guided_cuda

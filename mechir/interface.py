@@ -103,9 +103,11 @@ class HookedReranker(Protocol):
         self,
         batch: CrossEncoderBatch,
         *,
-        batch_size: int | None = None,
+        batch_size: Any = None,
         hooks: Any = None,
         check_finite: bool = True,
+        autocast: Any = None,
+        memory_budget: int | None = None,
     ) -> torch.Tensor:
         """Float32 relevance scores on the CPU, ``[batch]``."""
         ...
@@ -180,4 +182,19 @@ class PromptReranker(HookedReranker, Protocol):
         ...
 
 
-__all__ = ["Abilities", "HookedReranker", "PromptReranker"]
+@runtime_checkable
+class HookedTwoTower(Protocol):
+    """A model embedding query and document in separate towers (bi-encoders, late
+    interaction): each tower runs on its own batch, and :meth:`tower_of` says which tower a
+    running batch belongs to (the hook factories' ``tower=``, :mod:`mechir.hooks.towers`).
+
+    Attributes:
+        towers: the towers' names (``("query", "document")``).
+    """
+
+    towers: tuple[str, ...]
+
+    def tower_of(self, batch: CrossEncoderBatch) -> str: ...
+
+
+__all__ = ["Abilities", "HookedReranker", "HookedTwoTower", "PromptReranker"]

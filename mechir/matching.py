@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float
 
 from mechir.data import PAIR_KINDS
 from mechir.display import short_list
+from mechir.hooks.towers import refuse_two_towers
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, Part
@@ -317,6 +318,7 @@ def attention_statistics(
         tokenizer: for ``whole_words``; default ``model.tokenizer``.
         sort_by_length: run pairs in order of length (less padding); results keep batch order.
     """
+    refuse_two_towers(model, "attention_statistics (query<->document attention)")
     layers = select_layers(model, layers)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (or None for one pass), got {batch_size}")

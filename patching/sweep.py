@@ -177,6 +177,10 @@ class CachedGroup:
     corrupted: dict[str, Tensor]
 
 
+def _watch(act: Tensor, hook: Any) -> None:
+    """A hook that changes nothing (it makes its hook point watched)."""
+
+
 def cached_groups(
     model: HookedReranker,
     pairs: AlignedPairs,
@@ -190,9 +194,12 @@ def cached_groups(
     engine needs: the target's hooks (clean) and the start of each target layer (corrupted)."""
     clean_names = set(target.hook_names(model))
     corrupted_names = set(start_names(model, target)) | set(extra_corrupted)
+    # both runs watch the same hook points, so both take the same attention path (fused or
+    # explicit: mechir.models.attention) in every layer and equal inputs give equal scores
+    same_path = [(name, _watch) for name in sorted(clean_names | corrupted_names)]
     for start, stop in group_slices(rows_per_pair, budget_rows):
         group = pairs[start:stop]
-        with torch.no_grad():
+        with torch.no_grad(), model.hooks(fwd_hooks=same_path):
             clean_scores, clean = model.run_with_cache(
                 group.clean, names_filter=lambda name: name in clean_names
             )

@@ -226,17 +226,33 @@ def output_shape(s: AttributionSetup, model: HookedReranker) -> tuple[int, ...]:
 
 
 def rows_for_memory(
-    model: HookedReranker, seq_len: int, budget_bytes: int, *, bytes_per_value: int = 4
+    model: HookedReranker,
+    seq_len: int,
+    budget_bytes: int,
+    *,
+    bytes_per_value: int = 4,
+    backward: bool = True,
 ) -> int:
     """How many rows (sequences of ``seq_len``) one forward + backward fits in ``budget_bytes``.
 
     A rough upper estimate of the activations autograd keeps per row and layer:
-    ``seq_len * (12 d_model + 4 d_mlp + 3 n_heads seq_len)`` values.
+    ``seq_len * (12 d_model + 4 d_mlp + 3 n_heads seq_len)`` values, in every layer; with
+    ``backward=False`` (a forward pass without gradients, e.g. scoring) one layer's are alive at
+    a time, so the cost of one layer bounds a row.
     """
     cfg = model.cfg
     per_layer = seq_len * (12 * cfg.d_model + 4 * cfg.d_mlp + 3 * cfg.n_heads * seq_len)
-    per_row = bytes_per_value * cfg.n_layers * per_layer
+    per_row = bytes_per_value * (cfg.n_layers if backward else 1) * per_layer
     return max(1, int(budget_bytes // per_row))
+
+
+def default_memory_budget(model: HookedReranker) -> int:
+    """Bytes one chunk's activations may take when no budget is given: half the free memory of
+    the model's CUDA device, :data:`DEFAULT_CPU_BUDGET` elsewhere."""
+    device = torch.device(model.cfg.device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return DEFAULT_CPU_BUDGET
 
 
 def max_batch_rows(
@@ -254,9 +270,5 @@ def max_batch_rows(
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         return max_batch
     if memory_budget is None:
-        device = torch.device(model.cfg.device)
-        if device.type == "cuda":
-            memory_budget = torch.cuda.mem_get_info(device)[0] // 2
-        else:
-            memory_budget = DEFAULT_CPU_BUDGET
+        memory_budget = default_memory_budget(model)
     return rows_for_memory(model, seq_len, memory_budget, bytes_per_value=2 if autocast else 4)

@@ -24,6 +24,7 @@ from typing import Any
 from jaxtyping import Bool
 
 from mechir.hooks.site import SITES, Mode, action_for, site_hooks
+from mechir.hooks.towers import TowerSelection, in_tower
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import PARTS, CrossEncoderBatch, Part, PartLike, parse_parts
@@ -163,6 +164,7 @@ def direction_ablation_hooks(
     layers: LayerSelection = None,
     heads: HeadSelection = None,
     mode: Mode = "zero",
+    tower: TowerSelection = None,
 ) -> Hooks:
     """Hooks removing attention from ``attending`` parts to ``attended`` parts, built once and
     correct for every batch: each hook reads the parts of the batch the model runs on.
@@ -184,6 +186,10 @@ def direction_ablation_hooks(
       the softmax, on ``hook_attn_scores``; exact in any precision (no rescaling of underflowed
       probabilities). A row whose every key is removed becomes all zeros (the token then
       receives only the attention output bias), never NaN.
+
+    ``tower`` (``"query"``, ``"document"``) keeps the ablation inside one tower of a
+    bi-encoder (:mod:`mechir.hooks.towers`); a direction between query and document does not
+    exist there and is refused in one line.
 
     In a causal model (LLM rerankers) a token reads only the tokens before it: a direction
     none of whose attention exists (``attending="query", attended="document"`` when the prompt
@@ -213,4 +219,4 @@ def direction_ablation_hooks(
         site = SITES["cross_pattern" if mode == "zero" else "cross_attn_scores"]
         action = action_for(site, mode, what="direction ablation")
         hooks += site_hooks(model, site, action=action, layers=layers, units=heads, parts=cross)
-    return hooks
+    return in_tower(model, hooks, tower)

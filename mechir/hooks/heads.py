@@ -9,6 +9,7 @@ from jaxtyping import Float
 
 from mechir.hooks.means import activation_means
 from mechir.hooks.site import SITES, Mode, PartSelection, Scale, action_for, site_hooks
+from mechir.hooks.towers import TowerSelection, in_tower
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, PartLike
@@ -47,6 +48,7 @@ def head_knockout_hooks(
     | Mapping[str, torch.Tensor]
     | None = None,
     parts: PartSelection = None,
+    tower: TowerSelection = None,
 ) -> Hooks:
     """Hooks knocking out ``heads`` (any form of :mod:`mechir.selection`: ``"l/h"``, ``"LlHh"``,
     ``(l, h)``, ``{l: [h]}``, or head indices with ``layers``).
@@ -54,11 +56,12 @@ def head_knockout_hooks(
     ``mode="zero"`` sets the head's ``z`` to 0, which is exactly zeroing its rows of ``W_O``;
     ``mode="mean"`` sets it to its reference mean (``means`` from :func:`head_output_means`).
     With ``parts`` only the positions of those parts change, read from the batch the model runs
-    on.
+    on. ``tower`` (``"query"``, ``"document"``) keeps it inside one tower of a bi-encoder.
     """
     _check_named(heads, layers, "knock out")
     action = action_for(SITES["z"], mode, means=means, what="head knockout")
-    return site_hooks(model, "z", action=action, layers=layers, units=heads, parts=parts)
+    hooks = site_hooks(model, "z", action=action, layers=layers, units=heads, parts=parts)
+    return in_tower(model, hooks, tower)
 
 
 def head_scaling_hooks(
@@ -68,6 +71,7 @@ def head_scaling_hooks(
     factor: float,
     layers: LayerSelection = None,
     parts: PartSelection = None,
+    tower: TowerSelection = None,
 ) -> Hooks:
     """Hooks scaling the output of ``heads`` by ``factor``: ``z_h <- factor * z_h`` (so the
     head's contribution ``z_h W_O[h]`` to the residual stream is scaled; ``b_O`` is not). 1 is
@@ -76,4 +80,5 @@ def head_scaling_hooks(
     _check_named(heads, layers, "scale")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)):
         raise ValueError(f"factor must be a number, got {factor!r}")
-    return site_hooks(model, "z", action=Scale(factor), layers=layers, units=heads, parts=parts)
+    hooks = site_hooks(model, "z", action=Scale(factor), layers=layers, units=heads, parts=parts)
+    return in_tower(model, hooks, tower)

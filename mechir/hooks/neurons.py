@@ -10,6 +10,7 @@ from jaxtyping import Bool, Float
 
 from mechir.hooks.means import activation_means
 from mechir.hooks.site import SITES, Mode, PartSelection, action_for, site_hooks
+from mechir.hooks.towers import TowerSelection, in_tower
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch, PartLike
@@ -52,17 +53,19 @@ def neuron_ablation_hooks(
     factor: float | None = None,
     hook: NeuronHook = "post",
     parts: PartSelection = None,
+    tower: TowerSelection = None,
 ) -> Hooks:
     """Hooks setting ``neurons`` (``{layer: indices}`` or a ``[n_layers, d_mlp]`` bool mask) to 0
     (``mode="zero"``, on ``hook_post`` exactly zeroing their rows of ``W_out``), to their
     reference mean (``mode="mean"``, ``means`` from :func:`neuron_means`), or scaling them by
     ``factor`` (partial ablation: ``a <- factor * a``; 1 is the identity, 0 equals
     ``mode="zero"``). With ``parts`` only the positions of those parts change, read from the
-    batch the model runs on."""
+    batch the model runs on; with ``tower`` only inside one tower of a bi-encoder."""
     if neurons is None:
         raise ValueError("name the neurons to ablate: neurons={layer: [indices]} or a bool mask")
     site = SITES[_site_of(hook)]
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))):
         raise ValueError(f"factor must be a number, got {factor!r}")
     action = action_for(site, mode, means=means, factor=factor, what="neuron ablation")
-    return site_hooks(model, site, action=action, units=neurons, parts=parts)
+    hooks = site_hooks(model, site, action=action, units=neurons, parts=parts)
+    return in_tower(model, hooks, tower)

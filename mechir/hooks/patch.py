@@ -29,6 +29,7 @@ from typing import Any
 from jaxtyping import Int
 
 from mechir.hooks.site import Action, PartSelection, Positions, Site, get_site, site_hooks
+from mechir.hooks.towers import TowerSelection, in_tower
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
 from mechir.parts import CrossEncoderBatch
@@ -178,6 +179,7 @@ def patch_hooks(
     units: Any = None,
     parts: PartSelection = None,
     positions: Positions = None,
+    tower: TowerSelection = None,
 ) -> Hooks:
     """Hooks patching the selected entries of ``site`` from ``source`` (see the module
     docstring): the intervention :func:`~mechir.hooks.site.site_hooks` with the patch action.
@@ -186,9 +188,29 @@ def patch_hooks(
         source: an :class:`ActivationSource`, or the cache of ``model.run_with_cache(batch)``.
         site: a :class:`~mechir.hooks.site.Site` or its name (``"z"``, ``"resid_pre"``, ...).
         layers, units, parts, positions: the selection (as every factory of mechir.hooks).
+        tower: patch inside one tower of a bi-encoder only (``"query"``, ``"document"``).
     """
     site = get_site(site)
     action = Patch(as_source(source), site)
-    return site_hooks(
+    hooks = site_hooks(
         model, site, action=action, layers=layers, units=units, parts=parts, positions=positions
     )
+    return in_tower(model, hooks, tower)
+
+
+def tower_source(
+    model: HookedReranker, batch: Any, names: Sequence[str], *, tower: str = "document"
+) -> Any:
+    """Run a two-tower model once on ``batch`` (a ``BiEncoderBatch``; no gradients) and keep
+    the activations ``names`` of one tower: a patching source
+    (:class:`ActivationSource`) on that tower's batch, for
+    :func:`mechir.hooks.patch_hooks` with ``tower=`` (e.g. TFC1 patching inside the document
+    tower, the query embedding unchanged)."""
+    acts: dict[str, Any] = {}
+
+    def keep(act: Any, hook: Any) -> None:
+        acts[hook.name] = act.detach()
+
+    with torch.no_grad():
+        model.run_with_hooks(batch, fwd_hooks=in_tower(model, [(n, keep) for n in names], tower))
+    return ActivationSource(batch.tower(tower), acts, model)

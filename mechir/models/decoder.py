@@ -57,6 +57,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import Abilities
+from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
 from mechir.models.decoder_config import dimensions, hooked_config_from_hf
 from mechir.models.decoder_prompt import (
     DEFAULT_ANSWERS,
@@ -67,7 +68,7 @@ from mechir.models.decoder_prompt import (
     encode_prompts,
 )
 from mechir.models.decoder_weights import _Checkpoint, _checkpoint_files, _hf_tensors, _load_weights
-from mechir.models.encoder import CrossEncoderClassifier, HookedCrossEncoder, attend
+from mechir.models.encoder import CrossEncoderClassifier, HookedCrossEncoder
 from mechir.models.hooked import HookedRerankerMixin
 from mechir.models.prompt import pad_token_id
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
@@ -207,12 +208,15 @@ def _lean_forward(
     position_bias: Tensor | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``softmax(rot(q) rot(k)^T / sqrt(d_head) + causal and padding mask) v W_O + b_O``, hooks
-    as in TransformerLens, in fewer passes over the ``[batch, head, query, key]`` scores: the
+    as in TransformerLens, in fewer passes over the ``[batch, head, query, key]`` scores. When
+    no hook of this forward pass is on ``hook_attn_scores`` or ``hook_pattern``, one fused
+    ``scaled_dot_product_attention`` (:func:`~mechir.models.encoder.attend_fused`); otherwise the
     causal (and padding) mask is filled in with one ``masked_fill`` and fully masked rows
-    (softmax NaN, the queries of left padding) become zeros in one op, where TransformerLens
-    runs a ``where`` and an ``isnan`` / ``zeros_like`` / ``where`` per layer. A configuration
-    this path does not cover (a cache, attention results, an additive mask, logn scaling, sinks,
-    clipping, soft caps, OLMo's QK norm) runs TransformerLens's own forward."""
+    (softmax NaN, the queries of left padding) become zeros in one op, only where they can
+    occur, where TransformerLens runs a ``where`` and an ``isnan`` / ``zeros_like`` / ``where``
+    per layer. A configuration this path does not cover (a cache, attention results, an
+    additive mask, logn scaling, sinks, clipping, soft caps, OLMo's QK norm) runs
+    TransformerLens's own forward."""
     if (
         past_kv_cache_entry is not None
         or additive_attention_mask is not None
@@ -226,12 +230,29 @@ def _lean_forward(
     q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
     q = self.hook_rot_q(self.apply_rotary(q, 0, attention_mask))
     k = self.hook_rot_k(self.apply_rotary(k, 0, attention_mask))
-    scores = self.calculate_attention_scores(q, k)  # [batch, head, query_pos, key_pos]
-    n_query, n_key = scores.shape[-2:]
-    keep = causal_mask(self, n_query, n_key, scores.device)
+    n_query, n_key = q.shape[1], k.shape[1]
+    local = getattr(self, "attn_type", "global") == "local"
+    # a query without keys: left padding (the first key masked), or a sliding window over padding
+    empty_rows = attention_mask is not None and (
+        local or rows_may_be_empty(self, attention_mask, _first_key_masked)
+    )
+    fused = not attention_watched(self)
+    if fused and attention_mask is None and not local:
+        return attend_fused(
+            self, q, k, v, None, scale=1 / self.attn_scale, empty_rows=False, is_causal=True
+        )
+    keep = causal_mask(self, n_query, n_key, q.device)
     if attention_mask is not None:
         keep = keep & attention_mask[:, None, None, :].bool()
-    return attend(self, scores.masked_fill(~keep, float("-inf")), v)
+    if fused:
+        return attend_fused(self, q, k, v, keep, scale=1 / self.attn_scale, empty_rows=empty_rows)
+    scores = self.calculate_attention_scores(q, k)  # [batch, head, query_pos, key_pos]
+    return attend(self, scores.masked_fill(~keep, float("-inf")), v, empty_rows=empty_rows)
+
+
+def _first_key_masked(attention_mask: Int[Tensor, "batch pos"]) -> Tensor:
+    """Whether some row starts with padding (left padding: its first queries see no key)."""
+    return ~attention_mask[:, 0].bool().all()
 
 
 class DecoderAttention(Attention):

@@ -38,6 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import Abilities
+from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
 from mechir.models.hooked import HookedRerankerMixin, HooksArg
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError, family_of
 from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
@@ -91,10 +92,16 @@ class HookAwareLayerNorm(LayerNorm):
 
 class EncoderAttention(Attention):
     """TransformerLens's bidirectional attention -- the same parameters, hook points and hook
-    values -- in fewer passes over the ``[batch, head, query, key]`` scores: ``1/sqrt(d_head)``
-    scales the queries instead of the scores, and fully masked rows (softmax NaN) become zeros in
-    one op. A configuration this path does not cover (a cache, attention results, rotary/ALiBi
-    positions, a causal mask, QK norm, ...) runs TransformerLens's own forward."""
+    values -- in fewer passes over the ``[batch, head, query, key]`` scores.
+
+    When no hook of this forward pass reads or changes ``hook_attn_scores`` or ``hook_pattern``
+    (:func:`attention_watched`), one fused ``scaled_dot_product_attention`` computes ``z`` without
+    materialising the scores (:func:`attend_fused`; ``hook_q``/``k``/``v``/``z`` still fire).
+    Otherwise the explicit path (:func:`attend`): ``1/sqrt(d_head)`` scales the queries instead of
+    the scores, the padding mask is added in place, and fully masked rows (softmax NaN) become
+    zeros only where they can occur. A configuration this path does not cover (a cache, attention
+    results, rotary/ALiBi positions, a causal mask, QK norm, ...) runs TransformerLens's own
+    forward."""
 
     def _lean(self) -> bool:
         c = self.cfg
@@ -124,27 +131,21 @@ class EncoderAttention(Attention):
                 additive_attention_mask, attention_mask, position_bias,
             )  # fmt: skip
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
+        mask = additive_attention_mask
+        empty_rows = mask is not None and rows_may_be_empty(self, mask, _all_keys_masked)
+        if not attention_watched(self):
+            return attend_fused(
+                self, q, k, v, mask, scale=1 / self.attn_scale, empty_rows=empty_rows
+            )
         scores = (q / self.attn_scale).transpose(1, 2) @ k.permute(0, 2, 3, 1)
-        if additive_attention_mask is not None:
-            scores = scores + additive_attention_mask
-        return attend(self, scores, v)
+        if mask is not None:
+            scores = scores.add_(mask)  # in place: the fresh product is read by nothing else
+        return attend(self, scores, v, empty_rows=empty_rows)
 
 
-def attend(
-    attn: nn.Module,
-    scores: Float[Tensor, "batch head query_pos key_pos"],
-    v: Float[Tensor, "batch key_pos kv_head d_head"],
-) -> Float[Tensor, "batch query_pos d_model"]:
-    """The second half of a lean attention forward, hooks as in TransformerLens:
-    ``hook_attn_scores`` (masked scores), ``softmax`` with fully masked rows (NaN) zeroed in one
-    op, ``hook_pattern``, ``hook_z`` (``calculate_z_scores``: grouped values repeated), then
-    ``z W_O + b_O``."""
-    scores = attn.hook_attn_scores(scores)
-    pattern = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-    pattern = attn.hook_pattern(pattern).to(dtype=v.dtype)
-    z = attn.calculate_z_scores(v, pattern)  # [batch, pos, head, d_head]
-    w_o = attn.W_O.reshape(-1, attn.cfg.d_model).T.contiguous()  # [d_model, head * d_head]
-    return nn.functional.linear(z.reshape(*z.shape[:2], -1), w_o, attn.b_O)
+def _all_keys_masked(mask: Float[Tensor, "#batch 1 1 key_pos"]) -> Tensor:
+    """Whether some row of the additive key mask removes every key (a pair without tokens)."""
+    return mask.isneginf().all(-1).any()
 
 
 class CrossEncoderEmbed(BertEmbed):

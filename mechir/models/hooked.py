@@ -111,6 +111,28 @@ class ScopedHook:
         return self.fn(act, hook=hook) if scope_active(self.scope) else None
 
 
+def fires_here(point: nn.Module) -> bool:
+    """Whether a hook on ``point`` (forward or backward, any kind) runs for a forward pass of this
+    execution context: an unscoped hook always does; a hook added by ``with model.hooks(...)``
+    only in the thread or asyncio task that added it, while its block runs (another thread's
+    hooks leave this thread's forward passes unwatched). Fast paths that skip a hook point's
+    tensor (fused attention: no ``hook_pattern``) ask this first."""
+    hooks = (
+        point._forward_hooks,
+        point._forward_pre_hooks,
+        point._backward_hooks,
+        point._backward_pre_hooks,
+    )
+    if not any(hooks):
+        return False
+    idle = {
+        handle.hook.id
+        for handle in (*getattr(point, "fwd_hooks", ()), *getattr(point, "bwd_hooks", ()))
+        if isinstance(handle.user_hook, ScopedHook) and not scope_active(handle.user_hook.scope)
+    }
+    return any(hook_id not in idle for registered in hooks for hook_id in registered)
+
+
 class HookedRerankerMixin:
     """The shared behaviour of mechir's hooked rerankers (see the module docstring)."""
 
@@ -306,9 +328,11 @@ class HookedRerankerMixin:
         self,
         batch: CrossEncoderBatch,
         *,
-        batch_size: int | None = None,
+        batch_size: int | Literal["auto"] | None = None,
         hooks: HooksArg = None,
         check_finite: bool = True,
+        autocast: torch.dtype | None = None,
+        memory_budget: int | None = None,
     ) -> Float[Tensor, " batch"]:
         """Relevance scores of a batch, without gradients, returned as float32 **on the CPU**.
 
@@ -316,13 +340,42 @@ class HookedRerankerMixin:
         a list (part-dependent hooks read the parts of each sub-batch they run on), or, for
         hooks that must be rebuilt per sub-batch, a function ``sub_batch -> list``.
 
+        ``batch_size``: pairs per forward pass (None: all at once); ``"auto"``: the most that
+        fit ``memory_budget`` bytes (default: half the free GPU memory, 2 GiB on the CPU) by the
+        per-row activation cost of one forward pass without gradients
+        (:func:`mechir.attribution.rows_for_memory` with ``backward=False``). ``autocast``:
+        ``torch.bfloat16`` / ``torch.float16`` runs the forward under ``torch.autocast`` (faster
+        on GPUs; the error against float32 is reported by ``benchmarks/bench_scoring.py``);
+        None (default): the model's own dtype, float32 unless loaded otherwise. TF32 matmuls on
+        CUDA are PyTorch's process-wide switch (``torch.backends.cuda.matmul.fp32_precision =
+        "tf32"``), left to the caller; it does nothing on the CPU.
+
         Raises:
             FloatingPointError: a score is NaN or infinite (corrupted weights, or hooks producing
                 non-finite activations); the message names the pairs. ``check_finite=False``
                 leaves the check to the caller (e.g. ``score_pairs``, which names qid and docid).
+            ValueError: ``memory_budget`` without ``batch_size="auto"``, or an ``autocast``
+                dtype other than bfloat16 / float16.
         """
+        from mechir.attribution.common import (
+            autocast_context,
+            default_memory_budget,
+            rows_for_memory,
+        )
+
+        if batch_size == "auto":
+            budget = default_memory_budget(self) if memory_budget is None else memory_budget
+            batch_size = rows_for_memory(
+                self,  # type: ignore[arg-type]
+                batch.input_ids.shape[1],
+                budget,
+                bytes_per_value=2 if autocast is not None else 4,
+                backward=False,
+            )
+        elif memory_budget is not None:
+            raise ValueError('memory_budget sizes batches only with batch_size="auto"')
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(self, autocast):  # type: ignore[arg-type]
             for chunk in batch.chunks(batch_size):
                 fwd = hooks(chunk) if callable(hooks) else (hooks or [])
                 with self.hooks(fwd_hooks=fwd):

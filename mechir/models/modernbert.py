@@ -39,6 +39,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.models.attention import attention_watched, fused_attention_z
 from mechir.models.encoder import (
     EncoderShape,
     EncoderSpec,
@@ -199,7 +200,9 @@ class RotaryAttention(nn.Module):
     ``scores = q k^T / sqrt(d_head) + mask`` (``hook_attn_scores``; the mask is -inf on padding keys
     and, for a local layer, on keys with ``|i - j| > window``), ``pattern = softmax(scores)``
     (``hook_pattern``), ``z = pattern v`` (``hook_z``), ``out = sum_h z_h W_O[h] + b_O``. Same
-    parameter shapes and hook names as TransformerLens's ``Attention``.
+    parameter shapes and hook names as TransformerLens's ``Attention``. When no hook of this
+    forward pass is on ``hook_attn_scores`` or ``hook_pattern``, ``z`` comes from one fused
+    ``scaled_dot_product_attention`` (:func:`~mechir.models.encoder.fused_attention_z`).
     """
 
     def __init__(self, cfg: HookedTransformerConfig, *, theta: float, window: int | None):
@@ -236,11 +239,26 @@ class RotaryAttention(nn.Module):
         v = self.hook_v(torch.einsum("bpm,hmd->bphd", x, self.W_V) + self.b_V)
         q = self.hook_rot_q(rotate(q, self.theta, positions[:nq]))
         k = self.hook_rot_k(rotate(k, self.theta, positions))
+        far = None
+        if self.window is not None:
+            far = (positions[:nq, None] - positions[None]).abs() > self.window
+        if not attention_watched(self):  # nothing reads the scores: one fused kernel
+            mask = additive_attention_mask
+            if far is not None:
+                mask = (
+                    torch.zeros(far.shape, dtype=x.dtype, device=x.device) if mask is None else mask
+                )
+                mask = mask.masked_fill(far, -torch.inf)
+            # a query whose window holds only padding reads nothing (zeros, as the softmax path)
+            z = fused_attention_z(
+                q, k, v, mask, scale=1 / self.attn_scale, empty_rows=mask is not None
+            )
+            z = self.hook_z(z)
+            return torch.einsum("bqhd,hdm->bqm", z, self.W_O) + self.b_O
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / self.attn_scale
         if additive_attention_mask is not None:
             scores = scores + additive_attention_mask
-        if self.window is not None:
-            far = (positions[:nq, None] - positions[None]).abs() > self.window
+        if far is not None:
             scores = scores.masked_fill(far, -torch.inf)
         scores = self.hook_attn_scores(scores)
         pattern = scores.softmax(-1)

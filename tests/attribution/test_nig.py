@@ -271,7 +271,8 @@ def test_memory_budget_sets_chunk_rows(tiny, tiny_batch):
     assert rows_for_memory(model, 64, 1) == 1
     small = neuron_integrated_gradients(model, tiny_batch, n_steps=3, memory_budget=1)
     large = neuron_integrated_gradients(model, tiny_batch, n_steps=3, max_batch=100)
-    assert_same_attributions(small, large, rel=1e-6)
+    # one-row chunks drop padding columns: float32 rounding of the fused attention over fewer keys
+    assert_same_attributions(small, large, rel=2e-6)
 
 
 @pytest.mark.usefixtures("unchecked_shapes")  # tests the library's own errors

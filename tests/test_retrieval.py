@@ -1,0 +1,66 @@
+"""Dense retrieval: exact search scores equal the model's pair scores; the cached index is
+reused only for the same weights, settings and documents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechir.models.biencoder import load_bi_encoder
+from mechir.retrieval import build_index, search
+from tests.helpers import DOCUMENTS, QUERIES, tiny_hf_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def bi(tmp_path_factory):
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    return load_bi_encoder(tiny_hf_model(7).bert, tokenizer=tok, device="cpu")
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_search_scores_are_the_pair_scores(bi, similarity):
+    bi.similarity = similarity
+    try:
+        docs = {f"d{i}": text for i, text in enumerate(DOCUMENTS)}
+        queries = {f"q{i}": text for i, text in enumerate(QUERIES)}
+        run = search(bi, build_index(bi, docs, batch_size=3), queries, k=3)
+        for qid, ranked in run.items():
+            assert len(ranked) == 3
+            ids = list(ranked)
+            batch = bi.encode([queries[qid]] * 3, [docs[d] for d in ids])
+            torch.testing.assert_close(
+                torch.tensor(list(ranked.values())), bi.score(batch), atol=1e-5, rtol=0
+            )
+            every = bi.score(bi.encode([queries[qid]] * len(docs), list(docs.values())))
+            assert max(ranked.values()) == pytest.approx(float(every.max()), abs=1e-5)
+    finally:
+        bi.similarity = "cosine"
+
+
+def test_the_cached_index_is_reused_only_when_it_matches(bi, tmp_path, monkeypatch):
+    docs = {f"d{i}": text for i, text in enumerate(DOCUMENTS)}
+    first = build_index(bi, docs, cache=tmp_path / "index")
+    calls = []
+    original = bi.embeddings
+    monkeypatch.setattr(bi, "embeddings", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = build_index(bi, docs, cache=tmp_path / "index")
+    assert calls == [] and (again.embeddings == first.embeddings).all()
+    build_index(bi, {**docs, "d9": "a new red fish"}, cache=tmp_path / "index")
+    assert calls == [1]
+
+
+def test_rerank_from_index_equals_pair_scores_and_refuses_unindexed(bi):
+    from mechir.retrieval import rerank_from_index
+
+    docs = {f"d{i}": text for i, text in enumerate(DOCUMENTS)}
+    index = build_index(bi, docs)
+    queries = {"q0": QUERIES[0], "q1": QUERIES[1]}
+    candidates = {"q0": {"d2": 0.0, "d0": 0.0}, "q1": {"d3": 0.0}}
+    run = rerank_from_index(bi, index, queries, candidates)
+    for qid, ranked in run.items():
+        batch = bi.encode([queries[qid]] * len(ranked), [docs[d] for d in ranked])
+        torch.testing.assert_close(
+            torch.tensor(list(ranked.values())), bi.score(batch), atol=1e-5, rtol=0
+        )
+    with pytest.raises(ValueError, match="docid 'd9' is not in the index"):
+        rerank_from_index(bi, index, queries, {"q0": {"d9": 0.0}})
