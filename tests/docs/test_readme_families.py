@@ -40,7 +40,10 @@ def test_every_row_names_registered_model_types_only():
     registered = {t for f in FAMILIES for t in f.model_types}
     for cell in _table_first_cells():
         named = set(re.findall(r"`([a-z0-9-]+)`", cell))
-        assert named and named <= registered, f"README family row {cell.strip()!r}: {named}"
+        if not named:  # a model kind built on the families (bi-encoders): named by its loader
+            assert "`mechir.load_" in cell, f"README family row {cell.strip()!r}: no model_type"
+            continue
+        assert named <= registered, f"README family row {cell.strip()!r}: {named}"
 
 
 def test_the_edge_section_names_exactly_the_families_that_declare_edges():
