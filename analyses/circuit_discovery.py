@@ -100,7 +100,9 @@ def select_candidates(
             f"non-relevant document among its top {args.depth} candidates ({reasons}{more}), "
             f"so the relevance margin is undefined: {hint}"
             if args.metric == "margin"
-            else f"no candidate of the {len(by_query)} selected queries was selected: {hint}"
+            else f"none of the {len(by_query)} selected queries has a document of the kinds asked "
+            f"for (--relevant {args.relevant}, --non-relevant {args.non_relevant}) among its top "
+            f"{args.depth} candidates: {hint}"
         )
     return out, left_out
 
@@ -141,9 +143,10 @@ def query_of(pair_id: str) -> str:
 class CircuitDiscovery(Study):
     name = "circuit_discovery"
     needs = ("edge_circuits",)
-    #: ``--preset quick``: a first look in about a minute on the embedded demo (3 usable
-    #: queries x 2 pairs, EAP-IG in 4 steps, three budgets, no greedy search, no matching
-    #: heads); the full default run takes about half an hour there.
+    #: ``--preset quick``: a first look in about a minute on the embedded demo (4 queries, of
+    #: which 2 have both kinds of document in their top 10, x 2 pairs; EAP-IG in 4 steps, three
+    #: budgets, no greedy search, no matching heads); the default setting takes about half an
+    #: hour there.
     presets = {
         "quick": {
             "limit_queries": 4,

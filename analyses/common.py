@@ -609,7 +609,11 @@ def require_queries(
         if args.limit_queries is not None
         else f"{args.dataset} has"
     )
-    fix = f"use --limit-queries {at_least} or more" if args.limit_queries else "use more queries"
+    fix = (
+        f"use --limit-queries {at_least} or more"
+        if args.limit_queries is not None and args.limit_queries < at_least
+        else "select more queries with candidates (--limit-queries, --dataset, --run)"
+    )
     raise UsageError(
         f"{chosen} {n} judged {'query' if n == 1 else 'queries'} with candidates; {needed_by} "
         f"need at least {at_least}: {fix}"

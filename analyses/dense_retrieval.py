@@ -16,9 +16,11 @@ document embeddings, reused when weights, settings and documents match), ``dense
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+#: What to do when a file in ``--output`` was not written by mechir.
+ADVICE = "choose another --output or move the file away, then rerun"
 
 
 def default_model() -> str:
@@ -38,21 +40,26 @@ def default_model() -> str:
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
-    from mechir.data import load_collection, top_k, write_run
+    from mechir import outputs
+    from mechir.data import format_run, load_collection, top_k
     from mechir.evaluation import evaluate
     from mechir.models.biencoder import load_bi_encoder
     from mechir.retrieval import build_index, rerank_from_index, search
 
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("dense.trec", "summary.json", "summary.md", "index.npy", "index.json"):
+        outputs.check_writable(out / name, advice=ADVICE)  # before any work
     model_name = args.model or default_model()  # "demo": the same package weights
     model = load_bi_encoder(model_name, device=args.device)
     collection = load_collection(args.dataset, split=args.split)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     qids = collection.query_ids(args.limit_queries)
     queries = {q: collection.queries[q] for q in qids}
     index = build_index(model, collection.docs, cache=out / "index", batch_size=args.batch_size)
     dense = search(model, index, queries, k=args.k)
-    write_run(dense, out / "dense.trec", tag="mechir-dense", exact=True)
+    outputs.write_text(
+        out / "dense.trec", format_run(dense, tag="mechir-dense", exact=True), advice=ADVICE
+    )
 
     bm25 = {q: collection.run.get(q, {}) for q in qids} if collection.run else {}
     candidates = {q: dict.fromkeys(ds) for q, ds in top_k(bm25, args.depth).items()}
@@ -76,7 +83,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "max_length": model.max_length,
         "results": table,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    outputs.write_json(out / "summary.json", summary, advice=ADVICE)
     lines = [
         "# Dense first stage vs BM25",
         "",
@@ -90,7 +97,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         *(f"| {name} | " + " | ".join(f"{row[m]:.4f}" for m in measures) + " |"
           for name, row in table.items()),
     ]  # fmt: skip
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    outputs.write_text(out / "summary.md", "\n".join(lines) + "\n", advice=ADVICE)
     return summary
 
 
@@ -105,14 +112,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="results/dense_retrieval/demo")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    summary = run_study(parser().parse_args(argv))
-    for name, row in summary["results"].items():
-        print(f"{name:>20}: " + ", ".join(f"{m} {v:.4f}" for m, v in row.items()))
+def main(argv: list[str] | None = None) -> int:
+    """Run the study; a user error (a foreign file in ``--output``, an unknown dataset, a model
+    that is no bi-encoder) prints one line and exits with status 2 (``--debug``: traceback)."""
+    import sys
+
+    from mechir.cli import run_command
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def run(args: argparse.Namespace) -> int:
+        summary = run_study(args)
+        for name, row in summary["results"].items():
+            print(f"{name:>20}: " + ", ".join(f"{m} {v:.4f}" for m, v in row.items()))
+        return 0
+
+    p = parser()
+    return run_command(run, lambda: p.parse_args(argv), prog=p.prog, debug="--debug" in argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from analyses.base import Stage, Study, StudyRun, Unit, UsageError
-from analyses.common import writes_outputs
+from analyses.common import require_queries, writes_outputs
 from analyses.reranking import (
     compare_to_baseline,
     per_query_values,
@@ -242,6 +242,11 @@ class MatchingHeads(Study):
         """The attention statistics of every query, then (``--knockout-top``) the knockouts of
         the top matching heads those statistics find."""
         args = self.args
+        if args.knockout_top:  # checked before any model work
+            require_queries(
+                self.candidates, args, at_least=2,
+                needed_by="the knockouts' paired t-tests (--knockout-top 0 skips them)",
+            )  # fmt: skip
         self.pairs = study_pairs(args, self.collection)
         if writes_outputs():  # torchrun: rank 0 writes the outputs
             outputs.write_csv(

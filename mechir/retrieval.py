@@ -67,7 +67,7 @@ def build_index(
     Raises:
         ValueError: no documents.
     """
-    from mechir.store import write_json_atomic
+    from mechir import outputs
 
     doc_ids = list(docs)
     if not doc_ids:
@@ -82,10 +82,9 @@ def build_index(
     index = DenseIndex(doc_ids, embeddings.numpy().astype(np.float32))
     if cache is not None:
         stem.parent.mkdir(parents=True, exist_ok=True)
-        partial = array.with_suffix(".partial.npy")
-        np.save(partial, index.embeddings)
-        partial.replace(array)
-        write_json_atomic(meta, settings)
+        with outputs.output_file(array) as partial:  # never over a file mechir did not write
+            np.save(partial, index.embeddings)
+        outputs.write_json(meta, settings)
     return index
 
 

@@ -64,3 +64,27 @@ def test_rerank_from_index_equals_pair_scores_and_refuses_unindexed(bi):
         )
     with pytest.raises(ValueError, match="docid 'd9' is not in the index"):
         rerank_from_index(bi, index, queries, {"q0": {"d9": 0.0}})
+
+
+def test_the_index_cache_never_replaces_a_file_mechir_did_not_write(bi, tmp_path):
+    """A user's ``index.npy`` where the cache would go is refused in one line, byte-identical
+    (the rule of :mod:`mechir.outputs`); mechir's own stale cache is replaced."""
+    docs = {f"d{i}": text for i, text in enumerate(DOCUMENTS)}
+    (tmp_path / "index.npy").write_bytes(b"mine")
+    with pytest.raises(ValueError, match="index.npy exists and was not written by mechir"):
+        build_index(bi, docs, cache=tmp_path / "index")
+    assert (tmp_path / "index.npy").read_bytes() == b"mine"
+    build_index(bi, docs, cache=tmp_path / "own")
+    build_index(bi, {**docs, "d9": "a new red fish"}, cache=tmp_path / "own")  # stale: replaced
+
+
+def test_dense_retrieval_study_refuses_a_user_file_before_loading(tmp_path, capsys):
+    """The study's outputs go through mechir.outputs: a user's summary.md is refused in one line
+    (status 2) before the model loads, and left byte-identical."""
+    from analyses.dense_retrieval import main
+
+    (tmp_path / "summary.md").write_text("my notes\n")
+    assert main(["--model", str(tmp_path / "absent"), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "summary.md exists and was not written by mechir" in err[0]
+    assert (tmp_path / "summary.md").read_text() == "my notes\n"

@@ -272,3 +272,17 @@ def test_quick_preset_sets_defaults_that_the_command_line_overrides():
     assert "preset" not in study_config(quick) and study_config(quick)["n_steps"] == 4
     with pytest.raises(ValueError, match="argument --preset: invalid choice: 'slow'"):
         parse(["--preset", "slow"])
+
+
+def test_score_metric_without_documents_of_the_kinds_asked_for(tiny_collection_dir, capsys):
+    """With --metric score, no selected document is not blamed on the margin."""
+    from mechir.data import load_collection
+    from tests.analyses.conftest import common_options
+
+    collection = load_collection(tiny_collection_dir, split="test")
+    argv = [*common_options("m", tiny_collection_dir), "--metric", "score", "--depth", "1"]
+    args = cd.build_parser().parse_args([*argv, "--relevant", "0", "--non-relevant", "1"])
+    with pytest.raises(ValueError) as info:
+        cd.select_candidates(args, collection)  # every top-1 document is relevant
+    assert "(--relevant 0, --non-relevant 1) among its top 1 candidates" in str(info.value)
+    assert "--metric score" not in str(info.value) and "margin" not in str(info.value)

@@ -110,3 +110,21 @@ def test_correct_only_is_a_summary_option(matching_heads_run, common_argv, tmp_p
     assert f"**pairs used**: {expected} (correctly classified only)" in text
     negatives = {k for k in ("easy_negative", "hard_negative") if counts.get(k, 0)}
     assert set(pd.read_csv(out / "deltas.csv").negative) == negatives
+
+
+def test_knockouts_on_one_query_are_refused_before_the_model_loads(
+    common_argv, tmp_path, capsys, monkeypatch
+):
+    """Issue 30: the knockouts' paired t-tests need 2 queries: one line at start, nothing left."""
+    import analyses.base
+
+    monkeypatch.setattr(analyses.base, "load_model", None)  # never loaded
+    out = tmp_path / "runs" / "mh"
+    argv = [*common_argv, "--limit-queries", "1", "--knockout-top", "2", "--output", str(out)]
+    with pytest.raises(SystemExit) as info:
+        mh.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--limit-queries 1 selects 1 judged query with candidates; the knockouts' paired" in err
+    assert not (tmp_path / "runs").exists()

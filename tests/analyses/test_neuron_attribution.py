@@ -105,3 +105,19 @@ def test_resume_and_errors(argv, tmp_path):
         na.main([*argv, "--output", str(parts), "--n-steps", "5"])
     with pytest.raises(SystemExit, match="needs two or more --attribution-datasets"):
         na.main([*one, "--output", str(tmp_path / "one"), "--prune", "fused"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--n-steps", "abc", "argument --n-steps: 'abc' is neither a positive integer nor 'auto'"),
+        ("--n-steps", "0", "argument --n-steps: '0' is neither a positive integer nor 'auto'"),
+        ("--rtol", "nan", "argument --rtol: 'nan' is not a finite number"),
+        ("--percents", "150", "argument --percents: '150' is outside (0, 100]"),
+    ],
+)
+def test_options_are_named_at_parse_time(option, value, named):
+    """Issue 30: no internal names (``<lambda>``) and no non-finite values get past parsing."""
+    with pytest.raises(ValueError) as info:
+        na.build_parser().parse_args([option, value])
+    assert named in str(info.value) and "lambda" not in str(info.value)
