@@ -6,7 +6,7 @@ Studies (``python -m analyses.<name> --help``): :mod:`~analyses.direction_ablati
 :mod:`~analyses.patching_tfc1`; :mod:`~analyses.report` gathers their outputs into one HTML page.
 
 Shared pieces: :mod:`~analyses.base` (:class:`~analyses.base.Study`, the base every study
-subclasses), :mod:`~analyses.common` (options, config check, unit loop), :mod:`~analyses.store`
+subclasses), :mod:`~analyses.common` (options, config check, unit loop), :mod:`mechir.store`
 (append-only JSONL results), :mod:`~analyses.reranking` and :mod:`~analyses.floors` (reranking
 units, comparisons and reference rankings), :mod:`~analyses.summary` (summary.md / .json) and
 :mod:`~analyses.plots` (PNG plots). See ``analyses/README.md``.

@@ -57,9 +57,9 @@ from analyses.common import (
     study_parser,
     writes_outputs,
 )
-from analyses.store import ResultsStore
 from analyses.summary import Summary
 from mechir import outputs
+from mechir.store import ResultsStore
 
 __all__ = ["Stage", "Study", "StudyRun", "Summary", "Unit", "UsageError"]
 

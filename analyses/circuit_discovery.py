@@ -42,11 +42,12 @@ import numpy as np
 
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import candidate_pairs, writes_outputs
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir import outputs
-from mechir.cli import float_range, fraction, positive_float, steps_or_auto
+from mechir.cli_common import float_range, fraction, positive_float, steps_or_auto
+from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -107,7 +108,7 @@ def select_candidates(
 
 
 def build_pairs(
-    model: Any,
+    model: HookedReranker,
     collection: Any,
     args: argparse.Namespace,
     items: Sequence[Any] | None = None,
@@ -127,7 +128,7 @@ def build_pairs(
     )
 
 
-def filler_of(model: Any, args: argparse.Namespace) -> str:
+def filler_of(model: HookedReranker, args: argparse.Namespace) -> str:
     """``--filler``, else the tokenizer's mask token (on the SciFact demo model it lowers the
     relevance margin of 8 of 10 queries, 3.22 -> 0.60 on average; "a" 6 of 10, -> 1.71), else
     "a"."""

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from mechir import outputs
-from mechir.cli import (
+from mechir.cli import missing_dirs, remove_empty_dirs
+from mechir.cli_common import (
     PROMPT_OPTIONS,
     OneLineParser,
     add_execution_options,
@@ -49,11 +50,9 @@ from mechir.cli import (
     add_prompt_options,
     check_output_writable,
     check_prompt_options,
-    missing_dirs,
     no_candidates_reason,
     positive_int,
     prompt_options,
-    remove_empty_dirs,
     resolve_max_length,
     run_command,
 )
@@ -353,18 +352,6 @@ def read_study_record(output: Path, study: str | None = None) -> dict[str, Any] 
     return record
 
 
-def load_config(output: Path) -> dict[str, Any]:
-    """The ``config.json`` record of a study output directory.
-
-    Raises:
-        ConfigMismatchError: there is none, or it is not a study record (naming the file).
-    """
-    record = read_study_record(output)
-    if record is None:
-        raise ConfigMismatchError(f"{Path(output) / 'config.json'} is missing")
-    return record
-
-
 # ---------------------------------------------------------------------- a study run
 @dataclass
 class StudyRun:
@@ -422,7 +409,7 @@ def open_study(
     ``work_options`` name the study's options that only choose *which* units to compute (units
     are keyed by what they compute, so such lists may grow between runs of one directory).
     """
-    from mechir.fingerprint import weights_fingerprint
+    from mechir.model_files import weights_fingerprint
 
     output = output_dir(args, study, *run_name_extra)
     # the weights' fingerprint makes weights replaced in place a config mismatch
@@ -537,7 +524,7 @@ def study_main(
 ) -> int:
     """Parse ``argv`` (default: the command line; defaults from ``MECHIR_*`` variables and
     ``mechir.toml``, see :mod:`mechir.settings`), check it and run the study. A user error
-    prints one line and raises :class:`~mechir.cli.UserExit` (``SystemExit``, status 2, its
+    prints one line and raises :class:`~mechir.cli_common.UserExit` (``SystemExit``, status 2, its
     text the line); ``--debug`` shows the traceback instead."""
     from mechir.settings import apply_defaults, user_defaults
 
@@ -596,7 +583,7 @@ def candidate_pairs(args: argparse.Namespace, collection: Any) -> list[Any]:
 
     Raises:
         ValueError: no candidates (an empty queries file, no judged query, no first-stage run
-            for these queries: :func:`mechir.cli.no_candidates_reason`).
+            for these queries: :func:`mechir.cli_common.no_candidates_reason`).
     """
     qids = collection.query_ids(args.limit_queries)
     pairs = collection.candidates(depth=args.depth, query_ids=qids)

@@ -21,7 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mechir.cli import Command, add_execution_options, positive_int
+from mechir.cli_common import add_execution_options, positive_int
+from mechir.cli_plugins import Command
 from mechir.demo import (
     DEMO,
     DEMO_COLLECTION_NAME,
@@ -193,7 +194,7 @@ COMMAND = Command(
 def main(argv: Sequence[str] | None = None) -> int:
     """``mechir demo [options]`` / ``python -m analyses.demo [options]``: a user error is one
     line and exit status 2."""
-    from mechir.cli import run_command
+    from mechir.cli_common import run_command
 
     argv = sys.argv[1:] if argv is None else list(argv)
     return run_command(

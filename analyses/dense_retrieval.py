@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     that is no bi-encoder) prints one line and exits with status 2 (``--debug``: traceback)."""
     import sys
 
-    from mechir.cli import run_command
+    from mechir.cli_common import run_command
 
     argv = sys.argv[1:] if argv is None else list(argv)
 

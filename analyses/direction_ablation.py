@@ -44,7 +44,7 @@ from analyses.reranking import (
 )
 from analyses.summary import Summary
 from mechir import outputs
-from mechir.cli import fraction
+from mechir.cli_common import fraction
 from mechir.hooks import (
     ALL_DIRECTIONS,
     DIRECTION_GROUPS,
@@ -88,10 +88,6 @@ class Condition:
     @property
     def name(self) -> str:
         return self.names[0]
-
-    @property
-    def is_single(self) -> bool:
-        return len(self.pairs) == 1
 
     def directions(self) -> list[tuple[Part, Part]]:
         return sorted(self.pairs)

@@ -37,10 +37,9 @@ from analyses.reranking import (
     reference_rankings,
     rerank_row,
 )
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir import outputs
-from mechir.cli import fraction, nonnegative_float
+from mechir.cli_common import fraction, nonnegative_float
 from mechir.data import matching_pairs
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
@@ -53,6 +52,7 @@ from mechir.matching import (
     matching_head_labels,
 )
 from mechir.selection import head_label, parse_head
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

@@ -30,13 +30,13 @@ import numpy as np
 
 from analyses.base import Stage, Study, Unit, UsageError
 from analyses.common import slug
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir import outputs
-from mechir.cli import percent, positive_float, steps_or_auto
+from mechir.cli_common import percent, positive_float, steps_or_auto
 from mechir.data import Pair, load_collection
 from mechir.interface import HookedReranker
 from mechir.lazy import lazy_import
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

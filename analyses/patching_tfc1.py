@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
-from analyses.store import decode_array, encode_array
 from analyses.summary import Summary
 from mechir import outputs
-from mechir.cli import nonnegative_float, positive_float
-from mechir.interface import HookedReranker
+from mechir.cli_common import nonnegative_float, positive_float
+from mechir.interface import HookedReranker, PromptReranker
 from mechir.lazy import lazy_import
+from mechir.store import decode_array, encode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -60,6 +60,7 @@ def build_pairs(
             else {p.docid: p.document for p in candidates}.values()
         )
         stats = TermStatistics.from_documents(docs)
+    prompt = cast(PromptReranker, model) if model.abilities.prompt else None
     builder = PairBuilder(
         model.tokenizer,
         max_length=args.max_length or model.max_length,
@@ -67,8 +68,8 @@ def build_pairs(
         stats=stats,
         choose=args.term_choice,
         seed=args.seed,
-        n_special=getattr(model, "n_special", None),  # a prompt-based reranker's template
-        tokenize=getattr(model, "field_tokens", None),  # a decoder reranker's prompt fields
+        n_special=prompt.n_special if prompt else None,  # a prompt-based reranker's template
+        tokenize=prompt.field_tokens if prompt else None,  # its prompt's fields
     )
     position: Any = int(args.position) if args.position.lstrip("-").isdigit() else args.position
     built = builder.build(

@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = build_report(args.roots, args.output, embed=not args.link_images, title=args.title)
     except (FileNotFoundError, ValueError) as err:
-        from mechir.cli import UserExit, one_line
+        from mechir.cli_common import UserExit, one_line
 
         line = f"{parser.prog}: error: {one_line(err)}"
         print(line, file=sys.stderr)

@@ -355,7 +355,7 @@ def token_embeddings(
 
 def _token_strings(model: HookedReranker, ids: Iterable[int] | Int[Tensor, " n"]) -> list[str]:
     ids = [int(i) for i in ids]
-    tok = getattr(model, "tokenizer", None)
+    tok = model.tokenizer
     tokens = tok.convert_ids_to_tokens(ids) if tok is not None else [None] * len(ids)
     return [t if t is not None else f"[{i}]" for i, t in zip(ids, tokens)]
 

@@ -456,14 +456,32 @@ def load_irds_collection(dataset_id: str, *, run: str | Path | None = None) -> C
     return Collection(dataset_id, queries, _DocstoreTexts(ds), qrels, first_stage, run_name)
 
 
+def load_demo_collection(
+    *, split: str | None = None, run: str | os.PathLike | None = None
+) -> Collection:
+    """The demo collection (``load_collection("demo")``): 50 SciFact test claims, their qrels,
+    their BM25 top-20 run and the documents it ranks (:mod:`mechir.demo`); ``run`` replaces the
+    BM25 run.
+
+    Raises:
+        ValueError: ``split`` is not ``None`` or ``"quick"`` (the only split).
+    """
+    from mechir.demo import DEMO_COLLECTION_NAME, demo_collection_dir, demo_split
+
+    demo_split(split)
+    col = load_local_collection(demo_collection_dir())
+    col.name = f"demo ({DEMO_COLLECTION_NAME})"
+    if run is not None:
+        col.run = read_run(run)
+    return col
+
+
 def load_collection(
     source: str | Path, *, split: str | None = None, run: str | Path | None = None
 ) -> Collection:
     """A local collection directory, an ir_datasets id (see the two loaders) or ``"demo"`` (the
-    embedded SciFact quick set, :func:`mechir.demo.load_demo_collection`)."""
+    embedded SciFact quick set, :func:`load_demo_collection`)."""
     if source == "demo":
-        from mechir.demo import load_demo_collection
-
         return load_demo_collection(split=split, run=run)
     if Path(source).is_dir():
         col = load_local_collection(source, split=split)

@@ -1,8 +1,9 @@
 """The embedded demo: a small real cross-encoder and a small real test collection, offline.
 
 ``"demo"`` is accepted as a model name (:func:`mechir.load_cross_encoder`) and as a dataset name
-(:func:`mechir.data.load_collection`) and so by the CLI and the studies (``--model demo
---dataset demo``). It is only ever an explicit choice: nothing falls back to it silently.
+(:func:`mechir.data.load_collection`, which reads :func:`demo_collection_dir`) and so by the CLI
+and the studies (``--model demo --dataset demo``). It is only ever an explicit choice: nothing
+falls back to it silently.
 
 - model: MiniLM-L6 (all-MiniLM-L6-v2, Apache-2.0) fine-tuned MonoBERT-style on SciFact train,
   1 label (score = the logit); trained with ``max_length=160``. Its weights are stored in
@@ -23,10 +24,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from mechir.data import Collection
 
 #: The name that selects the demo model or collection.
 DEMO = "demo"
@@ -236,22 +233,3 @@ def demo_split(split: str | None) -> None:
             f"the demo collection has only the 'quick' split (50 SciFact test claims), not "
             f"{split!r}; drop --split or pass a full collection directory"
         )
-
-
-def load_demo_collection(
-    *, split: str | None = None, run: str | os.PathLike | None = None
-) -> Collection:
-    """The demo collection (``load_collection("demo")``): 50 SciFact test claims, their qrels,
-    their BM25 top-20 run and the documents it ranks; ``run`` replaces the BM25 run.
-
-    Raises:
-        ValueError: ``split`` is not ``None`` or ``"quick"`` (the only split).
-    """
-    from mechir.data import load_local_collection, read_run
-
-    demo_split(split)
-    col = load_local_collection(demo_collection_dir())
-    col.name = f"demo ({DEMO_COLLECTION_NAME})"
-    if run is not None:
-        col.run = read_run(run)
-    return col

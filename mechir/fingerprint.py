@@ -5,13 +5,13 @@ checkpoint saved under the same name).
 A fingerprint is ``"sha256:<hex>"`` over the weight files of a model directory (their names,
 sizes and bytes, in name order), or over the state dict of an in-memory model (parameter names,
 dtypes, shapes and bytes). Both are stable across processes and machines; file hashes are
-cached per process by (path, size, mtime, inode), so asking twice costs nothing.
+cached per process by (path, size, mtime, inode), so asking twice costs nothing. The fingerprint
+of a model named by path, hub id or ``demo`` is :func:`mechir.model_files.weights_fingerprint`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,45 +67,3 @@ def state_dict_fingerprint(module: Any) -> str:
 
     Accepts anything with ``state_dict()`` (a ``torch.nn.Module``, a HookedCrossEncoder)."""
     return tensors_fingerprint(module.state_dict())
-
-
-def local_model_directory(model: str | os.PathLike) -> Path | None:
-    """The directory holding ``model``'s files: the path itself when it is a directory, the
-    Hugging Face cache snapshot of a hub id when one is cached, else None (nothing is
-    downloaded); ``"demo"``: the embedded demo model's directory."""
-    from mechir.demo import is_demo, resolve_model
-
-    if is_demo(model):
-        return Path(resolve_model(model))
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    text = str(model)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, local_files_only=True))
-    except Exception:  # not cached, not a valid repo id, hub library missing
-        return None
-
-
-def weights_fingerprint(model: str | os.PathLike | Any) -> str | None:
-    """A stable fingerprint of ``model``'s weights.
-
-    Args:
-        model: a local checkpoint directory, a hub id (fingerprinted from the local cache), or
-            an in-memory model with ``state_dict()``.
-
-    Returns:
-        ``"sha256:<hex>"``; None for a hub id that is not in the local cache, or a directory
-        without weight files (nothing to fingerprint without downloading).
-    """
-    if hasattr(model, "state_dict"):
-        return state_dict_fingerprint(model)
-    directory = local_model_directory(model)
-    if directory is None:
-        return None
-    files = weight_files(directory)
-    return files_fingerprint(files) if files else None

@@ -163,7 +163,7 @@ def check_model_directory(directory: Path) -> None:
             ) from None
 
 
-def check_finite_weights(hf_model: Any, source: str) -> None:
+def check_finite_weights(hf_model: torch.nn.Module, source: str) -> None:
     """Every floating-point parameter and buffer is finite.
 
     Raises:
@@ -344,12 +344,12 @@ def _unknown_model_type(message: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _sentence_transformers_model(model: Any) -> Any:
+def _sentence_transformers_model(source: Any) -> Any:
     """The ``transformers`` model inside a ``sentence_transformers.CrossEncoder``, else None."""
-    if type(model).__name__ != "CrossEncoder":  # never import the optional package needlessly
+    if type(source).__name__ != "CrossEncoder":  # never import the optional package needlessly
         return None
     try:
         from sentence_transformers import CrossEncoder
     except ImportError:
         return None
-    return model.model if isinstance(model, CrossEncoder) else None
+    return source.model if isinstance(source, CrossEncoder) else None

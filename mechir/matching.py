@@ -322,7 +322,7 @@ def attention_statistics(
     layers = select_layers(model, layers)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (or None for one pass), got {batch_size}")
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     n, n_heads = len(batch), model.cfg.n_heads
     device = model.cfg.device
     values = {name: torch.empty(n, len(layers), n_heads) for name in STATISTICS}
@@ -365,7 +365,7 @@ def attention_statistics_reference(
     """Naive reference for :func:`attention_statistics`: a full ``run_with_cache`` of the batch,
     then explicit per-pair index selection and loops over token pairs."""
     layers = select_layers(model, layers)
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if whole_words and tokenizer is None:
         raise ValueError("whole_words=True needs the tokenizer (to join WordPieces)")
     with torch.no_grad():

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mechir.data import Run
+from mechir.interface import HookedTwoTower
 from mechir.lazy import lazy_import
 
 torch = lazy_import("torch")
@@ -37,7 +38,7 @@ class DenseIndex:
         return len(self.doc_ids)
 
 
-def index_settings(model: Any) -> dict[str, Any]:
+def index_settings(model: HookedTwoTower) -> dict[str, Any]:
     """What an index depends on: the weights' fingerprint and the document tower's settings."""
     from mechir.fingerprint import tensors_fingerprint
 
@@ -52,7 +53,7 @@ def index_settings(model: Any) -> dict[str, Any]:
 
 
 def build_index(
-    model: Any,
+    model: HookedTwoTower,
     docs: Mapping[str, str],
     *,
     cache: str | Path | None = None,
@@ -88,7 +89,7 @@ def build_index(
 
 
 def query_document_scores(
-    model: Any, index: DenseIndex, queries: Mapping[str, str], *, hooks: Any = ()
+    model: HookedTwoTower, index: DenseIndex, queries: Mapping[str, str], *, hooks: Any = ()
 ) -> Any:
     """``[n_queries, n_docs]`` scores ``sim(e_q, e_d)`` of every query (in ``queries`` order)
     against every indexed document, as the model scores pairs (dot, or cosine)."""
@@ -102,7 +103,7 @@ def query_document_scores(
 
 
 def search(
-    model: Any,
+    model: HookedTwoTower,
     index: DenseIndex,
     queries: Mapping[str, str],
     *,
@@ -122,7 +123,7 @@ def search(
 
 
 def rerank_from_index(
-    model: Any, index: DenseIndex, queries: Mapping[str, str], candidates: Run
+    model: HookedTwoTower, index: DenseIndex, queries: Mapping[str, str], candidates: Run
 ) -> Run:
     """Each query's candidates (``{qid: {docid: ...}}``, e.g. a BM25 run's top k) scored by the
     model from the index (every candidate must be indexed): the bi-encoder as a reranker."""

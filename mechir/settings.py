@@ -142,7 +142,7 @@ def position_limit(model: str | os.PathLike) -> int | None:
     """The longest input the model's ``config.json`` allows (local directory or cached hub
     snapshot), without loading the model: ``max_position_embeddings``, less RoBERTa's and
     XLM-R's position offset ``pad_token_id + 1``; None when unknown."""
-    from mechir.fingerprint import local_model_directory
+    from mechir.model_files import local_model_directory
 
     directory = local_model_directory(model)
     if directory is None:
@@ -191,7 +191,7 @@ def check_model_type(config_path: str | os.PathLike) -> Any:
 def model_family(model: str | os.PathLike) -> Any:
     """:func:`check_model_type` of the model's ``config.json`` when its files are local (a
     directory, a cached hub snapshot, ``demo``), without loading it; else None."""
-    from mechir.fingerprint import local_model_directory
+    from mechir.model_files import local_model_directory
 
     directory = local_model_directory(model)
     if directory is None or not (directory / "config.json").is_file():
@@ -206,7 +206,7 @@ def default_max_length(model: str | os.PathLike) -> int | None:
     else the tokenizer's ``model_max_length`` when it is a real length (not the ~1e30
     placeholder, at most the position limit), else the position limit; None when the model's
     files are not available locally."""
-    from mechir.fingerprint import local_model_directory
+    from mechir.model_files import local_model_directory
 
     directory = local_model_directory(model)
     if directory is None:

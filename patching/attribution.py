@@ -193,7 +193,7 @@ def group_estimates(
     layers = target.target_layers(model)
     names = [target.hook_name(layer) for layer in layers]
     qk = _qk_input(target) if atp_star else None
-    if qk and model.qk_norm:
+    if qk and model.abilities.qk_norm:
         raise ValueError(
             f"AtP* on {qk} cannot recompute this model's attention: its queries and keys are "
             "RMS-normalized per head after hook_q/hook_k (QK-norm, Qwen3); pass atp_star=False "

@@ -49,6 +49,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch, cross_encoder_batch_from_tokens, pair_layout_of
 from patching.perturbations import (
     STOPWORDS,
@@ -467,7 +468,11 @@ def _without(ids: list[int], at: int, width: int) -> list[int]:
 
 # ---------------------------------------------------------------------- scoring
 def axiom_scores(
-    model: Any, diagnostics: DiagnosticSet, *, batch_size: int | None = 32, hooks: Any = None
+    model: HookedReranker,
+    diagnostics: DiagnosticSet,
+    *,
+    batch_size: int | None = 32,
+    hooks: Any = None,
 ) -> Any:
     """Scores of every instance's documents and whether the model agrees with the axiom.
 

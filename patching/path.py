@@ -66,9 +66,9 @@ def _check_channels(
     bad = [c for c in out if c not in CHANNELS]
     if bad or not out:
         raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {channels!r}")
-    n_kv = None if model is None else getattr(model.cfg, "n_key_value_heads", None)
     shared = [c for c in out if c in ("k", "v")]
-    if shared and n_kv is not None and n_kv != model.cfg.n_heads:
+    if shared and model is not None and model.abilities.grouped_kv:
+        n_kv = model.cfg.n_key_value_heads
         raise ValueError(
             f"channels {shared}: the model's {n_kv} key/value heads are each shared by "
             f"{model.cfg.n_heads // n_kv} query heads (grouped-query attention), so one receiver "

@@ -27,13 +27,14 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from mechir.display import fields_repr
+from mechir.interface import HookedReranker, PromptReranker
 from mechir.parts import CrossEncoderBatch, cross_encoder_batch_from_tokens, pair_layout_of
 
 #: Filler token of MechIR's data collators (``special_token="a"``).
@@ -177,15 +178,15 @@ class AlignedPairs:
 
     @classmethod
     def from_pairs(
-        cls, pairs: Sequence[PerturbedPair], tokenizer: Any, *, model: Any = None
+        cls, pairs: Sequence[PerturbedPair], tokenizer: Any, *, model: HookedReranker | None = None
     ) -> AlignedPairs:
-        """Batch :class:`PerturbedPair` s with the tokenizer's special tokens, or, for a model
-        that assembles its own inputs from token ids (a prompt-based reranker such as MonoT5:
-        ``model.batch_from_tokens``), with the model's template."""
+        """Batch :class:`PerturbedPair` s with the tokenizer's special tokens, or, for a
+        prompt-based reranker (``model.abilities.prompt``: MonoT5, LLM rerankers), with the
+        model's template (``model.batch_from_tokens``)."""
         if not pairs:
             raise ValueError("no pairs given")
-        assemble = getattr(model, "batch_from_tokens", None)
-        if assemble is not None:
+        if model is not None and model.abilities.prompt:
+            assemble = cast(PromptReranker, model).batch_from_tokens
             queries = [p.query_ids for p in pairs]
             width = max(len(p.query_ids) + len(p.clean_ids) for p in pairs) + model.n_special
             return cls(
@@ -623,7 +624,7 @@ class BuiltPairs:
     pairs: list[PerturbedPair]
     skipped: dict[str, str]
 
-    def batch(self, tokenizer: Any, *, model: Any = None) -> AlignedPairs:
+    def batch(self, tokenizer: Any, *, model: HookedReranker | None = None) -> AlignedPairs:
         return AlignedPairs.from_pairs(self.pairs, tokenizer, model=model)
 
 

@@ -208,10 +208,9 @@ class PatchTarget:
         names = [self.hook_name(layer) for layer in self.target_layers(model)]
         missing = [n for n in names if n not in model.hook_dict]
         if missing:  # e.g. the pooled [CLS] vector of a model that has none (MonoT5)
-            family = getattr(getattr(model, "family", None), "name", type(model).__name__)
             raise ValueError(
-                f"patch target {self.name!r} patches {missing[0]!r}, which {family} does not "
-                "have: choose a target on one of its hook points"
+                f"patch target {self.name!r} patches {missing[0]!r}, which {model.family.name} "
+                "does not have: choose a target on one of its hook points"
             )
         return names
 
@@ -222,10 +221,10 @@ class PatchTarget:
     def _refuse_shared_heads(self, model: HookedReranker) -> None:
         """Grouped-query attention: ``hook_k``/``hook_v`` have fewer heads than the query heads
         the grid counts, each shared by a group, so one query head's keys cannot be patched."""
-        n_kv = getattr(model.cfg, "n_key_value_heads", None)
         if self.site.name not in KV_SITES or "head" not in self.cells:
             return
-        if n_kv is not None and n_kv != model.cfg.n_heads:
+        if model.abilities.grouped_kv:
+            n_kv = model.cfg.n_key_value_heads
             raise ValueError(
                 f"target {self.name!r}: hook_{self.site.name} has {n_kv} key/value heads shared "
                 f"by {model.cfg.n_heads} query heads (grouped-query attention), so one query "

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from mechir.compact import save_compact
 from mechir.demo import DEMO_WEIGHTS
-from mechir.fingerprint import weights_fingerprint
+from mechir.model_files import weights_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -313,7 +313,7 @@ def test_pyproject_declares_the_known_commands_as_entry_points():
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib
-    from mechir.cli import COMMAND_GROUP, KNOWN_COMMANDS
+    from mechir.cli_plugins import COMMAND_GROUP, KNOWN_COMMANDS
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert project["entry-points"][COMMAND_GROUP] == KNOWN_COMMANDS
@@ -328,7 +328,7 @@ def test_help_lists_demo(capsys):
 
 
 def fake_command(calls: list) -> Any:
-    from mechir.cli import Command
+    from mechir.cli_plugins import Command
 
     def add(p):
         p.add_argument("--answer", type=int, required=True)
@@ -350,8 +350,9 @@ def test_a_command_is_found_through_its_entry_point(monkeypatch, capsys):
     from importlib.metadata import EntryPoint
 
     import mechir.cli as cli
+    import mechir.cli_plugins as plugins
 
-    point = EntryPoint(name="fake", value="tests.test_cli:FAKE", group=cli.COMMAND_GROUP)
+    point = EntryPoint(name="fake", value="tests.test_cli:FAKE", group=plugins.COMMAND_GROUP)
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [point])
     FAKE_CALLS.clear()
     assert cli.main(["fake", "--answer", "42"]) == 5
@@ -364,8 +365,9 @@ def test_demo_runs_from_its_module_when_the_entry_point_is_not_installed(monkeyp
     """An editable install made before the entry point existed still has ``mechir demo``."""
     import analyses.demo
     import mechir.cli as cli
+    import mechir.cli_plugins as plugins
 
-    monkeypatch.setattr(cli, "_entry_points", lambda: {})
+    monkeypatch.setattr(plugins, "_entry_points", lambda: {})
     seen = []
     monkeypatch.setattr(analyses.demo, "run_demo", lambda args: seen.append(args) or 7)
     assert cli.main(["demo", "--limit-queries", "3", "--device", "cpu"]) == 7
@@ -376,9 +378,10 @@ def test_demo_runs_from_its_module_when_the_entry_point_is_not_installed(monkeyp
 @pytest.mark.parametrize("argv", [["demo"], ["demo", "--help"], ["demo", "--output", "x"]])
 def test_a_missing_demo_is_one_line(monkeypatch, capsys, argv):
     import mechir.cli as cli
+    import mechir.cli_plugins as plugins
 
-    monkeypatch.setattr(cli, "_entry_points", lambda: {})
-    monkeypatch.setitem(cli.KNOWN_COMMANDS, "demo", "no_such_package.demo:COMMAND")
+    monkeypatch.setattr(plugins, "_entry_points", lambda: {})
+    monkeypatch.setitem(plugins.KNOWN_COMMANDS, "demo", "no_such_package.demo:COMMAND")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [
@@ -392,10 +395,11 @@ def test_a_missing_demo_is_one_line(monkeypatch, capsys, argv):
 
 def test_a_broken_entry_point_does_not_break_the_other_commands(monkeypatch, capsys):
     import mechir.cli as cli
+    import mechir.cli_plugins as plugins
 
-    monkeypatch.setattr(cli, "_entry_points", lambda: {"bad": "tests.test_cli:no_such_object"})
+    monkeypatch.setattr(plugins, "_entry_points", lambda: {"bad": "tests.test_cli:no_such_object"})
     assert cli.main(["bad"]) == 2
-    assert "is not a mechir.cli.Command" in capsys.readouterr().err
+    assert "is not a mechir.cli_plugins.Command" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         cli.main(["score", "--help"])
     assert info.value.code == 0
@@ -482,11 +486,12 @@ def test_builtin_commands_do_not_scan_entry_points(monkeypatch, capsys):
     """``mechir score``/``rerank`` (and their --help and argument errors) skip the scan of the
     installed distributions' entry points; ``mechir --help`` and other commands do it."""
     import mechir.cli as cli
+    import mechir.cli_plugins as plugins
 
     def scan():
         raise AssertionError("entry points scanned")
 
-    monkeypatch.setattr(cli, "_entry_points", scan)
+    monkeypatch.setattr(plugins, "_entry_points", scan)
     with pytest.raises(SystemExit) as info:
         cli.main(["rerank", "--help"])
     assert info.value.code == 0

@@ -439,7 +439,7 @@ def test_max_length_range_is_the_families_before_loading(tmp_path, capsys, monke
     """The cheap --max-length checks use the family read from config.json: RoBERTa/XLM-R lose
     ``pad_token_id + 1`` positions to their offset and need 4 special tokens. The position
     limit agrees with the loaded model's own (``HookedCrossEncoder.max_length``)."""
-    from mechir.cli import resolve_max_length
+    from mechir.cli_common import resolve_max_length
     from mechir.loading import load_cross_encoder
     from tests.families.builders import save_tiny_family
 

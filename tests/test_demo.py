@@ -26,7 +26,8 @@ from mechir.demo import (
     is_demo,
     resolve_model,
 )
-from mechir.fingerprint import files_fingerprint, tensors_fingerprint, weights_fingerprint
+from mechir.fingerprint import files_fingerprint, tensors_fingerprint
+from mechir.model_files import weights_fingerprint
 from tests.helpers import SHARED_MODEL, requires_shared
 
 REFERENCE_NDCG = 0.7684  # ../shared/README.md: the float32 model, plain Hugging Face

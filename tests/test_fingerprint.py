@@ -11,8 +11,8 @@ from mechir.fingerprint import (
     files_fingerprint,
     state_dict_fingerprint,
     weight_files,
-    weights_fingerprint,
 )
+from mechir.model_files import weights_fingerprint
 from tests.helpers import tiny_hf_model
 
 

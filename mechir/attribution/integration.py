@@ -25,16 +25,12 @@ inequalities), so its cells contain their nodes too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-IntegrationMethod = Literal[
-    "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre"
-]
 METHODS: tuple[str, ...] = (
     "riemann_left",
     "riemann_right",

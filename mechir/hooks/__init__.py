@@ -22,10 +22,10 @@ from mechir.hooks.attention import (
 from mechir.hooks.heads import head_knockout_hooks, head_output_means, head_scaling_hooks
 from mechir.hooks.means import activation_means
 from mechir.hooks.neurons import neuron_ablation_hooks, neuron_means
-from mechir.hooks.patch import ActivationSource, activation_source, patch_hooks
+from mechir.hooks.patch import ActivationSource, activation_source, patch_hooks, tower_source
 from mechir.hooks.qk import qk_subspace_ablation_hooks, qk_subspace_projections
 from mechir.hooks.site import MODES, SITES, Action, Site, get_site, site_hooks
-from mechir.hooks.towers import in_tower, output_patch_hooks, tower_source
+from mechir.hooks.towers import in_tower, output_patch_hooks
 from mechir.running import Hooks, per_forward, running_batch
 
 __all__ = [

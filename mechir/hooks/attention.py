@@ -136,11 +136,9 @@ def _parse_directions(
 
 
 def _check_cross_attention(model: HookedReranker) -> None:
-    family = getattr(model, "family", None)
-    if getattr(family, "kind", None) != "encoder-decoder":
-        name = getattr(family, "name", type(model).__name__)
+    if not model.abilities.cross_attention:
         raise ValueError(
-            f"attending='decoder': {name} has no decoder reading its input through "
+            f"attending='decoder': {model.family.name} has no decoder reading its input through "
             "cross-attention (only encoder-decoder rerankers such as MonoT5 do)"
         )
 
@@ -148,14 +146,11 @@ def _check_cross_attention(model: HookedReranker) -> None:
 def _refuse_impossible(
     model: HookedReranker, pairs: Sequence[tuple[tuple[Part, ...], tuple[Part, ...]]]
 ) -> None:
-    """A causal model (an LLM reranker: ``model.impossible_direction``) refuses a direction
-    whose attention cannot exist (its tokens never attend to those of the attended parts), so
-    that asking for it is an error, not a silent no-op."""
-    impossible = getattr(model, "impossible_direction", None)
-    if impossible is None:
-        return
+    """A model refuses a direction whose attention cannot exist (``model.impossible_direction``:
+    in a causal LLM reranker earlier parts never attend to later ones), so that asking for it is
+    an error, not a silent no-op."""
     for attending, attended in pairs:
-        why = impossible(attending, attended)
+        why = model.impossible_direction(attending, attended)
         if why is not None:
             raise ValueError(why)
 

@@ -196,3 +196,21 @@ def patch_hooks(
         model, site, action=action, layers=layers, units=units, parts=parts, positions=positions
     )
     return in_tower(model, hooks, tower)
+
+
+def tower_source(
+    model: HookedReranker, batch: Any, names: Sequence[str], *, tower: str = "document"
+) -> Any:
+    """Run a two-tower model once on ``batch`` (a ``BiEncoderBatch``; no gradients) and keep
+    the activations ``names`` of one tower: a patching source
+    (:class:`ActivationSource`) on that tower's batch, for
+    :func:`mechir.hooks.patch_hooks` with ``tower=`` (e.g. TFC1 patching inside the document
+    tower, the query embedding unchanged)."""
+    acts: dict[str, Any] = {}
+
+    def keep(act: Any, hook: Any) -> None:
+        acts[hook.name] = act.detach()
+
+    with torch.no_grad():
+        model.run_with_hooks(batch, fwd_hooks=in_tower(model, [(n, keep) for n in names], tower))
+    return ActivationSource(batch.tower(tower), acts, model)

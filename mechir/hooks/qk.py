@@ -229,7 +229,7 @@ def qk_subspace_ablation_hooks(
     selected = _per_head(model, heads, directions)
     projections = qk_subspace_projections(model, directions=selected)
     units = list(selected)
-    if model.qk_norm:
+    if model.abilities.qk_norm:
         refuse_shared_heads(model, get_site("k"), units)
         return [
             hook
@@ -299,7 +299,8 @@ def qk_subspace_scores_reference(
     xq = x + torch.linalg.lstsq(W_Q.T, b_Q[:, None]).solution[:, 0]
     xk = x + torch.linalg.lstsq(W_K.T, b_K[:, None]).solution[:, 0]
     attn = model.blocks[layer].attn
-    if model.qk_norm:  # x / r(q) and x / r(k) of the unablated q, k; W D with the norm weights
+    # x / r(q) and x / r(k) of the unablated q, k; W D with the norm weights
+    if model.abilities.qk_norm:
         q_norm, k_norm = attn.q_norm, attn.k_norm
         xq = xq / (xq @ W_Q).pow(2).mean(-1, keepdim=True).add(q_norm.eps).sqrt()
         xk = xk / (xk @ W_K).pow(2).mean(-1, keepdim=True).add(k_norm.eps).sqrt()

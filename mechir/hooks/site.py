@@ -367,9 +367,9 @@ def refuse_shared_heads(model: HookedReranker, site: Site, units: Any) -> None:
     """With grouped-query attention ``hook_k``/``hook_v`` (and their split inputs) have
     ``n_key_value_heads`` heads, each shared by a group of query heads: a query head's key or
     value cannot be changed alone, so selecting heads there is refused (every head is fine)."""
-    n_kv = getattr(model.cfg, "n_key_value_heads", None)
-    if units is None or site.name not in KV_SITES or n_kv is None or n_kv == model.cfg.n_heads:
+    if units is None or site.name not in KV_SITES or not model.abilities.grouped_kv:
         return
+    n_kv = model.cfg.n_key_value_heads
     raise ValueError(
         f"site {site.name!r} has {n_kv} key/value heads shared by {model.cfg.n_heads} query heads "
         "(grouped-query attention): a query head's keys and values cannot be changed alone; "

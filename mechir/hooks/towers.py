@@ -11,7 +11,6 @@ are and a single tower is refused in one line.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from jaxtyping import Bool
@@ -68,26 +67,6 @@ def refuse_two_towers(model: HookedReranker, what: str) -> None:
         )
 
 
-def tower_source(
-    model: HookedReranker, batch: Any, names: Sequence[str], *, tower: str = "document"
-) -> Any:
-    """Run a two-tower model once on ``batch`` (a ``BiEncoderBatch``; no gradients) and keep
-    the activations ``names`` of one tower: a patching source
-    (:class:`mechir.hooks.patch.ActivationSource`) on that tower's batch, for
-    :func:`mechir.hooks.patch_hooks` with ``tower=`` (e.g. TFC1 patching inside the document
-    tower, the query embedding unchanged)."""
-    from mechir.hooks.patch import ActivationSource
-
-    acts: dict[str, Any] = {}
-
-    def keep(act: Any, hook: Any) -> None:
-        acts[hook.name] = act.detach()
-
-    with torch.no_grad():
-        model.run_with_hooks(batch, fwd_hooks=in_tower(model, [(n, keep) for n in names], tower))
-    return ActivationSource(batch.tower(tower), acts, model)
-
-
 def output_patch_hooks(
     model: HookedReranker,
     source: Any,
@@ -132,5 +111,4 @@ __all__ = [
     "TowerSelection",
     "in_tower",
     "output_patch_hooks",
-    "tower_source",
 ]

@@ -5,13 +5,19 @@ module                 what it holds
 =====================  =====================================================================
 ``registry``           :class:`Family`, :data:`FAMILIES` (one entry per family), lookup
 ``hooked``             what every hooked reranker shares (running batch, scoped hooks, score)
-``encoder``            :class:`HookedCrossEncoder`, BERT blocks and heads, ``EncoderSpec``
+``encoder``            :class:`HookedCrossEncoder`, BERT blocks and heads, HF conversion
+``spec``               ``EncoderShape``, ``EncoderSpec``: what an encoder family declares
+``scores``             ``ScoreType``: the score types every family offers
 ``bert``, ``electra``,  one encoder family each (``roberta`` also loads XLM-RoBERTa,
 ``roberta``,            ``deberta`` DeBERTa-v2/v3 and DeBERTa v1)
 ``distilbert``,
 ``modernbert``,
 ``deberta``
 ``tl``                 everything taken from TransformerLens
+``prompt``             what every prompt-based reranker shares: the part rule, pair checks, padding
+``t5``                 MonoT5 (``t5_blocks``: its architecture; ``t5_prompt``; ``t5_weights``)
+``decoder``            decoder LLM rerankers (``decoder_config``, ``decoder_prompt``,
+                       ``decoder_weights``)
 =====================  =====================================================================
 
 A new family is one file here (defining ``load(family, source, tokenizer, options)``) plus one
@@ -34,10 +40,10 @@ _LAZY: dict[str, str] = {
     "family_of": "mechir.models.registry",
     "HookedRerankerMixin": "mechir.models.hooked",
     "HooksArg": "mechir.models.hooked",
-    "EncoderShape": "mechir.models.encoder",
-    "EncoderSpec": "mechir.models.encoder",
+    "EncoderShape": "mechir.models.spec",
+    "EncoderSpec": "mechir.models.spec",
     "HookedCrossEncoder": "mechir.models.encoder",
-    "ScoreType": "mechir.models.encoder",
+    "ScoreType": "mechir.models.scores",
     "hooked_config_from_hf": "mechir.models.encoder",
     "hooked_config_from_shape": "mechir.models.encoder",
     "hooked_cross_encoder_from_hf": "mechir.models.encoder",
@@ -72,10 +78,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from mechir.models.encoder import (
-        EncoderShape,
-        EncoderSpec,
         HookedCrossEncoder,
-        ScoreType,
         hooked_config_from_hf,
         hooked_config_from_shape,
         hooked_cross_encoder_from_hf,
@@ -91,6 +94,8 @@ if TYPE_CHECKING:  # pragma: no cover
         family_for_config,
         family_of,
     )
+    from mechir.models.scores import ScoreType
+    from mechir.models.spec import EncoderShape, EncoderSpec
     from mechir.running import HookFn, Hooks, running_batch
 
 

@@ -548,11 +548,13 @@ def read_sentence_transformer(directory: Path) -> SentenceTransformerSettings:
     )
 
 
-def _from_sentence_transformer(model: Any) -> tuple[Any, Any, SentenceTransformerSettings]:
+def _from_sentence_transformer(
+    sentence_transformer: Any,
+) -> tuple[Any, Any, SentenceTransformerSettings]:
     """(inner transformers model, tokenizer, settings) of an in-memory SentenceTransformer."""
     from sentence_transformers.models import Normalize, Pooling, Transformer
 
-    modules = list(model)
+    modules = list(sentence_transformer)
     pooling, include, normalize = None, True, False
     for module in modules:
         if isinstance(module, Pooling):
@@ -565,8 +567,8 @@ def _from_sentence_transformer(model: Any) -> tuple[Any, Any, SentenceTransforme
                 "reproduces Transformer, Pooling and Normalize)"
             )
     first = modules[0]
-    prompts = getattr(model, "prompts", None) or {}
-    sim = getattr(model, "similarity_fn_name", None) or "cosine"
+    prompts = getattr(sentence_transformer, "prompts", None) or {}
+    sim = getattr(sentence_transformer, "similarity_fn_name", None) or "cosine"
     settings = SentenceTransformerSettings(
         pooling=pooling,
         normalize=normalize,

@@ -4,7 +4,8 @@ decoders (RankLLaMA), for the Qwen2/2.5, Qwen3, Llama and Mistral architectures.
 
 The input is a prompt: a template with ``{query}``, ``{document}`` and optionally
 ``{instruction}`` (and ``{bos}``/``{eos}``, the tokenizer's own tokens), rendered and tokenized as
-one string. Every token gets a :class:`~mechir.parts.Part` from the character span it covers:
+one string. Every token gets a :class:`~mechir.parts.Part` from the character span it covers
+(:func:`mechir.models.prompt.token_parts`, the rule of every prompt-based reranker):
 ``QUERY``, ``DOCUMENT``, ``INSTRUCTION``, and for the template's own text, by position,
 ``CLS`` ("prefix", before the query), ``SEP1`` ("middle", between query and document) and
 ``SEP2`` ("suffix", after the document). A document too long for ``max_length`` is cut at a token
@@ -44,13 +45,9 @@ The computation, with the hook point of every step (TransformerLens's names)::
 from __future__ import annotations
 
 import functools
-import json
 import os
-import re
-import string
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,16 +56,23 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.interface import Abilities
 from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
-from mechir.models.encoder import (
-    DEFAULT_SCORE_TYPE,
-    SCORE_TYPES,
-    CrossEncoderClassifier,
-    HookedCrossEncoder,
-    ScoreType,
+from mechir.models.decoder_config import dimensions, hooked_config_from_hf
+from mechir.models.decoder_prompt import (
+    DEFAULT_ANSWERS,
+    DEFAULT_INSTRUCTION,
+    QWEN3_RERANKER_TEMPLATE,
+    RANKLLAMA_TEMPLATE,
+    DecoderPrompt,
+    encode_prompts,
 )
+from mechir.models.decoder_weights import _Checkpoint, _checkpoint_files, _hf_tensors, _load_weights
+from mechir.models.encoder import CrossEncoderClassifier, HookedCrossEncoder
 from mechir.models.hooked import HookedRerankerMixin
+from mechir.models.prompt import pad_token_id
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
+from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
 from mechir.models.tl import (
     Attention,
     Embed,
@@ -76,12 +80,14 @@ from mechir.models.tl import (
     HookedTransformer,
     HookedTransformerConfig,
     HookPoint,
+    attention_direction,
+    causal_mask,
+    tl_attention_forward,
 )
 from mechir.parts import (
     CrossEncoderBatch,
     Part,
     check_max_length,
-    padded_batch,
     parse_parts,
     prompt_batch_from_tokens,
 )
@@ -99,374 +105,7 @@ __all__ = [
     "load",
 ]
 
-#: Qwen3-Reranker's prompt (system prompt, instruction, query, document, and the assistant turn
-#: with the empty think block), as its model card builds it.
-QWEN3_RERANKER_TEMPLATE = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
-    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
-    "<|im_start|>user\n<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
-    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-)
-#: Qwen3-Reranker's default instruction.
-DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-#: The default prompt of ``*ForSequenceClassification`` decoders (RankLLaMA's input format).
-RANKLLAMA_TEMPLATE = "{bos}query: {query} document: {document}{eos}"
-#: The default answers of yes/no rerankers: (relevant, non-relevant).
-DEFAULT_ANSWERS = ("yes", "no")
-
-#: Hugging Face ``model_type`` -> what the family's config needs (checked in the config).
-_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
-_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
-_FIELDS = ("query", "document", "instruction", "bos", "eos")
 Kind = Literal["yes_no", "classifier"]
-
-
-# ====================================================================== prompts
-@dataclass(frozen=True)
-class DecoderPrompt:
-    """A decoder reranker's prompt: the template and what fills it.
-
-    Attributes:
-        template: text with ``{query}`` and ``{document}`` (once each, the query first) and
-            optionally ``{instruction}``, ``{bos}`` and ``{eos}`` (the tokenizer's BOS/EOS
-            tokens; ``{{``/``}}`` are literal braces). Special tokens written in the text
-            (``<|im_start|>``) are read as the tokenizer's special tokens.
-        instruction: what fills ``{instruction}`` (None: the template has none).
-        answer_tokens: ``(relevant, non-relevant)`` answers of a yes/no reranker (None for a
-            classifier).
-    """
-
-    template: str
-    instruction: str | None = None
-    answer_tokens: tuple[str, str] | None = None
-
-    def __post_init__(self) -> None:
-        fields = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
-        unknown = [f for f in fields if f not in _FIELDS]
-        if unknown:
-            raise ValueError(
-                f"template field {{{unknown[0]}}} is unknown: a template may hold {{query}}, "
-                "{document}, {instruction}, {bos} and {eos} (write {{ and }} for braces)"
-            )
-        for name in ("query", "document"):
-            if fields.count(name) != 1:
-                raise ValueError(
-                    f"the template must hold {{{name}}} exactly once, it holds it "
-                    f"{fields.count(name)} times"
-                )
-        if fields.index("query") > fields.index("document"):
-            raise ValueError("the template must put {query} before {document}")
-        if fields.count("instruction") > 1:
-            raise ValueError("the template may hold {instruction} at most once")
-        if "instruction" in fields and self.instruction is None:
-            raise ValueError("the template holds {instruction}: give the instruction")
-        if "instruction" not in fields and self.instruction:
-            raise ValueError(
-                "an instruction was given but the template has no {instruction} field: add it "
-                "to the template or drop the instruction"
-            )
-
-    @property
-    def has_instruction(self) -> bool:
-        return any(f == "instruction" for _, f, _, _ in string.Formatter().parse(self.template))
-
-    def segments(self) -> list[Part]:
-        """The parts of the prompt in reading order, one per literal text or field
-        (``[CLS, INSTRUCTION, CLS, QUERY, SEP1, DOCUMENT, SEP2]`` for Qwen3-Reranker)."""
-        out: list[Part] = []
-        seen = Part.CLS
-        for literal, name, _, _ in string.Formatter().parse(self.template):
-            if literal:
-                out.append(seen)
-            if name == "query":
-                out.append(Part.QUERY)
-                seen = Part.SEP1
-            elif name == "document":
-                out.append(Part.DOCUMENT)
-                seen = Part.SEP2
-            elif name == "instruction" and self.instruction:
-                out.append(Part.INSTRUCTION)
-            elif name in ("bos", "eos"):
-                out.append(seen)
-        return out
-
-    def pieces(self, tokenizer: Any) -> tuple[list[tuple[str, Part]], dict[str, str]]:
-        """The prompt's text without the query and the document, in reading order, as
-        ``(text, part)`` pieces with a ``("", QUERY)`` / ``("", DOCUMENT)`` marker where each
-        goes, and the whitespace that joins each to the text before it (``" "`` when that text
-        ends with a space, which then belongs to the field: byte-level BPE tokenizers read
-        ``": what"`` as ``":"``, ``" what"``)."""
-        values = {
-            "instruction": self.instruction or "",
-            "bos": getattr(tokenizer, "bos_token", None) or "",
-            "eos": getattr(tokenizer, "eos_token", None) or "",
-        }
-        out: list[tuple[str, Part]] = []
-        space = {"query": "", "document": ""}
-        seen = Part.CLS
-        for literal, name, _, _ in string.Formatter().parse(self.template):
-            if name in space and literal.endswith(" "):
-                literal, space[name] = literal[:-1], " "
-            if literal:
-                out.append((literal, seen))
-            if name == "query":
-                out.append(("", Part.QUERY))
-                seen = Part.SEP1
-            elif name == "document":
-                out.append(("", Part.DOCUMENT))
-                seen = Part.SEP2
-            elif name == "instruction" and self.instruction:
-                out.append((values[name], Part.INSTRUCTION))
-            elif name in ("bos", "eos") and values[name]:
-                out.append((values[name], seen))
-        return out, space
-
-    def render(
-        self, query: str, document: str, tokenizer: Any
-    ) -> tuple[str, dict[str, tuple[int, int]]]:
-        """The prompt text and the character span of each field in it."""
-        text, spans = [], {}
-        at = 0
-        values = {
-            "query": query,
-            "document": document,
-            "instruction": self.instruction or "",
-            "bos": getattr(tokenizer, "bos_token", None) or "",
-            "eos": getattr(tokenizer, "eos_token", None) or "",
-        }
-        for literal, name, _, _ in string.Formatter().parse(self.template):
-            text.append(literal)
-            at += len(literal)
-            if name is not None:
-                value = values[name]
-                spans[name] = (at, at + len(value))
-                text.append(value)
-                at += len(value)
-        return "".join(text), spans
-
-
-def _token_parts(
-    offsets: Sequence[tuple[int, int]], spans: dict[str, tuple[int, int]]
-) -> list[int]:
-    """The part of every token from its character span: a token overlapping the document, the
-    query or the instruction (in that order) belongs to it; other (template) tokens are
-    prefix (before the query), middle (before the document) or suffix (after it)."""
-    q0, d0 = spans["query"][0], spans["document"][0]
-    fields = [(Part.DOCUMENT, spans["document"]), (Part.QUERY, spans["query"])]
-    if "instruction" in spans and spans["instruction"][1] > spans["instruction"][0]:
-        fields.append((Part.INSTRUCTION, spans["instruction"]))
-    out = []
-    for start, end in offsets:
-        part = next((p for p, (a, b) in fields if start < b and end > a and end > start), None)
-        if part is None:
-            part = Part.CLS if start < q0 else Part.SEP1 if start < d0 else Part.SEP2
-        out.append(int(part))
-    return out
-
-
-def encode_prompts(
-    tokenizer: Any,
-    prompt: DecoderPrompt,
-    queries: str | Sequence[str],
-    documents: str | Sequence[str],
-    *,
-    max_length: int,
-    padding_side: Literal["right", "left"] = "right",
-) -> CrossEncoderBatch:
-    """Render and tokenize (query, document) pairs into a :class:`CrossEncoderBatch`.
-
-    Each prompt is tokenized as one string (without added special tokens: the template writes
-    them), so the tokens are exactly those of ``tokenizer(prompt_text)``; the part of each token
-    is read from its character offsets (:func:`_token_parts`). A prompt longer than
-    ``max_length`` has its document cut after the last token that fits, and is re-tokenized.
-
-    Raises:
-        ValueError: no pairs, lists of different lengths, an empty query/document, a tokenizer
-            without offsets (not a fast tokenizer), or a prompt that leaves no room for one
-            document token (the message names the pair).
-    """
-    queries = [queries] if isinstance(queries, str) else list(queries)
-    documents = [documents] if isinstance(documents, str) else list(documents)
-    if len(queries) != len(documents):
-        raise ValueError(
-            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
-            "query (repeat the query for several documents)"
-        )
-    if not queries:
-        raise ValueError("empty batch: pass at least one (query, document) pair")
-    check_max_length(max_length)
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"{type(tokenizer).__name__} gives no character offsets: decoder rerankers need a "
-            "fast tokenizer (tokenizer.json)"
-        )
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        for what, text in (("query", q), ("document", d)):
-            if not isinstance(text, str):
-                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
-            if not text.strip():
-                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
-    rows = []
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        rows.append(_encode_one(tokenizer, prompt, q, d, max_length, i))
-    return padded_batch(rows, pad_token_id=_pad_id(tokenizer), padding_side=padding_side)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pad is not None:
-            return int(pad)
-    return 0
-
-
-def _encode_one(
-    tokenizer: Any, prompt: DecoderPrompt, query: str, document: str, max_length: int, i: int
-) -> tuple[list[int], list[int]]:
-    while True:
-        text, spans = prompt.render(query, document, tokenizer)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        parts = _token_parts(offsets, spans)
-        if len(ids) <= max_length:
-            return ids, parts
-        doc = [k for k, p in enumerate(parts) if p == int(Part.DOCUMENT)]
-        keep = len(doc) - (len(ids) - max_length)
-        if keep < 1:
-            raise ValueError(
-                f"pair {i}: the prompt without its document has {len(ids) - len(doc)} tokens, "
-                f"which leaves no room for the document within max_length={max_length}: raise "
-                "max_length or shorten the query (or the template)"
-            )
-        cut = offsets[doc[keep - 1]][1] - spans["document"][0]
-        if cut >= len(document):  # a token reaching past the document: drop one more
-            cut = offsets[doc[max(keep - 2, 0)]][1] - spans["document"][0]
-        if cut <= 0 or cut >= len(document):
-            raise ValueError(
-                f"pair {i}: cannot cut the document to fit max_length={max_length}: raise "
-                "max_length"
-            )
-        document = document[:cut]
-
-
-# ====================================================================== configs
-def _rope(hf: Any) -> dict[str, Any]:
-    """TransformerLens's rotary settings of a Hugging Face config (default and Llama-3 scaling;
-    others are refused)."""
-    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(hf, "rope_theta", None)) or 10000.0
-    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    out: dict[str, Any] = {"rotary_base": float(theta)}
-    if rope_type == "llama3":
-        out |= {
-            "use_NTK_by_parts_rope": True,
-            "NTK_original_ctx_len": params["original_max_position_embeddings"],
-            "NTK_by_parts_low_freq_factor": params.get("low_freq_factor", 1.0),
-            "NTK_by_parts_high_freq_factor": params.get("high_freq_factor", 4.0),
-            "NTK_by_parts_factor": params.get("factor", 8.0),
-        }
-    elif rope_type != "default":
-        raise UnsupportedModelError(
-            f"rope_type {rope_type!r} is not supported for decoder rerankers (default and "
-            "llama3 only)"
-        )
-    return out
-
-
-def _sliding_window(hf: Any) -> int | None:
-    """The attention window, when the config really uses one (Mistral v0.1; Qwen with
-    ``use_sliding_window``); None: full causal attention."""
-    window = getattr(hf, "sliding_window", None)
-    if hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
-        return None
-    types = getattr(hf, "layer_types", None)
-    if types and any(t != "full_attention" for t in types) and hf.model_type != "mistral":
-        raise UnsupportedModelError(
-            f"layer types {sorted(set(types))} are not supported (full attention in every layer)"
-        )
-    return window if window else None
-
-
-def hooked_config_from_hf(
-    hf: Any,
-    *,
-    architecture: str,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> HookedTransformerConfig:
-    """TransformerLens config of a Qwen2/Qwen3/Llama/Mistral Hugging Face config, built as
-    TransformerLens's ``loading_from_pretrained`` maps these architectures (no weight folding).
-
-    Raises:
-        UnsupportedModelError: a setting mechir cannot reproduce exactly (MLP biases, attention
-            biases with QK-norm, rope scaling other than Llama-3's, mixed layer types).
-    """
-    if hf.model_type not in _MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model_type {hf.model_type!r} is not a decoder family mechir loads "
-            f"({', '.join(_MODEL_TYPES)})"
-        )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    n_heads = hf.num_attention_heads
-    d_head = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
-    n_kv = getattr(hf, "num_key_value_heads", None) or n_heads
-    if getattr(hf, "mlp_bias", False):
-        raise UnsupportedModelError(
-            "mlp_bias=True is not supported: TransformerLens's gated MLP has no gate/up biases"
-        )
-    qk_norm = hf.model_type == "qwen3"
-    if qk_norm and getattr(hf, "attention_bias", False):
-        raise UnsupportedModelError(
-            "attention_bias=True with Qwen3's QK-norm is not supported (no released checkpoint "
-            "has it)"
-        )
-    if hf.hidden_act not in _ACTIVATIONS:
-        raise UnsupportedModelError(
-            f"hidden_act {hf.hidden_act!r} is not supported: one of {_ACTIVATIONS}"
-        )
-    window = _sliding_window(hf)
-    arch = re.sub(r"ForSequenceClassification$", "ForCausalLM", architecture)
-    return HookedTransformerConfig(
-        d_model=hf.hidden_size,
-        d_head=d_head,
-        n_heads=n_heads,
-        n_key_value_heads=n_kv if n_kv != n_heads else None,
-        d_mlp=hf.intermediate_size,
-        n_layers=hf.num_hidden_layers,
-        n_ctx=hf.max_position_embeddings,
-        eps=hf.rms_norm_eps,
-        d_vocab=hf.vocab_size,
-        act_fn=hf.hidden_act,
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=d_head,
-        rotary_adjacent_pairs=False,
-        final_rms=True,
-        gated_mlp=True,
-        use_qk_norm=qk_norm,
-        attention_dir="causal",
-        use_local_attn=window is not None,
-        window_size=window,
-        attn_types=["local"] * hf.num_hidden_layers if window is not None else None,
-        original_architecture=arch,
-        init_weights=False,
-        default_prepend_bos=False,
-        device=str(device),
-        dtype=dtype,
-        **_rope(hf),
-    )
-
-
-def dimensions(config: Any) -> dict[str, int]:
-    """``n_layers``, ``n_heads`` (query heads), ``d_model``, ``d_mlp`` of a Hugging Face config."""
-    return {
-        "n_layers": config.num_hidden_layers,
-        "n_heads": config.num_attention_heads,
-        "d_model": config.hidden_size,
-        "d_mlp": config.intermediate_size,
-    }
 
 
 # ====================================================================== the model
@@ -540,8 +179,6 @@ class LastTokenPooler(nn.Module):
         return self.hook_pooler_out(resid[torch.arange(len(resid), device=resid.device), last])
 
 
-#: TransformerLens's attention forward (``Attention`` and ``GroupedQueryAttention`` share it).
-_TL_ATTENTION_FORWARD = Attention.forward
 #: OLMo's QK norm runs inside TransformerLens's own forward only.
 _TL_ONLY_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -551,7 +188,7 @@ def _lean(self: Any) -> bool:
     c = self.cfg
     return (
         c.positional_embedding_type == "rotary"
-        and (self._attention_dir_override or c.attention_dir) == "causal"
+        and attention_direction(self) == "causal"
         and not (c.use_attn_result or c.load_in_4bit or c.use_logn_attn)
         and not c.use_attention_sinks
         and c.clip_qkv is None
@@ -586,7 +223,7 @@ def _lean_forward(
         or position_bias is not None
         or not _lean(self)
     ):
-        return _TL_ATTENTION_FORWARD(
+        return tl_attention_forward(
             self, query_input, key_input, value_input, past_kv_cache_entry,
             additive_attention_mask, attention_mask, position_bias,
         )  # fmt: skip
@@ -604,9 +241,7 @@ def _lean_forward(
         return attend_fused(
             self, q, k, v, None, scale=1 / self.attn_scale, empty_rows=False, is_causal=True
         )
-    keep = self._make_causal_mask(
-        query_ctx_length=n_query, key_ctx_length=n_key, past_kv_pos_offset=0, device=q.device
-    )
+    keep = causal_mask(self, n_query, n_key, q.device)
     if attention_mask is not None:
         keep = keep & attention_mask[:, None, None, :].bool()
     if fused:
@@ -718,7 +353,6 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         for layer, block in enumerate(self.blocks):
             if type(block.attn) in (Attention, GroupedQueryAttention):
                 block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
-        self.qk_norm = bool(cfg.use_qk_norm)  # Qwen3
         for block in self.blocks:  # AtP* and the QK references rotate q and k themselves
             block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
         self.setup()
@@ -729,9 +363,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
 
     @score_type.setter
     def score_type(self, value: ScoreType) -> None:
-        if value not in SCORE_TYPES:
-            raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
-        self._score_type = value
+        self._score_type = check_score_type(value)
 
     # ------------------------------------------------------------------ forward
     def forward(  # type: ignore[override]
@@ -854,6 +486,20 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         return FactoredMatrix(W_Q, W_K.transpose(-2, -1))
 
     # ------------------------------------------------------------------ parts
+    @property
+    def abilities(self) -> Abilities:
+        """A decoder's: causal, pre-norm, a prompt; QK-norm and grouped k/v as its config says."""
+        n_kv = self.cfg.n_key_value_heads
+        return Abilities(
+            causal=True,
+            post_ln=False,
+            qk_norm=bool(self.cfg.use_qk_norm),
+            grouped_kv=n_kv is not None and n_kv < self.cfg.n_heads,
+            cross_attention=False,
+            prompt=True,
+            edges=self.family.edge_circuits,
+        )
+
     def impossible_direction(
         self, attending: Sequence[Part | str | int], attended: Sequence[Part | str | int]
     ) -> str | None:
@@ -959,7 +605,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         return prompt_batch_from_tokens(
             self.template_tokens(), query_ids, document_ids,
             max_length=self.max_length if max_length is None else max_length,
-            pad_token_id=_pad_id(self.tokenizer), padding_side=self.padding_side,
+            pad_token_id=pad_token_id(self.tokenizer), padding_side=self.padding_side,
         )  # fmt: skip
 
     @property
@@ -973,240 +619,6 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
 
     def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
         return super().to(device_or_dtype, print_details=print_details)
-
-
-# ====================================================================== weights
-_LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
-#: Hugging Face tensors that hold no weight of the model (buffers of old checkpoints).
-_IGNORED = ("rotary_emb.inv_freq",)
-
-
-def _checkpoint_files(directory: Path) -> list[Path]:
-    """The weight files of a model directory (safetensors preferred, sharded or not)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    if (directory / "model.safetensors").is_file():
-        return [directory / "model.safetensors"]
-    index = directory / "pytorch_model.bin.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / n for n in names]
-    if (directory / "pytorch_model.bin").is_file():
-        return [directory / "pytorch_model.bin"]
-    raise ValueError(f"{directory}: no weights (model.safetensors or pytorch_model.bin)")
-
-
-class _Checkpoint:
-    """The tensors of a checkpoint, read one at a time (safetensors: the file is opened for each
-    tensor, so at most one tensor's pages are mapped at once; ``.bin``: memory-mapped)."""
-
-    def __init__(self, files: list[Path]):
-        self.where: dict[str, Path] = {}
-        self._bins: dict[Path, dict[str, Tensor]] = {}
-        for file in files:
-            for name in self._keys(file):
-                self.where[name] = file
-
-    def _keys(self, file: Path) -> list[str]:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                return list(f.keys())
-        self._bins[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return list(self._bins[file])
-
-    def get(self, name: str, rows: Sequence[int] | None = None) -> Tensor:
-        """Tensor ``name`` (only ``rows`` of it, when given)."""
-        file = self.where[name]
-        if file in self._bins:
-            t = self._bins[file][name]
-            return t[list(rows)].clone() if rows is not None else t
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            if rows is None:
-                return f.get_tensor(name)
-            sl = f.get_slice(name)
-            return torch.cat([sl[r : r + 1] for r in rows])
-
-
-def _hf_tensors(model: Any) -> Any:
-    """An in-memory Hugging Face model's tensors, with the :class:`_Checkpoint` interface."""
-
-    class _InMemory:
-        def __init__(self) -> None:
-            self.tensors = {k: v.detach() for k, v in model.state_dict().items()}
-            self.where = dict.fromkeys(self.tensors)
-
-        def get(self, name: str, rows: Sequence[int] | None = None) -> Tensor:
-            t = self.tensors[name]
-            return t[list(rows)] if rows is not None else t
-
-    return _InMemory()
-
-
-def _split_heads_in(w: Tensor, n: int) -> Tensor:
-    """``[(n d), m]`` -> ``[n, m, d]``, a view (TransformerLens's W_Q/W_K/W_V)."""
-    return w.view(n, -1, w.shape[-1]).permute(0, 2, 1)
-
-
-def _layer_tensor(
-    model: HookedDecoderReranker, layer: int, rest: str, t: Tensor
-) -> tuple[str, Tensor] | None:
-    """The mechir name and view of one Hugging Face per-layer tensor (None: not a weight)."""
-    cfg = model.cfg
-    n_kv = cfg.n_key_value_heads or cfg.n_heads
-    gqa = "_" if cfg.n_key_value_heads is not None else ""
-    p = f"blocks.{layer}"
-    simple = {
-        "input_layernorm.weight": f"{p}.ln1.w",
-        "post_attention_layernorm.weight": f"{p}.ln2.w",
-        "self_attn.q_norm.weight": f"{p}.attn.q_norm.w",
-        "self_attn.k_norm.weight": f"{p}.attn.k_norm.w",
-        "self_attn.o_proj.bias": f"{p}.attn.b_O",
-    }
-    if rest in simple:
-        return simple[rest], t
-    heads = {"q": ("Q", cfg.n_heads, ""), "k": ("K", n_kv, gqa), "v": ("V", n_kv, gqa)}
-    match = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-    if match:
-        name, n, prefix = heads[match.group(1)]
-        if match.group(2) == "weight":
-            return f"{p}.attn.{prefix}W_{name}", _split_heads_in(t, n)
-        return f"{p}.attn.{prefix}b_{name}", t.view(n, -1)
-    if rest == "self_attn.o_proj.weight":  # [m, (n d)] -> [n, d, m]
-        return f"{p}.attn.W_O", t.view(t.shape[0], cfg.n_heads, -1).permute(1, 2, 0)
-    mlp = {"gate_proj": "W_gate", "up_proj": "W_in", "down_proj": "W_out"}
-    match = re.fullmatch(r"mlp\.(gate_proj|up_proj|down_proj)\.weight", rest)
-    if match:
-        return f"{p}.mlp.{mlp[match.group(1)]}", t.T
-    return None
-
-
-def _set(model: nn.Module, name: str, value: Tensor) -> None:
-    """Put ``value`` as the parameter ``name`` (replacing the meta placeholder)."""
-    *path, leaf = name.split(".")
-    module = model
-    for step in path:
-        module = getattr(module, step)
-    old = getattr(module, leaf, None)
-    if not isinstance(old, nn.Parameter) or tuple(old.shape) != tuple(value.shape):
-        shape = None if old is None else tuple(old.shape)
-        raise ValueError(
-            f"weight {name}: shape {tuple(value.shape)} does not fit the model's {shape}: the "
-            "checkpoint does not match its config.json"
-        )
-    setattr(module, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
-
-
-def _load_weights(
-    model: HookedDecoderReranker,
-    tensors: Any,
-    *,
-    label_ids: tuple[int, int] | None,
-    tied: bool,
-    device: torch.device,
-    dtype: torch.dtype,
-    source: str,
-) -> None:
-    """Stream the checkpoint's tensors into ``model`` (see the module docstring); a yes/no
-    reranker's ``lm_head`` rows ``label_ids`` (non-relevant, relevant: the labels 0 and 1)
-    become its classifier."""
-    names = list(tensors.where)
-    prefix = "model." if any(n.startswith("model.") for n in names) else ""
-    done: set[str] = set()
-    head_rows = None
-
-    def put(name: str, t: Tensor, hf_name: str) -> None:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(
-                f"{source}: weight {hf_name!r} has {bad} non-finite values (NaN/inf) out of "
-                f"{t.numel()}: the checkpoint is corrupted; re-download or re-save it"
-            )
-        _set(model, name, t)
-        done.add(name)
-
-    def convert(t: Tensor) -> Tensor:
-        return t.to(device=device, dtype=dtype)
-
-    for hf_name in names:
-        short = hf_name[len(prefix) :] if hf_name.startswith(prefix) else hf_name
-        if short.endswith(_IGNORED):
-            continue
-        if hf_name == "lm_head.weight":
-            if label_ids is not None:
-                head_rows = convert(tensors.get(hf_name, rows=label_ids))
-            continue
-        if hf_name in ("score.weight", "score.bias"):
-            if label_ids is None:
-                t = convert(tensors.get(hf_name))
-                put("classifier.W" if hf_name.endswith("weight") else "classifier.b",
-                    t.T if hf_name.endswith("weight") else t, hf_name)  # fmt: skip
-            continue
-        if short == "embed_tokens.weight":
-            put("embed.W_E", convert(tensors.get(hf_name)), hf_name)
-            continue
-        if short == "norm.weight":
-            put("ln_final.w", convert(tensors.get(hf_name)), hf_name)
-            continue
-        match = _LAYER.match(short)
-        mapped = None
-        if match and int(match.group(1)) < model.cfg.n_layers:
-            t = convert(tensors.get(hf_name))
-            mapped = _layer_tensor(model, int(match.group(1)), match.group(2), t)
-        if mapped is None:
-            raise ValueError(
-                f"{source}: unexpected weight {hf_name!r} for a {model.cfg.original_architecture} "
-                f"of {model.cfg.n_layers} layers: the checkpoint does not match its config.json"
-            )
-        put(*mapped, hf_name)
-    if label_ids is not None:
-        if head_rows is None:
-            if not tied:
-                raise ValueError(
-                    f"{source}: no lm_head.weight and the embeddings are not tied: the "
-                    "checkpoint has no language-model head"
-                )
-            head_rows = model.embed.W_E.detach()[list(label_ids)].clone()
-        put("classifier.W", head_rows.T.contiguous(), "lm_head.weight")
-        put("classifier.b", torch.zeros(2, device=device, dtype=dtype), "lm_head.weight")
-    _materialize(model, done, device, dtype, source)
-
-
-def _materialize(
-    model: HookedDecoderReranker, loaded: set[str], device: torch.device, dtype: torch.dtype,
-    source: str,
-) -> None:  # fmt: skip
-    """Biases the checkpoint has none of become zeros; buffers are built on ``device``; a weight
-    still missing is an error."""
-    for name, p in list(model.named_parameters()):
-        if name in loaded or not p.is_meta:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf.startswith(("b_", "_b_")) or leaf == "b":
-            _set(model, name, torch.zeros(p.shape, device=device, dtype=dtype))
-        else:
-            raise ValueError(
-                f"{source}: weight {name!r} is missing from the checkpoint: it does not match "
-                "its config.json"
-            )
-    cfg = model.cfg
-    for block in model.blocks:
-        attn = block.attn
-        attn.mask = torch.empty((0, 0), dtype=torch.bool, device=device)
-        attn.IGNORE = torch.tensor(-torch.inf, device=device)
-        size = min(cfg.n_ctx, attn.ROTARY_INITIAL_CACHE_SIZE)
-        sin, cos = attn.calculate_sin_cos_rotary(
-            cfg.rotary_dim, size, base=attn._rotary_base(), dtype=dtype
-        )
-        attn.rotary_sin, attn.rotary_cos = sin.to(device), cos.to(device)
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
-        raise RuntimeError(f"weight conversion left {meta[:3]} unset")
 
 
 # ====================================================================== loading

@@ -1,10 +1,10 @@
 """The hooked cross-encoder: a TransformerLens ``HookedEncoder`` with a hooked relevance head.
 
 What every encoder family shares: the model class :class:`HookedCrossEncoder`, its BERT-block
-body and heads, :class:`EncoderShape` (the family-independent description the model is built
-from) and :class:`EncoderSpec` (what an encoder family's file declares: how its config and state
-dict map onto mechir's, its embedding rule, head activation and pair layout, and, for a body
-TransformerLens's blocks cannot express, its own body builder: ModernBERT). The families
+body and heads, built from an ``EncoderShape`` and the family's ``EncoderSpec``
+(:mod:`mechir.models.spec`: how its config and state dict map onto mechir's, its embedding
+rule, head activation and pair layout, and, for a body TransformerLens's blocks cannot express,
+its own body builder: ModernBERT). The families
 themselves are one file each (:mod:`mechir.models.bert`, ``electra``, ``roberta``, ``distilbert``,
 ``modernbert``).
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -38,9 +37,12 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.interface import Abilities
 from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
 from mechir.models.hooked import HookedRerankerMixin, HooksArg
-from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
+from mechir.models.registry import Family, LoadOptions, UnsupportedModelError, family_of
+from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
+from mechir.models.spec import EncoderShape, EncoderSpec
 from mechir.models.tl import (
     Attention,
     BertBlock,
@@ -52,8 +54,9 @@ from mechir.models.tl import (
     HookPoint,
     LayerNorm,
     TypedModuleList,
+    attention_direction,
 )
-from mechir.parts import CrossEncoderBatch, PairLayout, check_max_length, encode, pair_layout_of
+from mechir.parts import CrossEncoderBatch, check_max_length, encode, pair_layout_of
 from mechir.running import HookFn, Hooks, running_batch
 
 __all__ = [
@@ -67,68 +70,7 @@ __all__ = [
     "running_batch",
 ]
 
-ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "pooled", "resid", None]
-PositionRule = Literal["absolute", "padding_offset", "rotary", "relative"]
-BlockKind = Literal["post_ln", "pre_ln"]
-
-SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
-#: The default score: the log-odds of relevance. For one label it is the logit; for two or more it
-#: is ``z_rel - logsumexp(z_other)`` (``z1 - z0`` for MonoBERT), which ranks exactly like the
-#: softmax probability and, for two labels, is linear in the classifier.
-DEFAULT_SCORE_TYPE: ScoreType = "binary_logit"
-
-
-@dataclass(frozen=True)
-class EncoderShape:
-    """The family-independent description of an encoder (what the hooked model is built from)."""
-
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    n_layers: int
-    n_positions: int  #: rows of the position-embedding table
-    d_vocab: int
-    eps: float
-    act_fn: str
-    n_token_types: int  #: 0 when the family has no token-type embedding
-    d_embed: int  #: embedding width (== d_model unless projected, ELECTRA-small)
-    pad_token_id: int
-    extra: Any = None  #: what a family with its own body adds (ModernBERT: ``ModernShape``)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """What an encoder family's file declares (see the module docstring).
-
-    Attributes:
-        layout: how pairs are joined (``[CLS] q [SEP] d [SEP]`` or RoBERTa's ``</s></s>``).
-        encoder_config: Hugging Face config -> :class:`EncoderShape` (ValueError when a setting
-            is not supported).
-        state_dict: ``(hf_model, n_heads) -> {mechir name: tensor}``.
-        head_keys: Hugging Face state-dict prefixes of the trained head (a checkpoint missing
-            them has no trained head).
-        positions: ``"absolute"``, RoBERTa's ``"padding_offset"``, ``"rotary"`` or DeBERTa's
-            ``"relative"`` (positions enter the attention scores).
-        head_activation: the pooler's activation (``"tanh"``, ``"gelu"``, ``"relu"``).
-        blocks: ``"post_ln"`` (BERT blocks) or ``"pre_ln"``.
-        body: for a body TransformerLens's BERT blocks cannot express, ``body(model, cfg,
-            shape)`` sets ``model.embed``, ``model.blocks``, ``model.ln_final`` and
-            ``model.pooler`` (ModernBERT); None: BERT blocks.
-    """
-
-    layout: PairLayout
-    encoder_config: Callable[[Any], EncoderShape]
-    state_dict: Callable[[Any, int], dict[str, Tensor]]
-    head_keys: tuple[str, ...]
-    positions: PositionRule = "absolute"
-    head_activation: str = "tanh"
-    blocks: BlockKind = "post_ln"
-    body: Callable[[Any, HookedTransformerConfig, EncoderShape], None] | None = None
-
-    def position_offset(self, shape: EncoderShape) -> int:
-        """Row of the position table used by the first token (RoBERTa: ``padding_idx + 1``)."""
-        return shape.pad_token_id + 1 if self.positions == "padding_offset" else 0
 
 
 class HookAwareLayerNorm(LayerNorm):
@@ -165,7 +107,7 @@ class EncoderAttention(Attention):
         c = self.cfg
         return (
             c.positional_embedding_type == "standard"
-            and (self._attention_dir_override or c.attention_dir) == "bidirectional"
+            and attention_direction(self) == "bidirectional"
             and not (c.use_attn_result or c.load_in_4bit or c.use_qk_norm or c.use_logn_attn)
             and not c.use_attention_sinks
             and c.clip_qkv is None
@@ -354,12 +296,13 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
     ):
         # HookedEncoder.__init__ would build the (unused, vocabulary-sized) MLM/NSP heads and warn
         # about its deprecation; we build only what a cross-encoder has.
-        from mechir.models import bert
-
+        if family is None or spec is None:  # built by hand: BERT (its family file, by name)
+            bert = family_of("bert", "BertForSequenceClassification")
+            family, spec = family or bert, spec or bert.implementation().SPEC
         HookedRootModule.__init__(self)
         self.cfg = cfg
-        self.init_reranker(tokenizer, family or bert.FAMILY)
-        self.spec = spec or bert.SPEC
+        self.init_reranker(tokenizer, family)
+        self.spec = spec
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         if num_labels > 1 and not 0 <= relevant_label < num_labels:
@@ -393,9 +336,7 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
 
     @score_type.setter
     def score_type(self, value: ScoreType) -> None:
-        if value not in SCORE_TYPES:
-            raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
-        self._score_type = value
+        self._score_type = check_score_type(value)
 
     # ------------------------------------------------------------------ forward
     def scores_from_logits(
@@ -480,7 +421,19 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
             raise ValueError(f"{what}={layer!r} out of range: the model has {n} layers (0-{n})")
         return layer
 
-    # ------------------------------------------------------------------ hooks
+    @property
+    def abilities(self) -> Abilities:
+        """A cross-encoder's: bidirectional, post-LN or pre-LN as its spec says, no prompt."""
+        return Abilities(
+            causal=False,
+            post_ln=self.spec.blocks == "post_ln",
+            qk_norm=False,
+            grouped_kv=False,
+            cross_attention=False,
+            prompt=False,
+            edges=self.family.edge_circuits,
+        )
+
     # ------------------------------------------------------------------ block-level API
     @staticmethod
     def additive_attention_mask(
@@ -670,7 +623,7 @@ def hooked_config_from_hf(
     )
 
 
-def state_dict_from_hf(hf_model: Any, n_heads: int) -> dict[str, Tensor]:
+def state_dict_from_hf(hf_model: nn.Module, n_heads: int) -> dict[str, Tensor]:
     """Map a supported ``*ForSequenceClassification`` state dict to mechir names."""
     _, spec = encoder_family(hf_model.config, type(hf_model).__name__)
     sd = spec.state_dict(hf_model, n_heads)
@@ -678,7 +631,7 @@ def state_dict_from_hf(hf_model: Any, n_heads: int) -> dict[str, Tensor]:
 
 
 def hooked_cross_encoder_from_hf(
-    hf_model: Any,
+    hf_model: nn.Module,
     tokenizer: Any,
     *,
     device: str | torch.device | None = None,

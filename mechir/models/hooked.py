@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import difflib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,8 +23,8 @@ import torch.nn as nn
 from jaxtyping import Float
 from torch import Tensor
 
-from mechir.models.tl import ActivationCache, HookPoint, LensHandle
-from mechir.parts import CrossEncoderBatch
+from mechir.models.tl import ActivationCache, HookPoint, LensHandle, retype_hook_point
+from mechir.parts import CrossEncoderBatch, Part
 from mechir.running import (
     Frame,
     HookFn,
@@ -138,9 +138,6 @@ class HookedRerankerMixin:
 
     tokenizer: Any
     cfg: Any
-    #: Queries and keys RMS-normalized per head after hook_q / hook_k (QK-norm): a family with
-    #: it declares it (:attr:`mechir.interface.HookedReranker.qk_norm`).
-    qk_norm: bool = False
 
     def init_reranker(self, tokenizer: Any, family: Any) -> None:
         """Call in the constructor, before building modules that read the running batch."""
@@ -156,7 +153,14 @@ class HookedRerankerMixin:
         for point in self.hook_dict.values():
             point.__dict__["_mechir_running"] = self._running_key
             if type(point) is HookPoint:
-                point.__class__ = FrameAwareHookPoint
+                retype_hook_point(point, FrameAwareHookPoint)
+
+    def impossible_direction(
+        self, attending: Sequence[Part | str | int], attended: Sequence[Part | str | int]
+    ) -> str | None:
+        """Why attention from ``attending`` to ``attended`` parts cannot exist, or None: every
+        direction exists unless the family's model says otherwise (causal decoders do)."""
+        return None
 
     # ------------------------------------------------------------------ the running batch
     @property

@@ -43,9 +43,10 @@ so every encoder site and hook factory of :mod:`mechir.hooks` works on the encod
 
 Parts of the encoder input: the template's tokens before the query are ``prefix`` (``CLS``),
 between query and document ``middle`` (``SEP1``), after the document, with the final ``</s>``,
-``suffix`` (``SEP2``). A token belongs to the part holding its last character. Long documents are
-cut (the template's suffix is always kept) and the pair re-tokenized, so ``input_ids`` are always
-the tokenizer's own encoding of a prompt string.
+``suffix`` (``SEP2``), by the one part rule of every prompt-based reranker
+(:func:`mechir.models.prompt.token_parts`: a token overlapping the query or the document belongs
+to it). Long documents are cut (the template's suffix is always kept) and the pair re-tokenized,
+so ``input_ids`` are always the tokenizer's own encoding of a prompt string.
 
 Interventions on the decoder: the sites ``cross_pattern``, ``cross_attn_scores``, ``cross_z``,
 ``decoder_z`` and ``decoder_neuron`` of :mod:`mechir.hooks.site`, and
@@ -55,11 +56,8 @@ of the encoder input through cross-attention).
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,597 +66,57 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.interface import Abilities
 from mechir.models.hooked import HookedRerankerMixin
-from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
+from mechir.models.prompt import pad_token_id
+from mechir.models.registry import Family, LoadOptions
+from mechir.models.scores import ScoreType, check_score_type
+from mechir.models.t5_blocks import (
+    AnswerHead,
+    T5DecoderBlock,
+    T5Embed,
+    T5EncoderBlock,
+    T5Norm,
+    T5Shape,
+    dimensions,
+    hooked_config,
+    t5_shape,
+)
+from mechir.models.t5_prompt import (
+    DEFAULT_ANSWERS,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TEMPLATE,
+    Prompt,
+    encode_prompts,
+)
+from mechir.models.t5_weights import _hf_tensors, _stream_tensors, convert_tensor
 from mechir.models.tl import (
     ActivationCache,
-    Embed,
     FactoredMatrix,
     HookedRootModule,
     HookedTransformerConfig,
     HookPoint,
-    RMSNorm,
-    T5Attention,
     TypedModuleList,
 )
 from mechir.parts import (
     CrossEncoderBatch,
     Part,
     check_max_length,
-    padded_batch,
     prompt_batch_from_tokens,
 )
 
-#: MonoT5's prompt (Nogueira et al. 2020); ``{query}`` and ``{document}`` are filled in.
-DEFAULT_TEMPLATE = "Query: {query} Document: {document} Relevant:"
-#: The relevant and the non-relevant answer: the score is ``logit(true) - logit(false)``.
-DEFAULT_ANSWERS: tuple[str, str] = ("true", "false")
-#: The input length MonoT5 was trained with (T5 has no position table to bound it).
-DEFAULT_MAX_LENGTH = 512
+__all__ = [
+    "DEFAULT_ANSWERS",
+    "DEFAULT_TEMPLATE",
+    "HookedMonoT5",
+    "Prompt",
+    "build_from_tensors",
+    "dimensions",
+    "encode_prompts",
+    "load",
+]
 
-ScoreType = Literal["binary_logit", "logit", "log_prob", "prob"]
 ReturnType = Literal["score", "logits", "vocab_logits", "resid", None]
-SCORE_TYPES: tuple[str, ...] = ("binary_logit", "logit", "log_prob", "prob")
-
-
-def gelu_new(x: Tensor) -> Tensor:
-    """Hugging Face's ``gelu_new`` (T5 v1.1's gated GELU), written as it writes it:
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0))))
-
-
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": nn.functional.relu,
-    "gelu": nn.functional.gelu,
-    "gelu_new": gelu_new,
-    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
-    "silu": nn.functional.silu,
-}
-
-
-# ---------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class T5Shape:
-    """What the hooked MonoT5 is built from (read from a ``T5Config``)."""
-
-    d_model: int
-    n_heads: int
-    d_head: int
-    d_mlp: int
-    n_layers: int
-    d_vocab: int
-    eps: float
-    act_fn: str
-    gated: bool
-    num_buckets: int
-    max_distance: int
-    scale_output: bool  #: multiply the decoder output by ``d_model**-0.5`` (tied, T5 v1.0)
-    decoder_start_token_id: int
-    n_positions: int
-
-
-def t5_shape(config: Any, source: str = "T5Config") -> T5Shape:
-    """The :class:`T5Shape` of a ``T5Config``.
-
-    Raises:
-        UnsupportedModelError: another number of decoder layers than encoder layers, or an FFN
-            activation mechir does not implement.
-    """
-    n_layers = config.num_layers
-    n_decoder = getattr(config, "num_decoder_layers", None) or n_layers
-    if n_decoder != n_layers:
-        raise UnsupportedModelError(
-            f"{source}: {n_decoder} decoder layers for {n_layers} encoder layers; mechir loads "
-            "T5 rerankers whose decoder has as many layers as the encoder (every MonoT5 does)"
-        )
-    proj = str(getattr(config, "feed_forward_proj", "relu"))
-    gated = proj.startswith("gated-")
-    act = getattr(config, "dense_act_fn", None) or proj.split("-")[-1]
-    if gated and proj == "gated-gelu":
-        act = "gelu_new"  # what transformers maps gated-gelu to
-    if act not in _ACTIVATIONS:
-        raise UnsupportedModelError(
-            f"{source}: feed_forward_proj {proj!r} (activation {act!r}) is not supported; mechir "
-            f"loads T5 FFNs with {sorted(_ACTIVATIONS)}, gated or not"
-        )
-    scale = getattr(config, "scale_decoder_outputs", None)
-    if scale is None:
-        scale = getattr(config, "tie_word_embeddings", True) is not False
-    start = getattr(config, "decoder_start_token_id", None)
-    if start is None:
-        start = config.pad_token_id if config.pad_token_id is not None else 0
-    n_positions = getattr(config, "n_positions", None)
-    return T5Shape(
-        d_model=config.d_model,
-        n_heads=config.num_heads,
-        d_head=config.d_kv,
-        d_mlp=config.d_ff,
-        n_layers=n_layers,
-        d_vocab=config.vocab_size,
-        eps=config.layer_norm_epsilon,
-        act_fn=act,
-        gated=gated,
-        num_buckets=config.relative_attention_num_buckets,
-        max_distance=config.relative_attention_max_distance,
-        scale_output=bool(scale),
-        decoder_start_token_id=int(start),
-        n_positions=n_positions if isinstance(n_positions, int) and n_positions > 0 else 0,
-    )
-
-
-def dimensions(config: Any) -> dict[str, int]:
-    """``n_layers``, ``n_heads``, ``d_model``, ``d_mlp`` of a ``T5Config`` (the encoder's; the
-    decoder has the same)."""
-    shape = t5_shape(config)
-    return {
-        "n_layers": shape.n_layers,
-        "n_heads": shape.n_heads,
-        "d_model": shape.d_model,
-        "d_mlp": shape.d_mlp,
-    }
-
-
-def hooked_config(
-    shape: T5Shape, *, n_ctx: int, device: str | torch.device | None, dtype: torch.dtype
-) -> HookedTransformerConfig:
-    """The TransformerLens config of the hooked MonoT5 (``n_layers``: encoder layers)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HookedTransformerConfig(
-        d_model=shape.d_model,
-        d_head=shape.d_head,
-        n_heads=shape.n_heads,
-        d_mlp=shape.d_mlp,
-        n_layers=shape.n_layers,
-        n_ctx=n_ctx,
-        eps=shape.eps,
-        d_vocab=shape.d_vocab,
-        act_fn=shape.act_fn,
-        gated_mlp=shape.gated,
-        normalization_type="RMS",
-        attention_dir="bidirectional",
-        positional_embedding_type="relative_positional_bias",
-        relative_attention_num_buckets=shape.num_buckets,
-        relative_attention_max_distance=shape.max_distance,
-        original_architecture="T5ForConditionalGeneration",
-        device=str(device),
-        dtype=dtype,
-    )
-
-
-# ---------------------------------------------------------------------------- components
-class T5Norm(RMSNorm):
-    """TransformerLens ``RMSNorm`` (same parameter ``w``, same hook points) computing Hugging
-    Face's ``x * rsqrt(mean(x^2) + eps) * w`` (variance in float32) in one pass when neither hook
-    point has a hook, and TransformerLens's step-by-step forward whenever one has."""
-
-    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
-        points = (self.hook_scale, self.hook_normalized)
-        if any(p._forward_hooks or p._backward_hooks or p._backward_pre_hooks for p in points):
-            return super().forward(x)
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        normalized = x * torch.rsqrt(variance + self.eps)
-        return self.w * normalized.to(self.w.dtype)
-
-
-class T5Embed(nn.Module):
-    """The shared token embedding ``W_E`` (``embed.W_E``), hooked at ``hook_embed``; T5 adds no
-    position embedding (positions enter every attention layer as a bias)."""
-
-    def __init__(self, cfg: HookedTransformerConfig):
-        super().__init__()
-        self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()
-        self.position_offset = 0
-
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    def token_states(
-        self, token_ids: Int[Tensor, " n"], *, token_type: int = 0, position: int | None = None
-    ) -> Float[Tensor, "n d_model"]:
-        """What ``hook_full_embed`` holds for these tokens: ``W_E[t]`` at every position."""
-        return self.embed.W_E[token_ids]
-
-    def forward(self, input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.hook_embed(self.embed(input_ids))
-
-
-def relative_position_bucket(
-    relative_position: Int[Tensor, "query key"], *, bidirectional: bool, num_buckets: int,
-    max_distance: int,
-) -> Int[Tensor, "query key"]:  # fmt: skip
-    """T5's bucket of ``key - query`` (Hugging Face's ``T5Attention._relative_position_bucket``,
-    reused from TransformerLens's copy of it): exact buckets for small distances, logarithmic
-    ones up to ``max_distance``; bidirectional (the encoder) halves the buckets by sign, causal
-    (the decoder) maps every later key to bucket 0."""
-    return T5Attention._relative_position_bucket(
-        relative_position,
-        bidirectional=bidirectional,
-        num_buckets=num_buckets,
-        max_distance=max_distance,
-    )
-
-
-def _project(
-    x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "batch pos head d_model"],
-    w: Float[Tensor, "head d_model d_head"],
-) -> Float[Tensor, "batch pos head d_head"]:
-    """``x W`` per head; ``x`` is the residual stream, or one copy of it per head (split
-    q/k/v inputs)."""
-    if x.dim() == 4:
-        return torch.einsum("bphm,hmd->bphd", x, w)
-    h, m, d = w.shape
-    return (x @ w.transpose(0, 1).reshape(m, h * d)).view(*x.shape[:2], h, d)
-
-
-class T5HookedAttention(nn.Module):
-    """T5 attention with TransformerLens's parameter shapes and hook names (see the module
-    docstring): self-attention (optionally owning the relative position bias, layer 0) or
-    cross-attention. ``attn_scale`` is 1: T5 does not scale ``q k^T``."""
-
-    def __init__(
-        self, cfg: HookedTransformerConfig, *, relative_bias: bool, bidirectional: bool = True
-    ):
-        super().__init__()
-        h, m, d = cfg.n_heads, cfg.d_model, cfg.d_head
-        for name in ("Q", "K", "V"):
-            setattr(self, f"W_{name}", nn.Parameter(torch.empty(h, m, d, dtype=cfg.dtype)))
-        self.W_O = nn.Parameter(torch.empty(h, d, m, dtype=cfg.dtype))
-        self.attn_scale = 1.0
-        self.bidirectional = bidirectional
-        if relative_bias:
-            self.num_buckets = cfg.relative_attention_num_buckets
-            self.max_distance = cfg.relative_attention_max_distance
-            self.rel_pos_bias = nn.Embedding(self.num_buckets, h, dtype=cfg.dtype)
-            self.hook_position_bias = HookPoint()
-        for name in ("q", "k", "v", "attn_scores", "pattern", "z"):
-            setattr(self, f"hook_{name}", HookPoint())
-
-    def _zeros(self, *shape: int) -> Tensor:
-        return self.W_Q.new_zeros(shape)
-
-    @property
-    def b_Q(self) -> Float[Tensor, "head d_head"]:
-        """T5 attention has no biases: zeros (for tools reading ``b_Q`` / ``b_K``)."""
-        return self._zeros(*self.W_Q.shape[::2])
-
-    @property
-    def b_K(self) -> Float[Tensor, "head d_head"]:
-        return self._zeros(*self.W_K.shape[::2])
-
-    @property
-    def b_V(self) -> Float[Tensor, "head d_head"]:
-        return self._zeros(*self.W_V.shape[::2])
-
-    @property
-    def b_O(self) -> Float[Tensor, " d_model"]:
-        return self._zeros(self.W_O.shape[-1])
-
-    def position_bias(self, n_query: int, n_key: int) -> Float[Tensor, "1 head query key"]:
-        """The relative position bias ``bias[0, h, i, j] = rel_pos_bias[bucket(j - i), h]``,
-        hooked at ``hook_position_bias``."""
-        device = self.rel_pos_bias.weight.device
-        relative = (
-            torch.arange(n_key, device=device)[None] - torch.arange(n_query, device=device)[:, None]
-        )
-        buckets = relative_position_bucket(
-            relative,
-            bidirectional=self.bidirectional,
-            num_buckets=self.num_buckets,
-            max_distance=self.max_distance,
-        )
-        return self.hook_position_bias(self.rel_pos_bias(buckets).permute(2, 0, 1)[None])
-
-    def forward(
-        self,
-        query_input: Tensor,
-        key_input: Tensor,
-        value_input: Tensor,
-        position_bias: Float[Tensor, "1 head query key"] | None = None,
-        additive_mask: Float[Tensor, "#batch 1 #query key"] | None = None,
-    ) -> Float[Tensor, "rows query d_model"]:
-        """``softmax(q k^T + bias + mask) v W_O`` (inputs ``[batch, pos, d_model]``, or
-        ``[batch, pos, head, d_model]`` with split q/k/v inputs)."""
-        q = self.hook_q(_project(query_input, self.W_Q))
-        k = self.hook_k(_project(key_input, self.W_K))
-        v = self.hook_v(_project(value_input, self.W_V))
-        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)  # [batch, head, query, key]
-        if position_bias is not None:
-            scores = scores + position_bias
-        if additive_mask is not None:
-            scores = scores + additive_mask
-        scores = self.hook_attn_scores(scores)
-        pattern = torch.softmax(scores, dim=-1)
-        pattern = self.hook_pattern(torch.where(pattern.isnan(), 0.0, pattern).to(v.dtype))
-        z = self.hook_z((pattern @ v.transpose(1, 2)).transpose(1, 2))  # [batch, query, head, d]
-        w_o = self.W_O.reshape(-1, self.W_O.shape[-1])
-        return z.reshape(*z.shape[:2], -1) @ w_o
-
-
-class T5MLP(nn.Module):
-    """T5's FFN without biases (see the module docstring for the hook points)."""
-
-    def __init__(self, cfg: HookedTransformerConfig, act: str, gated: bool):
-        super().__init__()
-        m, n = cfg.d_model, cfg.d_mlp
-        self.W_in = nn.Parameter(torch.empty(m, n, dtype=cfg.dtype))
-        if gated:
-            self.W_gate = nn.Parameter(torch.empty(m, n, dtype=cfg.dtype))
-            self.hook_pre_linear = HookPoint()
-        self.W_out = nn.Parameter(torch.empty(n, m, dtype=cfg.dtype))
-        self.gated = gated
-        self.act = _ACTIVATIONS[act]
-        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "rows pos d_model"]:
-        post = self.act(self.hook_pre(x @ self.W_in))
-        if self.gated:
-            post = post * self.hook_pre_linear(x @ self.W_gate)
-        return self.hook_post(post) @ self.W_out
-
-
-class T5EncoderBlock(nn.Module):
-    """A T5 encoder block with BERT's hook names (pre-RMSNorm: the output is
-    ``hook_resid_post``). With ``cfg.use_split_qkv_input`` the attention reads
-    ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` ``[batch, pos, head, d_model]``
-    (copies of ``hook_resid_pre``, each normalized by ``ln1``), as TransformerLens's blocks do.
-    (``rows`` may exceed ``batch``: hooks may add rows inside a block, as NIG does.)"""
-
-    def __init__(self, cfg: HookedTransformerConfig, shape: T5Shape, layer: int):
-        super().__init__()
-        self.cfg = cfg
-        self.ln1, self.ln2 = T5Norm(cfg), T5Norm(cfg)
-        self.attn = T5HookedAttention(cfg, relative_bias=layer == 0)
-        self.mlp = T5MLP(cfg, shape.act_fn, shape.gated)
-        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
-            setattr(self, f"hook_{name}", HookPoint())
-        for name in ("q_input", "k_input", "v_input"):
-            setattr(self, f"hook_{name}", HookPoint())
-
-    def attention_inputs(
-        self, resid: Float[Tensor, "batch pos d_model"]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        if not self.cfg.use_split_qkv_input:
-            x = self.ln1(resid)
-            return x, x, x
-        copies = resid[:, :, None, :].expand(-1, -1, self.cfg.n_heads, -1)
-        return tuple(  # type: ignore[return-value]
-            self.ln1(hook(copies.clone()))
-            for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)
-        )
-
-    def forward(
-        self,
-        resid: Float[Tensor, "batch pos d_model"],
-        additive_mask: Float[Tensor, "#batch 1 1 pos"] | None,
-        position_bias: Float[Tensor, "1 head pos pos"],
-    ) -> Float[Tensor, "rows pos d_model"]:
-        resid = self.hook_resid_pre(resid)
-        q, k, v = self.attention_inputs(resid)
-        attn_out = self.hook_attn_out(self.attn(q, k, v, position_bias, additive_mask))
-        resid_mid = self.hook_resid_mid(resid + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        return self.hook_resid_post(resid_mid + mlp_out)
-
-
-class T5DecoderBlock(nn.Module):
-    """A T5 decoder block: causal self-attention (``attn``, ``ln1``), cross-attention to the
-    encoder output (``cross_attn``, ``ln2``), FFN (``mlp``, ``ln3``); TransformerLens's
-    ``T5Block`` hook names."""
-
-    def __init__(self, cfg: HookedTransformerConfig, shape: T5Shape, layer: int):
-        super().__init__()
-        self.ln1, self.ln2, self.ln3 = T5Norm(cfg), T5Norm(cfg), T5Norm(cfg)
-        self.attn = T5HookedAttention(cfg, relative_bias=layer == 0, bidirectional=False)
-        self.cross_attn = T5HookedAttention(cfg, relative_bias=False)
-        self.mlp = T5MLP(cfg, shape.act_fn, shape.gated)
-        names = ("resid_pre", "attn_out", "resid_mid", "cross_attn_out", "resid_mid_cross")
-        for name in (*names, "mlp_out", "resid_post"):
-            setattr(self, f"hook_{name}", HookPoint())
-
-    def forward(
-        self,
-        resid: Float[Tensor, "batch step d_model"],
-        self_bias: Float[Tensor, "1 head step step"],
-        encoder_hidden: Float[Tensor, "batch pos d_model"],
-        encoder_mask: Float[Tensor, "#batch 1 1 pos"] | None,
-    ) -> Float[Tensor, "rows step d_model"]:
-        resid = self.hook_resid_pre(resid)
-        x = self.ln1(resid)
-        resid_mid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(x, x, x, self_bias)))
-        cross = self.cross_attn(
-            self.ln2(resid_mid), encoder_hidden, encoder_hidden, None, encoder_mask
-        )
-        resid_cross = self.hook_resid_mid_cross(resid_mid + self.hook_cross_attn_out(cross))
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln3(resid_cross)))
-        return self.hook_resid_post(resid_cross + mlp_out)
-
-
-class AnswerHead(nn.Module):
-    """The LM head read at the two answers, as a two-label classifier:
-    ``hook_logits = (h * scale) W_U[:, (non-relevant, relevant)]`` ``[batch, 2]`` (the hook
-    every tool reads classifier logits at); every token's logit is ``hook_vocab_logits``.
-    ``W_U`` is a parameter of its own only for untied embeddings; tied, the model passes
-    ``W_E^T``."""
-
-    def __init__(self, cfg: HookedTransformerConfig, *, tied: bool, scale: float):
-        super().__init__()
-        if not tied:
-            self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
-        self.tied, self.scale = tied, scale
-        self.hook_logits = HookPoint()
-        self.hook_vocab_logits = HookPoint()
-
-    def forward(
-        self,
-        h: Float[Tensor, "batch d_model"],
-        columns: Float[Tensor, "d_model n"],
-        *,
-        vocab: bool = False,
-    ) -> Float[Tensor, "rows n"]:
-        logits = (h * self.scale) @ columns
-        return self.hook_vocab_logits(logits) if vocab else self.hook_logits(logits)
-
-
-# ---------------------------------------------------------------------------- prompts
-@dataclass(frozen=True)
-class Prompt:
-    """A template split around its slots: ``prefix {query} middle {document} suffix``."""
-
-    template: str
-    prefix: str
-    middle: str
-    suffix: str
-
-    @classmethod
-    def parse(cls, template: str, family: str = "MonoT5") -> Prompt:
-        """Raises ``ValueError`` (one line) for a template without exactly one ``{query}`` before
-        exactly one ``{document}``, or with ``{instruction}``."""
-        if not isinstance(template, str):
-            raise ValueError(f"template must be a string, got {type(template).__name__}")
-        if "{instruction}" in template:
-            raise ValueError(
-                f"template {template!r}: {family} prompts have no {{instruction}} slot; write "
-                "the words into the template"
-            )
-        counts = {slot: template.count(slot) for slot in ("{query}", "{document}")}
-        if any(n != 1 for n in counts.values()):
-            raise ValueError(
-                f"template {template!r} must hold {{query}} and {{document}} once each (found "
-                f"{counts['{query}']} and {counts['{document}']}), e.g. {DEFAULT_TEMPLATE!r}"
-            )
-        q, d = template.index("{query}"), template.index("{document}")
-        if d < q:
-            raise ValueError(
-                f"template {template!r}: {{query}} must come before {{document}} (parts are "
-                "prefix, query, middle, document, suffix)"
-            )
-        return cls(template, template[:q], template[q + 7 : d], template[d + 10 :])
-
-    def text(self, query: str, document: str) -> tuple[str, tuple[int, int, int, int]]:
-        """The prompt and the character spans ``(q0, q1, d0, d1)`` of query and document."""
-        q0 = len(self.prefix)
-        q1 = q0 + len(query)
-        d0 = q1 + len(self.middle)
-        return f"{self.prefix}{query}{self.middle}{document}{self.suffix}", (
-            q0, q1, d0, d0 + len(document),
-        )  # fmt: skip
-
-
-def _token_parts(offsets: Sequence[tuple[int, int]], spans: tuple[int, int, int, int]) -> list[int]:
-    """The part of every token of one prompt: the part holding its last character. A special
-    token (empty offsets, e.g. T5's final ``</s>``) is a template token of the gap it sits in:
-    ``prefix`` before the query, ``middle`` after it, ``suffix`` after the document."""
-    q0, q1, d0, d1 = spans
-    gap = {Part.CLS: Part.CLS, Part.QUERY: Part.SEP1, Part.SEP1: Part.SEP1}
-    gap |= {Part.DOCUMENT: Part.SEP2, Part.SEP2: Part.SEP2}
-    parts: list[Part] = []
-    for start, end in offsets:
-        if end <= start:
-            parts.append(gap[parts[-1]] if parts else Part.CLS)
-            continue
-        c = end - 1
-        if c < q0:
-            parts.append(Part.CLS)
-        elif c < q1:
-            parts.append(Part.QUERY)
-        elif c < d0:
-            parts.append(Part.SEP1)
-        elif c < d1:
-            parts.append(Part.DOCUMENT)
-        else:
-            parts.append(Part.SEP2)
-    return [int(p) for p in parts]
-
-
-def _check_pairs(queries: Sequence[str], documents: Sequence[str]) -> None:
-    if len(queries) != len(documents):
-        raise ValueError(
-            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
-            "query (repeat the query for several documents)"
-        )
-    if len(queries) == 0:
-        raise ValueError("empty batch: pass at least one (query, document) pair")
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        for what, text in (("query", q), ("document", d)):
-            if not isinstance(text, str):
-                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
-            if not text.strip():
-                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
-
-
-def encode_prompts(
-    tokenizer: Any,
-    prompt: Prompt,
-    queries: str | Sequence[str],
-    documents: str | Sequence[str],
-    *,
-    max_length: int = DEFAULT_MAX_LENGTH,
-) -> CrossEncoderBatch:
-    """Tokenize (query, document) pairs filled into ``prompt`` into a right-padded
-    :class:`CrossEncoderBatch` whose parts label the template's tokens ``prefix`` / ``middle`` /
-    ``suffix`` and the query and document tokens (see the module docstring).
-
-    ``input_ids`` are ``tokenizer(prompt_text)["input_ids"]`` (with its special tokens, T5's final
-    ``</s>``). A prompt longer than ``max_length`` has its document cut at a token boundary and is
-    tokenized again, so the template's suffix is kept.
-
-    Raises:
-        ValueError: no pairs, lists of different lengths, an empty query or document, a slow
-            tokenizer (offsets are needed), or a pair whose query and template leave no room
-            for a document token, or without a query token; the message names the pair.
-    """
-    queries = [queries] if isinstance(queries, str) else list(queries)
-    documents = [documents] if isinstance(documents, str) else list(documents)
-    _check_pairs(queries, documents)
-    check_max_length(max_length)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"{type(tokenizer).__name__} is a slow tokenizer: MonoT5 needs a fast one (with "
-            "offsets, tokenizer.json) to find the query and document tokens"
-        )
-    rows = [
-        _encode_one(tokenizer, prompt, q, d, max_length, i)
-        for i, (q, d) in enumerate(zip(queries, documents))
-    ]
-    return padded_batch(rows, pad_token_id=_pad_id(tokenizer))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def _encode_one(
-    tokenizer: Any, prompt: Prompt, query: str, document: str, max_length: int, i: int
-) -> tuple[list[int], list[int]]:
-    """One pair's ids and parts, its document cut until the prompt fits ``max_length``."""
-    doc = document
-    while True:
-        text, spans = prompt.text(query, doc)
-        enc = tokenizer(text, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        parts = _token_parts(offsets, spans)
-        if int(Part.QUERY) not in parts:
-            raise ValueError(
-                f"pair {i}: no token of the query {query!r} in the prompt (the template's "
-                "tokens absorb it); put a space between the template and {query}"
-            )
-        doc_tokens = [j for j, p in enumerate(parts) if p == int(Part.DOCUMENT)]
-        excess = len(ids) - max_length
-        if excess <= 0 and doc_tokens:
-            return ids, parts
-        if len(doc_tokens) <= max(excess, 0):
-            raise ValueError(
-                f"pair {i}: the query and the template take {len(ids) - len(doc_tokens)} tokens, "
-                f"which leaves no room for the document within max_length={max_length}; raise "
-                "max_length or shorten the query"
-            )
-        first_cut = doc_tokens[len(doc_tokens) - excess]
-        cut = offsets[first_cut][0] - spans[2]
-        shorter = doc[:cut].rstrip()
-        doc = shorter if len(shorter) < len(doc) else doc[:-1]
 
 
 # ---------------------------------------------------------------------------- the model
@@ -741,6 +199,20 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
             nn.Module.to(self, cfg.device)
         self.setup()
 
+    @property
+    def abilities(self) -> Abilities:
+        """MonoT5's: a bidirectional pre-norm encoder read by a decoder through cross-attention,
+        a prompt."""
+        return Abilities(
+            causal=False,
+            post_ln=False,
+            qk_norm=False,
+            grouped_kv=False,
+            cross_attention=True,
+            prompt=True,
+            edges=self.family.edge_circuits,
+        )
+
     # ------------------------------------------------------------------ settings
     @property
     def template(self) -> str:
@@ -752,9 +224,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
 
     @score_type.setter
     def score_type(self, value: ScoreType) -> None:
-        if value not in SCORE_TYPES:
-            raise ValueError(f"unknown score_type {value!r}: choose one of {SCORE_TYPES}")
-        self._score_type = value
+        self._score_type = check_score_type(value)
 
     @property
     def max_length(self) -> int:
@@ -999,6 +469,15 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         """Tokens of a pair's input besides its query and document: the template's."""
         return sum(len(ids) for ids in self.template_ids())
 
+    def field_tokens(
+        self, text: str, field: Literal["query", "document"] = "document"
+    ) -> list[int]:
+        """``text``'s token ids as the query or the document of this model's prompt: the
+        tokenizer's, without special tokens (T5's template pieces end at the fields)."""
+        if field not in ("query", "document"):
+            raise ValueError(f"field must be 'query' or 'document', got {field!r}")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def batch_from_tokens(
         self,
         query_ids: Sequence[Sequence[int]],
@@ -1021,7 +500,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         return prompt_batch_from_tokens(
             pieces, query_ids, document_ids,
             max_length=self.max_length if max_length is None else max_length,
-            pad_token_id=_pad_id(self.tokenizer),
+            pad_token_id=pad_token_id(self.tokenizer),
         )  # fmt: skip
 
     def to(self, device_or_dtype: torch.device | str | torch.dtype, print_details: bool = False):  # type: ignore[override]
@@ -1031,57 +510,6 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         else:
             self.cfg.device = str(torch.device(device_or_dtype))
         return nn.Module.to(self, device_or_dtype)
-
-
-# ---------------------------------------------------------------------------- weights
-_ATTENTION = {"SelfAttention": "attn", "EncDecAttention": "cross_attn"}
-_LINEAR = re.compile(
-    r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(SelfAttention|EncDecAttention|DenseReluDense)"
-    r"\.(q|k|v|o|wi|wi_0|wi_1|wo|relative_attention_bias)\.weight"
-)
-_NORM = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.layer_norm\.weight")
-#: Hugging Face names that are the shared embedding when tied (ignored: ``shared`` is read).
-_EMBEDDING_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
-def convert_tensor(name: str, tensor: Tensor, n_heads: int) -> tuple[str, Tensor] | None:
-    """One Hugging Face ``T5ForConditionalGeneration`` tensor as ``(mechir name, tensor)`` (a
-    view where it can be), or None for names that mechir reads elsewhere (the embedding's
-    aliases, ``lm_head``).
-
-    Raises:
-        UnsupportedModelError: a tensor mechir does not know (the checkpoint is not a plain T5).
-    """
-    if name == "shared.weight":
-        return "embed.embed.W_E", tensor
-    if name in _EMBEDDING_ALIASES or name == "lm_head.weight":
-        return None
-    if name == "encoder.final_layer_norm.weight":
-        return "ln_final.w", tensor
-    if name == "decoder.final_layer_norm.weight":
-        return "decoder_ln_final.w", tensor
-    match = _NORM.fullmatch(name)
-    if match:
-        stack, layer, sub = match.group(1), match.group(2), int(match.group(3))
-        prefix = "blocks" if stack == "encoder" else "decoder"
-        return f"{prefix}.{layer}.ln{sub + 1}.w", tensor
-    match = _LINEAR.fullmatch(name)
-    if match is None:
-        raise UnsupportedModelError(
-            f"unknown T5 weight {name!r}: mechir loads plain T5 checkpoints"
-        )
-    stack, layer, _, module, lin = match.groups()
-    prefix = f"{'blocks' if stack == 'encoder' else 'decoder'}.{layer}"
-    if module == "DenseReluDense":
-        mlp = {"wi": "W_in", "wi_0": "W_in", "wi_1": "W_gate", "wo": "W_out"}[lin]
-        return f"{prefix}.mlp.{mlp}", tensor.T
-    attn = f"{prefix}.{_ATTENTION[module]}"
-    if lin == "relative_attention_bias":
-        return f"{attn}.rel_pos_bias.weight", tensor
-    if lin == "o":  # [d_model, head * d_head] -> [head, d_head, d_model]
-        return f"{attn}.W_O", tensor.T.reshape(n_heads, -1, tensor.shape[0])
-    d_model = tensor.shape[1]  # [head * d_head, d_model] -> [head, d_model, d_head]
-    return f"{attn}.W_{lin.upper()}", tensor.view(n_heads, -1, d_model).transpose(1, 2)
 
 
 def _answer_ids(tokenizer: Any, answers: tuple[str, str]) -> tuple[int, int]:
@@ -1114,57 +542,6 @@ def _n_ctx(tokenizer: Any, shape: T5Shape) -> int:
     if isinstance(length, int) and 0 < length <= 1_000_000:
         return length
     return shape.n_positions or DEFAULT_MAX_LENGTH
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """The checkpoint's weight files (safetensors preferred, sharded or not)."""
-    import json
-
-    for index, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        if (directory / index).is_file():
-            names = json.loads((directory / index).read_text())["weight_map"].values()
-            return [directory / n for n in dict.fromkeys(names)]
-        if (directory / single).is_file():
-            return [directory / single]
-    raise UnsupportedModelError(
-        f"{directory}: no model.safetensors or pytorch_model.bin (sharded or not) to load"
-    )
-
-
-def _stream_tensors(directory: Path) -> Iterator[tuple[str, Tensor]]:
-    """Every tensor of a local checkpoint, one at a time (safetensors read lazily; ``.bin``
-    files memory-mapped)."""
-    for file in _weight_files(directory):
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        else:
-            try:
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            yield from state.items()
-            del state
-
-
-def _hf_tensors(hf: Any) -> Iterator[tuple[str, Tensor]]:
-    """The tensors of an in-memory ``T5ForConditionalGeneration`` (``lm_head`` only when it is
-    not the shared embedding)."""
-    if hf.encoder.embed_tokens.weight.data_ptr() != hf.shared.weight.data_ptr():
-        raise UnsupportedModelError(
-            "the encoder's embed_tokens is not the shared embedding: mechir loads T5 models "
-            "whose encoder and decoder share one input embedding"
-        )
-    for name, tensor in hf.state_dict().items():
-        if name == "lm_head.weight" and tensor.data_ptr() == hf.shared.weight.data_ptr():
-            continue
-        yield name, tensor.detach()
 
 
 def build_from_tensors(
@@ -1249,8 +626,8 @@ def load(family: Family, source: Any, tokenizer: Any, options: LoadOptions) -> H
             "the words into --template)"
         )
     Prompt.parse(options.template or DEFAULT_TEMPLATE, family.name)
-    if options.score_type is not None and options.score_type not in SCORE_TYPES:
-        raise ValueError(f"unknown score_type {options.score_type!r}: choose one of {SCORE_TYPES}")
+    if options.score_type is not None:
+        check_score_type(options.score_type)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"{type(tokenizer).__name__} is a slow tokenizer: MonoT5 needs a fast one (with "

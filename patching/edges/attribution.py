@@ -66,6 +66,7 @@ from mechir.attribution.common import (
 from mechir.attribution.integration import integration_rule
 from mechir.attribution.result import AUTO_SAFETY, error_factor
 from mechir.display import fields_repr
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 from mechir.running import refuse_active_hooks
 from patching.edges.engine import (
@@ -236,7 +237,7 @@ class _GradSums:
 
 
 def _gradient_rows(
-    model: Any,
+    model: HookedReranker,
     lock: Lockstep,
     rows: list[tuple[int, float]],
     max_rows: int,
@@ -267,7 +268,9 @@ class _Contract(PointHandler):
     differences with every level's gradient sums: per level a ``[pair, receiver, sender, part]``
     tensor of effects."""
 
-    def __init__(self, model: Any, graph: EdgeGraph, lock: Lockstep, sums: list[_GradSums]):
+    def __init__(
+        self, model: HookedReranker, graph: EdgeGraph, lock: Lockstep, sums: list[_GradSums]
+    ):
         self.model, self.graph, self.lock, self.sums = model, graph, lock, sums
         self.compact = not is_pre_ln(model)
         shape = (lock.n, len(graph.receivers), len(graph.senders), graph.n_parts)
@@ -298,7 +301,7 @@ class _Contract(PointHandler):
 
 
 def _contract(
-    model: Any, graph: EdgeGraph, lock: Lockstep, sums: list[_GradSums]
+    model: HookedReranker, graph: EdgeGraph, lock: Lockstep, sums: list[_GradSums]
 ) -> list[Float[Tensor, "pair edge"]]:
     handler = _Contract(model, graph, lock, sums)
     with torch.no_grad():
@@ -322,7 +325,7 @@ class _GroupResult:
 
 
 def _fixed_rule(
-    model: Any,
+    model: HookedReranker,
     graph: EdgeGraph,
     lock: Lockstep,
     alphas: list[float],
@@ -358,7 +361,7 @@ def _level(alpha: float) -> int:
 
 
 def _auto(
-    model: Any,
+    model: HookedReranker,
     graph: EdgeGraph,
     lock: Lockstep,
     max_rows: int,
@@ -413,7 +416,7 @@ def _auto(
 
 # ---------------------------------------------------------------------- public entry
 def edge_attribution(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs,
     corrupted: CorruptedLike = None,
     *,
@@ -528,7 +531,7 @@ def _check_rule(
 
 
 def _attribute(
-    model: Any,
+    model: HookedReranker,
     graph: EdgeGraph,
     inputs: EdgeInputs,
     local: list[int],

@@ -46,6 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.display import fields_repr
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 from mechir.running import refuse_active_hooks
 from patching.edges.attribution import EdgeScores
@@ -138,7 +139,7 @@ FaithfulnessCurve.__repr__ = fields_repr  # type: ignore[method-assign]
 
 
 def _setup(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike,
     graph: EdgeGraph | None,
@@ -155,7 +156,7 @@ def _setup(
 
 
 def circuit_metric(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike = None,
     circuits: Sequence[Any] = (),
@@ -184,7 +185,7 @@ def _circuit_masks(graph: EdgeGraph, circuits: Sequence[Any]) -> Tensor:
 
 
 def faithfulness_curve(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike = None,
     scores: EdgeScores | Tensor | None = None,
@@ -237,7 +238,7 @@ def faithfulness_curve(
 
 # ---------------------------------------------------------------------- greedy, verified
 def greedy_circuit(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike = None,
     scores: EdgeScores | None = None,

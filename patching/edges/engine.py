@@ -62,7 +62,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -81,19 +80,20 @@ N_PARTS = 5
 
 # ---------------------------------------------------------------------- model pieces
 #: Families whose blocks the engine follows (attention, MLP and LayerNorms of ``EncoderSpec``):
-#: those declaring ``Family.edge_circuits``.
+#: those declaring ``Family.edge_circuits`` (a model's ``abilities.edges``).
 EDGE_FAMILIES = tuple(f.name for f in FAMILIES if f.edge_circuits)
 
 
 def is_pre_ln(model: HookedReranker) -> bool:
     """ModernBERT-style blocks (the stream is a plain sum; receivers normalize what they read);
-    a one-line error for families whose blocks the engine does not follow."""
-    if not model.family.edge_circuits:
+    a one-line error for a model whose blocks the engine does not follow (``abilities.edges``
+    is False: DeBERTa, MonoT5, decoder LLMs)."""
+    if not model.abilities.edges:
         raise ValueError(
             f"edge circuits follow the blocks of {', '.join(EDGE_FAMILIES)}; "
             f"the {model.family.name} family is not supported"
         )
-    return model.spec.blocks == "pre_ln"
+    return not model.abilities.post_ln
 
 
 def layer_norm(ln: nn.Module, v: Tensor) -> Tensor:
@@ -203,7 +203,7 @@ def attend(
 
 
 def score_head(
-    model: Any, x: Float[Tensor, "rows pos d"], rows: CrossEncoderBatch
+    model: HookedReranker, x: Float[Tensor, "rows pos d"], rows: CrossEncoderBatch
 ) -> Float[Tensor, " rows"]:
     """The score from what the score receiver reads (pre-LN: ``ln_final`` first)."""
     if model.ln_final is not None:
@@ -252,7 +252,7 @@ def take_rows(batch: CrossEncoderBatch, rows: Int[Tensor, " n"]) -> CrossEncoder
     )  # fmt: skip
 
 
-def embed(model: Any, batch: CrossEncoderBatch) -> Float[Tensor, "rows pos d"]:
+def embed(model: HookedReranker, batch: CrossEncoderBatch) -> Float[Tensor, "rows pos d"]:
     """The embedding output ``hook_full_embed`` of ``batch``."""
     batch = batch.to(model.cfg.device)
     return model.embed(batch.input_ids, batch.token_type_ids)
@@ -287,13 +287,13 @@ class PointHandler:
         return None
 
 
-def n_senders(model: Any) -> int:
+def n_senders(model: HookedReranker) -> int:
     """Senders of the model's edge graph: the input node, every head, every MLP."""
     return 1 + model.cfg.n_layers * (model.cfg.n_heads + 1)
 
 
 def tracked_layer(
-    model: Any, layer: int, c: Contributions, additive: Tensor, handler: PointHandler
+    model: HookedReranker, layer: int, c: Contributions, additive: Tensor, handler: PointHandler
 ) -> None:
     """One block on rows whose stream is kept as contributions (module doc), in place. A
     handler's deltas may cover only the first rows (the rest read the stream unchanged)."""
@@ -330,7 +330,7 @@ def _plus(x: Tensor, delta: Tensor | None) -> Tensor:
 
 
 def tracked_walk(
-    model: Any,
+    model: HookedReranker,
     x0: Float[Tensor, "rows pos d"],
     rows: CrossEncoderBatch,
     handler: PointHandler,
@@ -369,7 +369,7 @@ class Kept:
 
 
 def plain_layer(
-    model: Any,
+    model: HookedReranker,
     layer: int,
     x: Float[Tensor, "rows pos d"],
     additive: Tensor,
@@ -420,7 +420,7 @@ def plain_layer(
 
 
 def plain_score(
-    model: Any,
+    model: HookedReranker,
     x: Float[Tensor, "rows pos d"],
     rows: CrossEncoderBatch,
     *,
@@ -436,7 +436,7 @@ def plain_score(
 
 
 def plain_forward(
-    model: Any,
+    model: HookedReranker,
     x: Float[Tensor, "rows pos d"],
     rows: CrossEncoderBatch,
     *,
@@ -456,7 +456,7 @@ def plain_forward(
 
 
 def input_grads(
-    model: Any, kept: Kept, grads: list[Tensor], *, compact: bool
+    model: HookedReranker, kept: Kept, grads: list[Tensor], *, compact: bool
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """The gradients of the receivers' inputs from those of the kept tensors.
 
@@ -484,7 +484,7 @@ def input_grads(
 
 
 def expand_qkv_grads(
-    model: Any, layer: int, g: Float[Tensor, "rows pos 3 head d_head"]
+    model: HookedReranker, layer: int, g: Float[Tensor, "rows pos 3 head d_head"]
 ) -> Float[Tensor, "rows pos 3 head d"]:
     """``g W^T``: q/k/v projection gradients to (post-LN) receiver-input gradients."""
     w, _ = qkv_weights(model.blocks[layer].attn)

@@ -21,13 +21,14 @@ for the whole pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir import distributed
+from mechir.interface import HookedReranker
 from mechir.parts import PARTS, CrossEncoderBatch
 from patching.edges.engine import (
     N_PARTS,
@@ -69,12 +70,12 @@ class EdgeInputs:
     def __len__(self) -> int:
         return len(self.clean)
 
-    def pad_token_id(self, model: Any) -> int:
+    def pad_token_id(self, model: HookedReranker) -> int:
         return int(getattr(model.embed, "pad_token_id", 0) or 0)
 
 
 def edge_inputs(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs,
     corrupted: CorruptedLike = None,
     *,
@@ -187,7 +188,7 @@ class _MeanHandler(PointHandler):
         self._add(("final", self.n_layers), contributions)
 
 
-def mean_contributions(model: Any, inputs: EdgeInputs, rows: int) -> dict[Point, Tensor]:
+def mean_contributions(model: HookedReranker, inputs: EdgeInputs, rows: int) -> dict[Point, Tensor]:
     """Per point, ``[S, 5, d]``: each sender's mean contribution over the real tokens of each part
     of the clean batch (walks over it in chunks of ``rows``; with a process group, each rank
     walks its share and the sums are all-reduced)."""
@@ -212,7 +213,7 @@ def mean_contributions(model: Any, inputs: EdgeInputs, rows: int) -> dict[Point,
     return {point: (v / scale).to(model.cfg.dtype) for point, v in sums.items()}
 
 
-def _zero_sums(model: Any, inputs: EdgeInputs) -> dict[Point, Tensor]:
+def _zero_sums(model: HookedReranker, inputs: EdgeInputs) -> dict[Point, Tensor]:
     cfg = model.cfg
     out = {}
     for layer in range(cfg.n_layers):
@@ -240,7 +241,7 @@ class Lockstep:
         row_pair: ``[n]`` for every current row, its pair's position in ``pairs``.
     """
 
-    def __init__(self, model: Any, inputs: EdgeInputs, pairs: Tensor, row_pair: Tensor):
+    def __init__(self, model: HookedReranker, inputs: EdgeInputs, pairs: Tensor, row_pair: Tensor):
         self.model, self.inputs = model, inputs
         self.kind = inputs.kind
         device = inputs.clean.device

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 from mechir.running import refuse_active_hooks
 from patching.edges.engine import (
@@ -51,7 +52,9 @@ from patching.sweep import DEFAULT_MEMORY_BUDGET, check_batch_size, rows_per_chu
 
 
 # ---------------------------------------------------------------------- sizing
-def tracked_rows(model: Any, width: int, memory_budget: float = DEFAULT_MEMORY_BUDGET) -> int:
+def tracked_rows(
+    model: HookedReranker, width: int, memory_budget: float = DEFAULT_MEMORY_BUDGET
+) -> int:
     """Rows of a tracked walk that fit ``memory_budget`` bytes (a rough, conservative estimate):
     per position about ``6 S d_model`` values for the contributions, their source and
     difference and the LayerNorm temporaries (``S`` = every sender), ``6 n_heads d_model`` for the
@@ -68,7 +71,9 @@ def tracked_rows(model: Any, width: int, memory_budget: float = DEFAULT_MEMORY_B
     return max(1, int(memory_budget // per_row))
 
 
-def check_graph(model: Any, graph: EdgeGraph | None, *, parts: bool = False) -> EdgeGraph:
+def check_graph(
+    model: HookedReranker, graph: EdgeGraph | None, *, parts: bool = False
+) -> EdgeGraph:
     """``graph``, or the model's, checked against the model's shape."""
     if graph is None:
         return edge_graph(model, parts=parts)
@@ -82,7 +87,7 @@ def check_graph(model: Any, graph: EdgeGraph | None, *, parts: bool = False) -> 
 
 
 def prepare_inputs(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike,
     align: Align,
@@ -151,7 +156,7 @@ def edge_set_masks(graph: EdgeGraph, sets: Any) -> Bool[Tensor, "set receiver se
 
 
 def patch_edge_sets(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike = None,
     sets: Sequence[EdgesLike] | Tensor = ("all",),
@@ -199,7 +204,7 @@ def patch_edge_sets(
 
 
 def patch_edges(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike = None,
     edges: EdgesLike = "all",
@@ -230,7 +235,13 @@ class _SingleEdges(PointHandler):
     edge into that point's receivers as its own row (module doc)."""
 
     def __init__(
-        self, model: Any, graph: EdgeGraph, lock: Lockstep, out: Tensor, rows: int, bar: Any
+        self,
+        model: HookedReranker,
+        graph: EdgeGraph,
+        lock: Lockstep,
+        out: Tensor,
+        rows: int,
+        bar: Any,
     ):
         self.model, self.graph, self.lock, self.out, self.rows, self.bar = (
             model, graph, lock, out, rows, bar,
@@ -310,7 +321,7 @@ class _SingleEdges(PointHandler):
 
 
 def single_edge_scores(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike = None,
     *,

@@ -28,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechir.attribution.integration import integration_rule
+from mechir.interface import HookedReranker
 from mechir.parts import PARTS, CrossEncoderBatch
 from patching.edges.graph import EdgeGraph, EdgesLike, edge_graph
 from patching.edges.inputs import Align, CorruptedLike, EdgeInputs, edge_inputs
@@ -37,15 +38,15 @@ from patching.perturbations import AlignedPairs
 Get = Callable[[str], Tensor]
 
 
-def _pre_ln(model: Any) -> bool:
-    return model.spec.blocks == "pre_ln"
+def _pre_ln(model: HookedReranker) -> bool:
+    return not model.abilities.post_ln
 
 
 def _carry_one(c: Tensor, w: Tensor, scale: Tensor) -> Tensor:
     return w * (c - c.mean(-1, keepdim=True)) / scale
 
 
-def contributions_upto(model: Any, get: Get, point: tuple[str, int]) -> list[Tensor]:
+def contributions_upto(model: HookedReranker, get: Get, point: tuple[str, int]) -> list[Tensor]:
     """Every sender's contribution (sender order) at ``point``, from recorded activations
     ``get(hook_name)`` of one run: built sender by sender, LayerNorm by LayerNorm."""
     kind, at = point
@@ -74,7 +75,7 @@ def contributions_upto(model: Any, get: Get, point: tuple[str, int]) -> list[Ten
     return contributions
 
 
-def _record_names(model: Any) -> list[str]:
+def _record_names(model: HookedReranker) -> list[str]:
     names = ["hook_full_embed"]
     for layer in range(model.cfg.n_layers):
         names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
@@ -84,12 +85,14 @@ def _record_names(model: Any) -> list[str]:
     return names
 
 
-def _points(model: Any) -> list[tuple[str, int]]:
+def _points(model: HookedReranker) -> list[tuple[str, int]]:
     n = model.cfg.n_layers
     return [(k, layer) for layer in range(n) for k in ("pre", "mid")] + [("final", n)]
 
 
-def source_contributions(model: Any, inputs: EdgeInputs) -> dict[tuple[str, int], list[Tensor]]:
+def source_contributions(
+    model: HookedReranker, inputs: EdgeInputs
+) -> dict[tuple[str, int], list[Tensor]]:
     """Per point, every sender's source contribution ``[pair, pos, d]`` (clean width)."""
     out: dict[tuple[str, int], list[Tensor]] = {}
     with torch.no_grad():
@@ -137,7 +140,12 @@ class _Patcher:
     """The hooks of one patched forward: records the current run, patches the receivers."""
 
     def __init__(
-        self, model: Any, graph: EdgeGraph, batch: CrossEncoderBatch, source: dict, mask: Tensor
+        self,
+        model: HookedReranker,
+        graph: EdgeGraph,
+        batch: CrossEncoderBatch,
+        source: dict,
+        mask: Tensor,
     ):
         self.model, self.graph, self.batch, self.source, self.mask = (
             model, graph, batch, source, mask,
@@ -169,7 +177,7 @@ def _receiver_index(graph: EdgeGraph) -> dict[tuple[str, int, int], int]:
 
 
 def _patched_forward(
-    model: Any,
+    model: HookedReranker,
     graph: EdgeGraph,
     batch: CrossEncoderBatch,
     source: dict,
@@ -249,7 +257,7 @@ def _pre_hook(patcher: _Patcher, receiver: int) -> Callable:
 
 
 def patch_edges_reference(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs,
     corrupted: CorruptedLike = None,
     edges: EdgesLike = "all",
@@ -268,7 +276,7 @@ def patch_edges_reference(
 
 
 def edge_attribution_reference(
-    model: Any,
+    model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs,
     corrupted: CorruptedLike = None,
     *,
@@ -330,7 +338,7 @@ def edge_attribution_reference(
 
 
 def _receiver_grads(
-    model: Any, graph: EdgeGraph, batch: CrossEncoderBatch, x0: Tensor
+    model: HookedReranker, graph: EdgeGraph, batch: CrossEncoderBatch, x0: Tensor
 ) -> dict[int, Tensor]:
     """``d score / d receiver input`` of every receiver at embedding output ``x0``, through zero
     leaves added to each receiver's input by hooks."""
@@ -403,7 +411,9 @@ def _add_leaf(leaf: Tensor) -> Callable:
     return hook
 
 
-def _pre_ln_leaf(model: Any, layer: int, c: int, leaf: Tensor, records: dict) -> Callable:
+def _pre_ln_leaf(
+    model: HookedReranker, layer: int, c: int, leaf: Tensor, records: dict
+) -> Callable:
     def hook(act: Tensor, hook: Any) -> Tensor:
         block = model.blocks[layer]
         w = (block.attn.W_Q, block.attn.W_K, block.attn.W_V)[c]

@@ -18,10 +18,10 @@ from analyses.common import (
     study_config,
 )
 from analyses.floors import random_ranking_floor, worst_ranking_run
-from analyses.store import ResultsStore
 from analyses.summary import Summary, markdown_table
 from mechir.data import Pair
 from mechir.evaluation import evaluate
+from mechir.store import ResultsStore
 
 
 def test_run_units_skips_finished_units_and_stops_after_max_units(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from analyses.store import (
+from mechir.store import (
     ResultsStore,
     StoreLockedError,
     merge_shards,

@@ -23,11 +23,8 @@ from mechir.hooks import (
 from mechir.hooks.site import Zero
 from mechir.interface import HookedReranker
 from mechir.models.registry import UnsupportedModelError
-from mechir.models.t5 import (
-    DEFAULT_TEMPLATE,
-    HookedMonoT5,
-    relative_position_bucket,
-)
+from mechir.models.t5 import DEFAULT_TEMPLATE, HookedMonoT5
+from mechir.models.t5_blocks import relative_position_bucket
 from tests.families.builders import load_hf_t5, t5_tokenizer, tiny_t5_config
 from tests.helpers import DOCUMENTS, QUERIES
 

@@ -222,7 +222,7 @@ def decoder_scores(model, batch, hooks):
 
 
 def test_a_qk_norm_model_declares_it(qwen3, tiny):
-    assert qwen3[0].qk_norm is True and tiny[0].qk_norm is False
+    assert qwen3[0].abilities.qk_norm is True and tiny[0].abilities.qk_norm is False
 
 
 def test_complementary_removals_add_up_to_the_score_under_qk_norm(qwen3):
