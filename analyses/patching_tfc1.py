@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from analyses.axioms.activation_patching import encode_result
 from analyses.base import Study, Unit, UsageError
 from analyses.common import candidate_pairs
 from analyses.summary import Summary
@@ -35,7 +36,7 @@ from mechir import outputs
 from mechir.cli_common import nonnegative_float, positive_float
 from mechir.interface import HookedReranker, PromptReranker
 from mechir.lazy import lazy_import
-from mechir.store import decode_array, encode_array
+from mechir.store import decode_array
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -105,20 +106,6 @@ def plan_units(n_pairs: int, args: argparse.Namespace) -> list[Unit]:
     return units
 
 
-def _encode_result(result: Any) -> dict[str, Any]:
-    return {
-        "target": result.target,
-        "dims": list(result.dims),
-        "coords": {k: list(v) for k, v in result.coords.items()},
-        "patched": encode_array(result.patched.float().numpy()),
-        "clean": result.clean.tolist(),
-        "corrupted": result.corrupted.tolist(),
-        "pair_ids": list(result.pair_ids),
-        "grades": list(result.grades),
-        "method": result.method,
-    }
-
-
 def compute_unit(
     model: HookedReranker, pairs: Any, args: argparse.Namespace, unit: Unit
 ) -> dict[str, Any]:
@@ -130,7 +117,7 @@ def compute_unit(
     target = make_target(name, args)
     exact = patch_sweep(model, chunk, target, memory_budget=args.memory_budget)
     approx = attribution_patch(model, chunk, target, batch_size=args.batch_size)
-    return {"exact": _encode_result(exact), "attribution": _encode_result(approx)}
+    return {"exact": encode_result(exact), "attribution": encode_result(approx)}
 
 
 def merge_results(rows: Sequence[dict[str, Any]]) -> Any:
