@@ -20,7 +20,11 @@ def rows(out: Path) -> list[dict]:
 
 
 def assert_same_results(a: Path, b: Path) -> None:
-    """Same units in the same order, every score within 1e-6, same tables and summary."""
+    """Same units in the same order, every score within 5e-6, same tables and summary.
+
+    Not bit-equal: two ranks batch other pairs together, and the fused attention kernel (used
+    when no hook watches the pattern) rounds differently at another padded width (~1e-6 on
+    these scores); a sharding or gathering error would move scores by far more."""
     ra, rb = rows(a), rows(b)
     assert [r["unit"] for r in ra] == [r["unit"] for r in rb]
     assert len({r["unit"] for r in ra}) == len(ra)
@@ -28,7 +32,7 @@ def assert_same_results(a: Path, b: Path) -> None:
         assert x["run"].keys() == y["run"].keys()
         for qid, docs in x["run"].items():
             assert docs.keys() == y["run"][qid].keys()
-            assert max(abs(s - y["run"][qid][d]) for d, s in docs.items()) <= 1e-6
+            assert max(abs(s - y["run"][qid][d]) for d, s in docs.items()) <= 5e-6
     for table in ("table.csv", "per_query.csv", "references.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(a / table), pd.read_csv(b / table))
     assert (a / "summary.md").read_text() == (b / "summary.md").read_text()

@@ -35,9 +35,12 @@ def test_tfc1_heads_and_residual(common_argv, tmp_path, tiny_model_dir, tiny_col
     frame = pd.read_csv(out / "heads.csv.gz")
     exact = frame[frame.method == "exact"].reset_index(drop=True)
     assert exact.pair.tolist() == expected.pair.tolist()
+    # the units' chunks have other padded widths than the one sweep, and the fused attention
+    # kernel rounds differently there (~2e-6 on scores); the normalized effect divides by score
+    # deltas down to --min-delta, which amplifies that to ~4e-4. A reassembly error is O(1).
     torch.testing.assert_close(
         torch.tensor(exact.value.to_numpy()), torch.tensor(expected.value.to_numpy()),
-        atol=1e-5, rtol=1e-4,
+        atol=2e-3, rtol=1e-3,
     )  # fmt: skip
     assert set(frame.method) == {"exact", "attribution"}
     resid = pd.read_csv(out / "resid_pre.csv.gz")
