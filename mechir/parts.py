@@ -10,7 +10,7 @@ part ids ``[batch, pos]`` so that hooks never need to re-tokenize.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -226,13 +226,7 @@ class CrossEncoderBatch:
 
     def chunks(self, size: int | None) -> Iterable[CrossEncoderBatch]:
         """Consecutive sub-batches of at most ``size`` examples (the whole batch for None)."""
-        if size is None or size >= len(self):
-            yield self
-            return
-        if size < 1:
-            raise ValueError(f"batch size must be >= 1, got {size}")
-        for start in range(0, len(self), size):
-            yield self[start : start + size]
+        return consecutive_chunks(self, size)
 
 
 def check_max_length(max_length: int, n_positions: int | None = None) -> int:
@@ -480,3 +474,19 @@ def encode(
         max_length=max_length,
         layout=pair_layout_of(tokenizer) if layout is None else layout,
     )
+
+
+def consecutive_chunks(batch: Any, size: int | None) -> Iterator[Any]:
+    """Consecutive slices ``batch[start : start + size]`` of any sliceable batch with a length
+    (the whole batch for None or a size at least its length).
+
+    Raises:
+        ValueError: ``size`` below 1.
+    """
+    if size is None or size >= len(batch):
+        yield batch
+        return
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    for start in range(0, len(batch), size):
+        yield batch[start : start + size]

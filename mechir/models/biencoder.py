@@ -38,7 +38,7 @@ from torch import Tensor
 from mechir.models.encoder import EncoderShape, EncoderSpec, HookedCrossEncoder
 from mechir.models.registry import Family, UnsupportedModelError, families_of
 from mechir.models.tl import HookedTransformerConfig, HookPoint
-from mechir.parts import CrossEncoderBatch, Part, PartLike, parse_parts
+from mechir.parts import CrossEncoderBatch, Part, PartLike, consecutive_chunks, parse_parts
 
 Pooling = Literal["cls", "mean", "last"]
 Similarity = Literal["dot", "cosine"]
@@ -152,13 +152,7 @@ class BiEncoderBatch:
 
     def chunks(self, size: int | None) -> Iterable[BiEncoderBatch]:
         """Consecutive sub-batches of at most ``size`` pairs (the whole batch for None)."""
-        if size is None or size >= len(self):
-            yield self
-            return
-        if size < 1:
-            raise ValueError(f"batch size must be >= 1, got {size}")
-        for start in range(0, len(self), size):
-            yield self[start : start + size]
+        return consecutive_chunks(self, size)
 
 
 # ---------------------------------------------------------------------------------- the head
