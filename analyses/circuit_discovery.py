@@ -6,7 +6,7 @@ against the matching heads (Hanna et al. 2024; MIB, Mueller et al. 2025).
 Pairs: for each of the first ``--limit-queries`` judged queries, up to ``--relevant`` relevant and
 ``--non-relevant`` non-relevant documents among its top ``--depth`` candidates; the corrupted
 input replaces every word piece of the query's content words with the filler token
-(:func:`patching.edges.pairs.replace_query_words`: same length and parts, token-aligned; the
+(:func:`patching.edges.replace_query_words`: same length and parts, token-aligned; the
 filler is the tokenizer's mask token unless ``--filler`` names another). The
 metric is the relevance margin of each query (mean relevant score minus mean non-relevant score;
 ``--metric score``: every pair's score).
@@ -115,7 +115,7 @@ def build_pairs(
 ) -> tuple[Any, dict]:
     """The clean and corrupted pairs of the selected candidates (``items``: default
     :func:`select_candidates`) and the pairs skipped (no content word to replace)."""
-    from patching.edges.pairs import replace_query_words
+    from patching.edges import replace_query_words
 
     if items is None:
         items, _ = select_candidates(args, collection)
@@ -132,7 +132,8 @@ def filler_of(model: HookedReranker, args: argparse.Namespace) -> str:
     """``--filler``, else the tokenizer's mask token (on the SciFact demo model it lowers the
     relevance margin of 8 of 10 queries, 3.22 -> 0.60 on average; "a" 6 of 10, -> 1.71), else
     "a"."""
-    return args.filler or getattr(model.tokenizer, "mask_token", None) or "a"
+    mask = model.tokenizer.mask_token if model.tokenizer is not None else None
+    return args.filler or mask or "a"
 
 
 def query_of(pair_id: str) -> str:
@@ -330,7 +331,7 @@ class CircuitDiscovery(Study):
 
     def gather(self) -> None:
         """Per-pair effects of every method, in pair order, and the metric's unit matrix."""
-        from patching.edges.metrics import metric_matrix
+        from patching.edges import metric_matrix
 
         rows = [self.store.get(f"attr:{q}") for q in self.queries]
         ids = [p for r in rows for p in r["pair_ids"]]

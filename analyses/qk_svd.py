@@ -285,8 +285,8 @@ def summarize(study: QKSVD) -> Summary:
     s.table(top[cols], f"top heads by {args.rank_by} (all heads in alignment.csv)", ".3f")
     for score in ("alignment_norm", "alignment_pos_norm"):
         grid = np.full((n_layers, n_heads), np.nan)
-        for r in alignment.itertuples():
-            grid[r.layer, r.head] = getattr(r, score)
+        for layer, head, value in zip(alignment["layer"], alignment["head"], alignment[score]):
+            grid[layer, head] = value
         path = plots.heatmap(
             grid,
             out / f"heatmap_{score}.png",

@@ -3,7 +3,7 @@
 On the SciFact cross-encoder (``../shared``'s, else the embedded demo copy: ``benchmarks/
 assets.py``) and relevant quick-set pairs (first judged queries, their relevant BM25 candidates)
 whose query content words are replaced by the tokenizer's mask token (``--filler``; the circuit
-study's corruption, :func:`patching.edges.pairs.replace_query_words`), ``max_length`` 160, one
+study's corruption, :func:`patching.edges.replace_query_words`), ``max_length`` 160, one
 torch thread, per pair in turn:
 
 * **EAP-IG** of every edge (``--n-steps``: riemann_left steps, and ``auto``; also EAP): wall
@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 def bench_pairs(model, n_pairs: int, max_length: int, filler: str | None = None):
     """Relevant quick-set pairs of the first judged queries, query words replaced (by the
     tokenizer's mask token unless ``filler`` is given)."""
-    from patching.edges.pairs import replace_query_words
+    from patching.edges import replace_query_words
 
     collection = quick_set()
     items = []

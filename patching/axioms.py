@@ -422,7 +422,15 @@ class AxiomBuilder:
         )
 
     def method(self, axiom: str) -> Callable[..., AxiomPair]:
-        return getattr(self, check_axiom(axiom).lower())
+        """The builder of one axiom's pairs (:data:`AXIOMS`)."""
+        builders: dict[str, Callable[..., AxiomPair]] = {
+            "TFC1": self.tfc1,
+            "TFC2": self.tfc2,
+            "STMC1": self.stmc1,
+            "LNC1": self.lnc1,
+            "LNC2": self.lnc2,
+        }
+        return builders[check_axiom(axiom)]
 
     def build(
         self,

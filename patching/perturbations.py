@@ -142,8 +142,13 @@ class AlignedPairs:
                 f"clean batch {tuple(self.clean.input_ids.shape)} and corrupted batch "
                 f"{tuple(self.corrupted.input_ids.shape)} differ in shape: build them aligned"
             )
-        for name in ("parts", "token_type_ids", "attention_mask"):
-            differs = (getattr(self.clean, name) != getattr(self.corrupted, name)).any(-1)
+        fields = (
+            ("parts", self.clean.parts, self.corrupted.parts),
+            ("token_type_ids", self.clean.token_type_ids, self.corrupted.token_type_ids),
+            ("attention_mask", self.clean.attention_mask, self.corrupted.attention_mask),
+        )
+        for name, clean_field, corrupted_field in fields:
+            differs = (clean_field != corrupted_field).any(-1)
             if differs.any():
                 bad = [self.pair_ids[i] for i in differs.nonzero()[:, 0].tolist()]
                 raise ValueError(

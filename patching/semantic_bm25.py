@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechir.interface import HookedReranker
+from mechir.models.modernbert import ModernHead
 from mechir.parts import CrossEncoderBatch, Part
 from mechir.running import Hooks
 from mechir.selection import HeadLike, head_label, select_heads
@@ -136,7 +137,8 @@ def cls_path_patch(
     width = pairs.clean.input_ids.shape[1]
     # only [CLS]'s residual stream reaches a [CLS]-pooled score: rows carry that position alone
     # (the frozen z replaces whatever their attention computes); mean pooling needs them all
-    row_width = 1 if getattr(model.pooler, "pooling", "cls") == "cls" else width
+    mean_pooled = isinstance(model.pooler, ModernHead) and model.pooler.pooling == "mean"
+    row_width = width if mean_pooled else 1
     rows_budget = batch_size or rows_per_chunk(model, row_width, memory_budget)
     per_group = max(1, rows_per_chunk(model, width, memory_budget) // 4)  # two cached runs
     s_layers = torch.tensor([layer for layer, _ in send])
@@ -204,10 +206,10 @@ def _cls_rows(
 
     full = batch_rows(group.corrupted, idx)
     batch = CrossEncoderBatch(
-        *(
-            getattr(full, name)[:, keep]
-            for name in ("input_ids", "token_type_ids", "attention_mask", "parts")
-        )
+        full.input_ids[:, keep],
+        full.token_type_ids[:, keep],
+        full.attention_mask[:, keep],
+        full.parts[:, keep],
     )
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         return run_from_layers(model, sender_layers, initial, batch)

@@ -10,12 +10,11 @@ query and the document are replaced and [CLS]/[SEP] kept (the default ``"pad"``)
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechir.interface import HookedReranker
 from mechir.parts import PARTS, CrossEncoderBatch, Part
 
 BASELINE_TOKENS: tuple[str, ...] = ("pad", "unk", "mask")
@@ -31,11 +30,13 @@ BASELINES: tuple[str, ...] = tuple(
 
 
 def baseline_batch(
-    model_or_tokenizer: Any, batch: CrossEncoderBatch, baseline: str | CrossEncoderBatch = "pad"
+    model: HookedReranker, batch: CrossEncoderBatch, baseline: str | CrossEncoderBatch = "pad"
 ) -> CrossEncoderBatch:
     """The baseline batch for ``batch``: a named baseline (see module doc) or a user batch.
 
-    A user-supplied baseline must have the same shape and attention mask as ``batch``.
+    A user-supplied baseline must have the same shape and attention mask as ``batch``. Named
+    baselines take their token id from ``model.tokenizer``; token ids are checked against the
+    model's vocabulary (``model.cfg.d_vocab``).
 
     Raises:
         ValueError: unknown name, no tokenizer to look up the token id, or a mismatched batch.
@@ -51,7 +52,7 @@ def baseline_batch(
                 "baseline batch has another attention mask than the input: a baseline keeps the "
                 "input's attention mask (replace token ids only)"
             )
-        _check_token_ids(model_or_tokenizer, baseline.input_ids)
+        _check_token_ids(model, baseline.input_ids)
         return CrossEncoderBatch(
             baseline.input_ids.to(batch.device),
             baseline.token_type_ids.to(batch.device),
@@ -65,32 +66,39 @@ def baseline_batch(
         raise ValueError(
             f"unknown baseline {baseline!r}: choose one of {BASELINES} or pass a batch"
         )
-    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-    token_id = getattr(tokenizer, f"{token}_token_id", None) if tokenizer is not None else None
+    tokenizer = model.tokenizer
+    token_id = None
+    if tokenizer is not None:
+        ids = {
+            "pad": tokenizer.pad_token_id,
+            "unk": tokenizer.unk_token_id,
+            "mask": tokenizer.mask_token_id,
+        }
+        token_id = ids[token]
     if token_id is None:
         raise ValueError(
             f"cannot build the {baseline!r} baseline: no tokenizer with a [{token.upper()}] token; "
             "pass a tokenizer to load_cross_encoder or give a baseline batch"
         )
-    _check_token_ids(model_or_tokenizer, torch.tensor([int(token_id)]))
+    _check_token_ids(model, torch.tensor([int(token_id)]))
     replace = batch.mask(BASELINE_SCOPES[scope])
     ids = batch.input_ids.masked_fill(replace, int(token_id))
     return CrossEncoderBatch(ids, batch.token_type_ids, batch.attention_mask, batch.parts)
 
 
-def _vocab_size(model_or_tokenizer: Any) -> int | None:
-    cfg = getattr(model_or_tokenizer, "cfg", None)
-    if cfg is not None and getattr(cfg, "d_vocab", None):
-        return int(cfg.d_vocab)
-    tokenizer = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-    size = getattr(tokenizer, "vocab_size", None)
+def _vocab_size(model: HookedReranker) -> int | None:
+    """The model's vocabulary size (``cfg.d_vocab``; TransformerLens leaves -1 when unset, then
+    the tokenizer's), or None when neither says."""
+    if model.cfg.d_vocab > 0:
+        return int(model.cfg.d_vocab)
+    size = model.tokenizer.vocab_size if model.tokenizer is not None else None
     return int(size) if size else None
 
 
-def _check_token_ids(model_or_tokenizer: Any, ids: Int[Tensor, "..."]) -> None:
+def _check_token_ids(model: HookedReranker, ids: Int[Tensor, "..."]) -> None:
     """Raise if a baseline token id is outside the vocabulary (an embedding lookup would fail
     or, for -1 on some back ends, silently read another row)."""
-    vocab = _vocab_size(model_or_tokenizer)
+    vocab = _vocab_size(model)
     bad = (ids < 0) | (ids >= vocab) if vocab is not None else ids < 0
     if bool(bad.any()):
         token = int(ids[bad].flatten()[0])

@@ -1,5 +1,9 @@
 """Edge attribution: the effect of patching each edge alone, estimated for every edge at once.
 
+Stage 4 of :mod:`patching.edges`: it takes the graph, the checked sources and the engine's
+passes (plain forwards with gradients, tracked walks), and returns :class:`EdgeScores`, which
+circuits and drawings take.
+
 For an edge ``(s, r)`` the exact effect is ``m(r reads c_s(source)) - m(clean)``: the change of
 the metric ``m`` when only that edge is patched (:mod:`patching.edges.engine`). Sign convention:
 **positive means patching the edge raises the metric**; with a corrupted source that lowers the
@@ -20,7 +24,13 @@ score, the edges that carry relevance have negative effects, and circuits rank e
   ``k/m, k = 1..m`` from the corrupted end. ``n_steps="auto"`` refines nested midpoint rules
   (grids ``8, 16, 32, ...``) until ``max |A(m) - A(m/2)| <= rtol * max |A(m)|`` per pair, as
   neuron integrated gradients do (:mod:`mechir.attribution.conductance`).
-* ``method="exact"``: every edge patched alone (:func:`patching.edges.single_edge_scores`).
+* ``method="exact"``: every edge patched alone (:func:`single_edge_scores`). With one patched
+  edge, everything before its receiver is the clean run, so its receiver reads the clean input
+  plus one fixed difference ``c_s(source) - c_s(clean)`` (both known from one tracked walk of the
+  clean and source rows), and the rest is a plain forward from the receiver's block. Rows join
+  at their receiver's block; score-receiver rows only run the score head. Checked against
+  :func:`patching.edges.patch_edges` one edge at a time and against
+  :func:`patching.edges.reference.patch_edges_reference`.
 
 **Error estimates.** EAP-IG reports, per unit, ``error``: the estimated numerical error of the
 path integral (fixed rules: ``c * max_e |A_e(m) - A_e(m/2)|``, with the half-step rule on nested
@@ -72,26 +82,33 @@ from mechir.running import refuse_active_hooks
 from patching.edges.engine import (
     Kept,
     PointHandler,
+    Slots,
     expand_qkv_grads,
     input_grads,
     is_pre_ln,
     kept_tensors,
+    patch_edge_sets,
     plain_forward,
-    take_rows,
+    plain_layer,
+    plain_score,
+    prepare_inputs,
+    tracked_rows,
     tracked_walk,
 )
-from patching.edges.graph import PART_NAMES, EdgeGraph, receivers_at
-from patching.edges.inputs import Align, CorruptedLike, EdgeInputs, Lockstep, edge_inputs
-from patching.edges.metrics import MetricLike, metric_matrix
-from patching.edges.patch import (
-    check_graph,
-    patch_edge_sets,
-    prepare_inputs,
-    single_edge_scores,
-    tracked_rows,
+from patching.edges.graph import PART_NAMES, EdgeGraph, check_graph, receivers_at
+from patching.edges.sources import (
+    Align,
+    CorruptedLike,
+    EdgeInputs,
+    Lockstep,
+    MetricLike,
+    edge_inputs,
+    metric_matrix,
+    part_onehot,
+    take_rows,
 )
 from patching.perturbations import AlignedPairs
-from patching.sweep import DEFAULT_MEMORY_BUDGET
+from patching.sweep import DEFAULT_MEMORY_BUDGET, check_batch_size, rows_per_chunk
 
 Method = Literal["eap", "eap_ig", "exact"]
 METHODS: tuple[str, ...] = ("eap", "eap_ig", "exact")
@@ -443,7 +460,7 @@ def edge_attribution(
         method: ``"eap"``, ``"eap_ig"`` (default) or ``"exact"``.
         graph: the edge graph (default ``edge_graph(model, parts=parts)``).
         metric: ``"score"``, ``"margin"`` or a ``[unit, pair]`` matrix
-            (:mod:`patching.edges.metrics`).
+            (:func:`~patching.edges.sources.metric_matrix`).
         integration, n_steps: EAP-IG's rule (:func:`mechir.attribution.integration_rule`), or
             ``n_steps="auto"`` (nested midpoint rules until ``rtol``, at most ``max_steps``).
         error_estimate: fixed rules: also evaluate the half-step rule for ``error``.
@@ -624,3 +641,142 @@ def _attribute(
         bar.update(len(pairs))
     bar.close()
     return out
+
+
+# ---------------------------------------------------------------------- every single edge
+class _SingleEdges(PointHandler):
+    """Runs, at each receiver point of a tracked walk of the clean and source rows, every single
+    edge into that point's receivers as its own row (module doc)."""
+
+    def __init__(
+        self,
+        model: HookedReranker,
+        graph: EdgeGraph,
+        lock: Lockstep,
+        out: Tensor,
+        rows: int,
+        bar: Any,
+    ):
+        self.model, self.graph, self.lock, self.out, self.rows, self.bar = (
+            model, graph, lock, out, rows, bar,
+        )  # fmt: skip
+        self.onehot = part_onehot(lock.current_parts, graph.n_parts)
+        self.batch = take_rows(lock.rows, torch.arange(lock.n))
+        self.offsets = torch.cat(
+            [torch.zeros(1, dtype=torch.long), (graph.reach * graph.n_parts).cumsum(0)]
+        )
+
+    def pre(self, layer: int, contributions: Tensor) -> None:
+        self.x_pre = contributions[: self.lock.n].sum(1)
+        self.d_pre = self.lock.diffs(("pre", layer), contributions)
+
+    def mid(self, layer: int, contributions: Tensor) -> None:
+        d_mid = self.lock.diffs(("mid", layer), contributions)
+        g, n_heads, k_parts = self.graph, self.graph.n_heads, self.graph.n_parts
+        recv = receivers_at(g, ("pre", layer)) + receivers_at(g, ("mid", layer))
+        rows = self._rows(recv)
+        device = d_mid.device
+        mlp_receiver = recv[-1]
+        for lo in range(0, len(rows[0]), self.rows):
+            i, r, s, k = (t[lo : lo + self.rows].to(device) for t in rows)
+            is_mlp = r == mlp_receiver
+            source = torch.where(
+                is_mlp[:, None, None],
+                d_mid[i, s.clamp(max=d_mid.shape[1] - 1)],
+                self.d_pre[i, s.clamp(max=self.d_pre.shape[1] - 1)],
+            )
+            delta = source * self.onehot[i, :, k][..., None] if k_parts > 1 else source
+            qkv = (~is_mlp).nonzero()[:, 0]
+            j = r[qkv] - recv[0]
+            slots = Slots(qkv, j // n_heads, j % n_heads, delta[qkv])
+            mlp_delta = (
+                torch.where(is_mlp[:, None, None], delta, 0.0) if bool(is_mlp.any()) else None
+            )
+            x = self.x_pre[i]
+
+            def first(x: Tensor, additive: Tensor, slots=slots, mlp_delta=mlp_delta) -> Tensor:
+                return plain_layer(self.model, layer, x, additive, slots=slots, mlp_delta=mlp_delta)
+
+            scores = plain_forward(
+                self.model, x, take_rows(self.batch, i), start=layer, first_layer=first
+            )
+            self._write(i, r, s, k, scores)
+
+    def final(self, contributions: Tensor) -> None:
+        g = self.graph
+        x = contributions[: self.lock.n].sum(1)
+        d = self.lock.diffs(("final", g.n_layers), contributions)
+        rows = self._rows(receivers_at(g, ("final", g.n_layers)))
+        for lo in range(0, len(rows[0]), self.rows):
+            i, r, s, k = (t[lo : lo + self.rows].to(d.device) for t in rows)
+            delta = d[i, s] * self.onehot[i, :, k][..., None] if g.n_parts > 1 else d[i, s]
+            scores = plain_score(self.model, x[i], take_rows(self.batch, i), delta=delta)
+            self._write(i, r, s, k, scores)
+
+    def _rows(self, recv: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(pair, receiver, sender, part) of every single-edge row into ``recv``."""
+        g = self.graph
+        r_t = torch.tensor(recv)
+        per = g.reach[r_t] * g.n_parts
+        r = r_t.repeat_interleave(per)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), per.cumsum(0)[:-1]])
+        within = torch.arange(int(per.sum())) - starts.repeat_interleave(per)
+        s, k = within // g.n_parts, within % g.n_parts
+        n = self.lock.n
+        i = torch.arange(n).repeat_interleave(len(r))
+        return i, r.repeat(n), s.repeat(n), k.repeat(n)
+
+    def _write(self, i: Tensor, r: Tensor, s: Tensor, k: Tensor, scores: Tensor) -> None:
+        i, r, s, k = i.cpu(), r.cpu(), s.cpu(), k.cpu()
+        edge = self.offsets[r] + s * self.graph.n_parts + k
+        self.out[i, edge] = scores.float().cpu()
+        if self.bar is not None:
+            self.bar.update(len(i))
+
+
+def single_edge_scores(
+    model: HookedReranker,
+    clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
+    corrupted: CorruptedLike = None,
+    *,
+    graph: EdgeGraph | None = None,
+    align: Align = "token",
+    batch_size: int | None = None,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+    pairs_per_walk: int = 1,
+    progress: bool = False,
+) -> Float[Tensor, "pair edge"]:
+    """Exact score of every pair with each single edge patched (``[pair, edge]``, edge order of
+    ``graph``): the naive per-edge loop's values, batched (module doc)."""
+    refuse_active_hooks(model, "single_edge_scores")
+    graph = check_graph(model, graph)
+    check_batch_size(batch_size)
+    width = (clean.clean if not isinstance(clean, CrossEncoderBatch) else clean).input_ids.shape[1]
+    rows = batch_size or rows_per_chunk(model, width, memory_budget)
+    inputs = prepare_inputs(model, clean, corrupted, align, tracked_rows(model, width))
+    n = len(inputs)
+    out = torch.full((n, graph.n_edges), float("nan"))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n * graph.n_edges, desc="single edges", unit="edge")
+    with torch.no_grad():
+        for lo in range(0, n, pairs_per_walk):
+            pairs = torch.arange(lo, min(lo + pairs_per_walk, n))
+            lock = Lockstep(model, inputs, pairs, torch.arange(len(pairs)))
+            handler = _SingleEdges(model, graph, lock, out[lo : lo + len(pairs)], rows, bar)
+            tracked_walk(model, lock.x0, lock.rows, handler)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+__all__ = [
+    "METHODS",
+    "EdgeScores",
+    "Method",
+    "edge_attribution",
+    "n_edges_of",
+    "single_edge_scores",
+]

@@ -1,11 +1,15 @@
 """Circuits: edge sets that keep the behaviour, found from edge scores and checked exactly.
 
+Stage 5 of :mod:`patching.edges`: it takes :class:`~patching.edges.attribution.EdgeScores` (or
+any ranking) and checks every circuit with the engine's exact patching
+(:func:`~patching.edges.engine.patch_edge_sets`).
+
 A **circuit** ``C`` is a set of edges; it is evaluated by patching every edge *outside* it (their
 receivers read the source -- corrupted, mean or zero -- contribution), everything else clean,
 as MIB does (Mueller et al. 2025, "MIB: A Mechanistic Interpretability Benchmark", circuit
-localization track). With the metric ``m`` averaged over units (:mod:`patching.edges.metrics`),
-``m(N)`` the clean model (no edge patched) and ``m(empty)`` every edge patched (the corrupted
-run):
+localization track). With the metric ``m`` averaged over units
+(:func:`~patching.edges.sources.metric_matrix`), ``m(N)`` the clean model (no edge patched) and
+``m(empty)`` every edge patched (the corrupted run):
 
 * **faithfulness** ``f(C) = (m(C) - m(empty)) / (m(N) - m(empty))``: 1 when the circuit alone
   recovers the whole behaviour, 0 when it recovers none;
@@ -50,10 +54,9 @@ from mechir.interface import HookedReranker
 from mechir.parts import CrossEncoderBatch
 from mechir.running import refuse_active_hooks
 from patching.edges.attribution import EdgeScores
-from patching.edges.graph import EdgeGraph
-from patching.edges.inputs import Align, CorruptedLike, EdgeInputs
-from patching.edges.metrics import MetricLike, metric_matrix
-from patching.edges.patch import check_graph, patch_edge_sets, prepare_inputs, tracked_rows
+from patching.edges.engine import patch_edge_sets, prepare_inputs, tracked_rows
+from patching.edges.graph import EdgeGraph, check_graph
+from patching.edges.sources import Align, CorruptedLike, EdgeInputs, MetricLike, metric_matrix
 from patching.perturbations import AlignedPairs
 from patching.sweep import DEFAULT_MEMORY_BUDGET
 

@@ -1,5 +1,12 @@
 """The edge engine: a forward pass that knows every sender's contribution to the residual stream.
 
+Stage 3 of :mod:`patching.edges`: it takes the graph (:mod:`~patching.edges.graph`) and the
+checked sources (:mod:`~patching.edges.sources`) and runs them: the tracked walk (contributions
+kept, a :class:`PointHandler` asked at every receiver point), the plain forward (receiver inputs
+kept for gradients), the ``"mean"`` source's per-part means, and exact patching of edge sets
+(:func:`patch_edge_sets`, :func:`patch_edges`). Attribution and circuits call it; it calls
+neither.
+
 **Contributions in a post-LayerNorm stream.** A BERT block (TransformerLens ``BertBlock``) is::
 
     r = x + attn(x)              attn(x) = sum_h z_h W_O[h] + b_O
@@ -56,11 +63,17 @@ are active on the model (:func:`mechir.running.refuse_active_hooks`; one interve
 hooks go to the model's own forward, engines run without them). A query position whose
 keys are all masked (padding inside a sliding window) gets ``z = 0`` as in the model, with a zero
 gradient (the model's own softmax backward gives NaN there).
+**Exact patching of edge sets.** :func:`patch_edge_sets` runs one tracked forward per (pair,
+edge set) row, many rows per batch, with the source rows in the same batch
+(:class:`~patching.edges.sources.Lockstep`): the score of each pair when exactly the edges of
+the set read their sender's source contribution. :func:`patch_edges` is the one-set case. Both
+are checked against :func:`patching.edges.reference.patch_edges_reference` (plain model hooks,
+one forward per edge set) in ``tests/patching/test_edges.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,38 +81,48 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir import distributed
 from mechir.interface import HookedReranker
-from mechir.models.registry import FAMILIES
-from mechir.parts import CrossEncoderBatch, Part
-
-Point = tuple[str, int]
-
-#: Number of input parts of part-split edges (CLS, query, SEP1, document, SEP2).
-N_PARTS = 5
+from mechir.models.modernbert import IdentityNorm, RotaryAttention
+from mechir.parts import CrossEncoderBatch
+from mechir.running import refuse_active_hooks
+from patching.edges.graph import (
+    EDGE_FAMILIES,
+    N_PARTS,
+    EdgeGraph,
+    EdgesLike,
+    Point,
+    check_graph,
+    edge_set_masks,
+    require_edges,
+)
+from patching.edges.sources import (
+    Align,
+    CorruptedLike,
+    EdgeInputs,
+    Lockstep,
+    edge_inputs,
+    embed,
+    part_onehot,
+    take_rows,
+)
+from patching.perturbations import AlignedPairs
+from patching.sweep import DEFAULT_MEMORY_BUDGET, check_batch_size
 
 
 # ---------------------------------------------------------------------- model pieces
-#: Families whose blocks the engine follows (attention, MLP and LayerNorms of ``EncoderSpec``):
-#: those declaring ``Family.edge_circuits`` (a model's ``abilities.edges``).
-EDGE_FAMILIES = tuple(f.name for f in FAMILIES if f.edge_circuits)
-
-
 def is_pre_ln(model: HookedReranker) -> bool:
     """ModernBERT-style blocks (the stream is a plain sum; receivers normalize what they read);
     a one-line error for a model whose blocks the engine does not follow (``abilities.edges``
     is False: DeBERTa, MonoT5, decoder LLMs)."""
-    if not model.abilities.edges:
-        raise ValueError(
-            f"edge circuits follow the blocks of {', '.join(EDGE_FAMILIES)}; "
-            f"the {model.family.name} family is not supported"
-        )
+    require_edges(model)
     return not model.abilities.post_ln
 
 
 def layer_norm(ln: nn.Module, v: Tensor) -> Tensor:
     """A model LayerNorm module's function (ModernBERT's layer-0 ``IdentityNorm`` is the
     identity)."""
-    if not hasattr(ln, "w"):
+    if isinstance(ln, IdentityNorm):
         return v
     return nn.functional.layer_norm(v, (v.shape[-1],), ln.w, ln.b, ln.eps)
 
@@ -115,7 +138,7 @@ def norm_stats(ln: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
 def norm_vjp(ln: nn.Module, x_hat: Tensor, sigma: Tensor, grad: Tensor) -> Tensor:
     """Gradient through a LayerNorm: ``J^T g = (P u - x_hat (u . x_hat) / d) / sigma`` with
     ``u = gamma * g`` (``x_hat``/``sigma`` broadcast over extra dimensions of ``grad``)."""
-    if not hasattr(ln, "w"):
+    if isinstance(ln, IdentityNorm):
         return grad
     u = grad * ln.w
     d = u.shape[-1]
@@ -187,14 +210,13 @@ def attend(
     """``z = softmax(q k^T / scale + mask) v`` per head (rotary positions and the sliding window
     of ModernBERT's local layers included; a query with every key masked gets ``z = 0``)."""
     q, k, v = qkv.unbind(2)
-    rotate = getattr(attn, "rotate_positions", None)
-    if rotate is not None:
-        q, k = rotate(q), rotate(k)
+    rotary = isinstance(attn, RotaryAttention)  # ModernBERT's; BERT blocks: TL's Attention
+    if rotary:
+        q, k = attn.rotate_positions(q), attn.rotate_positions(k)
     scores = torch.einsum("rqhd,rkhd->rhqk", q, k) / attn.attn_scale + additive
-    window = getattr(attn, "window", None)
-    if window is not None:
+    if rotary and attn.window is not None:
         pos = torch.arange(q.shape[1], device=q.device)
-        scores = scores.masked_fill((pos[:, None] - pos[None]).abs() > window, -torch.inf)
+        scores = scores.masked_fill((pos[:, None] - pos[None]).abs() > attn.window, -torch.inf)
     # rows with no key to attend to (padding queries in a sliding window) get a zero pattern,
     # as in the model, but through a softmax of zeros: its gradient is 0, not NaN
     empty = torch.isneginf(scores).all(-1, keepdim=True)
@@ -210,61 +232,6 @@ def score_head(
         x = layer_norm(model.ln_final, x)
     with model.running_on(rows):
         return model.score_from_resid(x)
-
-
-# ---------------------------------------------------------------------- batches
-def pad_batch(batch: CrossEncoderBatch, width: int, pad_token_id: int) -> CrossEncoderBatch:
-    """``batch`` right-padded to ``width`` positions (padding is masked and has part PAD)."""
-    n, w = batch.input_ids.shape
-    if w == width:
-        return batch
-    extra = width - w
-
-    def pad(t: Tensor, value: int) -> Tensor:
-        return torch.cat([t, t.new_full((n, extra), value)], dim=1)
-
-    return CrossEncoderBatch(
-        pad(batch.input_ids, pad_token_id),
-        pad(batch.token_type_ids, 0),
-        pad(batch.attention_mask, 0),
-        pad(batch.parts, int(Part.PAD)),
-    )
-
-
-def cat_batches(batches: list[CrossEncoderBatch], pad_token_id: int) -> CrossEncoderBatch:
-    """Rows of several batches in one (padded to the widest)."""
-    width = max(b.input_ids.shape[1] for b in batches)
-    padded = [pad_batch(b, width, pad_token_id) for b in batches]
-    return CrossEncoderBatch(
-        *(
-            torch.cat([getattr(b, name) for b in padded])
-            for name in ("input_ids", "token_type_ids", "attention_mask", "parts")
-        )
-    )
-
-
-def take_rows(batch: CrossEncoderBatch, rows: Int[Tensor, " n"]) -> CrossEncoderBatch:
-    """Rows of ``batch`` at its full width."""
-    rows = rows.to(batch.input_ids.device)
-    return CrossEncoderBatch(
-        batch.input_ids[rows], batch.token_type_ids[rows], batch.attention_mask[rows],
-        batch.parts[rows],
-    )  # fmt: skip
-
-
-def embed(model: HookedReranker, batch: CrossEncoderBatch) -> Float[Tensor, "rows pos d"]:
-    """The embedding output ``hook_full_embed`` of ``batch``."""
-    batch = batch.to(model.cfg.device)
-    return model.embed(batch.input_ids, batch.token_type_ids)
-
-
-def part_onehot(parts: Int[Tensor, "rows pos"], n_parts: int) -> Float[Tensor, "rows pos k"]:
-    """Per position: one-hot of its part (``n_parts`` = 5), or all ones (``n_parts`` = 1, edges
-    not split by part: every position, padding included)."""
-    if n_parts == 1:
-        return torch.ones(*parts.shape, 1, device=parts.device)
-    onehot = nn.functional.one_hot(parts.long().clamp(max=N_PARTS), N_PARTS + 1)
-    return onehot[..., :N_PARTS].float()
 
 
 # ---------------------------------------------------------------------- tracked walk
@@ -383,7 +350,7 @@ def plain_layer(
     block, pre_ln = model.blocks[layer], is_pre_ln(model)
     attn = block.attn
     if pre_ln:
-        stats = norm_stats(block.ln1, x) if hasattr(block.ln1, "w") else None
+        stats = None if isinstance(block.ln1, IdentityNorm) else norm_stats(block.ln1, x)
         qkv = project(attn, layer_norm(block.ln1, x))
     else:
         stats, qkv = None, project(attn, x)
@@ -497,32 +464,234 @@ def kept_tensors(kept: Kept) -> list[Tensor]:
     return [*kept.qkv, *kept.mlp, kept.score]
 
 
+# ---------------------------------------------------------------------- the "mean" source
+class _MeanHandler(PointHandler):
+    """Accumulates per-part sums of every contribution at every point."""
+
+    def __init__(self, onehot: Tensor, sums: dict[Point, Tensor], n_layers: int):
+        self.onehot, self.sums, self.n_layers = onehot, sums, n_layers
+
+    def _add(self, point: Point, c: Tensor) -> None:
+        s = torch.einsum("rspd,rpk->skd", c, self.onehot).double()
+        self.sums[point] = self.sums[point] + s if point in self.sums else s
+
+    def pre(self, layer: int, contributions: Tensor) -> None:
+        self._add(("pre", layer), contributions)
+
+    def mid(self, layer: int, contributions: Tensor) -> None:
+        self._add(("mid", layer), contributions)
+
+    def final(self, contributions: Tensor) -> None:
+        self._add(("final", self.n_layers), contributions)
+
+
+def mean_contributions(model: HookedReranker, inputs: EdgeInputs, rows: int) -> dict[Point, Tensor]:
+    """Per point, ``[S, 5, d]``: each sender's mean contribution over the real tokens of each part
+    of the clean batch (walks over it in chunks of ``rows``; with a process group, each rank
+    walks its share and the sums are all-reduced)."""
+    sums: dict[Point, Tensor] = {}
+    counts = torch.zeros(N_PARTS, dtype=torch.float64)
+    n = len(inputs)
+    mine = distributed.shard_indices(n) if distributed.sharding() else list(range(n))
+    with torch.no_grad():
+        for start in range(0, len(mine), rows):
+            chunk = take_rows(inputs.clean, torch.tensor(mine[start : start + rows]))
+            onehot = part_onehot(chunk.parts, N_PARTS)
+            counts += onehot.sum((0, 1)).double().cpu()
+            handler = _MeanHandler(onehot, sums, model.cfg.n_layers)
+            tracked_walk(model, embed(model, chunk), chunk, handler)
+    if distributed.sharding():
+        counts = distributed.all_reduce_sum(counts)
+        if not sums:  # a rank without pairs: zeros of the right shapes
+            sums = _zero_sums(model, inputs)
+        sums = {point: distributed.all_reduce_sum(v) for point, v in sorted(sums.items())}
+    device = inputs.clean.device
+    scale = counts.clamp(min=1).to(device)[None, :, None]
+    return {point: (v / scale).to(model.cfg.dtype) for point, v in sums.items()}
+
+
+def _zero_sums(model: HookedReranker, inputs: EdgeInputs) -> dict[Point, Tensor]:
+    cfg = model.cfg
+    out = {}
+    for layer in range(cfg.n_layers):
+        before = 1 + layer * (cfg.n_heads + 1)
+        out[("pre", layer)] = torch.zeros(before, N_PARTS, cfg.d_model, dtype=torch.float64)
+        mid = before + cfg.n_heads
+        out[("mid", layer)] = torch.zeros(mid, N_PARTS, cfg.d_model, dtype=torch.float64)
+    total = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    out[("final", cfg.n_layers)] = torch.zeros(total, N_PARTS, cfg.d_model, dtype=torch.float64)
+    return {k: v.to(inputs.clean.device) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------- sizing
+def tracked_rows(
+    model: HookedReranker, width: int, memory_budget: float = DEFAULT_MEMORY_BUDGET
+) -> int:
+    """Rows of a tracked walk that fit ``memory_budget`` bytes (a rough, conservative estimate):
+    per position about ``6 S d_model`` values for the contributions, their source and
+    difference and the LayerNorm temporaries (``S`` = every sender), ``6 n_heads d_model`` for the
+    per-head inputs, and the attention scores."""
+    cfg = model.cfg
+    senders = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    per_row = width * (
+        6 * senders * cfg.d_model
+        + 6 * cfg.n_heads * cfg.d_model
+        + 4 * cfg.n_heads * width
+        + 6 * cfg.d_mlp
+    )
+    per_row *= torch.finfo(cfg.dtype).bits // 8
+    return max(1, int(memory_budget // per_row))
+
+
+def prepare_inputs(
+    model: HookedReranker,
+    clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
+    corrupted: CorruptedLike,
+    align: Align,
+    rows: int,
+) -> EdgeInputs:
+    """:func:`edge_inputs`, with the per-part means of the ``"mean"`` source computed."""
+    inputs = (
+        clean
+        if isinstance(clean, EdgeInputs)
+        else edge_inputs(model, clean, corrupted, align=align)
+    )
+    if inputs.kind == "mean" and inputs.means is None:
+        inputs.means = mean_contributions(model, inputs, rows)
+    return inputs
+
+
+# ---------------------------------------------------------------------- edge sets
+class PatchHandler(PointHandler):
+    """Adds ``sum_{s patched} (source - current)`` to every receiver's input, per row's mask."""
+
+    def __init__(self, graph: EdgeGraph, lock: Lockstep, masks: Tensor, n_rows: int):
+        self.graph, self.lock, self.masks, self.n_rows = graph, lock, masks, n_rows
+        self.at: dict[Point, list[int]] = {}
+        for i, r in enumerate(graph.receivers):
+            self.at.setdefault(r.point, []).append(i)
+
+    def _delta(self, point: Point, contributions: Tensor) -> Tensor | None:
+        recv = self.at[point]
+        mask = self.masks[:, recv, : contributions.shape[1]]  # [n, J, S, K]
+        if not bool(mask.any()):
+            return None
+        return self.lock.apply_masks(point, contributions, mask)  # [n, pos, J, d]
+
+    def pre(self, layer: int, contributions: Tensor) -> Tensor | None:
+        d = self._delta(("pre", layer), contributions)
+        return None if d is None else d.unflatten(2, (3, self.graph.n_heads))
+
+    def mid(self, layer: int, contributions: Tensor) -> Tensor | None:
+        d = self._delta(("mid", layer), contributions)
+        return None if d is None else d[:, :, 0]
+
+    def final(self, contributions: Tensor) -> Tensor | None:
+        d = self._delta(("final", self.graph.n_layers), contributions)
+        return None if d is None else d[:, :, 0]
+
+
+def patch_edge_sets(
+    model: HookedReranker,
+    clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
+    corrupted: CorruptedLike = None,
+    sets: Sequence[EdgesLike] | Tensor = ("all",),
+    *,
+    graph: EdgeGraph | None = None,
+    align: Align = "token",
+    batch_size: int | None = None,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+) -> Float[Tensor, "pair set"]:
+    """Exact scores of every pair with each edge set patched (module doc of
+    :mod:`patching.edges.engine` for what "patched" means).
+
+    Args:
+        clean, corrupted: :class:`AlignedPairs` (corrupted taken from them unless given), or a
+            clean batch with a corrupted batch (aligned token for token, or by part with
+            ``align="part"``), or ``corrupted="mean"`` / ``"zero"``.
+        sets: edge sets: each ``"all"``, a list of labels (``"2/5->3/7.q"``) or indices, or a
+            ``[edges]`` boolean mask; or a ``[set, edge]`` boolean tensor.
+        graph: the edge graph (default ``edge_graph(model)``; ``parts=True`` for part edges).
+        batch_size: rows (pair x set) per forward; default from ``memory_budget`` bytes.
+
+    Returns:
+        ``[pair, set]`` float32 scores on the CPU.
+    """
+    refuse_active_hooks(model, "patch_edge_sets")
+    graph = check_graph(model, graph)
+    check_batch_size(batch_size)
+    width = (clean.clean if not isinstance(clean, CrossEncoderBatch) else clean).input_ids.shape[1]
+    rows = batch_size or tracked_rows(model, width, memory_budget)
+    inputs = prepare_inputs(model, clean, corrupted, align, rows)
+    masks = edge_set_masks(graph, sets).to(inputs.clean.device)
+    n, n_sets = len(inputs), len(masks)
+    out = torch.empty(n, n_sets)
+    pair_of = torch.arange(n).repeat_interleave(n_sets)
+    set_of = torch.arange(n_sets).repeat(n)
+    with torch.no_grad():
+        for lo in range(0, n * n_sets, rows):
+            p_rows, s_rows = pair_of[lo : lo + rows], set_of[lo : lo + rows]
+            pairs, row_pair = torch.unique(p_rows, return_inverse=True)
+            lock = Lockstep(model, inputs, pairs, row_pair)
+            handler = PatchHandler(graph, lock, masks[s_rows.to(masks.device)], len(lock.rows))
+            scores = tracked_walk(model, lock.x0, lock.rows, handler)
+            out[p_rows, s_rows] = scores[: lock.n].float().cpu()
+    return out
+
+
+def patch_edges(
+    model: HookedReranker,
+    clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
+    corrupted: CorruptedLike = None,
+    edges: EdgesLike = "all",
+    *,
+    graph: EdgeGraph | None = None,
+    align: Align = "token",
+    batch_size: int | None = None,
+    memory_budget: float = DEFAULT_MEMORY_BUDGET,
+) -> Float[Tensor, " pair"]:
+    """Exact scores with ``edges`` patched: each edge's receiver reads its sender's source
+    contribution instead of the current one; everything downstream is recomputed (LayerNorm
+    statistics included). ``edges="all"`` gives the corrupted run's scores and ``[]`` the clean
+    run's (to float round-off: see :mod:`patching.edges.engine`).
+
+    ``patch_edges(model, pairs, edges=["input->score"])``; arguments as
+    :func:`patch_edge_sets`. Returns ``[pair]`` float32 scores on the CPU.
+    """
+    refuse_active_hooks(model, "patch_edges")
+    return patch_edge_sets(
+        model, clean, corrupted, [edges], graph=graph, align=align, batch_size=batch_size,
+        memory_budget=memory_budget,
+    )[:, 0]  # fmt: skip
+
+
 __all__ = [
-    "N_PARTS",
+    "EDGE_FAMILIES",
+    "Contributions",
     "Kept",
+    "PatchHandler",
     "PointHandler",
     "Slots",
     "attend",
-    "Contributions",
-    "cat_batches",
-    "embed",
     "expand_qkv_grads",
     "input_grads",
     "is_pre_ln",
     "kept_tensors",
     "layer_norm",
+    "mean_contributions",
     "n_senders",
     "norm_stats",
     "norm_vjp",
-    "pad_batch",
-    "part_onehot",
+    "patch_edge_sets",
+    "patch_edges",
     "plain_forward",
     "plain_layer",
     "plain_score",
+    "prepare_inputs",
     "project",
     "qkv_weights",
     "score_head",
-    "take_rows",
     "tracked_layer",
+    "tracked_rows",
     "tracked_walk",
 ]

@@ -34,13 +34,23 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from mechir.interface import HookedReranker
+from mechir.models.registry import FAMILIES
 from mechir.parts import PARTS
 
 Channel = Literal["q", "k", "v"]
+#: Where receivers read: ``("pre", l)``, ``("mid", l)`` or ``("final", n_layers)``
+#: (:attr:`Receiver.point`).
+Point = tuple[str, int]
 #: Receiver kinds, in the order a layer's receivers are listed.
 RECEIVER_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp", "score")
 #: Names of the parts of part-split edges (:data:`mechir.PARTS` order).
 PART_NAMES: tuple[str, ...] = tuple(p.name.lower() for p in PARTS)
+#: Number of input parts of part-split edges (CLS, query, SEP1, document, SEP2).
+N_PARTS = len(PART_NAMES)
+#: Families whose blocks the engine follows (attention, MLP and LayerNorms of ``EncoderSpec``):
+#: those declaring ``Family.edge_circuits`` (a model's ``abilities.edges``), for messages.
+EDGE_FAMILIES = tuple(f.name for f in FAMILIES if f.edge_circuits)
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ class Receiver:
         return f"mlp{self.layer}" if self.kind == "mlp" else f"{self.layer}/{self.head}.{self.kind}"
 
     @property
-    def point(self) -> tuple[str, int]:
+    def point(self) -> Point:
         """Where in the forward pass it reads: ``("pre", l)`` (the input of block ``l``),
         ``("mid", l)`` (block ``l``'s MLP input) or ``("final", n_layers)``."""
         if self.kind == "score":
@@ -259,7 +269,9 @@ def _parse_label(label: str, parts: bool) -> tuple[str, str, str | None]:
     return m.group("s"), m.group("r"), part
 
 
-def edge_graph(model_or_shape: Any, *, parts: bool = False) -> EdgeGraph:
+def edge_graph(
+    model_or_shape: HookedReranker | tuple[int, int], *, parts: bool = False
+) -> EdgeGraph:
     """The edge graph of a model (or of ``(n_layers, n_heads)``).
 
     >>> g = edge_graph((2, 4))
@@ -304,18 +316,75 @@ def edge_graph(model_or_shape: Any, *, parts: bool = False) -> EdgeGraph:
     )
 
 
-def receivers_at(graph: EdgeGraph, point: tuple[str, int]) -> list[int]:
+def receivers_at(graph: EdgeGraph, point: Point) -> list[int]:
     """Indices of the receivers reading at ``point`` (see :attr:`Receiver.point`)."""
     return [i for i, r in enumerate(graph.receivers) if r.point == point]
 
 
+def require_edges(model: HookedReranker) -> None:
+    """One line when the model's family does not declare edge support (``abilities.edges``
+    False: DeBERTa, MonoT5, decoder LLMs): the engine follows only the blocks of
+    :data:`EDGE_FAMILIES`."""
+    if not model.abilities.edges:
+        raise ValueError(
+            f"edge circuits follow the blocks of {', '.join(EDGE_FAMILIES)}; "
+            f"the {model.family.name} family is not supported"
+        )
+
+
+def check_graph(
+    model: HookedReranker, graph: EdgeGraph | None, *, parts: bool = False
+) -> EdgeGraph:
+    """``graph``, or the model's, checked against the model's shape (and the model's family
+    against the engine: :func:`require_edges`). Every public edge function starts here."""
+    require_edges(model)
+    if graph is None:
+        return edge_graph(model, parts=parts)
+    cfg = model.cfg
+    if (graph.n_layers, graph.n_heads) != (cfg.n_layers, cfg.n_heads):
+        raise ValueError(
+            f"the edge graph is for {graph.n_layers} layers x {graph.n_heads} heads but the model "
+            f"has {cfg.n_layers} x {cfg.n_heads}: build it with edge_graph(model)"
+        )
+    return graph
+
+
+def edge_set_masks(
+    graph: EdgeGraph, sets: Sequence[EdgesLike] | Tensor
+) -> Bool[Tensor, "set receiver sender part"]:
+    """``[set, receiver, sender, part]`` masks from a list of edge sets (anything
+    :meth:`EdgeGraph.edge_ids` takes), ``[set, edge]`` boolean masks, or masks already."""
+    if isinstance(sets, Tensor):
+        if sets.dtype != torch.bool:
+            raise ValueError("edge-set masks must be boolean tensors")
+        if sets.dim() == 2 and sets.shape[1] == graph.n_edges:
+            out = torch.zeros(len(sets), *graph.valid.shape, dtype=torch.bool)
+            out[:, graph.edge_receiver, graph.edge_sender, graph.edge_part] = sets
+            return out
+        if sets.dim() == 4 and sets.shape[1:] == graph.valid.shape:
+            if bool((sets & ~graph.valid).any()):
+                raise ValueError("an edge-set mask marks a (receiver, sender) that is no edge")
+            return sets
+        raise ValueError(
+            f"edge-set masks need shape [sets, {graph.n_edges}] or [sets, "
+            f"{', '.join(map(str, graph.valid.shape))}], got {tuple(sets.shape)}"
+        )
+    return graph.masks(list(sets))
+
+
 __all__ = [
+    "EDGE_FAMILIES",
+    "N_PARTS",
     "PART_NAMES",
+    "Point",
     "RECEIVER_KINDS",
     "EdgeGraph",
     "EdgesLike",
     "Receiver",
     "Sender",
+    "check_graph",
+    "require_edges",
     "edge_graph",
+    "edge_set_masks",
     "receivers_at",
 ]

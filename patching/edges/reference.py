@@ -31,7 +31,7 @@ from mechir.attribution.integration import integration_rule
 from mechir.interface import HookedReranker
 from mechir.parts import PARTS, CrossEncoderBatch
 from patching.edges.graph import EdgeGraph, EdgesLike, edge_graph
-from patching.edges.inputs import Align, CorruptedLike, EdgeInputs, edge_inputs
+from patching.edges.sources import Align, CorruptedLike, EdgeInputs, edge_inputs
 from patching.path import split_qkv_input
 from patching.perturbations import AlignedPairs
 

@@ -48,9 +48,11 @@ def test_user_baseline_batch_is_checked(tiny, tiny_batch):
     assert torch.equal(ok.input_ids, baseline_batch(model, tiny_batch, "unk").input_ids)
 
 
-def test_baseline_needs_a_tokenizer(tiny_batch):
+def test_baseline_needs_a_tokenizer(tiny, tiny_batch, monkeypatch):
+    model, _, _ = tiny
+    monkeypatch.setattr(model, "tokenizer", None)
     with pytest.raises(ValueError, match="no tokenizer"):
-        baseline_batch(None, tiny_batch, "pad")
+        baseline_batch(model, tiny_batch, "pad")
 
 
 def test_parse_target():

@@ -3,6 +3,14 @@
 Each family gets a ``*ForSequenceClassification`` built from its ``transformers`` config class and
 a tokenizer built offline with the ``tokenizers`` library (WordPiece for BERT/ELECTRA/DistilBERT,
 byte-level BPE for RoBERTa, Unigram for XLM-RoBERTa) wrapped in ``PreTrainedTokenizerFast``.
+
+**Selection by declaration.** Every builder names the ``transformers`` class it saves, and that
+class names its registry entry (:data:`mechir.models.FAMILIES`), so a builder's
+:class:`~mechir.models.Family` is looked up, never written down. Tests that need "every family
+with edges" or "every causal family" select builders with :func:`tiny_names` by what the registry
+entry declares (``edge_circuits``, ``kind``; :func:`pre_ln` reads an encoder family's
+``SPEC.blocks``), not by name lists. Adding a family is its file, its registry entry and one
+builder here; ``tests/families/test_builders.py`` fails while a registered family has none.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers.trainers import BpeTrainer, UnigramTrainer
 from transformers import PreTrainedTokenizerFast
 
+from mechir.models.registry import FAMILIES, Family
 from tests.helpers import DOCUMENTS, QUERIES, WORDS
 
 D_MODEL, N_HEADS, N_LAYERS, MAX_LENGTH = 32, 4, 2, 64
@@ -202,6 +211,11 @@ class FamilySpec:
     config: Callable[[int, int], Any]  #: (vocabulary size, max input length) -> config
     has_token_types: bool
     middle_seps: int
+
+    @property
+    def family(self) -> Family:
+        """The registry entry that loads :attr:`model_class`."""
+        return registered_family(self.model_class)
 
 
 SPECS: dict[str, FamilySpec] = {
@@ -470,6 +484,11 @@ class DecoderSpec:
     tokenizer: Callable[[], PreTrainedTokenizerFast]
     config: Callable[[int], Any]  #: vocabulary size -> config
 
+    @property
+    def family(self) -> Family:
+        """The registry entry that loads :attr:`model_class`."""
+        return registered_family(self.model_class)
+
 
 DECODER_SPECS: dict[str, DecoderSpec] = {
     spec.name: spec
@@ -608,3 +627,48 @@ def load_hf_decoder(name: str, directory: Path) -> Any:
     """The saved decoder as Hugging Face runs it (eager attention, eval mode)."""
     cls = getattr(transformers, _decoder_spec(name).model_class)
     return cls.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+# ---------------------------------------------------------------------- selection by declaration
+def registered_family(model_class: str) -> Family:
+    """The registry entry loading checkpoints of the ``transformers`` class ``model_class``."""
+    for family in FAMILIES:
+        if model_class in family.architectures:
+            return family
+    raise ValueError(f"no registered family loads {model_class}: add its registry entry")
+
+
+#: Tiny MonoT5 variants (``save_tiny_t5``): v1.0 (ReLU, tied) and v1.1 (gated GELU, untied).
+T5_VARIANTS: dict[str, bool] = {"t5-v1.0": False, "t5-v1.1": True}
+
+
+def tiny_builders() -> dict[str, tuple[Family, Callable[[Path], Path]]]:
+    """Every tiny builder by name: its registry family and ``save(directory) -> directory``
+    (cross-encoders of :data:`SPECS`, the MonoT5 variants, the decoders of
+    :data:`DECODER_SPECS`)."""
+    out: dict[str, tuple[Family, Callable[[Path], Path]]] = {}
+    for name, spec in SPECS.items():
+        out[name] = (spec.family, lambda d, name=name: save_tiny_family(name, d))
+    t5 = registered_family("T5ForConditionalGeneration")
+    for name, gated in T5_VARIANTS.items():
+        out[name] = (t5, lambda d, gated=gated: save_tiny_t5(d, gated=gated))
+    for name, spec in DECODER_SPECS.items():
+        out[name] = (spec.family, lambda d, name=name: save_tiny_decoder(name, d))
+    return out
+
+
+def tiny_names(where: Callable[[Family], bool] = lambda family: True) -> tuple[str, ...]:
+    """Names of the tiny builders whose registry family satisfies ``where``, e.g.
+    ``tiny_names(lambda f: f.edge_circuits)`` (every family the edge engine follows) or
+    ``tiny_names(lambda f: f.kind == "decoder")`` (every causal family)."""
+    return tuple(name for name, (family, _) in tiny_builders().items() if where(family))
+
+
+def pre_ln(family: Family) -> bool:
+    """Whether an encoder family declares pre-LN blocks (its module's ``SPEC.blocks``)."""
+    return family.kind == "encoder" and family.implementation().SPEC.blocks == "pre_ln"
+
+
+def save_tiny(name: str, directory: Path) -> Path:
+    """Save the tiny checkpoint of builder ``name`` (:func:`tiny_builders`) to ``directory``."""
+    return tiny_builders()[name][1](directory)

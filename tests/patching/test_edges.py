@@ -27,7 +27,7 @@ from patching.edges.reference import (
     edge_attribution_reference,
     patch_edges_reference,
 )
-from tests.families.builders import save_tiny_family
+from tests.families.builders import pre_ln, save_tiny_family, tiny_names
 from tests.helpers import DOCUMENTS, QUERIES, tiny_hf_model
 from tests.patching.conftest import make_model
 
@@ -43,10 +43,10 @@ def _tfc1(tok) -> AlignedPairs:
     return AlignedPairs.from_pairs(built, tok)
 
 
-@pytest.fixture(scope="module", params=["modernbert", "modernbert-cls"])
+@pytest.fixture(scope="module", params=tiny_names(lambda f: f.edge_circuits and pre_ln(f)))
 def modern(request, tmp_path_factory):
-    """A tiny pre-LN ModernBERT (mean pooling with 4-token windows, or [CLS] pooling) and its
-    TFC1 pairs."""
+    """Every tiny pre-LN family with edges (ModernBERT: mean pooling with 4-token windows, or
+    [CLS] pooling) and its TFC1 pairs."""
     directory = save_tiny_family(request.param, tmp_path_factory.mktemp(request.param))
     model = load_cross_encoder(directory, device="cpu")
     return model, _tfc1(model.tokenizer)

@@ -1,4 +1,4 @@
-"""Pairs with the query's content words replaced (patching.edges.pairs)."""
+"""Pairs with the query's content words replaced (patching.edges.sources)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from mechir.data import Pair
 from mechir.parts import Part
-from patching.edges.pairs import replace_query_words
+from patching.edges import replace_query_words
 
 
 def test_content_words_become_fillers(tok):

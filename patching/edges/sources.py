@@ -1,4 +1,9 @@
-"""Clean inputs, the source of patched contributions, and the lockstep runs that read them.
+"""Sources: the clean and corrupted inputs of an edge computation, and what they contribute.
+
+Stage 2 of :mod:`patching.edges` (after the graph, before the engine): it turns what a user
+passes into checked :class:`EdgeInputs`, and, for a group of pairs, into a :class:`Lockstep`
+(the current rows and their source rows as one batch) that the engine's walk hands its
+contributions to. Nothing here runs a forward pass beyond the embedding.
 
 A source is one of:
 
@@ -10,41 +15,62 @@ A source is one of:
   of the same part, broadcast to the clean input's tokens of that part (every part a clean input
   has must have a token in its corrupted input);
 * ``"mean"``: per part, the mean of each sender's contribution over every real token of that
-  part in the clean batch (mean ablation; the same source for every pair);
+  part in the clean batch (mean ablation; the same source for every pair; the engine fills
+  :attr:`EdgeInputs.means` with one walk over the clean batch,
+  :func:`patching.edges.engine.prepare_inputs`);
 * ``"zero"``: no contribution.
 
 With ``"token"`` and ``"part"`` the corrupted rows run in the same batch as the rows that read
 them (:class:`Lockstep`), so their contributions at each point are at hand without being stored
 for the whole pass.
+
+**Pairs with the query corrupted** (:func:`replace_query_words`): :class:`patching.PerturbedPair`
+perturbs documents (its query is shared by the clean and the corrupted input); edge circuits of
+relevance also need the other direction, "query words replaced": every word piece of the query's
+content words (the words :meth:`patching.PairBuilder.candidate_terms` accepts: not stopwords, at
+least two characters with a letter) becomes the filler token, so the corrupted input has the
+same length, parts and token types as the clean one (aligned token for token) and keeps only the
+query's function words.
+
+**Metrics** (:func:`metric_matrix`): every metric of edge attribution and circuits is linear in
+the pairs' scores, ``metric = A @ scores`` with ``A`` a ``[unit, pair]`` matrix, so an edge's
+effect on a unit is the same combination of its effects on the pairs (pairs do not interact in
+an encoder):
+
+* ``"score"``: one unit per pair, its score (the model's relevance score, e.g. the log-odds);
+* ``"margin"``: one unit per query: mean score of its relevant pairs minus mean score of its
+  non-relevant ones (grades from :class:`patching.AlignedPairs`, ``grade > 0`` relevant; pair ids
+  ``"qid:docid"`` as :meth:`patching.PairBuilder.build` writes them);
+* a ``[unit, pair]`` tensor: any other linear combination.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechir import distributed
 from mechir.interface import HookedReranker
-from mechir.parts import PARTS, CrossEncoderBatch
-from patching.edges.engine import (
-    N_PARTS,
-    Point,
-    PointHandler,
-    cat_batches,
-    embed,
-    part_onehot,
-    take_rows,
-    tracked_walk,
+from mechir.parts import (
+    PARTS,
+    CrossEncoderBatch,
+    Part,
+    cross_encoder_batch_from_tokens,
+    pair_layout_of,
 )
-from patching.perturbations import AlignedPairs
+from patching.edges.graph import N_PARTS, Point
+from patching.perturbations import STOPWORDS, AlignedPairs, PairBuilder, is_content_word
 
 SourceKind = Literal["token", "part", "mean", "zero"]
 Align = Literal["token", "part"]
 CorruptedLike = CrossEncoderBatch | Literal["mean", "zero"] | None
+MetricLike = Literal["score", "margin"] | Tensor
 
 
 @dataclass
@@ -57,7 +83,7 @@ class EdgeInputs:
         kind: the source kind (module doc).
         pair_ids, grades: per pair, from :class:`AlignedPairs` when given.
         means: ``"mean"``: per point, ``[S, 5, d]`` per-part mean contributions (filled by
-            :func:`mean_contributions`).
+            the engine: :func:`patching.edges.engine.prepare_inputs`).
     """
 
     clean: CrossEncoderBatch
@@ -71,7 +97,10 @@ class EdgeInputs:
         return len(self.clean)
 
     def pad_token_id(self, model: HookedReranker) -> int:
-        return int(getattr(model.embed, "pad_token_id", 0) or 0)
+        """The id that pads rows to a common width: the embedding's (every family with
+        ``abilities.edges`` embeds with its shape's ``pad_token_id``, 0 when its config has
+        none)."""
+        return int(model.embed.pad_token_id)
 
 
 def edge_inputs(
@@ -142,8 +171,13 @@ def _check_token_aligned(
             f"{tuple(corrupted.input_ids.shape)} differ in shape: they must align token for "
             "token (build them with PairBuilder), or pass align='part' to align them by part"
         )
-    for name in ("parts", "token_type_ids", "attention_mask"):
-        differs = (getattr(clean, name) != getattr(corrupted, name)).any(-1)
+    fields = (
+        ("parts", clean.parts, corrupted.parts),
+        ("token_type_ids", clean.token_type_ids, corrupted.token_type_ids),
+        ("attention_mask", clean.attention_mask, corrupted.attention_mask),
+    )
+    for name, a, b in fields:
+        differs = (a != b).any(-1)
         if bool(differs.any()):
             bad = [pair_ids[i] for i in differs.nonzero()[:, 0].tolist()]
             raise ValueError(
@@ -167,63 +201,59 @@ def _check_part_aligned(
         )
 
 
-# ---------------------------------------------------------------------- the "mean" source
-class _MeanHandler(PointHandler):
-    """Accumulates per-part sums of every contribution at every point."""
+# ---------------------------------------------------------------------- batches
+def pad_batch(batch: CrossEncoderBatch, width: int, pad_token_id: int) -> CrossEncoderBatch:
+    """``batch`` right-padded to ``width`` positions (padding is masked and has part PAD)."""
+    n, w = batch.input_ids.shape
+    if w == width:
+        return batch
+    extra = width - w
 
-    def __init__(self, onehot: Tensor, sums: dict[Point, Tensor], n_layers: int):
-        self.onehot, self.sums, self.n_layers = onehot, sums, n_layers
+    def pad(t: Tensor, value: int) -> Tensor:
+        return torch.cat([t, t.new_full((n, extra), value)], dim=1)
 
-    def _add(self, point: Point, c: Tensor) -> None:
-        s = torch.einsum("rspd,rpk->skd", c, self.onehot).double()
-        self.sums[point] = self.sums[point] + s if point in self.sums else s
-
-    def pre(self, layer: int, contributions: Tensor) -> None:
-        self._add(("pre", layer), contributions)
-
-    def mid(self, layer: int, contributions: Tensor) -> None:
-        self._add(("mid", layer), contributions)
-
-    def final(self, contributions: Tensor) -> None:
-        self._add(("final", self.n_layers), contributions)
+    return CrossEncoderBatch(
+        pad(batch.input_ids, pad_token_id),
+        pad(batch.token_type_ids, 0),
+        pad(batch.attention_mask, 0),
+        pad(batch.parts, int(Part.PAD)),
+    )
 
 
-def mean_contributions(model: HookedReranker, inputs: EdgeInputs, rows: int) -> dict[Point, Tensor]:
-    """Per point, ``[S, 5, d]``: each sender's mean contribution over the real tokens of each part
-    of the clean batch (walks over it in chunks of ``rows``; with a process group, each rank
-    walks its share and the sums are all-reduced)."""
-    sums: dict[Point, Tensor] = {}
-    counts = torch.zeros(N_PARTS, dtype=torch.float64)
-    n = len(inputs)
-    mine = distributed.shard_indices(n) if distributed.sharding() else list(range(n))
-    with torch.no_grad():
-        for start in range(0, len(mine), rows):
-            chunk = take_rows(inputs.clean, torch.tensor(mine[start : start + rows]))
-            onehot = part_onehot(chunk.parts, N_PARTS)
-            counts += onehot.sum((0, 1)).double().cpu()
-            handler = _MeanHandler(onehot, sums, model.cfg.n_layers)
-            tracked_walk(model, embed(model, chunk), chunk, handler)
-    if distributed.sharding():
-        counts = distributed.all_reduce_sum(counts)
-        if not sums:  # a rank without pairs: zeros of the right shapes
-            sums = _zero_sums(model, inputs)
-        sums = {point: distributed.all_reduce_sum(v) for point, v in sorted(sums.items())}
-    device = inputs.clean.device
-    scale = counts.clamp(min=1).to(device)[None, :, None]
-    return {point: (v / scale).to(model.cfg.dtype) for point, v in sums.items()}
+def cat_batches(batches: list[CrossEncoderBatch], pad_token_id: int) -> CrossEncoderBatch:
+    """Rows of several batches in one (padded to the widest)."""
+    width = max(b.input_ids.shape[1] for b in batches)
+    padded = [pad_batch(b, width, pad_token_id) for b in batches]
+    return CrossEncoderBatch(
+        torch.cat([b.input_ids for b in padded]),
+        torch.cat([b.token_type_ids for b in padded]),
+        torch.cat([b.attention_mask for b in padded]),
+        torch.cat([b.parts for b in padded]),
+    )
 
 
-def _zero_sums(model: HookedReranker, inputs: EdgeInputs) -> dict[Point, Tensor]:
-    cfg = model.cfg
-    out = {}
-    for layer in range(cfg.n_layers):
-        before = 1 + layer * (cfg.n_heads + 1)
-        out[("pre", layer)] = torch.zeros(before, N_PARTS, cfg.d_model, dtype=torch.float64)
-        mid = before + cfg.n_heads
-        out[("mid", layer)] = torch.zeros(mid, N_PARTS, cfg.d_model, dtype=torch.float64)
-    total = 1 + cfg.n_layers * (cfg.n_heads + 1)
-    out[("final", cfg.n_layers)] = torch.zeros(total, N_PARTS, cfg.d_model, dtype=torch.float64)
-    return {k: v.to(inputs.clean.device) for k, v in out.items()}
+def take_rows(batch: CrossEncoderBatch, rows: Int[Tensor, " n"]) -> CrossEncoderBatch:
+    """Rows of ``batch`` at its full width."""
+    rows = rows.to(batch.input_ids.device)
+    return CrossEncoderBatch(
+        batch.input_ids[rows], batch.token_type_ids[rows], batch.attention_mask[rows],
+        batch.parts[rows],
+    )  # fmt: skip
+
+
+def embed(model: HookedReranker, batch: CrossEncoderBatch) -> Float[Tensor, "rows pos d"]:
+    """The embedding output ``hook_full_embed`` of ``batch``."""
+    batch = batch.to(model.cfg.device)
+    return model.embed(batch.input_ids, batch.token_type_ids)
+
+
+def part_onehot(parts: Int[Tensor, "rows pos"], n_parts: int) -> Float[Tensor, "rows pos k"]:
+    """Per position: one-hot of its part (``n_parts`` = 5), or all ones (``n_parts`` = 1, edges
+    not split by part: every position, padding included)."""
+    if n_parts == 1:
+        return torch.ones(*parts.shape, 1, device=parts.device)
+    onehot = nn.functional.one_hot(parts.long().clamp(max=N_PARTS), N_PARTS + 1)
+    return onehot[..., :N_PARTS].float()
 
 
 # ---------------------------------------------------------------------- lockstep runs
@@ -374,12 +404,142 @@ def _pad_parts(parts: Int[Tensor, "n pos"], width: int) -> Int[Tensor, "n width"
     return torch.cat([parts, extra], dim=1)
 
 
+# ---------------------------------------------------------------------- query words replaced
+def replace_query_words(
+    tokenizer: Any,
+    items: Iterable[Any],
+    *,
+    max_length: int = 512,
+    filler: str | int = "a",
+    stopwords: frozenset[str] = STOPWORDS,
+    qrels: Mapping[str, Mapping[str, int]] | None = None,
+) -> tuple[AlignedPairs, dict[str, str]]:
+    """``(pairs, skipped)``: the candidates with their query's content words replaced.
+
+    Args:
+        tokenizer: a fast Hugging Face tokenizer (offsets map word pieces to words).
+        items: ``Pair``-like objects (``qid``, ``docid``, ``query``, ``document``), e.g.
+            ``collection.candidates()``; pair ids are ``"qid:docid"``.
+        max_length: the model input length (documents are cut to fit).
+        filler: the replacement token (a one-token word or a token id).
+        qrels: relevance judgments for the grades (0 when unjudged).
+
+    Returns:
+        Aligned pairs (clean = the real query) and, per skipped pair id, why (a query without a
+        content word, or an empty document).
+    """
+    builder = PairBuilder(tokenizer, max_length=max_length, filler=filler, stopwords=stopwords)
+    filler_id = builder.filler_id
+    layout = pair_layout_of(tokenizer)
+    queries, clean_q, corrupted_q, docs, ids, grades = [], [], [], [], [], []
+    skipped: dict[str, str] = {}
+    for item in items:
+        pair_id = f"{item.qid}:{item.docid}"
+        enc = tokenizer(item.query, add_special_tokens=False, return_offsets_mapping=True)
+        q_ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        spans = [
+            m.span()
+            for m in re.finditer(r"\w+", item.query)
+            if m.group().lower() not in stopwords and is_content_word(m.group().lower())
+        ]
+        replaced = [
+            filler_id if any(a < e and s < b for a, b in spans) else t
+            for t, (s, e) in zip(q_ids, offsets)
+        ]
+        doc = list(tokenizer(item.document, add_special_tokens=False)["input_ids"])
+        room = max_length - layout.n_special - len(q_ids)
+        if replaced == q_ids:
+            skipped[pair_id] = f"the query {item.query!r} has no content word to replace"
+            continue
+        if not doc or room < 1:
+            skipped[pair_id] = "empty document, or no room for it next to the query"
+            continue
+        queries.append(item.query)
+        clean_q.append(q_ids)
+        corrupted_q.append(replaced)
+        docs.append(doc[:room])
+        ids.append(pair_id)
+        grade = None if qrels is None else int(qrels.get(str(item.qid), {}).get(str(item.docid), 0))
+        grades.append(grade)
+    if not ids:
+        raise ValueError(
+            f"no pair could be built ({len(skipped)} skipped, e.g. "
+            f"{next(iter(skipped.values()), 'no candidates given')})"
+        )
+    common = dict(
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        layout=layout,
+        max_length=max(len(q) + len(d) for q, d in zip(clean_q, docs)) + layout.n_special,
+    )
+    clean = cross_encoder_batch_from_tokens(clean_q, docs, **common)
+    corrupted = cross_encoder_batch_from_tokens(corrupted_q, docs, **common)
+    return AlignedPairs(clean, corrupted, ids, grades), skipped
+
+
+# ---------------------------------------------------------------------- metrics
+def metric_matrix(
+    metric: MetricLike, pair_ids: list[str], grades: list[int | None]
+) -> tuple[Float[Tensor, "unit pair"], list[str]]:
+    """``(A, unit ids)`` of a metric (module doc)."""
+    n = len(pair_ids)
+    if isinstance(metric, Tensor):
+        if metric.dim() != 2 or metric.shape[1] != n:
+            raise ValueError(
+                f"a metric matrix needs shape [units, {n} pairs], got {tuple(metric.shape)}"
+            )
+        return metric.double(), [str(u) for u in range(metric.shape[0])]
+    if metric == "score":
+        return torch.eye(n, dtype=torch.float64), list(pair_ids)
+    if metric != "margin":
+        raise ValueError(
+            f"unknown metric {metric!r}: use 'score', 'margin' or a [unit, pair] tensor"
+        )
+    if any(g is None for g in grades):
+        raise ValueError(
+            "metric='margin' needs relevance grades: build the pairs with qrels "
+            "(PairBuilder.build(..., qrels=...))"
+        )
+    by_query: dict[str, list[int]] = {}
+    for i, pid in enumerate(pair_ids):
+        if ":" not in pid:
+            raise ValueError(
+                f"metric='margin' groups pairs by query from ids 'qid:docid', got {pid!r}"
+            )
+        by_query.setdefault(pid.split(":", 1)[0], []).append(i)
+    rows, units = [], []
+    for qid, members in by_query.items():
+        rel = [i for i in members if (grades[i] or 0) > 0]
+        non = [i for i in members if (grades[i] or 0) <= 0]
+        if not rel or not non:
+            continue
+        row = torch.zeros(n, dtype=torch.float64)
+        row[rel] = 1.0 / len(rel)
+        row[non] = -1.0 / len(non)
+        rows.append(row)
+        units.append(qid)
+    if not rows:
+        raise ValueError(
+            "metric='margin' found no query with both a relevant and a non-relevant pair: add "
+            "judged relevant and non-relevant documents per query, or use metric='score'"
+        )
+    return torch.stack(rows), units
+
+
 __all__ = [
     "Align",
     "CorruptedLike",
     "EdgeInputs",
     "Lockstep",
+    "MetricLike",
     "SourceKind",
+    "cat_batches",
     "edge_inputs",
-    "mean_contributions",
+    "embed",
+    "metric_matrix",
+    "pad_batch",
+    "part_onehot",
+    "replace_query_words",
+    "take_rows",
 ]
