@@ -53,3 +53,21 @@ def test_the_edge_section_names_exactly_the_families_that_declare_edges():
         assert bool(named) == family.edge_circuits, (
             f"README edge section and {family.name}'s declared edge support disagree"
         )
+
+
+def test_the_layernorm_sentence_follows_the_declared_blocks():
+    """ "X, Y and Z are post-LayerNorm encoders ... W is pre-LayerNorm" names every encoder family
+    by the blocks its file declares (``SPEC.blocks``, a model's ``abilities.post_ln``)."""
+    table_end = _section("Supported families")
+    post = re.search(r"\n([^\n|]+?) are post-LayerNorm encoders", table_end)
+    pre = re.search(r"; ([^;]+?) is pre-LayerNorm", table_end)
+    assert post and pre, "README: the post-/pre-LayerNorm sentence after the family table moved"
+    for family in FAMILIES:
+        if family.kind != "encoder":
+            continue
+        name = SHORT.get(family.name, family.name).split("-v")[0]  # "DeBERTa-v2" -> "DeBERTa"
+        blocks = family.implementation().SPEC.blocks
+        where = post.group(1) if blocks == "post_ln" else pre.group(1)
+        assert re.search(rf"\b{re.escape(name)}\b", where), (
+            f"README: {family.name} declares {blocks} blocks but the sentence says otherwise"
+        )
