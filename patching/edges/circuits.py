@@ -55,7 +55,7 @@ from mechir.parts import CrossEncoderBatch
 from mechir.running import refuse_active_hooks
 from patching.edges.attribution import EdgeScores
 from patching.edges.engine import patch_edge_sets, prepare_inputs, tracked_rows
-from patching.edges.graph import EdgeGraph, check_graph
+from patching.edges.graph import EdgeGraph, EdgesLike, check_graph
 from patching.edges.sources import Align, CorruptedLike, EdgeInputs, MetricLike, metric_matrix
 from patching.perturbations import AlignedPairs
 from patching.sweep import DEFAULT_MEMORY_BUDGET
@@ -162,7 +162,7 @@ def circuit_metric(
     model: HookedReranker,
     clean: CrossEncoderBatch | AlignedPairs | EdgeInputs,
     corrupted: CorruptedLike = None,
-    circuits: Sequence[Any] = (),
+    circuits: Sequence[EdgesLike] = (),
     *,
     graph: EdgeGraph | None = None,
     metric: MetricLike = "score",
@@ -180,7 +180,7 @@ def circuit_metric(
     return (a @ scores).T
 
 
-def _circuit_masks(graph: EdgeGraph, circuits: Sequence[Any]) -> Tensor:
+def _circuit_masks(graph: EdgeGraph, circuits: Sequence[EdgesLike]) -> Tensor:
     out = torch.zeros(len(circuits), graph.n_edges, dtype=torch.bool)
     for i, c in enumerate(circuits):
         out[i, graph.edge_ids(c)] = True
