@@ -75,6 +75,11 @@ class HookedReranker(Protocol):
         score_type: what :meth:`score` returns (``"binary_logit"``, ``"logit"``, ...).
         max_length: the longest input, in tokens.
         final_hidden_name: hook of the final hidden states, the input of the score head.
+        num_labels: the score head's outputs (1: the score is the logit; >= 2: classes).
+        embed: the embedding module (token, position and type embeddings; for MonoT5 the
+            shared token embedding); its ``pad_token_id`` is the padding id.
+        blocks: the transformer blocks, in order (MonoT5: the encoder's).
+        ln_final: the final norm before the score head, or None (post-LN encoders).
     """
 
     cfg: HookedTransformerConfig
@@ -83,6 +88,10 @@ class HookedReranker(Protocol):
     abilities: Abilities
     hook_dict: dict[str, HookPoint]
     score_type: str
+    num_labels: int
+    embed: torch.nn.Module
+    blocks: torch.nn.ModuleList
+    ln_final: torch.nn.Module | None
 
     @property
     def max_length(self) -> int: ...
