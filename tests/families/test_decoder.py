@@ -383,9 +383,9 @@ def test_template_instruction_and_answers_are_options(decoder_dirs):
     assert "<Instruct>: find cats\n<Query>: what cat runs" in text
     with pytest.raises(ValueError, match="no {instruction} field"):
         load_cross_encoder(directory, device="cpu", template="{query} {document}", instruction="x")
-    with pytest.raises(ValueError, match="put {query} before {document}"):
+    with pytest.raises(ValueError, match="{query} must come before {document}"):
         load_cross_encoder(directory, device="cpu", template="{document} {query}")
-    with pytest.raises(ValueError, match="answer 'yes please' is .* tokens"):
+    with pytest.raises(ValueError, match="answer token 'yes please' is .* tokens"):
         load_cross_encoder(directory, device="cpu", answer_tokens=("yes please", "no"))
     with pytest.raises(ValueError, match="answer_tokens: a .*ForSequenceClassification"):
         load_cross_encoder(decoder_dirs("llama-seqcls"), device="cpu", answer_tokens=("a", "b"))
