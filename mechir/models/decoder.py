@@ -44,7 +44,6 @@ The computation, with the hook point of every step (TransformerLens's names)::
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -57,7 +56,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import Abilities
-from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
+from mechir.models.attention import (
+    AttentionTerms,
+    attend,
+    attend_fused,
+    attention_watched,
+    rows_may_be_empty,
+)
 from mechir.models.decoder_config import dimensions, hooked_config_from_hf
 from mechir.models.decoder_prompt import (
     DEFAULT_ANSWERS,
@@ -254,7 +259,26 @@ def _first_key_masked(attention_mask: Int[Tensor, "batch pos"]) -> Tensor:
     return ~attention_mask[:, 0].bool().all()
 
 
-class DecoderAttention(Attention):
+class _DecoderTerms(AttentionTerms):
+    """What a decoder attention declares: rotary positions, and the sliding window of a local
+    layer (TransformerLens masks key ``j`` of query ``i`` when ``i - j >= window_size``)."""
+
+    __slots__ = ()
+
+    def rotate_positions(  # type: ignore[override]
+        self, x: Float[Tensor, "batch pos head d_head"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """``hook_q``/``hook_k``-shaped ``x`` rotated as at positions ``0..pos-1`` (those of a
+        right-padded batch), with the attention's own rotary tables: linear in ``x``."""
+        return self.apply_rotary(x)  # type: ignore[attr-defined]
+
+    @property
+    def window(self) -> int | None:  # type: ignore[override]
+        local = self.attn_type == "local"  # type: ignore[attr-defined]
+        return self.cfg.window_size - 1 if local else None  # type: ignore[attr-defined]
+
+
+class DecoderAttention(Attention, _DecoderTerms):
     """TransformerLens's ``Attention`` (same parameters, hook points and hook values) with the
     lean causal forward (:func:`_lean_forward`); :class:`HookedDecoderReranker` builds its
     blocks' attention from it, with TransformerLens's constructor arguments."""
@@ -262,7 +286,7 @@ class DecoderAttention(Attention):
     forward = _lean_forward  # type: ignore[assignment]
 
 
-class DecoderGroupedQueryAttention(GroupedQueryAttention):
+class DecoderGroupedQueryAttention(GroupedQueryAttention, _DecoderTerms):
     """TransformerLens's ``GroupedQueryAttention`` with the lean causal forward
     (:func:`_lean_forward`)."""
 
@@ -275,14 +299,6 @@ def _lean_attention_class(attn: nn.Module) -> type:
         if isinstance(attn, GroupedQueryAttention)
         else DecoderAttention
     )
-
-
-def _rotate_positions(
-    attn: nn.Module, x: Float[Tensor, "batch pos head d_head"]
-) -> Float[Tensor, "batch pos head d_head"]:
-    """``hook_q``/``hook_k``-shaped ``x`` rotated as at positions ``0..pos-1`` (those of a
-    right-padded batch), with the attention's own rotary tables: linear in ``x``."""
-    return attn.apply_rotary(x)
 
 
 class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
@@ -349,11 +365,8 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         self.pooler = LastTokenPooler(self._running_key, pad_token_id)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_score = HookPoint()
-        for layer, block in enumerate(self.blocks):
-            if type(block.attn) in (Attention, GroupedQueryAttention):
-                block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
-        for block in self.blocks:  # AtP* and the QK references rotate q and k themselves
-            block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
+        for layer, block in enumerate(self.blocks):  # TransformerLens builds Attention or GQA
+            block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
         self.setup()
 
     @property
