@@ -15,10 +15,10 @@ template text: ``CLS`` (the prefix) when it starts before the query, ``SEP1`` (t
 starts before the document, else ``SEP2`` (the suffix).
 
 **The cut** (:func:`encode_prompts`): only the document is ever cut, from its end. A prompt ``n``
-tokens over ``max_length`` keeps the document's text up to the end of its ``n``-th last token
-that is kept (one token fewer where that token reaches past the document) and is tokenized again,
-until it fits; the template and the query are never cut, so a prompt without room for one
-document token is refused.
+tokens over ``max_length`` keeps the document's text up to the end of the last document token
+before its final ``n`` (one token earlier where that token reaches past the document into the
+template), is tokenized again, and is cut again until it fits. The template and the query are
+never cut: a prompt without room for one document token is refused.
 
 **Padding** (:func:`pad_token_id`): the tokenizer's pad token, else its EOS token (decoder
 tokenizers often have no pad token), else 0, on the side the caller asks; the batch is assembled
