@@ -284,8 +284,12 @@ def test_padding_on_either_side(family, side):
         assert batch.attention_mask[i, real].all() and not batch.attention_mask[i, padding].any()
         assert (batch.input_ids[i, padding] == pad).all()
         assert (batch.parts[i, padding] == int(Part.PAD)).all()
-    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left'"):
-        encode_prompts(tok, prompt, QUERIES, DOCUMENTS, max_length=512, padding_side="top")
+
+
+def test_an_unknown_padding_side_is_refused(family, unchecked_shapes):
+    _, tok, make = family
+    with pytest.raises(ValueError, match="^padding_side must be 'right' or 'left', got 'top'$"):
+        encode_prompts(tok, make(TEMPLATE), QUERIES, DOCUMENTS, max_length=512, padding_side="top")
 
 
 @pytest.mark.parametrize(
