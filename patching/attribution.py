@@ -246,8 +246,8 @@ def group_estimates(
                 grad = (grad + clean_grads[i_layer]) / 2
             if qk:
                 attn = model.blocks[layer].attn
-                rotation = getattr(attn, "rotate_positions", None)  # rotary (ModernBERT, LLMs)
-                delta = getattr(attn, "qk_score_delta", None)  # position terms (DeBERTa)
+                rotation = attn.rotate_positions  # rotary (ModernBERT, LLMs); declared
+                delta = attn.qk_score_delta  # position terms (DeBERTa); declared
                 reduced = _qk_softmax_estimate(
                     target, qk, layer, clean[name], acts, grad, parts, attn.attn_scale, rotation,
                     delta,

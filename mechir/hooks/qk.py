@@ -309,7 +309,7 @@ def qk_subspace_scores_reference(
     u, s, vh = torch.linalg.svd(W_Q @ W_K.T)
     U, S, V = u[:, : cfg.d_head], s[: cfg.d_head], vh[: cfg.d_head].T
     keep = [k for k in range(cfg.d_head) if k not in ks]
-    if not hasattr(attn, "rotate_positions"):
+    if attn.rotate_positions is None:
         a, b = xq @ U[:, keep], xk @ V[:, keep]
         return torch.einsum("bik,bjk,k->bij", a, b, S[keep]) / cfg.d_head**0.5
     q = (xq @ U[:, keep]) @ (U[:, keep].T @ W_Q)

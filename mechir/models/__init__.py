@@ -14,10 +14,12 @@ module                 what it holds
 ``modernbert``,
 ``deberta``
 ``tl``                 everything taken from TransformerLens
-``prompt``             what every prompt-based reranker shares: the part rule, pair checks, padding
-``t5``                 MonoT5 (``t5_blocks``: its architecture; ``t5_prompt``; ``t5_weights``)
-``decoder``            decoder LLM rerankers (``decoder_config``, ``decoder_prompt``,
-                       ``decoder_weights``)
+``prompt``             prompts of prompt-based rerankers: templates and field spans, the
+                       part rule, the cut of long documents, answer tokens, batch encoding
+``t5``                 MonoT5 (``t5_blocks``: its architecture; ``t5_prompt``: its prompt
+                       defaults; ``t5_weights``)
+``decoder``            decoder LLM rerankers (``decoder_config``, ``decoder_prompt``: their
+                       prompt defaults, ``decoder_weights``)
 =====================  =====================================================================
 
 A new family is one file here (defining ``load(family, source, tokenizer, options)``) plus one

@@ -1,4 +1,5 @@
-"""The two attention paths shared by mechir's lean attention forwards (the BERT-block encoders'
+"""What every attention component of mechir declares (:class:`AttentionTerms`), and the two
+attention paths shared by mechir's lean attention forwards (the BERT-block encoders'
 :class:`~mechir.models.encoder.EncoderAttention`, the decoders' causal forward, ModernBERT's
 rotary attention).
 
@@ -25,6 +26,7 @@ from mechir.models.hooked import fires_here
 from mechir.running import running_frames
 
 __all__ = [
+    "AttentionTerms",
     "attend",
     "attend_fused",
     "attention_watched",
@@ -32,6 +34,33 @@ __all__ = [
     "project_heads",
     "rows_may_be_empty",
 ]
+
+
+class AttentionTerms:
+    """What an attention component adds to ``softmax(q k^T / attn_scale + mask) v``, declared:
+    every attention class of mechir derives from this one and overrides what it has, so tools
+    read these attributes and never probe for them (None: the component has no such term).
+
+    Attributes:
+        rotate_positions: rotary positions, ``rotate_positions(x)`` rotating ``hook_q`` /
+            ``hook_k``-shaped ``x`` ``[batch, pos, head, d_head]`` as at positions ``0..pos-1``
+            (ModernBERT, the decoders).
+        qk_score_delta: position terms of the scores (DeBERTa's disentangled attention):
+            ``qk_score_delta(which, q, k, delta)``, the change of the scores
+            ``[batch, head, query, key]`` when ``delta`` is added to ``q`` or ``k``
+            (``which``), beyond the ``q.k`` term.
+        window: a sliding window: a key more than ``window`` positions away from its query is
+            masked (ModernBERT's local layers; a decoder's local layers, on top of the causal
+            mask).
+    """
+
+    # a mixin after the module class in the bases, without instance layout of its own, so the
+    # module class stays the layout base (swapping the class of a built module stays possible)
+    __slots__ = ()
+
+    rotate_positions: Callable[[Tensor], Tensor] | None = None
+    qk_score_delta: Callable[..., Tensor] | None = None
+    window: int | None = None
 
 
 def attention_watched(attn: nn.Module) -> bool:

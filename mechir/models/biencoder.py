@@ -438,9 +438,8 @@ def encoder_family_of(config: Any, source: str) -> tuple[Family, EncoderSpec]:
     """
     model_type = getattr(config, "model_type", None)
     for family in families_of(model_type):
-        spec = getattr(family.implementation(), "SPEC", None)
-        if family.kind == "encoder" and isinstance(spec, EncoderSpec):
-            return family, spec
+        if family.kind == "encoder":  # an encoder family's module declares its SPEC
+            return family, family.implementation().SPEC
     raise UnsupportedModelError(
         f"{source}: model_type {model_type!r} is not an encoder mechir hooks; bi-encoder "
         "towers are BERT, ELECTRA, RoBERTa, XLM-RoBERTa, DistilBERT, ModernBERT or DeBERTa"

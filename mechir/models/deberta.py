@@ -60,6 +60,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.models.attention import AttentionTerms
 from mechir.models.bert import attention_weights, block_weights, head_weights
 from mechir.models.encoder import (
     CrossEncoderPooler,
@@ -293,7 +294,7 @@ class RelativeEmbedding(nn.Module):
         return nn.functional.layer_norm(rows, (rows.shape[-1],), self.w, self.b, self.eps)
 
 
-class DisentangledAttention(Attention):
+class DisentangledAttention(Attention, AttentionTerms):
     """DeBERTa's disentangled self-attention with TransformerLens's parameters (``W_Q``, ``b_Q``,
     ... ``[head, d_model, d_head]``) and hook points, and one hook point per score term (see the
     module docstring)::
@@ -420,7 +421,12 @@ class DebertaEmbed(nn.Module):
     """``LN((W_E[t] + W_pos[i] + W_tt[type]) W_proj)``: the absolute position embedding only when
     ``position_biased_input`` (DeBERTa-v2 checkpoints of v3 have none), the token-type embedding
     only when ``type_vocab_size > 0``, the projection (no bias, ``embed.hook_embed_proj``) only
-    when ``embedding_size != hidden_size``. Same parameter and hook names as BERT's."""
+    when ``embedding_size != hidden_size``. Same parameter and hook names as BERT's.
+
+    Attributes:
+        absolute_positions: whether ``pos_embed`` (absolute positions) is there.
+        n_token_types: rows of the token-type embedding (0: none).
+    """
 
     def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape):
         super().__init__()
@@ -433,6 +439,8 @@ class DebertaEmbed(nn.Module):
             self.pos_embed = nn.Module()
             self.pos_embed.W_pos = nn.Parameter(torch.empty(shape.n_positions, e, dtype=cfg.dtype))
             self.hook_pos_embed = HookPoint()
+        self.absolute_positions = deberta.position_biased_input
+        self.n_token_types = shape.n_token_types
         if shape.n_token_types > 0:
             self.token_type_embed = nn.Module()
             self.token_type_embed.W_token_type = nn.Parameter(
@@ -462,10 +470,10 @@ class DebertaEmbed(nn.Module):
         """What ``hook_full_embed`` holds for these tokens of segment ``token_type`` at position
         ``position`` (None, or a model without absolute positions: no position embedding)."""
         x = self.embed.W_E[token_ids]
-        if hasattr(self, "token_type_embed"):
+        if self.n_token_types:
             types = self.token_type_embed.W_token_type
             x = x + types[min(token_type, types.shape[0] - 1)]
-        if position is not None and hasattr(self, "pos_embed"):
+        if position is not None and self.absolute_positions:
             x = x + self.pos_embed.W_pos[position]
         return self._finish(x[None])[0]
 
@@ -475,9 +483,9 @@ class DebertaEmbed(nn.Module):
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         x = self.hook_embed(self.embed(input_ids))
-        if hasattr(self, "pos_embed"):
+        if self.absolute_positions:
             x = x + self.hook_pos_embed(self.pos_embed.W_pos[self.position_ids(input_ids)])
-        if hasattr(self, "token_type_embed"):
+        if self.n_token_types:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.hook_token_type_embed(self.token_type_embed.W_token_type[token_type_ids])

@@ -44,7 +44,6 @@ The computation, with the hook point of every step (TransformerLens's names)::
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -57,20 +56,25 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import Abilities
-from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
+from mechir.models.attention import (
+    AttentionTerms,
+    attend,
+    attend_fused,
+    attention_watched,
+    rows_may_be_empty,
+)
 from mechir.models.decoder_config import dimensions, hooked_config_from_hf
 from mechir.models.decoder_prompt import (
     DEFAULT_ANSWERS,
     DEFAULT_INSTRUCTION,
     QWEN3_RERANKER_TEMPLATE,
     RANKLLAMA_TEMPLATE,
-    DecoderPrompt,
-    encode_prompts,
+    decoder_prompt,
 )
 from mechir.models.decoder_weights import _Checkpoint, _checkpoint_files, _hf_tensors, _load_weights
 from mechir.models.encoder import CrossEncoderClassifier, HookedCrossEncoder
 from mechir.models.hooked import HookedRerankerMixin
-from mechir.models.prompt import pad_token_id
+from mechir.models.prompt import Prompt, encode_prompts, pad_token_id
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError
 from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
 from mechir.models.tl import (
@@ -97,7 +101,7 @@ __all__ = [
     "DEFAULT_INSTRUCTION",
     "QWEN3_RERANKER_TEMPLATE",
     "RANKLLAMA_TEMPLATE",
-    "DecoderPrompt",
+    "Prompt",
     "HookedDecoderReranker",
     "dimensions",
     "encode_prompts",
@@ -231,7 +235,7 @@ def _lean_forward(
     q = self.hook_rot_q(self.apply_rotary(q, 0, attention_mask))
     k = self.hook_rot_k(self.apply_rotary(k, 0, attention_mask))
     n_query, n_key = q.shape[1], k.shape[1]
-    local = getattr(self, "attn_type", "global") == "local"
+    local = self.attn_type == "local"
     # a query without keys: left padding (the first key masked), or a sliding window over padding
     empty_rows = attention_mask is not None and (
         local or rows_may_be_empty(self, attention_mask, _first_key_masked)
@@ -255,7 +259,26 @@ def _first_key_masked(attention_mask: Int[Tensor, "batch pos"]) -> Tensor:
     return ~attention_mask[:, 0].bool().all()
 
 
-class DecoderAttention(Attention):
+class _DecoderTerms(AttentionTerms):
+    """What a decoder attention declares: rotary positions, and the sliding window of a local
+    layer (TransformerLens masks key ``j`` of query ``i`` when ``i - j >= window_size``)."""
+
+    __slots__ = ()
+
+    def rotate_positions(  # type: ignore[override]
+        self, x: Float[Tensor, "batch pos head d_head"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """``hook_q``/``hook_k``-shaped ``x`` rotated as at positions ``0..pos-1`` (those of a
+        right-padded batch), with the attention's own rotary tables: linear in ``x``."""
+        return self.apply_rotary(x)  # type: ignore[attr-defined]
+
+    @property
+    def window(self) -> int | None:  # type: ignore[override]
+        local = self.attn_type == "local"  # type: ignore[attr-defined]
+        return self.cfg.window_size - 1 if local else None  # type: ignore[attr-defined]
+
+
+class DecoderAttention(Attention, _DecoderTerms):
     """TransformerLens's ``Attention`` (same parameters, hook points and hook values) with the
     lean causal forward (:func:`_lean_forward`); :class:`HookedDecoderReranker` builds its
     blocks' attention from it, with TransformerLens's constructor arguments."""
@@ -263,7 +286,7 @@ class DecoderAttention(Attention):
     forward = _lean_forward  # type: ignore[assignment]
 
 
-class DecoderGroupedQueryAttention(GroupedQueryAttention):
+class DecoderGroupedQueryAttention(GroupedQueryAttention, _DecoderTerms):
     """TransformerLens's ``GroupedQueryAttention`` with the lean causal forward
     (:func:`_lean_forward`)."""
 
@@ -278,14 +301,6 @@ def _lean_attention_class(attn: nn.Module) -> type:
     )
 
 
-def _rotate_positions(
-    attn: nn.Module, x: Float[Tensor, "batch pos head d_head"]
-) -> Float[Tensor, "batch pos head d_head"]:
-    """``hook_q``/``hook_k``-shaped ``x`` rotated as at positions ``0..pos-1`` (those of a
-    right-padded batch), with the attention's own rotary tables: linear in ``x``."""
-    return attn.apply_rotary(x)
-
-
 class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
     """A decoder LLM reranker on TransformerLens's ``HookedTransformer`` (see the module
     docstring for the computation and its hook points).
@@ -294,7 +309,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         cfg: the TransformerLens config (:func:`hooked_config_from_hf`).
         tokenizer: the Hugging Face tokenizer (fast: prompts are split into parts by offsets).
         family: the registry entry (:class:`mechir.models.Family`).
-        prompt: the template, instruction and answers (:class:`DecoderPrompt`).
+        prompt: the template, instruction and answers (:class:`~mechir.models.prompt.Prompt`).
         kind: ``"yes_no"`` (a ``*ForCausalLM``: ``logits = (logit(no), logit(yes))``) or
             ``"classifier"`` (a ``*ForSequenceClassification``: its ``score`` head).
         num_labels: the classifier's labels (2 for yes/no: no = 0, yes = 1).
@@ -318,7 +333,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         cfg: HookedTransformerConfig,
         tokenizer: Any,
         family: Family,
-        prompt: DecoderPrompt,
+        prompt: Prompt,
         *,
         kind: Kind = "yes_no",
         num_labels: int = 2,
@@ -350,11 +365,8 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         self.pooler = LastTokenPooler(self._running_key, pad_token_id)
         self.classifier = CrossEncoderClassifier(cfg, num_labels)
         self.hook_score = HookPoint()
-        for layer, block in enumerate(self.blocks):
-            if type(block.attn) in (Attention, GroupedQueryAttention):
-                block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
-        for block in self.blocks:  # AtP* and the QK references rotate q and k themselves
-            block.attn.rotate_positions = functools.partial(_rotate_positions, block.attn)
+        for layer, block in enumerate(self.blocks):  # TransformerLens builds Attention or GQA
+            block.attn = _lean_attention_class(block.attn)(cfg, block.attn.attn_type, layer)
         self.setup()
 
     @property
@@ -560,7 +572,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
     def template_tokens(self) -> list[tuple[list[int], Part]]:
         """The prompt's tokens around the query and the document: ``(ids, part)`` pieces in
         reading order, with an empty marker piece of part QUERY / DOCUMENT where each goes
-        (:meth:`DecoderPrompt.pieces`, each piece tokenized alone)."""
+        (:meth:`~mechir.models.prompt.Prompt.pieces`, each piece tokenized alone)."""
         pieces, _ = self.prompt.pieces(self.tokenizer)
         tok = self.tokenizer
         return [
@@ -572,7 +584,7 @@ class HookedDecoderReranker(HookedRerankerMixin, HookedTransformer):
         self, text: str, field: Literal["query", "document"] = "document"
     ) -> list[int]:
         """``text``'s token ids as the query or the document of this model's prompt (with the
-        space that joins it to the template, see :meth:`DecoderPrompt.pieces`): what
+        space that joins it to the template, see :meth:`~mechir.models.prompt.Prompt.pieces`): what
         :class:`patching.PairBuilder` tokenizes with for token-level perturbations."""
         if field not in ("query", "document"):
             raise ValueError(f"field must be 'query' or 'document', got {field!r}")
@@ -633,30 +645,7 @@ def _kind(family: Family, architecture: str) -> Kind:
     )
 
 
-def _answer_ids(tokenizer: Any, answers: tuple[str, str]) -> tuple[int, int]:
-    """Token ids of the (relevant, non-relevant) answers (as MonoT5's ``answer_ids``); each must
-    be one token."""
-    if len(answers) != 2 or answers[0] == answers[1]:
-        raise ValueError(
-            f"answer_tokens must be two different answers (relevant, non-relevant), got {answers!r}"
-        )
-    ids = []
-    for answer in answers:
-        token_id = tokenizer.convert_tokens_to_ids(answer)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            encoded = tokenizer(answer, add_special_tokens=False)["input_ids"]
-            if len(encoded) != 1:
-                raise ValueError(
-                    f"answer {answer!r} is {len(encoded)} tokens in this tokenizer: answer_tokens "
-                    "must be single tokens"
-                )
-            token_id = encoded[0]
-        ids.append(int(token_id))
-    relevant, non_relevant = ids
-    return relevant, non_relevant
-
-
-def _prompt(kind: Kind, options: LoadOptions) -> DecoderPrompt:
+def _prompt(kind: Kind, options: LoadOptions) -> Prompt:
     if kind == "classifier":
         if options.answer_tokens:
             raise ValueError(
@@ -672,7 +661,7 @@ def _prompt(kind: Kind, options: LoadOptions) -> DecoderPrompt:
     instruction = options.instruction
     if instruction is None and has_field:
         instruction = DEFAULT_INSTRUCTION
-    return DecoderPrompt(template, instruction, answers)  # type: ignore[arg-type]
+    return decoder_prompt(template, instruction, answers)  # type: ignore[arg-type]
 
 
 def _resolve_directory(source: str | os.PathLike) -> Path:
@@ -712,7 +701,7 @@ def load(
     dtype = options.dtype or torch.float32
     cfg = hooked_config_from_hf(hf_config, architecture=architecture, device=options.device,
                                 dtype=dtype)  # fmt: skip
-    answer_ids = _answer_ids(tokenizer, prompt.answer_tokens) if kind == "yes_no" else None
+    answer_ids = prompt.answer_ids(tokenizer) if kind == "yes_no" else None
     num_labels = 2 if kind == "yes_no" else hf_config.num_labels
     with torch.device("meta"):
         model = HookedDecoderReranker(

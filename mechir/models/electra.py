@@ -21,7 +21,7 @@ from mechir.parts import BERT_LAYOUT
 def _electra_state_dict(hf: Any, n_heads: int) -> dict[str, Tensor]:
     sd: dict[str, Tensor] = {}
     bert_like_encoder(sd, hf.electra, hf.electra.embeddings, n_heads)
-    if hasattr(hf.electra, "embeddings_project"):
+    if hf.config.embedding_size != hf.config.hidden_size:  # HF then builds the projection
         proj = hf.electra.embeddings_project
         sd["embed.W_proj"], sd["embed.b_proj"] = proj.weight.T, proj.bias
     head_weights(sd, hf.classifier.dense, hf.classifier.out_proj)

@@ -38,7 +38,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechir.interface import Abilities
-from mechir.models.attention import attend, attend_fused, attention_watched, rows_may_be_empty
+from mechir.models.attention import (
+    AttentionTerms,
+    attend,
+    attend_fused,
+    attention_watched,
+    rows_may_be_empty,
+)
 from mechir.models.hooked import HookedRerankerMixin, HooksArg
 from mechir.models.registry import Family, LoadOptions, UnsupportedModelError, family_of
 from mechir.models.scores import DEFAULT_SCORE_TYPE, ScoreType, check_score_type
@@ -90,7 +96,7 @@ class HookAwareLayerNorm(LayerNorm):
         return nn.functional.layer_norm(x, (self.length,), self.w, self.b, self.eps)
 
 
-class EncoderAttention(Attention):
+class EncoderAttention(Attention, AttentionTerms):
     """TransformerLens's bidirectional attention -- the same parameters, hook points and hook
     values -- in fewer passes over the ``[batch, head, query, key]`` scores.
 
@@ -159,6 +165,9 @@ class CrossEncoderEmbed(BertEmbed):
       (Hugging Face's ``create_position_ids_from_input_ids``).
     * ``n_token_types`` 0: no token-type embedding and no ``embed.hook_token_type_embed``
       (DistilBERT); 1 (RoBERTa/XLM-R): one row, always added.
+
+    Attributes:
+        n_token_types: rows of the token-type embedding (0: none).
     """
 
     def __init__(self, cfg: HookedTransformerConfig, shape: EncoderShape, spec: EncoderSpec):
@@ -171,6 +180,7 @@ class CrossEncoderEmbed(BertEmbed):
         self.ln = HookAwareLayerNorm(embed_cfg)
         self.pad_token_id = shape.pad_token_id
         self.position_offset = spec.position_offset(shape)
+        self.n_token_types = shape.n_token_types
         if shape.n_token_types == 0:
             del self.token_type_embed, self.hook_token_type_embed
         elif shape.n_token_types != 2:
@@ -200,7 +210,7 @@ class CrossEncoderEmbed(BertEmbed):
         """What ``hook_full_embed`` holds for tokens of one segment at sequence position
         ``position`` (``None``: without a position embedding)."""
         x = self.embed.W_E[token_ids]
-        if hasattr(self, "token_type_embed"):
+        if self.n_token_types:
             n_types = self.token_type_embed.W_token_type.shape[0]
             x = x + self.token_type_embed.W_token_type[min(token_type, n_types - 1)]
         if position is not None:
@@ -219,7 +229,7 @@ class CrossEncoderEmbed(BertEmbed):
     ) -> Float[Tensor, "batch pos d_model"]:
         x = self.hook_embed(self.embed(input_ids))
         x = x + self.hook_pos_embed(self.pos_embed.W_pos[self.position_ids(input_ids)])
-        if hasattr(self, "token_type_embed"):
+        if self.n_token_types:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.hook_token_type_embed(self.token_type_embed(token_type_ids))
@@ -235,6 +245,9 @@ class CrossEncoderPooler(BertPooler):
         "gelu": nn.GELU,
         "relu": nn.ReLU,
     }
+
+    #: What the pooler reads: the first position (``"cls"``; ModernBERT's head may say ``"mean"``).
+    pooling: str = "cls"
 
     def __init__(self, cfg: HookedTransformerConfig, activation: str = "tanh"):
         super().__init__(cfg)
@@ -498,7 +511,7 @@ class HookedCrossEncoder(HookedRerankerMixin, HookedEncoder):
         return f"blocks.{layer}.hook_normalized_resid_post"
 
     def _cls_only_is_safe(self, layer: int) -> bool:
-        if getattr(self.pooler, "pooling", "cls") != "cls":
+        if self.pooler.pooling != "cls":
             return False  # mean pooling reads every position
         if self.ln_final is not None and layer == self.cfg.n_layers - 1:
             final = [*self.ln_final.modules(), self.hook_final_hidden]
@@ -580,10 +593,9 @@ def encoder_family(hf_config: Any, architecture: str | None = None) -> tuple[Fam
     from mechir.models.registry import family_for_config
 
     family = family_for_config(hf_config, type(hf_config).__name__, architecture)
-    spec = getattr(family.implementation(), "SPEC", None)
-    if not isinstance(spec, EncoderSpec):
+    if family.kind != "encoder":
         raise UnsupportedModelError(f"{family.name} is not an encoder family")
-    return family, spec
+    return family, family.implementation().SPEC
 
 
 def hooked_config_from_shape(

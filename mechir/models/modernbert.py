@@ -39,7 +39,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechir.models.attention import attention_watched, fused_attention_z
+from mechir.models.attention import AttentionTerms, attention_watched, fused_attention_z
 from mechir.models.encoder import (
     EncoderShape,
     EncoderSpec,
@@ -193,7 +193,7 @@ def rotate(
     return (x.float() * cos + half.float() * sin).to(x.dtype)
 
 
-class RotaryAttention(nn.Module):
+class RotaryAttention(nn.Module, AttentionTerms):
     """Bidirectional multi-head attention with rotary positions and an optional sliding window.
 
     ``q = x W_Q + b_Q`` (``hook_q``), rotated (``hook_rot_q``), likewise ``k``; ``v = x W_V + b_V``.

@@ -68,7 +68,7 @@ from torch import Tensor
 
 from mechir.interface import Abilities
 from mechir.models.hooked import HookedRerankerMixin
-from mechir.models.prompt import pad_token_id
+from mechir.models.prompt import Prompt, encode_prompts, pad_token_id
 from mechir.models.registry import Family, LoadOptions
 from mechir.models.scores import ScoreType, check_score_type
 from mechir.models.t5_blocks import (
@@ -86,8 +86,7 @@ from mechir.models.t5_prompt import (
     DEFAULT_ANSWERS,
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE,
-    Prompt,
-    encode_prompts,
+    monot5_prompt,
 )
 from mechir.models.t5_weights import _hf_tensors, _stream_tensors, convert_tensor
 from mechir.models.tl import (
@@ -177,7 +176,7 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         self.cfg = cfg
         self.init_reranker(tokenizer, family)
         self.shape = shape
-        self.prompt = Prompt.parse(template, family.name)
+        self.prompt: Prompt = monot5_prompt(template, answer_tokens, family.name)
         self.answer_tokens = tuple(answer_tokens)
         self.answer_ids = (int(answer_ids[0]), int(answer_ids[1]))
         self.decoder_start_token_id = shape.decoder_start_token_id
@@ -458,11 +457,8 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         full = list(tok("x")["input_ids"])
         start = next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)
         lead, trail = full[:start], full[start + len(plain) :]
-        return (
-            lead + piece(self.prompt.prefix),
-            piece(self.prompt.middle),
-            piece(self.prompt.suffix) + trail,
-        )
+        prefix, middle, suffix = self.prompt.around(tok)
+        return lead + piece(prefix), piece(middle), piece(suffix) + trail
 
     @property
     def n_special(self) -> int:
@@ -512,31 +508,6 @@ class HookedMonoT5(HookedRerankerMixin, _CachingRoot):
         return nn.Module.to(self, device_or_dtype)
 
 
-def _answer_ids(tokenizer: Any, answers: tuple[str, str]) -> tuple[int, int]:
-    """The token ids of the relevant and the non-relevant answer, each one token.
-
-    Raises:
-        ValueError: an answer that is not exactly one token of this tokenizer.
-    """
-    if tokenizer is None:
-        raise ValueError("MonoT5 needs its tokenizer: pass tokenizer=...")
-    if len(answers) != 2 or len(set(answers)) != 2:
-        raise ValueError(
-            f"answer_tokens {answers!r}: give two different answers, the relevant one first"
-        )
-    out = []
-    for word in answers:
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            raise ValueError(
-                f"answer token {word!r} is {len(ids)} tokens ({pieces}) in this tokenizer: give "
-                "answers that are single tokens (MonoT5: true,false)"
-            )
-        out.append(int(ids[0]))
-    return out[0], out[1]
-
-
 def _n_ctx(tokenizer: Any, shape: T5Shape) -> int:
     length = getattr(tokenizer, "model_max_length", None)
     if isinstance(length, int) and 0 < length <= 1_000_000:
@@ -562,7 +533,10 @@ def build_from_tensors(
     """
     template = options.template or DEFAULT_TEMPLATE
     answers = tuple(options.answer_tokens or DEFAULT_ANSWERS)
-    answer_ids = _answer_ids(tokenizer, answers)  # type: ignore[arg-type]
+    if tokenizer is None:
+        raise ValueError("MonoT5 needs its tokenizer: pass tokenizer=...")
+    prompt = monot5_prompt(template, answers, family.name)  # type: ignore[arg-type]
+    answer_ids = prompt.answer_ids(tokenizer)
     dtype = options.dtype or torch.float32
     cfg = hooked_config(shape, n_ctx=_n_ctx(tokenizer, shape), device=options.device, dtype=dtype)
     state: dict[str, Tensor] = {}
@@ -625,7 +599,7 @@ def load(family: Family, source: Any, tokenizer: Any, options: LoadOptions) -> H
             f"instruction: {family.name} prompts have no instruction; drop the option (or write "
             "the words into --template)"
         )
-    Prompt.parse(options.template or DEFAULT_TEMPLATE, family.name)
+    monot5_prompt(options.template or DEFAULT_TEMPLATE, family=family.name)
     if options.score_type is not None:
         check_score_type(options.score_type)
     if not getattr(tokenizer, "is_fast", False):

@@ -15,6 +15,7 @@ import torch.nn as nn
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechir.models.attention import AttentionTerms
 from mechir.models.registry import UnsupportedModelError
 from mechir.models.tl import (
     Embed,
@@ -217,7 +218,7 @@ def _project(
     return (x @ w.transpose(0, 1).reshape(m, h * d)).view(*x.shape[:2], h, d)
 
 
-class T5HookedAttention(nn.Module):
+class T5HookedAttention(nn.Module, AttentionTerms):
     """T5 attention with TransformerLens's parameter shapes and hook names (see the module
     docstring): self-attention (optionally owning the relative position bias, layer 0) or
     cross-attention. ``attn_scale`` is 1: T5 does not scale ``q k^T``."""

@@ -294,3 +294,28 @@ def test_modernbert_fused_equals_explicit(name, family_dirs, sdpa_calls):
     assert len(sdpa_calls) == model.cfg.n_layers
     assert_caches_equal(fused, explicit, outside)
     torch.testing.assert_close(fused_score, explicit_score, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------- declared terms
+def test_every_attention_declares_its_terms(family):
+    """Every block's attention is an :class:`~mechir.models.attention.AttentionTerms` and
+    declares what it has: rotary positions exactly where ``hook_rot_q`` fires (ModernBERT),
+    with ``rotate_positions(hook_q) == hook_rot_q``; position score terms exactly in DeBERTa's
+    disentangled attention; a window exactly on ModernBERT's local layers."""
+    from mechir.models.attention import AttentionTerms
+    from mechir.models.deberta import DisentangledAttention
+
+    name, model, _, batch = family
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith(("_q", "rot_q")))
+    for layer, block in enumerate(model.blocks):
+        attn, rotated = block.attn, f"blocks.{layer}.attn.hook_rot_q"
+        assert isinstance(attn, AttentionTerms)
+        assert (attn.rotate_positions is not None) == (rotated in cache)
+        if rotated in cache:
+            q = attn.rotate_positions(cache[f"blocks.{layer}.attn.hook_q"])
+            torch.testing.assert_close(q[real], cache[rotated][real], atol=ATOL, rtol=1e-5)
+        assert (attn.qk_score_delta is not None) == isinstance(attn, DisentangledAttention)
+    windows = [block.attn.window for block in model.blocks]
+    assert any(w is not None for w in windows) == name.startswith("modernbert"), windows

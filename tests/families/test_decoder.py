@@ -211,6 +211,34 @@ def test_lean_attention_equals_transformer_lens_attention(decoder, side, mask_a_
         assert pads.any() and (lean_seen["blocks.1.attn.hook_pattern"][pads, :, 0] == 0).all()
 
 
+def test_attention_declares_its_rotation_and_window(decoder):
+    """What every block's attention declares (:class:`mechir.models.attention.AttentionTerms`)
+    against TransformerLens's own computation: ``rotate_positions`` of ``hook_q`` (QK-normed
+    where the model has QK-norm) is ``hook_rot_q`` at the real tokens of a right-padded batch;
+    ``window`` is the band of TransformerLens's causal mask (None: the plain causal mask); no
+    position score terms."""
+    from mechir.models.tl import causal_mask
+
+    name, model, _, _ = decoder
+    batch = model.encode(QUERIES, DOCUMENTS)
+    real = batch.attention_mask.bool()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith(("_q", "rot_q")))
+    n = 40
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        assert attn.qk_score_delta is None
+        q = cache[f"blocks.{layer}.attn.hook_q"]
+        rotated = attn.rotate_positions(attn.q_norm(q) if model.abilities.qk_norm else q)
+        want = cache[f"blocks.{layer}.attn.hook_rot_q"]
+        torch.testing.assert_close(rotated[real], want[real], atol=ATOL, rtol=1e-5)
+        band = (j <= i) if attn.window is None else (j <= i) & (i - j <= attn.window)
+        assert torch.equal(causal_mask(attn, n, n, torch.device("cpu"))[0, 0], band), layer
+    if name == "mistral":  # the case with a window is there
+        assert all(block.attn.window is not None for block in model.blocks)
+
+
 def test_left_and_right_padding_and_single_pairs_score_alike(decoder):
     _, model, _, batch = decoder
     right = model.score(batch)
@@ -383,9 +411,9 @@ def test_template_instruction_and_answers_are_options(decoder_dirs):
     assert "<Instruct>: find cats\n<Query>: what cat runs" in text
     with pytest.raises(ValueError, match="no {instruction} field"):
         load_cross_encoder(directory, device="cpu", template="{query} {document}", instruction="x")
-    with pytest.raises(ValueError, match="put {query} before {document}"):
+    with pytest.raises(ValueError, match="{query} must come before {document}"):
         load_cross_encoder(directory, device="cpu", template="{document} {query}")
-    with pytest.raises(ValueError, match="answer 'yes please' is .* tokens"):
+    with pytest.raises(ValueError, match="answer token 'yes please' is .* tokens"):
         load_cross_encoder(directory, device="cpu", answer_tokens=("yes please", "no"))
     with pytest.raises(ValueError, match="answer_tokens: a .*ForSequenceClassification"):
         load_cross_encoder(decoder_dirs("llama-seqcls"), device="cpu", answer_tokens=("a", "b"))

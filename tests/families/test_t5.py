@@ -176,7 +176,7 @@ def test_long_documents_are_cut_and_the_suffix_kept(t5):
     kept = " ".join(long_doc.split()[:n_doc])
     text = DEFAULT_TEMPLATE.format(query="what house", document=kept)
     assert ids == model.tokenizer(text)["input_ids"]
-    with pytest.raises(ValueError, match="pair 0: the query and the template take"):
+    with pytest.raises(ValueError, match="pair 0: the prompt without its document has"):
         model.encode([" ".join(["cat"] * 30)], ["a dog"], max_length=24)
 
 
