@@ -45,7 +45,7 @@ def index_settings(model: HookedTwoTower) -> dict[str, Any]:
     state = {k: v.reshape(-1) for k, v in model.state_dict().items()}  # 0-dim buffers too
     return {
         "weights": tensors_fingerprint(state),
-        "pooling": getattr(model.head, "pooling", None),
+        "pooling": model.head.pooling,
         "normalize": model.head.normalize,
         "document_prefix": model.prefixes["document"],
         "max_length": model.max_length,

@@ -56,6 +56,9 @@ class TokenEmbeddingHead(nn.Module):
     """The linear projection (``hook_projected``) and per-token L2 normalisation
     (``hook_token_embeddings``); padding rows are kept (MaxSim masks them)."""
 
+    #: No pooling: one vector per token (declared like :class:`EmbeddingHead`'s pooling).
+    pooling: None = None
+
     def __init__(self, d_model: int, dim: int, normalize: bool, dtype: torch.dtype):
         super().__init__()
         self.W = nn.Parameter(torch.empty(d_model, dim, dtype=dtype))
