@@ -542,16 +542,28 @@ def contrastive_faithfulness(
     down: Any,
     circuit: FeatureCircuit,
     budgets: Sequence[int],
+    *,
+    per_site: bool = False,
 ) -> list[dict[str, float]]:
     """Exact faithfulness ``(s(circuit) - s(corrupted)) / (s(clean) - s(corrupted))`` (summed
     scores) of the ``n`` nodes of largest ``|A|`` over both SAEs (features and error nodes), for
-    each budget ``n``; every other node takes its value on ``corrupted`` (module docstring)."""
+    each budget ``n``; every other node takes its value on ``corrupted`` (module docstring).
+
+    ``per_site``: the budget is split evenly between the two sites (the ``n // 2`` nodes of
+    largest ``|A|`` of each, the upstream site getting the odd one). Each site carries the whole
+    residual stream, so a circuit without a node at one site scores as the corrupted run
+    whatever it keeps at the other: a single ranking over both sites can spend a small budget
+    on one site alone."""
     if not circuit.contrastive:
         raise ValueError("contrastive_faithfulness needs a circuit built with corrupted=")
     _check_aligned(batch, corrupted)
     saes = {sae_site(up): up, sae_site(down): down}
     base = baseline_nodes(model, corrupted, saes)
-    order = circuit.node_effects().abs().argsort(descending=True).tolist()
+    effect = circuit.node_effects().abs()
+    order = effect.argsort(descending=True).tolist()
+    n_up = up.cfg.d_sae + 1
+    up_order = effect[:n_up].argsort(descending=True).tolist()
+    down_order = (effect[n_up:].argsort(descending=True) + n_up).tolist()
     with torch.no_grad():
         clean = float(model(batch).sum())
         corrupt = float(model(corrupted).sum())
@@ -559,7 +571,8 @@ def contrastive_faithfulness(
     for n in budgets:
         if not 0 <= n <= circuit.n_nodes:
             raise ValueError(f"budget {n} out of range: the circuit has {circuit.n_nodes} nodes")
-        up_keep, down_keep = _keep_masks(circuit, order[:n], up.cfg.d_sae, down.cfg.d_sae)
+        chosen = up_order[: n - n // 2] + down_order[: n // 2] if per_site else order[:n]
+        up_keep, down_keep = _keep_masks(circuit, chosen, up.cfg.d_sae, down.cfg.d_sae)
         hooks = node_patch_hooks(
             model, saes, base, {sae_site(up): up_keep, sae_site(down): down_keep}
         )
