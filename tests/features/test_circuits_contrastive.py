@@ -169,6 +169,28 @@ def test_contrastive_faithfulness_against_a_naive_loop(setting):
     assert curve[-1]["score"] == s_clean and curve[-1]["faithfulness"] == 1
 
 
+def test_per_site_budgets_against_a_naive_loop(setting):
+    """Split budgets keep the top nodes of each site; a circuit with nodes at the upstream site
+    only scores exactly as the corrupted run (the downstream site is a complete cut)."""
+    model, up, down, clean, corrupted = setting
+    saes = {UP: up, DOWN: down}
+    circuit = feature_circuit(model, clean, up, down, corrupted=corrupted, n_down=1)
+    effect = circuit.node_effects().abs()
+    n_up = up.cfg.d_sae + 1
+    curve = contrastive_faithfulness(model, clean, corrupted, up, down, circuit, [5], per_site=True)
+    ups = effect[:n_up].argsort(descending=True)[:3].tolist()
+    downs = (effect[n_up:].argsort(descending=True)[:2] + n_up).tolist()
+    naive = naive_faithfulness_score(
+        model, clean, corrupted, saes, ups + downs, up.cfg.d_sae, down.cfg.d_sae
+    )
+    assert curve[0]["score"] == pytest.approx(naive, abs=2e-4)
+    only_up = naive_faithfulness_score(
+        model, clean, corrupted, saes, ups, up.cfg.d_sae, down.cfg.d_sae
+    )
+    with torch.no_grad():
+        assert only_up == pytest.approx(float(model(corrupted).sum()), abs=2e-4)
+
+
 def test_unaligned_batches_and_the_zero_form_are_refused(setting):
     model, up, down, clean, corrupted = setting
     with pytest.raises(ValueError, match="not token-aligned"):
