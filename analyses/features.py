@@ -671,14 +671,14 @@ def summarize_circuit(
     )
     s.table(curve)
     shown = curve[curve.nodes > 0]
+    series = {"one ranking": (shown.fraction_of_nodes.tolist(), shown.faithfulness.tolist())}
+    if "faithfulness_per_site" in shown:  # absent from circuits stored before it was measured
+        series["half per site"] = (
+            shown.fraction_of_nodes.tolist(),
+            shown.faithfulness_per_site.tolist(),
+        )
     plots.line_plot(
-        {
-            "one ranking": (shown.fraction_of_nodes.tolist(), shown.faithfulness.tolist()),
-            "half per site": (
-                shown.fraction_of_nodes.tolist(),
-                shown.faithfulness_per_site.tolist(),
-            ),
-        },
+        series,
         out / "circuit_faithfulness.png",
         title="Feature circuit faithfulness by node budget (exact)",
         xlabel="fraction of nodes kept",
