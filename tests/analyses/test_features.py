@@ -13,7 +13,8 @@ from analyses import features  # noqa: E402
 
 WORK = ["--train-queries", "3", "--eval-queries", "3", "--steps", "12", "--train-batch", "16",
         "--eval-every", "5", "--k", "4", "--d-sae", "48", "--cards", "3", "--top-features", "5",
-        "--attribution-pairs", "3", "--circuit-pairs", "3", "--circuit-down-nodes", "4"]  # fmt: skip
+        "--attribution-pairs", "3", "--circuit-pairs", "3",
+        "--circuit-down-nodes", "4"]  # fmt: skip
 UNITS = ["activations", "train", "fidelity:sae", "fidelity:pca", "attribution", "features"]
 CIRCUIT = ["circuit:sae", "circuit"]
 
