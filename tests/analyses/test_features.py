@@ -13,8 +13,10 @@ from analyses import features  # noqa: E402
 
 WORK = ["--train-queries", "3", "--eval-queries", "3", "--steps", "12", "--train-batch", "16",
         "--eval-every", "5", "--k", "4", "--d-sae", "48", "--cards", "3", "--top-features", "5",
-        "--attribution-pairs", "3"]  # fmt: skip
+        "--attribution-pairs", "3", "--circuit-pairs", "3",
+        "--circuit-down-nodes", "4"]  # fmt: skip
 UNITS = ["activations", "train", "fidelity:sae", "fidelity:pca", "attribution", "features"]
+CIRCUIT = ["circuit:sae", "circuit"]
 
 
 def units(out):
@@ -28,9 +30,10 @@ def test_the_study_runs_resumes_and_saves_a_splicable_sae(common_argv, tmp_path,
     assert features.main([*argv, "--max-units", "2"]) == 0
     assert units(out) == UNITS[:2] and not (out / "summary.md").exists()
     assert features.main(argv) == 0
-    assert units(out) == UNITS
+    assert units(out) == UNITS + CIRCUIT
     text = (out / "summary.md").read_text()
     assert "SAE vs PCA at equal L0" in text and "Top matching features" in text
+    assert "relevant pairs against query-corrupted copies" in text
     assert (out / "cards.html").exists() and json.loads((out / "features.json").read_text())
     rows = [json.loads(line) for line in (out / "training.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 12]

@@ -29,6 +29,10 @@ STUDIES = {
                "--nig-steps", "4"],
     "circuit_discovery": ["--limit-queries", "2", "--greedy-budget", "0", "--no-matching",
                           "--budgets", "0.02", "0.1", "--n-steps", "2"],
+    "features": ["--train-queries", "3", "--eval-queries", "3", "--steps", "6", "--train-batch",
+                 "16", "--eval-every", "3", "--k", "4", "--d-sae", "32", "--cards", "2",
+                 "--top-features", "3", "--attribution-pairs", "2", "--circuit-pairs", "2",
+                 "--circuit-down-nodes", "2", "--circuit-budgets", "0.05", "0.2"],
 }  # fmt: skip
 #: Files a study writes that are not mechir.outputs' (append-only stores, which recognise
 #: their own form) and the run's record (its times and command differ between runs).
