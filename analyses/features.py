@@ -21,7 +21,7 @@ each a resumable unit (``results.jsonl``):
 6. ``circuit`` (cross-encoders): a second SAE at ``--circuit-site`` (default: the same hook one
    layer later; ``sae_down/``, ``training_down.jsonl``), then the contrastive feature circuit of
    held-out relevant pairs against copies whose query content words are replaced
-   (:func:`patching.edges.pairs.replace_query_words`; :mod:`mechir.features.circuits`): node
+   (:func:`patching.edges.replace_query_words`; :mod:`mechir.features.circuits`): node
    effects (``--circuit-method``), pruning by cumulative influence, replacement and
    completeness scores, attribution patching against exact patching of the top nodes, and the
    faithfulness curve by node budget measured exactly (``circuit.json``,
@@ -402,7 +402,7 @@ class Features(Study):
     def circuit_batches(self) -> Any:
         """Held-out relevant pairs and their copies with the query content words replaced."""
         from analyses.circuit_discovery import filler_of
-        from patching.edges.pairs import replace_query_words
+        from patching.edges import replace_query_words
 
         items = [
             self.collection.pair(qid, docid)

@@ -5,7 +5,7 @@ through SAELens (:func:`mechir.features.training.train_sae`) on the candidates o
 queries at two successive residual sites (``blocks.3.hook_resid_pre`` -> ``blocks.4``), then the
 contrastive feature circuit (:mod:`mechir.features.circuits`) of held-out relevant pairs against
 copies whose query content words are replaced by the mask token
-(:func:`patching.edges.pairs.replace_query_words`, as the circuit study does), side by side:
+(:func:`patching.edges.replace_query_words`, as the circuit study does), side by side:
 
 * **node effects** by attribution patching (one forward + backward) and by integrated gradients
   (``--ig-steps`` per site): completeness error per SAE (their sum vs ``s(clean) -
@@ -149,7 +149,7 @@ def main(argv=None):
         node_patch_hooks,
         prune_by_influence,
     )
-    from patching.edges.pairs import replace_query_words
+    from patching.edges import replace_query_words
 
     load_start = os.getloadavg()
     start_all = time.perf_counter()

@@ -219,7 +219,7 @@ def _check_aligned(batch: CrossEncoderBatch, corrupted: CrossEncoderBatch) -> No
         raise ValueError(
             f"clean batch {tuple(batch.input_ids.shape)} and corrupted batch "
             f"{tuple(corrupted.input_ids.shape)} are not token-aligned (same shape and padding): "
-            "build them aligned (e.g. patching.edges.pairs.replace_query_words)"
+            "build them aligned (e.g. patching.edges.replace_query_words)"
         )
 
 

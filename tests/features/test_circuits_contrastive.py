@@ -17,7 +17,7 @@ from mechir.features.circuits import (
     feature_circuit,
 )
 from mechir.features.saes import decode, encode
-from patching.edges.pairs import replace_query_words
+from patching.edges import replace_query_words
 from tests.features.conftest import tiny_sae
 from tests.helpers import DOCUMENTS, QUERIES
 
