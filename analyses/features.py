@@ -189,6 +189,7 @@ class Features(Study):
             eval_every=a.eval_every,
             log=log,
             output=self.output / "sae",
+            checkpoint=self.output / "sae_checkpoint",
             seed=a.seed,
             progress=a.progress,
         )

@@ -6,8 +6,13 @@ coefficient schedules, dead-latent bookkeeping, auxiliary losses, activation-nor
 its folding, the final metadata); mechir drives it through the trainer's public per-step seams
 (``maybe_reset_sparsity``, ``step``), the way SAELens's own ``MultiSAETrainer`` does, because
 ``SAETrainer.fit`` evaluates and logs only to wandb. Every ``eval_every`` steps mechir evaluates
-the SAE on held-out activations and appends one JSON line (step, samples, MSE, FVU, L0, dead and
-dense latents, learning rate) to ``log``; a tqdm bar shows progress. Pitfalls of SAELens 6.54
+the SAE on held-out activations and writes one JSON line (step, samples, MSE, FVU, L0, dead and
+dense latents, learning rate) to ``log``; a tqdm bar shows progress. With a ``checkpoint``
+directory the run is resumable (:mod:`mechir.features.checkpoints`: SAELens's own checkpoint of
+the SAE and trainer state, plus the stream's position and the evaluation rows). It trains on one
+intra-op thread by default: a step is a few ``[batch, d] x [d, d_sae]`` matmuls and a top-k, and
+on a shared CPU a second thread's synchronisation cost more than it gained (5x slower per step
+measured, ``benchmarks/bench_features.py``). Pitfalls of SAELens 6.54
 handled here: every batch has exactly ``batch_size`` rows (:class:`ActivationStream`); ``lr_end``
 is set (``None`` fails); ``dead_feature_window`` (in steps, default 1000) and the number of
 batches of the norm estimate (default 1000) are sized to the run. The result is saved with
