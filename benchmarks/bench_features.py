@@ -7,17 +7,25 @@ On the shared SciFact MiniLM cross-encoder (else the embedded demo copy), one mi
   (the hooked forward, stopped at the site) vs a plain Hugging Face forward collecting the same
   tensor with a PyTorch forward hook on ``bert.encoder.layer[2]`` (full forward, as HF runs it),
   and vs mechir's full hooked forward; the largest difference between the collected tensors;
-* **training**: a TopK SAE through SAELens on the training queries' candidates, evaluated on
-  held-out activations every ``--eval-every`` steps: wall time to reach ``--target-fvu``, and
-  the final fidelity for several numbers of distinct training activations (the curve the issue
-  asks for when CPU-scale data cannot reach a target);
+* **step time**: seconds per SAELens training step at 1 and at 2 intra-op threads and of one
+  evaluation, side by side (``train_sae`` trains on one thread by default);
+* **training curve**: one TopK SAE per number of distinct training activations (``--curve``, the
+  first rows = whole train queries' candidates), all with the same steps, each evaluated on
+  held-out activations every ``--eval-every`` steps (wall time to ``--target-fvu``) and by the
+  ranking-aware fidelity table on the held-out queries (FVU, score Spearman, Kendall tau, KL
+  score, nDCG@10 change): the curve the issue asks for when CPU-scale data misses a target;
 * **attribution**: attribution patching of the top ``--top-features`` features vs their exact
   single-feature ablation (error kept) on held-out relevant pairs: Pearson r and time ratio;
   integrated gradients (mean baselines, ``n_steps="auto"``): completeness error;
-* **SAE vs PCA at equal L0**: the ranking-aware fidelity table on the held-out queries' candidates.
+* **SAE vs PCA at equal L0**: the ranking-aware fidelity table on the held-out queries' candidates
+  (the SAE of the largest curve point).
 
-    python benchmarks/bench_features.py [--train-queries 40] [--eval-queries 20]
-        [--out benchmarks/results/features_cpu.json]
+The load average before and after is recorded (the machine may be shared). ``--cache DIR``
+keeps the collected activations in fp16 between runs; training checkpoints go to
+``/tmp/mechir_bench_features``, one per setting (a rerun resumes them).
+
+    python benchmarks/bench_features.py [--train-queries 90] [--eval-queries 12] [--steps 1500]
+        [--cache /tmp/features_cache] [--out benchmarks/results/features_cpu.json]
 """
 
 from __future__ import annotations
@@ -183,7 +191,7 @@ def train_bench(train_rows, eval_rows, args, log_dir):
             eval_acts=eval_rows,
             eval_every=args.eval_every,
             log=log,
-            checkpoint=log_dir / f"checkpoint_{n}",
+            checkpoint=log_dir / f"checkpoint_{n}_{run_key(args)}",
             progress=False,
         )
         seconds = time.perf_counter() - start
@@ -204,6 +212,16 @@ def train_bench(train_rows, eval_rows, args, log_dir):
         saes[f"sae_{n}"] = trained.to(args.device)
         print("trained", n, json.dumps(curve[-1]["final"]), flush=True)
     return saes, curve
+
+
+def run_key(args):
+    """A short digest of the training settings (a checkpoint directory per setting)."""
+    import hashlib
+
+    keys = ("steps", "train_batch", "lr", "lr_decay", "k", "d_sae_factor", "dead_window",
+            "init_b_dec", "eval_every", "eval_queries", "train_queries")  # fmt: skip
+    text = json.dumps([getattr(args, k) for k in keys])
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def cached_rows(cache, name, collect):

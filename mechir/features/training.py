@@ -146,8 +146,8 @@ def train_sae(
             ``min(1000, max(1, steps // 10))``; SAELens's 1000 would eat a small run).
         dead_feature_window: steps without firing before a latent counts as dead (and feeds
             TopK's auxiliary loss; default ``min(1000, max(1, steps // 4))``).
-        lr_decay_steps: the last steps over which the learning rate decays linearly to
-            ``lr / 10`` (0: constant).
+        lr_decay_steps: the last steps over which the learning rate decays linearly to 0
+            (SAELens's decay; 0: constant).
         init_b_dec: ``"zeros"`` (SAELens's initialisation) or ``"mean"``: the decoder bias
             starts at the mean of the norm-estimate batches (scaled as the SAE sees them), so
             no latent is spent on the mean activation.
