@@ -180,3 +180,14 @@ def test_activation_stream_state_restores_the_same_batches(tiny):
     b.load_state_dict(a.state_dict())
     for _ in range(6):
         torch.testing.assert_close(next(a), next(b), rtol=0, atol=0)
+
+
+def test_a_checkpoint_being_written_elsewhere_is_refused(tmp_path):
+    from mechir.features.checkpoints import locked
+    from mechir.store import StoreLockedError
+
+    with locked(tmp_path / "ckpt"):
+        with pytest.raises(StoreLockedError, match="another process"):
+            run(tmp_path, Interrupting)
+    run(tmp_path, Interrupting, steps=2)  # free again once the holder is done
+    assert steps_checkpointed(tmp_path) == ["step_000000002"]
