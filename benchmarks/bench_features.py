@@ -24,7 +24,7 @@ The load average before and after is recorded (the machine may be shared). ``--c
 keeps the collected activations in fp16 between runs; training checkpoints go to
 ``/tmp/mechir_bench_features``, one per setting (a rerun resumes them).
 
-    python benchmarks/bench_features.py [--train-queries 90] [--eval-queries 12] [--steps 1500]
+    python benchmarks/bench_features.py [--train-queries 90] [--eval-queries 24] [--steps 3000]
         [--cache /tmp/features_cache] [--out benchmarks/results/features_cpu.json]
 """
 
@@ -243,12 +243,12 @@ def cached_rows(cache, name, collect):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-queries", type=int, default=90)
-    p.add_argument("--eval-queries", type=int, default=12)
+    p.add_argument("--eval-queries", type=int, default=24)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--collection-pairs", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--train-batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-decay", type=float, default=0.2, help="fraction of steps decaying")
@@ -256,7 +256,7 @@ def main(argv=None):
     p.add_argument("--d-sae-factor", type=int, default=4)
     p.add_argument("--dead-window", type=int, default=None, help="steps (train_sae's default)")
     p.add_argument("--init-b-dec", default="mean", choices=("zeros", "mean"))
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--target-fvu", type=float, default=0.2)
     p.add_argument(
         "--curve", type=int, nargs="+", default=[4096, 16384, 65536, 262144],
