@@ -253,6 +253,7 @@ class Features(Study):
                 eval_every=a.eval_every,
                 log=log,
                 output=saved,
+                checkpoint=self.output / f"sae_checkpoint{suffix}",
                 seed=a.seed,
                 progress=a.progress,
             )

@@ -7,17 +7,25 @@ On the shared SciFact MiniLM cross-encoder (else the embedded demo copy), one mi
   (the hooked forward, stopped at the site) vs a plain Hugging Face forward collecting the same
   tensor with a PyTorch forward hook on ``bert.encoder.layer[2]`` (full forward, as HF runs it),
   and vs mechir's full hooked forward; the largest difference between the collected tensors;
-* **training**: a TopK SAE through SAELens on the training queries' candidates, evaluated on
-  held-out activations every ``--eval-every`` steps: wall time to reach ``--target-fvu``, and
-  the final fidelity for several numbers of distinct training activations (the curve the issue
-  asks for when CPU-scale data cannot reach a target);
+* **step time**: seconds per SAELens training step at 1 and at 2 intra-op threads and of one
+  evaluation, side by side (``train_sae`` trains on one thread by default);
+* **training curve**: one TopK SAE per number of distinct training activations (``--curve``, the
+  first rows = whole train queries' candidates), all with the same steps, each evaluated on
+  held-out activations every ``--eval-every`` steps (wall time to ``--target-fvu``) and by the
+  ranking-aware fidelity table on the held-out queries (FVU, score Spearman, Kendall tau, KL
+  score, nDCG@10 change): the curve the issue asks for when CPU-scale data misses a target;
 * **attribution**: attribution patching of the top ``--top-features`` features vs their exact
   single-feature ablation (error kept) on held-out relevant pairs: Pearson r and time ratio;
   integrated gradients (mean baselines, ``n_steps="auto"``): completeness error;
-* **SAE vs PCA at equal L0**: the ranking-aware fidelity table on the held-out queries' candidates.
+* **SAE vs PCA at equal L0**: the ranking-aware fidelity table on the held-out queries' candidates
+  (the SAE of the largest curve point).
 
-    python benchmarks/bench_features.py [--train-queries 40] [--eval-queries 20]
-        [--out benchmarks/results/features_cpu.json]
+The load average before and after is recorded (the machine may be shared). ``--cache DIR``
+keeps the collected activations in fp16 between runs; training checkpoints go to
+``/tmp/mechir_bench_features``, one per setting (a rerun resumes them).
+
+    python benchmarks/bench_features.py [--train-queries 90] [--eval-queries 24] [--steps 3000]
+        [--cache /tmp/features_cache] [--out benchmarks/results/features_cpu.json]
 """
 
 from __future__ import annotations
@@ -114,21 +122,52 @@ def collection_bench(model, hf, pairs, max_length, batch_size):
     return out
 
 
-def train_bench(train_rows, eval_rows, args, log_dir):
-    import torch
-
+def step_time_bench(train_rows, eval_rows, args):
+    """Seconds per SAELens training step at 1 and 2 intra-op threads, and one evaluation, side
+    by side on the same rows (why train_sae trains on one thread by default)."""
     from mechir.features.saes import training_config
     from mechir.features.source import RowStream
     from mechir.features.training import train_sae
 
     d = train_rows.shape[1]
-    curve = []
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(train_rows), generator=g)
-    sae = None
-    for fraction in args.fractions:
-        n = max(args.train_batch, int(fraction * len(train_rows)))
-        rows = train_rows[perm[:n]]
+    cfg = training_config(
+        "topk", d_in=d, d_sae=args.d_sae_factor * d, site=SITE, k=args.k,
+        normalize_activations="expected_average_only_in", device=args.device,
+    )  # fmt: skip
+    out = {"steps": args.timing_steps, "batch": args.train_batch}
+    for threads in (1, 2):
+        stream = RowStream(train_rows, batch_size=args.train_batch)
+        run = lambda stream=stream, threads=threads: train_sae(  # noqa: E731
+            cfg, stream, steps=args.timing_steps, batch_size=args.train_batch, lr=args.lr,
+            norm_batches=1, threads=threads, progress=False,
+        )  # fmt: skip
+        _, seconds = timed(run)
+        out[f"seconds_per_step_{threads}_threads"] = seconds / args.timing_steps
+    stream = RowStream(train_rows, batch_size=args.train_batch)
+    with_eval = lambda: train_sae(  # noqa: E731
+        cfg, stream, steps=args.timing_steps, batch_size=args.train_batch, lr=args.lr,
+        norm_batches=1, eval_acts=eval_rows, eval_every=args.timing_steps, progress=False,
+    )  # fmt: skip
+    _, seconds = timed(with_eval)
+    out["seconds_per_evaluation"] = seconds - args.timing_steps * out["seconds_per_step_1_threads"]
+    out["eval_rows"] = len(eval_rows)
+    out["two_over_one_thread"] = (
+        out["seconds_per_step_2_threads"] / out["seconds_per_step_1_threads"]
+    )
+    return out
+
+
+def train_bench(train_rows, eval_rows, args, log_dir):
+    """One TopK SAE per number of distinct training activations (the first ``n`` rows: whole
+    queries' candidates, in collection order), all with the same steps and settings."""
+    from mechir.features.saes import training_config
+    from mechir.features.source import RowStream
+    from mechir.features.training import train_sae
+
+    d = train_rows.shape[1]
+    curve, saes = [], {}
+    for n in args.curve:
+        n = min(n, len(train_rows))
         cfg = training_config(
             "topk",
             d_in=d,
@@ -138,18 +177,21 @@ def train_bench(train_rows, eval_rows, args, log_dir):
             normalize_activations="expected_average_only_in",
             device=args.device,
         )
-        log = log_dir / f"train_{fraction}.jsonl"
-        log.unlink(missing_ok=True)
+        log = log_dir / f"train_{n}.jsonl"
         start = time.perf_counter()
         trained = train_sae(
             cfg,
-            RowStream(rows, batch_size=args.train_batch),
+            RowStream(train_rows[:n], batch_size=args.train_batch),
             steps=args.steps,
             batch_size=args.train_batch,
             lr=args.lr,
+            lr_decay_steps=int(args.lr_decay * args.steps),
+            dead_feature_window=args.dead_window,
+            init_b_dec=args.init_b_dec,
             eval_acts=eval_rows,
             eval_every=args.eval_every,
             log=log,
+            checkpoint=log_dir / f"checkpoint_{n}_{run_key(args)}",
             progress=False,
         )
         seconds = time.perf_counter() - start
@@ -158,6 +200,7 @@ def train_bench(train_rows, eval_rows, args, log_dir):
         curve.append(
             {
                 "training_activations": n,
+                "epochs": args.steps * args.train_batch / n,
                 "seconds": seconds,
                 "final": evals[-1],
                 "evaluations": evals,
@@ -166,29 +209,64 @@ def train_bench(train_rows, eval_rows, args, log_dir):
                 "seconds_to_target": seconds * reached["step"] / args.steps if reached else None,
             }
         )
-        sae = trained
-    return sae, curve
+        saes[f"sae_{n}"] = trained.to(args.device)
+        print("trained", n, json.dumps(curve[-1]["final"]), flush=True)
+    return saes, curve
+
+
+def run_key(args):
+    """A short digest of the training settings (a checkpoint directory per setting)."""
+    import hashlib
+
+    keys = ("steps", "train_batch", "lr", "lr_decay", "k", "d_sae_factor", "dead_window",
+            "init_b_dec", "eval_every", "eval_queries", "train_queries")  # fmt: skip
+    text = json.dumps([getattr(args, k) for k in keys])
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def cached_rows(cache, name, collect):
+    """Activation rows from the fp16 cache ``cache/name.pt`` (collected and saved when absent),
+    and the seconds collecting took (None when read from the cache)."""
+    from mechir.features.source import load_rows, save_rows
+
+    if cache is None:
+        return timed(collect)
+    path = cache / f"{name}.pt"
+    if path.exists():
+        return load_rows(path), None
+    rows, seconds = timed(collect)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_rows(rows, path)
+    return rows, seconds
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train-queries", type=int, default=40)
-    p.add_argument("--eval-queries", type=int, default=20)
+    p.add_argument("--train-queries", type=int, default=90)
+    p.add_argument("--eval-queries", type=int, default=24)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--collection-pairs", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--train-batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--train-batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr-decay", type=float, default=0.2, help="fraction of steps decaying")
+    p.add_argument("--k", type=int, default=64)
     p.add_argument("--d-sae-factor", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--dead-window", type=int, default=None, help="steps (train_sae's default)")
+    p.add_argument("--init-b-dec", default="mean", choices=("zeros", "mean"))
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--target-fvu", type=float, default=0.2)
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 1.0])
+    p.add_argument(
+        "--curve", type=int, nargs="+", default=[4096, 16384, 65536, 262144],
+        help="numbers of distinct training activations (the first rows: whole queries)",
+    )  # fmt: skip
+    p.add_argument("--timing-steps", type=int, default=40)
     p.add_argument("--top-features", type=int, default=50)
     p.add_argument("--attribution-pairs", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (model forwards)")
+    p.add_argument("--cache", type=Path, default=None, help="fp16 activation cache directory")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model and the SAE)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/features_cpu.json")
     args = p.parse_args(argv)
@@ -197,6 +275,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     from mechir import load_cross_encoder
     from mechir.data import load_collection
     from mechir.features.attribution import (
@@ -243,35 +322,44 @@ def main(argv=None):
             model, pairs, SITE, pairs_per_forward=args.batch_size, max_length=args.max_length
         )
 
-    train, t_train = timed(lambda: collect(train_pairs))
-    held, t_held = timed(lambda: collect(eval_pairs))
+    key = f"{SITE}_d{args.depth}_l{args.max_length}"
+    train, t_train = cached_rows(
+        args.cache, f"train_{args.train_queries}q_{key}", lambda: collect(train_pairs)
+    )
+    held, t_held = cached_rows(
+        args.cache, f"test_{args.eval_queries}q_{key}", lambda: collect(eval_pairs)
+    )
     result["activations"] = {
         "train_pairs": len(train_pairs),
         "train_rows": len(train),
         "eval_pairs": len(eval_pairs),
         "eval_rows": len(held),
-        "collect_seconds": t_train + t_held,
+        "collect_seconds": None if t_train is None or t_held is None else t_train + t_held,
+        "collect_rows_per_s": None if t_train is None else len(train) / t_train,
     }
     g = torch.Generator().manual_seed(0)
     eval_acts = held.acts[torch.randperm(len(held), generator=g)[:8192]]
     log_dir = Path("/tmp/mechir_bench_features")
     log_dir.mkdir(parents=True, exist_ok=True)
-    sae, curve = train_bench(train.acts, eval_acts, args, log_dir)
-    sae = sae.to(args.device)
+    result["step_time"] = step_time_bench(train.acts, eval_acts, args)
+    print("step_time", json.dumps(result["step_time"]), flush=True)
+    saes, curve = train_bench(train.acts, eval_acts, args, log_dir)
     result["training"] = curve
-    print("training", json.dumps([{k: c[k] for k in ("training_activations", "seconds",
-                                   "step_reaching_target")} | {"fvu": c["final"]["fvu"]}
-                                  for c in curve]), flush=True)  # fmt: skip
 
+    largest = f"sae_{curve[-1]['training_activations']}"
+    sae = saes[largest]
     l0 = evaluate_sae(sae, eval_acts)["l0"]
     pca = PCABaseline(train.acts, max(1, round(l0)), site=SITE)
     qrels = eval_col.qrels
     rows, t_fid = timed(lambda: fidelity_table(
-        model, eval_pairs, {"sae": sae, "pca": pca}, site=SITE, eval_acts=held.acts,
+        model, eval_pairs, {**saes, "pca": pca}, site=SITE, eval_acts=held.acts,
         mean=train.acts.mean(0), qrels=qrels, batch_size=args.batch_size,
         max_length=args.max_length))  # fmt: skip
-    result["fidelity"] = {"rows": rows, "seconds": t_fid}
-    sae_row, pca_row = rows
+    by_codec = {r["codec"]: r for r in rows}
+    for point in curve:
+        point["fidelity"] = by_codec[f"sae_{point['training_activations']}"]
+    result["fidelity"] = {"rows": [by_codec[largest], by_codec["pca"]], "seconds": t_fid}
+    sae_row, pca_row = by_codec[largest], by_codec["pca"]
     better = {
         "fvu": "lower",
         "score_fvu": "lower",
@@ -284,7 +372,14 @@ def main(argv=None):
         k: (sae_row[k] < pca_row[k]) if way == "lower" else (sae_row[k] > pca_row[k])
         for k, way in better.items()
     }
-    print("fidelity", json.dumps(rows), flush=True)
+    result["curve"] = [
+        {"training_activations": c["training_activations"], "epochs": c["epochs"]}
+        | {k: c["fidelity"][k] for k in ("fvu", "dead", "spearman", "kendall_tau",
+                                         "kl_score", "ndcg10_change", "ndcg10_p")}
+        for c in curve
+    ]  # fmt: skip
+    print("curve", json.dumps(result["curve"]), flush=True)
+    print("fidelity", json.dumps(result["fidelity"]["rows"]), flush=True)
 
     rel = [eval_col.pair(q, d) for q in held_q for d in eval_col.relevant(q)
            if d in eval_col.docs][: args.attribution_pairs]  # fmt: skip
@@ -311,6 +406,7 @@ def main(argv=None):
         "ig_error_node_share": float((ig.error.abs() / ig.total.abs().clamp_min(1e-12)).mean()),
     }  # fmt: skip
     print("attribution", json.dumps(result["attribution"]), flush=True)
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(args.out)

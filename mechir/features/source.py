@@ -344,6 +344,25 @@ class ActivationStream:
         """``n_batches`` batches stacked into one ``[n_batches * batch_size, d]`` tensor."""
         return torch.cat([next(self) for _ in range(n_batches)])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position (RNG, epoch, pair order, buffered rows), for a resumable run."""
+        return {
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "pairs_read": self.pairs_read,
+            "rows_read": self.rows_read,
+            "order": list(self._order),
+            "buffer": self._buffer.clone(),
+            "ready": self._ready.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put the stream back where :meth:`state_dict` saw it."""
+        self.generator.set_state(state["generator"])
+        self.epoch, self.pairs_read = state["epoch"], state["pairs_read"]
+        self.rows_read, self._order = state["rows_read"], list(state["order"])
+        self._buffer, self._ready = state["buffer"], state["ready"]
+
 
 class RowStream:
     """Endless exactly-sized batches from activation rows held in memory (or loaded from an
@@ -368,6 +387,25 @@ class RowStream:
             self.epoch += 1
         take, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return self.rows[take].float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position (RNG, epoch, remaining order), for a resumable run."""
+        return {
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "order": self._order.clone(),
+            "rows": len(self.rows),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put the stream back where :meth:`state_dict` saw it (same rows)."""
+        if state["rows"] != len(self.rows):
+            raise ValueError(
+                f"stream state saved over {state['rows']} rows, this stream has "
+                f"{len(self.rows)}: resume with the same training rows"
+            )
+        self.generator.set_state(state["generator"])
+        self.epoch, self._order = state["epoch"], state["order"].clone()
 
 
 def save_rows(acts: SiteActivations, path: str | Any) -> None:

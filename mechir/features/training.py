@@ -6,8 +6,13 @@ coefficient schedules, dead-latent bookkeeping, auxiliary losses, activation-nor
 its folding, the final metadata); mechir drives it through the trainer's public per-step seams
 (``maybe_reset_sparsity``, ``step``), the way SAELens's own ``MultiSAETrainer`` does, because
 ``SAETrainer.fit`` evaluates and logs only to wandb. Every ``eval_every`` steps mechir evaluates
-the SAE on held-out activations and appends one JSON line (step, samples, MSE, FVU, L0, dead and
-dense latents, learning rate) to ``log``; a tqdm bar shows progress. Pitfalls of SAELens 6.54
+the SAE on held-out activations and writes one JSON line (step, samples, MSE, FVU, L0, dead and
+dense latents, learning rate) to ``log``; a tqdm bar shows progress. With a ``checkpoint``
+directory the run is resumable (:mod:`mechir.features.checkpoints`: SAELens's own checkpoint of
+the SAE and trainer state, plus the stream's position and the evaluation rows). It trains on one
+intra-op thread by default: a step is a few ``[batch, d] x [d, d_sae]`` matmuls and a top-k, and
+on a shared CPU a second thread's synchronisation cost more than it gained (5x slower per step
+measured, ``benchmarks/bench_features.py``). Pitfalls of SAELens 6.54
 handled here: every batch has exactly ``batch_size`` rows (:class:`ActivationStream`); ``lr_end``
 is set (``None`` fails); ``dead_feature_window`` (in steps, default 1000) and the number of
 batches of the norm estimate (default 1000) are sized to the run. The result is saved with
@@ -25,6 +30,7 @@ the target through it. It is saved in SAELens's ``transcoder`` format and loaded
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -110,26 +116,45 @@ def train_sae(
     eval_every: int = 100,
     log: str | Path | None = None,
     output: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
     norm_batches: int | None = None,
     dead_feature_window: int | None = None,
     lr_warm_up_steps: int = 0,
     lr_decay_steps: int = 0,
+    init_b_dec: str = "zeros",
+    threads: int | None = 1,
     seed: int = 0,
     progress: bool = True,
 ) -> Any:
     """Train an SAE of SAELens ``config`` (:func:`mechir.features.saes.training_config`) on
     ``stream`` (``[batch_size, d_in]`` batches, e.g. :class:`ActivationStream`) for ``steps``
     steps through SAELens's ``SAETrainer``, evaluating on ``eval_acts`` every ``eval_every``
-    steps (JSON lines appended to ``log``; the SAE is evaluated in the form it is saved in).
-    Saved to ``output`` in SAELens's format (its inference form); returns the SAE loaded back
-    by SAELens.
+    steps (JSON lines written to ``log``, rewritten from the start of the run; the SAE is
+    evaluated in the form it is saved in). Saved to ``output`` in SAELens's format (its
+    inference form); returns the SAE loaded back by SAELens.
+
+    With ``checkpoint`` (a directory), the run is resumable: every ``checkpoint_every`` steps
+    (default ``eval_every``) the SAE, the trainer's state, the stream's position and the
+    evaluation rows are saved there (:mod:`mechir.features.checkpoints`), and a rerun with the
+    same arguments resumes from the last checkpoint, giving the same SAE as an uninterrupted
+    run; a checkpoint of another configuration is refused in one line.
 
     Args:
         norm_batches: batches of the activation-norm estimate when
             ``config.normalize_activations == "expected_average_only_in"`` (default
             ``min(1000, max(1, steps // 10))``; SAELens's 1000 would eat a small run).
-        dead_feature_window: steps without firing before a latent counts as dead (default
-            ``min(1000, max(1, steps // 4))``).
+        dead_feature_window: steps without firing before a latent counts as dead (and feeds
+            TopK's auxiliary loss; default ``min(1000, max(1, steps // 4))``).
+        lr_decay_steps: the last steps over which the learning rate decays linearly to 0
+            (SAELens's decay; 0: constant).
+        init_b_dec: ``"zeros"`` (SAELens's initialisation) or ``"mean"``: the decoder bias
+            starts at the mean of the norm-estimate batches (scaled as the SAE sees them), so
+            no latent is spent on the mean activation.
+        threads: torch intra-op threads while training (restored afterwards; None leaves
+            them). One by default: a step is a few small matmuls, for which a second thread on
+            a busy machine costs more in synchronisation than it gains (measured 5x slower
+            with 2 threads on the shared 2-core machine, ``benchmarks/bench_features.py``).
     """
     require_sae_lens()
     from sae_lens import LoggingConfig
@@ -138,11 +163,16 @@ def train_sae(
     from sae_lens.training.sae_trainer import SAETrainer
     from tqdm.auto import tqdm
 
+    from mechir.features import checkpoints
+
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    if init_b_dec not in ("zeros", "mean"):
+        raise ValueError(f"init_b_dec must be 'zeros' or 'mean', got {init_b_dec!r}")
     torch.manual_seed(seed)
     sae = TrainingSAE.from_dict(config.to_dict())
     window = dead_feature_window or min(1000, max(1, steps // 4))
+    n_norm = norm_batches or min(1000, max(1, steps // 10))
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_size,
         train_batch_size_samples=batch_size,
@@ -154,45 +184,132 @@ def train_sae(
         device=str(sae.device),
         dead_feature_window=window,
         feature_sampling_window=max(window, 1),
-        n_batches_for_norm_estimate=norm_batches or min(1000, max(1, steps // 10)),
+        n_batches_for_norm_estimate=n_norm,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    checked = _exact_batches(stream, batch_size, config.d_in)
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=checked)
-    if config.normalize_activations == "expected_average_only_in":
-        trainer.activation_scaler.estimate_scaling_factor(
-            d_in=config.d_in,
-            data_provider=checked,
-            n_batches_for_norm_estimate=trainer_cfg.n_batches_for_norm_estimate,
+    counted = _Counted(_exact_batches(stream, batch_size, config.d_in))
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=counted)
+    run_config = {
+        "sae": json.loads(json.dumps(config.to_dict(), default=str)),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "eval_every": eval_every,
+        "eval_rows": None if eval_acts is None else list(eval_acts.shape),
+        "eval_sum": None if eval_acts is None else float(eval_acts.double().sum()),
+        "norm_batches": n_norm,
+        "dead_feature_window": window,
+        "lr_warm_up_steps": lr_warm_up_steps,
+        "lr_decay_steps": lr_decay_steps,
+        "init_b_dec": init_b_dec,
+        "seed": seed,
+    }
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_intra_op_threads(threads))
+        found = None
+        if checkpoint is not None:
+            stack.enter_context(checkpoints.locked(checkpoint))
+            found = checkpoints.find_checkpoint(checkpoint, run_config)
+        rows: list[dict[str, Any]] = []
+        if found is not None:
+            checkpoints.restore_checkpoint(found, trainer, stream, counted)
+            counted.drawn = found.batches_drawn
+            rows = list(found.rows)
+        else:
+            _prepare(trainer, counted, config, n_norm, init_b_dec)
+        log_path = Path(log) if log is not None else None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        every = checkpoint_every or eval_every
+        first = trainer.n_training_steps + 1
+        bar = tqdm(
+            total=steps,
+            initial=first - 1,
+            desc=f"training {config.architecture()} SAE",
+            disable=not progress,
         )
-    log_path = Path(log) if log is not None else None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=steps, desc=f"training {config.architecture()} SAE", disable=not progress)
-    for step in range(1, steps + 1):
-        trainer.maybe_reset_sparsity()
-        out = trainer.step(next(checked))
-        trainer.n_training_steps += 1
-        bar.update(1)
-        if eval_acts is not None and (step % eval_every == 0 or step == steps):
-            row = {
-                "step": step,
-                "samples": trainer.n_training_samples,
-                "loss": float(out.loss.item()),
-                "lr": trainer.optimizer.param_groups[0]["lr"],
-                "trainer_dead": int(trainer.dead_neurons.sum()),
-                **evaluate_sae(inference_view(trainer), eval_acts),
-            }
-            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
-            if log_path is not None:
-                with log_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(row) + "\n")
-    bar.close()
+        for step in range(first, steps + 1):
+            trainer.maybe_reset_sparsity()
+            out = trainer.step(next(counted))
+            trainer.n_training_steps += 1
+            bar.update(1)
+            if eval_acts is not None and (step % eval_every == 0 or step == steps):
+                row = {
+                    "step": step,
+                    "samples": trainer.n_training_samples,
+                    "loss": float(out.loss.item()),
+                    "lr": trainer.optimizer.param_groups[0]["lr"],
+                    "trainer_dead": int(trainer.dead_neurons.sum()),
+                    **evaluate_sae(inference_view(trainer), eval_acts),
+                }
+                rows.append(row)
+                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
+                if log_path is not None:
+                    with log_path.open("a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
+            if checkpoint is not None and (step % every == 0 or step == steps):
+                checkpoints.save_checkpoint(
+                    checkpoint,
+                    trainer,
+                    stream,
+                    step=step,
+                    config=run_config,
+                    rows=rows,
+                    batches_drawn=counted.drawn,
+                )
+        bar.close()
     if trainer.activation_scaler.scaling_factor is not None:
         sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
         trainer.activation_scaler.scaling_factor = None
     trainer.set_final_sae_metadata()
     return save_and_reload(sae, output)
+
+
+def _prepare(trainer: Any, batches: Iterator[Any], config: Any, n_norm: int, init: str) -> None:
+    """A fresh run's set-up: the activation-norm estimate (SAELens's scaler, ``n_norm``
+    batches) and, for ``init == "mean"``, the decoder bias set to the mean of those batches as
+    the SAE sees them (scaled)."""
+    scaler = trainer.activation_scaler
+    if config.normalize_activations != "expected_average_only_in" and init == "zeros":
+        return
+    drawn = [next(batches) for _ in range(n_norm)]
+    if config.normalize_activations == "expected_average_only_in":
+        scaler.estimate_scaling_factor(
+            d_in=config.d_in, data_provider=iter(drawn), n_batches_for_norm_estimate=n_norm
+        )
+    if init == "mean":
+        mean = torch.cat(drawn).double().mean(0)
+        with torch.no_grad():
+            trainer.sae.b_dec.copy_(scaler(mean[None].to(trainer.sae.b_dec))[0])
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` (None: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Counted:
+    """An iterator that counts the batches drawn from it (the resume point of a stream that
+    cannot save its state)."""
+
+    def __init__(self, batches: Iterator[Any]):
+        self.batches, self.drawn = batches, 0
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.batches)
+        self.drawn += 1
+        return batch
 
 
 def save_and_reload(sae: Any, output: str | Path | None) -> Any:

@@ -87,3 +87,33 @@ def test_reconstruction_metrics_closed_forms():
 def test_unknown_architecture_is_refused():
     with pytest.raises(ValueError, match="unknown SAE architecture"):
         training_config("gated-ish", d_in=4, d_sae=8, site=SITE)
+
+
+def test_mean_init_of_the_decoder_bias_and_threads_restored():
+    """With lr = 0 nothing moves, so the saved (unscaled) decoder bias is the mean of the
+    norm-estimate batches; the caller's thread count is back after training."""
+    from mechir.features.source import RowStream
+
+    torch.manual_seed(0)
+    rows = torch.randn(64, 6) * 3 + torch.arange(6.0)
+    cfg = training_config(
+        "topk", d_in=6, d_sae=12, site=SITE, k=2, normalize_activations="expected_average_only_in"
+    )
+    before = torch.get_num_threads()
+    sae = train_sae(
+        cfg,
+        RowStream(rows, batch_size=16, seed=0),
+        steps=2,
+        batch_size=16,
+        lr=0.0,
+        norm_batches=2,
+        init_b_dec="mean",
+        threads=2,  # the fixture runs tests on one
+        progress=False,
+    )
+    assert torch.get_num_threads() == before
+    first = RowStream(rows, batch_size=16, seed=0)
+    mean = torch.cat([next(first), next(first)]).mean(0)
+    torch.testing.assert_close(sae.b_dec.detach(), mean, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="init_b_dec"):
+        train_sae(cfg, iter([]), steps=1, batch_size=16, init_b_dec="median", progress=False)
