@@ -113,7 +113,7 @@ def _torn_line_problem(tail: bytes, after_rows: bool) -> str | None:
     return None
 
 
-def _acquire_lock(lock_path: Path, path: Path) -> Any:
+def acquire_lock(lock_path: Path, path: Path) -> Any:
     """An exclusive, non-blocking ``flock`` on ``lock_path`` (created if needed).
 
     The holder removes the lock file when it closes, so a lock taken on a file that was
@@ -170,7 +170,7 @@ class ResultsStore:
         self.writable = lock
         self.lock_path = self.path.with_suffix(self.path.suffix + ".lock")
         if lock and fcntl is not None:
-            self._lock_file = _acquire_lock(self.lock_path, self.path)
+            self._lock_file = acquire_lock(self.lock_path, self.path)
         self._rows: dict[str, dict[str, Any]] = {}
         #: A writer found a torn last line and cut it from the file.
         self.dropped_torn_line = False
@@ -327,7 +327,7 @@ class ResultsStore:
         """Release the lock and remove the lock file (the data is already on disk)."""
         if self._lock_file is not None:
             # unlink while still holding the lock: a process that opened the old file meanwhile
-            # sees that its inode is no longer the path's and retries (see _acquire_lock)
+            # sees that its inode is no longer the path's and retries (see acquire_lock)
             try:
                 os.unlink(self.lock_path)
             except FileNotFoundError:

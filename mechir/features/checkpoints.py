@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from mechir.lazy import lazy_import
-from mechir.store import ConfigMismatchError, config_diff
+from mechir.store import ConfigMismatchError, acquire_lock, config_diff
 
 torch = lazy_import("torch")
 
@@ -68,11 +68,9 @@ def locked(root: str | Path) -> Iterator[None]:
     Raises:
         mechir.store.StoreLockedError: another process is writing it.
     """
-    from mechir.store import _acquire_lock
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    handle = _acquire_lock(root / ".lock", root)
+    handle = acquire_lock(root / ".lock", root)
     try:
         yield
     finally:
