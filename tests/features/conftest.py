@@ -47,3 +47,16 @@ def bert_sae(tiny):
     model, _, _ = tiny
     sae, acts = tiny_sae(model, SITE)
     return model, sae, acts
+
+
+#: Two successive residual sites of the tiny BERT, for feature circuits.
+UP, DOWN = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def two_saes(tiny):
+    """``(model, up, down)``: TopK SAEs (48 latents, k = 6) at :data:`UP` and :data:`DOWN`."""
+    model, _, _ = tiny
+    up, _ = tiny_sae(model, UP, d_sae=48, k=6)
+    down, _ = tiny_sae(model, DOWN, d_sae=48, k=6)
+    return model, up, down

@@ -14,17 +14,7 @@ from mechir.features.circuits import (
 )
 from mechir.features.saes import encode
 from mechir.features.splice import FeatureEdit, sae_hooks
-from tests.features.conftest import tiny_sae
-
-UP, DOWN = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def two_saes(tiny):
-    model, _, _ = tiny
-    up, _ = tiny_sae(model, UP, d_sae=48, k=6)
-    down, _ = tiny_sae(model, DOWN, d_sae=48, k=6)
-    return model, up, down
+from tests.features.conftest import DOWN
 
 
 def test_frozen_hooks_keep_the_clean_scores(two_saes, tiny_batch):

@@ -18,17 +18,13 @@ from mechir.features.circuits import (
 )
 from mechir.features.saes import decode, encode
 from patching.edges import replace_query_words
-from tests.features.conftest import tiny_sae
+from tests.features.conftest import DOWN, UP
 from tests.helpers import DOCUMENTS, QUERIES
-
-UP, DOWN = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def setting(tiny):
-    model, _, _ = tiny
-    up, _ = tiny_sae(model, UP, d_sae=48, k=6)
-    down, _ = tiny_sae(model, DOWN, d_sae=48, k=6)
+def setting(two_saes):
+    model, up, down = two_saes
     items = [Pair(f"q{i}", f"d{i}", q, d) for i, (q, d) in enumerate(zip(QUERIES, DOCUMENTS))]
     pairs, skipped = replace_query_words(model.tokenizer, items, max_length=64)
     assert not skipped
