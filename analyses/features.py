@@ -39,8 +39,7 @@ Example (the embedded demo)::
 With its defaults it ran in 3 min 37 s wall (6 CPU-minutes) on this project's idle 2-core CPU:
 activations 14 s, training the first SAE 29 s, fidelity 67 s, attribution 36 s, cards 5 s, the
 second SAE 45 s, the circuit 13 s. Its circuit (8 held-out relevant pairs, 3,074 nodes) reaches
-faithfulness 0.88
-with 15 nodes (0.5%) and 0.98 with 31 (1%).
+faithfulness 0.88 with 15 nodes (0.5%) and 0.98 with 31 (1%).
 """
 
 from __future__ import annotations
