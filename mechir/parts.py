@@ -426,6 +426,33 @@ def infer_parts(
     return parts
 
 
+def pair_lists(
+    queries: str | Sequence[str], documents: str | Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """``queries`` and ``documents`` as two lists of the same length (a string is one pair).
+
+    Raises:
+        ValueError: lists of different lengths, no pairs, a query or document that is not a
+            string or is empty (whitespace only); the message names the pair.
+    """
+    queries = [queries] if isinstance(queries, str) else list(queries)
+    documents = [documents] if isinstance(documents, str) else list(documents)
+    if len(queries) != len(documents):
+        raise ValueError(
+            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
+            "query (repeat the query for several documents)"
+        )
+    if not queries:
+        raise ValueError("empty batch: pass at least one (query, document) pair")
+    for i, (q, d) in enumerate(zip(queries, documents)):
+        for what, text in (("query", q), ("document", d)):
+            if not isinstance(text, str):
+                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
+            if not text.strip():
+                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
+    return queries, documents
+
+
 def encode(
     tokenizer: Any,
     queries: str | Sequence[str],
@@ -446,24 +473,8 @@ def encode(
             lists of different lengths, or a query that leaves no room for the document; the
             message names the pair index.
     """
-    if isinstance(queries, str):
-        queries = [queries]
-    if isinstance(documents, str):
-        documents = [documents]
-    if len(queries) != len(documents):
-        raise ValueError(
-            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
-            "query (repeat the query for several documents)"
-        )
-    if len(queries) == 0:
-        raise ValueError("empty batch: pass at least one (query, document) pair")
+    queries, documents = pair_lists(queries, documents)
     check_max_length(max_length)
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        for what, text in (("query", q), ("document", d)):
-            if not isinstance(text, str):
-                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
-            if not text.strip():
-                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
     tok = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
     return cross_encoder_batch_from_tokens(
         tok(queries),

@@ -97,3 +97,13 @@ DOCUMENTS = [
     "the bird eats the red stone and reads of the water in the tree of the big house",
     "slow car on a dark road",
 ]
+
+
+def one_thread():
+    """An autouse fixture body (``_one_thread = pytest.fixture(autouse=True)(one_thread)`` in a
+    conftest): every test of the directory on one torch thread (small models: threads only add
+    noise), the thread count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

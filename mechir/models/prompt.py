@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mechir.parts import CrossEncoderBatch, Part, check_max_length, padded_batch
+from mechir.parts import CrossEncoderBatch, Part, check_max_length, padded_batch, pair_lists
 
 #: A field's character span ``[start, end)`` in the rendered prompt.
 Span = tuple[int, int]
@@ -251,34 +251,7 @@ class Prompt:
         return ids[0], ids[1]
 
 
-# ---------------------------------------------------------------------------- pairs and parts
-def pair_lists(
-    queries: str | Sequence[str], documents: str | Sequence[str]
-) -> tuple[list[str], list[str]]:
-    """``queries`` and ``documents`` as two lists of the same length (a string is one pair).
-
-    Raises:
-        ValueError: lists of different lengths, no pairs, a query or document that is not a
-            string or is empty (whitespace only); the message names the pair.
-    """
-    queries = [queries] if isinstance(queries, str) else list(queries)
-    documents = [documents] if isinstance(documents, str) else list(documents)
-    if len(queries) != len(documents):
-        raise ValueError(
-            f"got {len(queries)} queries but {len(documents)} documents: pass one document per "
-            "query (repeat the query for several documents)"
-        )
-    if not queries:
-        raise ValueError("empty batch: pass at least one (query, document) pair")
-    for i, (q, d) in enumerate(zip(queries, documents)):
-        for what, text in (("query", q), ("document", d)):
-            if not isinstance(text, str):
-                raise ValueError(f"pair {i}: the {what} is {type(text).__name__}, not a string")
-            if not text.strip():
-                raise ValueError(f"pair {i}: the {what} is empty or whitespace only")
-    return queries, documents
-
-
+# ---------------------------------------------------------------------------- parts
 def token_parts(offsets: Sequence[tuple[int, int]], spans: Mapping[str, Span]) -> list[int]:
     """The part of every token of one rendered prompt (the rule in the module docstring).
 
@@ -397,6 +370,5 @@ __all__ = [
     "Span",
     "encode_prompts",
     "pad_token_id",
-    "pair_lists",
     "token_parts",
 ]

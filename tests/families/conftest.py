@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mechir import load_cross_encoder
 from tests.families.builders import (
@@ -11,16 +10,9 @@ from tests.families.builders import (
     save_tiny_family,
     save_tiny_t5,
 )
-from tests.helpers import DOCUMENTS, QUERIES
+from tests.helpers import DOCUMENTS, QUERIES, one_thread
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Every family test on one torch thread (small models: threads only add noise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="session")

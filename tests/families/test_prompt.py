@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from mechir.models.decoder_prompt import decoder_prompt
-from mechir.models.prompt import encode_prompts, pad_token_id, pair_lists, token_parts
+from mechir.models.prompt import encode_prompts, pad_token_id, token_parts
 from mechir.models.t5_prompt import monot5_prompt
-from mechir.parts import Part
+from mechir.parts import Part, pair_lists
 from tests.families.builders import chat_bpe_tokenizer, llama_bpe_tokenizer, t5_tokenizer
 from tests.helpers import DOCUMENTS, QUERIES
 

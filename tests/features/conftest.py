@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("sae_lens")
 
 from mechir.features.saes import training_config  # noqa: E402
 from mechir.features.source import ActivationStream, collect_activations  # noqa: E402
 from mechir.features.training import train_sae  # noqa: E402
-from tests.helpers import DOCUMENTS, QUERIES  # noqa: E402
+from tests.helpers import DOCUMENTS, QUERIES, one_thread  # noqa: E402
 
 PAIRS = list(zip(QUERIES, DOCUMENTS))
 SITE = "blocks.1.hook_resid_pre"
@@ -33,12 +32,7 @@ def tiny_sae(
     return train_sae(cfg, stream, steps=steps, batch_size=16, lr=1e-3, progress=False, **kw), acts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="session")

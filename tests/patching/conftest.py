@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn as nn
 from transformers import BertTokenizerFast
 
 from mechir import load_cross_encoder
 from patching import AlignedPairs, PairBuilder
-from tests.helpers import DOCUMENTS, QUERIES, tiny_hf_model, tiny_tokenizer
+from tests.helpers import DOCUMENTS, QUERIES, one_thread, tiny_hf_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when other processes load the CPU
-    cores); the setting is restored after each module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one thread per module (restored after it)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="session")
